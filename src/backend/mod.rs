@@ -1,0 +1,1 @@
+//! SKELETON: backend, to be written.

@@ -1,0 +1,1 @@
+//! SKELETON: typed server configuration, to be written.

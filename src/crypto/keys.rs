@@ -1,0 +1,194 @@
+//! Secret key types. Each zeroizes its bytes on drop, prints no bytes in `Debug`, and only hands the
+//! raw bytes out through a method whose name says the caller takes responsibility (`dangerous_*`).
+
+use std::fmt;
+
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, Zeroizing};
+
+/// Errors building a key from bytes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("a {what} must be {expected} bytes, got {got}")]
+    WrongLength {
+        what: &'static str,
+        expected: usize,
+        got: usize,
+    },
+    #[error("an AES-XTS key must have two different halves (K1 == K2 is refused by IEEE 1619)")]
+    EqualXtsHalves,
+}
+
+/// A 256-bit symmetric key (root key, CMK version material, AEAD key).
+pub struct Key256(Zeroizing<[u8; 32]>);
+
+impl Key256 {
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::WrongLength {
+            what: "256-bit key",
+            expected: 32,
+            got: bytes.len(),
+        })?;
+        Ok(Self(Zeroizing::new(arr)))
+    }
+
+    /// A fresh key from the OS CSPRNG.
+    pub fn generate() -> Self {
+        let mut k = Zeroizing::new([0u8; 32]);
+        getrandom::getrandom(&mut k[..]).expect("the OS random number generator failed");
+        Self(k)
+    }
+
+    /// The raw key bytes. The caller must not log, print or persist them unsealed.
+    pub fn dangerous_as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Key256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key256(<redacted>)")
+    }
+}
+
+impl PartialEq for Key256 {
+    fn eq(&self, other: &Self) -> bool {
+        self.0[..].ct_eq(&other.0[..]).into()
+    }
+}
+impl Eq for Key256 {}
+
+/// A 512-bit AES-256-XTS key: K1 (data) then K2 (tweak), refused when the halves are equal.
+pub struct XtsKey(Zeroizing<[u8; 64]>);
+
+impl XtsKey {
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
+        let arr: [u8; 64] = bytes.try_into().map_err(|_| KeyError::WrongLength {
+            what: "AES-256-XTS key",
+            expected: 64,
+            got: bytes.len(),
+        })?;
+        let key = Self(Zeroizing::new(arr));
+        if bool::from(key.0[..32].ct_eq(&key.0[32..])) {
+            return Err(KeyError::EqualXtsHalves);
+        }
+        Ok(key)
+    }
+
+    /// A fresh key from the OS CSPRNG.
+    pub fn generate() -> Self {
+        loop {
+            let mut k = Zeroizing::new([0u8; 64]);
+            getrandom::getrandom(&mut k[..]).expect("the OS random number generator failed");
+            if let Ok(key) = Self::from_slice(&k[..]) {
+                return key;
+            }
+        }
+    }
+
+    /// K1, the data-unit key.
+    pub fn dangerous_k1(&self) -> &[u8; 32] {
+        self.0[..32].try_into().expect("64-byte key has a 32-byte half")
+    }
+
+    /// K2, the tweak key.
+    pub fn dangerous_k2(&self) -> &[u8; 32] {
+        self.0[32..].try_into().expect("64-byte key has a 32-byte half")
+    }
+
+    /// All 64 bytes (K1 || K2). The caller must not log, print or persist them unsealed.
+    pub fn dangerous_as_bytes(&self) -> &[u8; 64] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for XtsKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("XtsKey(<redacted>)")
+    }
+}
+
+/// Secret bytes of variable length (a plaintext data key, an unsealed blob).
+#[derive(Clone)]
+pub struct SecretBytes(Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// `len` fresh bytes from the OS CSPRNG.
+    pub fn random(len: usize) -> Self {
+        let mut v = Zeroizing::new(vec![0u8; len]);
+        getrandom::getrandom(&mut v[..]).expect("the OS random number generator failed");
+        Self(v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The raw bytes. The caller must not log, print or persist them unsealed.
+    pub fn dangerous_as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+impl PartialEq for SecretBytes {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len() && bool::from(self.0[..].ct_eq(&other.0[..]))
+    }
+}
+impl Eq for SecretBytes {}
+
+impl Zeroize for SecretBytes {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xts_key_refuses_equal_halves() {
+        assert_eq!(
+            XtsKey::from_slice(&[7u8; 64]).unwrap_err(),
+            KeyError::EqualXtsHalves
+        );
+    }
+
+    #[test]
+    fn wrong_lengths_are_refused() {
+        assert!(matches!(
+            XtsKey::from_slice(&[1u8; 32]),
+            Err(KeyError::WrongLength { got: 32, .. })
+        ));
+        assert!(matches!(
+            Key256::from_slice(&[1u8; 31]),
+            Err(KeyError::WrongLength { got: 31, .. })
+        ));
+    }
+
+    #[test]
+    fn debug_prints_no_bytes() {
+        let k = Key256::from_slice(&[0xAB; 32]).unwrap();
+        let s = format!("{k:?}");
+        assert!(!s.contains("ab") && !s.contains("171"), "{s}");
+        let d = SecretBytes::new(vec![0xCD; 16]);
+        assert!(!format!("{d:?}").contains("cd"));
+        let x = XtsKey::generate();
+        assert_eq!(format!("{x:?}"), "XtsKey(<redacted>)");
+    }
+}

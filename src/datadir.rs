@@ -1,0 +1,1 @@
+//! SKELETON: the data directory (key store + volumes), to be written.

@@ -1,0 +1,99 @@
+//! The `cryptnbd` command line: parses arguments with clap, sets up tracing, turns arguments into the
+//! library's typed values and calls it. No protocol or storage logic lives here.
+
+mod cli;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// cryptnbd: an NBD server for AES-256-XTS encrypted virtual disks, with an embedded key store.
+///
+/// Each volume has its own data key (DEK), wrapped by a customer master key (CMK) held in the
+/// key store in the data directory. `cryptnbd serve` with nothing set up creates a key store, a
+/// CMK `alias/default` and a 1 GiB volume `disk0`, serves it and prints how to attach it.
+#[derive(Parser, Debug)]
+#[command(name = "cryptnbd", version, propagate_version = true)]
+struct Cli {
+    /// Directory holding the key store, the audit log and the volumes.
+    #[arg(
+        long,
+        global = true,
+        env = "CRYPTNBD_DATA_DIR",
+        default_value = "./cryptnbd-data",
+        value_name = "DIR"
+    )]
+    data_dir: PathBuf,
+
+    /// Read the key store passphrase from this file (for a store created with
+    /// `kms init --passphrase-file`). Without it, $CRYPTNBD_PASSPHRASE is used if set, else the
+    /// key file `root.key` in the data directory.
+    #[arg(long, global = true, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+
+    /// More log output (-v: debug, -vv: trace). $RUST_LOG overrides it.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+
+    /// Log line format (logs go to standard error).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Manage the embedded key store: customer master keys and data keys (envelope encryption).
+    Kms(cli::kms::KmsArgs),
+    /// Create, inspect, resize, rekey, import and export encrypted volumes.
+    Volume(cli::volume::VolumeArgs),
+    /// Serve volumes over NBD (TCP and Unix sockets) until SIGINT/SIGTERM.
+    Serve(cli::serve::ServeArgs),
+}
+
+fn init_tracing(verbose: u8, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.verbose, cli.log_format);
+    let global = cli::Global {
+        data_dir: cli.data_dir,
+        passphrase_file: cli.passphrase_file,
+    };
+    let result = match cli.command {
+        Command::Kms(args) => cli::kms::run(&global, args),
+        Command::Volume(args) => cli::volume::run(&global, args),
+        Command::Serve(args) => cli::serve::run(&global, args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

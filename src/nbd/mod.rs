@@ -1,0 +1,1 @@
+//! SKELETON: nbd, to be written.

@@ -1,0 +1,1 @@
+//! SKELETON: server, to be written.

@@ -1,0 +1,1 @@
+//! SKELETON: volume, to be written.
