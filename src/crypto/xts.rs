@@ -43,7 +43,11 @@ impl Xts {
             sector_size == 512 || sector_size == 4096,
             "XTS sector size must be 512 or 4096"
         );
-        assert_eq!(data.len() % sector_size, 0, "XTS input must be whole sectors");
+        assert_eq!(
+            data.len() % sector_size,
+            0,
+            "XTS input must be whole sectors"
+        );
         let units_per_sector = (sector_size / UNIT) as u64;
         let nblocks = sector_size / 16;
         // The xor with the tweak on the way in and out doubles as the copy into AES-sized blocks.
