@@ -3,6 +3,7 @@
 
 pub mod aead;
 pub mod keys;
+pub mod locked;
 pub mod xts;
 
 pub use keys::{Key256, SecretBytes, XtsKey};
