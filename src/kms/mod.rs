@@ -266,10 +266,7 @@ impl KeyStore {
         let key_path = dir.join(ROOT_KEY_FILE);
         if params == RootParams::KeyFile {
             if key_path.exists() {
-                return Err(KmsError::StoreExists {
-                    dir: dir.to_path_buf(),
-                    found: key_path,
-                });
+                return Err(KmsError::OrphanRootKey { path: key_path });
             }
             root::write_key_file(&key_path, &key)?;
         }
@@ -315,6 +312,12 @@ impl KeyStore {
         root: RootSecret,
         clock: Arc<dyn Clock>,
     ) -> Result<KeyStore, KmsError> {
+        if !Self::exists(dir) {
+            // Checked before locking: locking would create a lock file (or fail on a missing dir).
+            return Err(KmsError::StoreMissing {
+                dir: dir.to_path_buf(),
+            });
+        }
         let file = {
             let _lock = store::lock_shared(dir)?;
             store::load(dir)?
