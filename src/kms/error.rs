@@ -89,7 +89,8 @@ pub enum KmsError {
     },
 
     /// An I/O operation failed.
-    #[error("{what} {}: {source}", path.display())]
+    /// (The cause is the error's `source()`; print with `{:#}` / a chain to see it.)
+    #[error("{what} {}", path.display())]
     Io {
         what: &'static str,
         path: PathBuf,
