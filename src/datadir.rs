@@ -518,28 +518,37 @@ impl DataDir {
             .open(to)
             .map_err(io_err("creating the image", to))?;
         let size = vol.size();
-        out.set_len(size).map_err(io_err("sizing the image", to))?;
-        let out = FileBackend::new(out, to);
-        let mut buf = vec![0u8; COPY_CHUNK];
-        let mut pos = 0u64;
-        while pos < size {
-            let want = (size - pos).min(COPY_CHUNK as u64);
-            let ext = vol.block_status(pos, want).map_err(Self::vol_err(name))?;
-            for e in ext {
-                if !e.hole {
-                    let n = e.length as usize;
-                    let data = &mut buf[..n];
-                    let outcome = vol.read(pos, data).map_err(Self::vol_err(name))?;
-                    if !outcome.all_zero && data.iter().any(|&b| b != 0) {
-                        out.write_at(data, pos)
-                            .map_err(io_err(format!("writing {n} bytes at offset {pos} of"), to))?;
+        let copy = || -> Result<(), DataDirError> {
+            out.set_len(size).map_err(io_err("sizing the image", to))?;
+            let out = FileBackend::new(out, to);
+            let mut buf = vec![0u8; COPY_CHUNK];
+            let mut pos = 0u64;
+            while pos < size {
+                let want = (size - pos).min(COPY_CHUNK as u64);
+                let ext = vol.block_status(pos, want).map_err(Self::vol_err(name))?;
+                for e in ext {
+                    if !e.hole {
+                        let n = e.length as usize;
+                        let data = &mut buf[..n];
+                        let outcome = vol.read(pos, data).map_err(Self::vol_err(name))?;
+                        if !outcome.all_zero && data.iter().any(|&b| b != 0) {
+                            out.write_at(data, pos).map_err(io_err(
+                                format!("writing {n} bytes at offset {pos} of"),
+                                to,
+                            ))?;
+                        }
                     }
+                    pos += e.length;
                 }
-                pos += e.length;
+                progress(pos, size);
             }
-            progress(pos, size);
+            out.sync().map_err(io_err("syncing the image", to))
+        };
+        if let Err(e) = copy() {
+            // A partial image must not be mistaken for a complete one.
+            let _ = std::fs::remove_file(to);
+            return Err(e);
         }
-        out.sync().map_err(io_err("syncing the image", to))?;
         Ok(size)
     }
 }
