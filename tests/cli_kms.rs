@@ -410,3 +410,32 @@ fn every_command_has_help() {
         .success()
         .stdout(predicate::str::contains("Getting started"));
 }
+
+#[test]
+fn deleted_key_error_line() {
+    let e = Env::new();
+    e.init();
+    let k = e.json(&["create-key", "--alias", "gone"]);
+    let dk = e.json(&["create-datakey", "gone"]);
+    e.ok(&["schedule-key-deletion", "gone", "--pending-days", "7"]);
+    // Let the waiting period pass by moving the date into the past (the binary has no clock
+    // override; the library tests use an injected clock instead).
+    let path = e.data.join("keystore.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    v["keys"][0]["scheduled_deletion_date"] = 1_000_000_000u64.into();
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+    let err = e.fails(&[
+        "decrypt-datakey",
+        "gone",
+        "--cipher-text",
+        dk["cipher_text"].as_str().unwrap(),
+    ]);
+    assert!(err.contains("was deleted on 2001-09-09"), "{err}");
+    let err = e.fails(&["describe-key", k["key_id"].as_str().unwrap()]);
+    assert!(err.contains("was deleted on"), "{err}");
+    assert_eq!(e.json(&["list-keys"])["total"], 0);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert!(v["keys"][0]["versions"].as_array().unwrap().is_empty());
+    assert!(e.ok(&["audit"]).contains("delete-key"));
+}

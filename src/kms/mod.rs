@@ -7,9 +7,10 @@
 //! ignored here. Every method takes `&self` and re-reads the store from disk, so several processes
 //! (the CLI and a running server) see each other's changes; changes are serialized by a lock.
 //!
-//! Layout of this module: this file holds the public types and opening/creating a store;
-//! [`lifecycle`](self) (CMK create/enable/disable/delete/rotate/alias) and the envelope operations
-//! (data keys) live in `lifecycle.rs` and `envelope.rs`; the wrapped-key format in [`blob`].
+//! Layout of this module: this file holds the public types and opening/creating a store; the CMK
+//! lifecycle (create/enable/disable/delete/rotate/alias) is in `lifecycle.rs`, the envelope
+//! operations on data keys in `envelope.rs`, the wrapped-key format and AADs in [`blob`], errors
+//! in `error.rs`, the injectable time source in [`clock`].
 
 pub mod audit;
 pub mod blob;
