@@ -6,6 +6,8 @@ pub mod keys;
 pub mod xts;
 #[cfg(target_arch = "x86_64")]
 mod xts_ni;
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes;
 
 pub use keys::{Key256, SecretBytes, XtsKey};
-pub use xts::Xts;
+pub use xts::{Kernel, Xts};
