@@ -19,103 +19,105 @@ pub(crate) fn available() -> bool {
     is_x86_feature_detected!("aes")
         && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("vaes")
+        && is_x86_feature_detected!("vpclmulqdq")
+}
+
+/// Multiplies both tweaks of a register by α^K (`R` = 64 − K), as `xts_ni::mul_alpha_k` does
+/// for one.
+#[inline]
+#[target_feature(enable = "aes,avx2,vaes,vpclmulqdq")]
+fn mul_alpha_k<const K: i32, const R: i32>(t: __m256i) -> __m256i {
+    let shifted = _mm256_or_si256(
+        _mm256_slli_epi64::<K>(t),
+        _mm256_srli_epi64::<R>(_mm256_slli_si256::<8>(t)),
+    );
+    let top = _mm256_srli_epi64::<R>(_mm256_srli_si256::<8>(t));
+    let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
+    _mm256_xor_si256(shifted, _mm256_clmulepi64_epi128::<0x00>(top, poly))
 }
 
 /// The 16 tweaks of the group being processed, parked in memory (32-byte aligned for `vmovdqa`).
 #[repr(C, align(32))]
 struct TweakScratch([u8; GROUP * BLOCK]);
 
-// Register roles as in the SSE kernel: x0..x7 data (two blocks each), k the round key broadcast
-// to both lanes, t the running pair of tweaks (T_2j, T_2j+1), tmp scratch, mask the carry constant.
+impl TweakScratch {
+    /// Fills in T·α^0 … T·α^15 for a sector's first group, in three levels (α², α⁴, α⁸ on
+    /// pairs) instead of a chain of fifteen doublings.
+    #[inline]
+    #[target_feature(enable = "aes,avx2,vaes,vpclmulqdq")]
+    fn start(&mut self, t0: __m128i) {
+        let p0 = _mm256_set_m128i(mul_alpha(t0), t0);
+        let p1 = mul_alpha_k::<2, 62>(p0);
+        let (p2, p3) = (mul_alpha_k::<4, 60>(p0), mul_alpha_k::<4, 60>(p1));
+        let p = [
+            p0,
+            p1,
+            p2,
+            p3,
+            mul_alpha_k::<8, 56>(p0),
+            mul_alpha_k::<8, 56>(p1),
+            mul_alpha_k::<8, 56>(p2),
+            mul_alpha_k::<8, 56>(p3),
+        ];
+        for (slot, v) in self.0.chunks_exact_mut(2 * BLOCK).zip(p) {
+            // SAFETY: `slot` is 32 writable bytes; unaligned store.
+            unsafe { _mm256_storeu_si256(slot.as_mut_ptr().cast(), v) };
+        }
+    }
+}
 
-/// Blocks at byte offset `off` (two): load, whiten with their tweaks and round key 0, park the
-/// tweaks, then advance both lanes of `t` by α² (two doublings; see the SSE kernel's `whiten`).
+// Register roles as in the SSE kernel: x0..x7 data (two blocks each), k the round key broadcast
+// to both lanes, t a pair of tweaks, tmp scratch, poly the reduction constant in both lanes.
+// As there, each tweak slot advances by its own α¹⁶ per group instead of one long chain.
+
+/// Blocks at byte offset `off` (two): load, whiten with their tweaks and round key 0.
+#[rustfmt::skip]
 macro_rules! whiten2 {
     ($x:literal, $off:literal) => {
         concat!(
-            "vmovdqu {",
-            $x,
-            "}, ymmword ptr [{src} + ",
-            $off,
-            "]\n",
-            "vmovdqa ymmword ptr [{tw} + ",
-            $off,
-            "], {t}\n",
-            "vpxor {",
-            $x,
-            "}, {",
-            $x,
-            "}, {t}\n",
-            "vpxor {",
-            $x,
-            "}, {",
-            $x,
-            "}, {k}\n",
-            "vpshufd {tmp}, {t}, 0x13\n",
-            "vpsrad {tmp}, {tmp}, 31\n",
-            "vpand {tmp}, {tmp}, {mask}\n",
-            "vpaddq {t}, {t}, {t}\n",
-            "vpxor {t}, {t}, {tmp}\n",
-            "vpshufd {tmp}, {t}, 0x13\n",
-            "vpsrad {tmp}, {tmp}, 31\n",
-            "vpand {tmp}, {tmp}, {mask}\n",
-            "vpaddq {t}, {t}, {t}\n",
-            "vpxor {t}, {t}, {tmp}\n",
+            "vmovdqu {", $x, "}, ymmword ptr [{src} + ", $off, "]\n",
+            "vpxor {", $x, "}, {", $x, "}, ymmword ptr [{tw} + ", $off, "]\n",
+            "vpxor {", $x, "}, {", $x, "}, {k}\n",
         )
     };
 }
 
 /// One middle round with the round key at byte offset `off`, on all 16 blocks.
+#[rustfmt::skip]
 macro_rules! round2 {
     ($op:literal, $off:literal) => {
         concat!(
-            "vbroadcasti128 {k}, xmmword ptr [{rk} + ",
-            $off,
-            "]\n",
-            $op,
-            " {x0}, {x0}, {k}\n",
-            $op,
-            " {x1}, {x1}, {k}\n",
-            $op,
-            " {x2}, {x2}, {k}\n",
-            $op,
-            " {x3}, {x3}, {k}\n",
-            $op,
-            " {x4}, {x4}, {k}\n",
-            $op,
-            " {x5}, {x5}, {k}\n",
-            $op,
-            " {x6}, {x6}, {k}\n",
-            $op,
-            " {x7}, {x7}, {k}\n",
+            "vbroadcasti128 {k}, xmmword ptr [{rk} + ", $off, "]\n",
+            $op, " {x0}, {x0}, {k}\n", $op, " {x1}, {x1}, {k}\n",
+            $op, " {x2}, {x2}, {k}\n", $op, " {x3}, {x3}, {k}\n",
+            $op, " {x4}, {x4}, {k}\n", $op, " {x5}, {x5}, {k}\n",
+            $op, " {x6}, {x6}, {k}\n", $op, " {x7}, {x7}, {k}\n",
         )
     };
 }
 
-/// Last round with the key `rk14 ^ tweak` (`k` holds rk14 in both lanes), then the store.
+/// Last round with the key `rk14 ^ tweak` (`k` holds rk14 in both lanes), the store, and the
+/// tweak pair's advance by α¹⁶ for the next group: `(T << 16) ^ clmul(T >> 112, 0x87)` per lane.
+#[rustfmt::skip]
 macro_rules! finish2 {
     ($op:literal, $x:literal, $off:literal) => {
         concat!(
-            "vpxor {tmp}, {k}, ymmword ptr [{tw} + ",
-            $off,
-            "]\n",
-            $op,
-            " {",
-            $x,
-            "}, {",
-            $x,
-            "}, {tmp}\n",
-            "vmovdqu ymmword ptr [{dst} + ",
-            $off,
-            "], {",
-            $x,
-            "}\n",
+            "vmovdqa {t}, ymmword ptr [{tw} + ", $off, "]\n",
+            "vpxor {tmp}, {k}, {t}\n",
+            $op, " {", $x, "}, {", $x, "}, {tmp}\n",
+            "vmovdqu ymmword ptr [{dst} + ", $off, "], {", $x, "}\n",
+            "vpsrldq {tmp}, {t}, 14\n",
+            "vpslldq {t}, {t}, 2\n",
+            "vpclmulqdq {tmp}, {tmp}, {poly}, 0x00\n",
+            "vpxor {t}, {t}, {tmp}\n",
+            "vmovdqa ymmword ptr [{tw} + ", $off, "], {t}\n",
         )
     };
 }
 
+#[rustfmt::skip]
 macro_rules! group2_asm {
-    ($round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $t:ident, $mask:expr) => {
+    ($round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $poly:expr) => {
         core::arch::asm!(
             "vbroadcasti128 {k}, xmmword ptr [{rk}]",
             whiten2!("x0", 0), whiten2!("x1", 32), whiten2!("x2", 64), whiten2!("x3", 96),
@@ -132,18 +134,12 @@ macro_rules! group2_asm {
             src = in(reg) $src,
             dst = in(reg) $dst,
             tw = in(reg) $tw,
-            t = inout(ymm_reg) $t,
-            mask = in(ymm_reg) $mask,
+            poly = in(ymm_reg) $poly,
             k = out(ymm_reg) _,
+            t = out(ymm_reg) _,
             tmp = out(ymm_reg) _,
-            x0 = out(ymm_reg) _,
-            x1 = out(ymm_reg) _,
-            x2 = out(ymm_reg) _,
-            x3 = out(ymm_reg) _,
-            x4 = out(ymm_reg) _,
-            x5 = out(ymm_reg) _,
-            x6 = out(ymm_reg) _,
-            x7 = out(ymm_reg) _,
+            x0 = out(ymm_reg) _, x1 = out(ymm_reg) _, x2 = out(ymm_reg) _, x3 = out(ymm_reg) _,
+            x4 = out(ymm_reg) _, x5 = out(ymm_reg) _, x6 = out(ymm_reg) _, x7 = out(ymm_reg) _,
             options(nostack, preserves_flags),
         )
     };
@@ -153,9 +149,10 @@ macro_rules! group2_asm {
 /// schedule) whole sectors from `src` into `dst`; `k2` is the tweak key's schedule.
 ///
 /// # Safety
-/// The CPU must have AES, AVX2 and VAES ([`available`]). `src` and `dst` must be valid for `len`
-/// bytes and equal or disjoint; `len` a multiple of `sector_size`, itself 512 or 4096.
-#[target_feature(enable = "aes,avx2,vaes")]
+/// The CPU must have AES, AVX2, VAES and VPCLMULQDQ ([`available`]). `src` and `dst` must be
+/// valid for `len` bytes and equal or disjoint; `len` a multiple of `sector_size`, itself 512 or
+/// 4096.
+#[target_feature(enable = "aes,avx2,vaes,vpclmulqdq")]
 pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
     rks: &RoundKeys,
     k2: &RoundKeys,
@@ -168,10 +165,9 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
     let units_per_sector = (sector_size / 512) as u64;
     let groups_per_sector = sector_size / (GROUP * BLOCK);
     let sectors = len / sector_size;
-    let mask = _mm256_set_epi32(0, 1, 0, 0x87, 0, 1, 0, 0x87);
+    let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
     let rk = rks.0.as_ptr();
     let mut scratch = TweakScratch([0; GROUP * BLOCK]);
-    let tw = scratch.0.as_mut_ptr();
     let mut done = 0usize;
     while done < sectors {
         let n = (sectors - done).min(LANES);
@@ -182,21 +178,23 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
         }
         let tweaks = encrypt_tweaks(k2, &units, n);
         for (s, &t0) in tweaks.iter().enumerate().take(n) {
+            scratch.start(t0);
+            let tw = scratch.0.as_mut_ptr();
             let base = (done + s) * sector_size;
-            let mut t = _mm256_set_m128i(mul_alpha(t0), t0);
             for g in 0..groups_per_sector {
                 let off = base + g * GROUP * BLOCK;
                 // SAFETY: `off + 256 <= len` (a 256-byte group inside a whole sector of the
                 // buffer), so the asm's 256-byte reads at `src + off` and writes at `dst + off`
                 // are in bounds and, per our contract, equal or disjoint; every load precedes
                 // every store. It reads 240 bytes of round keys at `rk` (a whole `RoundKeys`),
-                // uses 256 bytes of the 32-byte aligned scratch at `tw`, no stack, no flags.
+                // reads and writes the 256-byte, 32-byte aligned scratch at `tw`, uses no stack
+                // and leaves the flags alone. The CPU features are our caller's contract.
                 unsafe {
                     let (s, d) = (src.add(off), dst.add(off));
                     if ENC {
-                        group2_asm!("vaesenc", "vaesenclast", rk, s, d, tw, t, mask);
+                        group2_asm!("vaesenc", "vaesenclast", rk, s, d, tw, poly);
                     } else {
-                        group2_asm!("vaesdec", "vaesdeclast", rk, s, d, tw, t, mask);
+                        group2_asm!("vaesdec", "vaesdeclast", rk, s, d, tw, poly);
                     }
                 }
             }
