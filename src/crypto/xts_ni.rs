@@ -1,17 +1,20 @@
-//! The AES-NI fast path of the XTS engine (x86_64 only): the AES-256 key schedules and the
-//! sector kernel. It owns every `unsafe` block of the XTS engine; [`super::xts`] only calls in
-//! after [`available`] said yes.
+//! The AES-NI fast path of the XTS engine (x86_64 only): the AES-256 key schedules (shared with
+//! the wide VAES kernel in [`super::xts_vaes`]) and the 8-block SSE kernel. Together with
+//! `xts_vaes` it holds every `unsafe` block of the XTS engine; [`super::xts`] only calls in after
+//! the kernel's `available()` said yes.
 //!
 //! Why it is shaped like this:
-//! - AES-NI `aesenc` has a latency of several cycles but a throughput of one or two per cycle, so
-//!   one block at a time leaves the unit idle. We keep 8 independent blocks in flight.
-//! - The XTS whitening `x ^ T` is folded into the round keys: the first round key becomes
-//!   `rk0 ^ T` and the last `rk14 ^ T`, so `aesenclast(x, rk14 ^ T)` yields the ciphertext with
-//!   the final xor done for free and off the dependency chain of the rounds.
-//! - The tweak doubling (multiplication by α in GF(2^128)) is done in SSE registers: a 64-bit
-//!   lane shift plus a masked carry (the classic `psrad / pshufd / pand / paddq / pxor`).
-//! - No `target-cpu=native`, no AVX: only `aes` and `sse2` are enabled, because AVX-512 code
-//!   competing with AES made the kernel slower on the machines we measured (see DESIGN.md).
+//! - `aesenc` has a latency of about 4 cycles but a throughput of 2 per cycle, so one block at a
+//!   time leaves the AES units idle. We keep 8 independent blocks in flight, each round issued
+//!   for all 8 before the next round key (in assembly: see `group_asm` for why).
+//! - The XTS whitening `x ^ T` is folded into the last round key: `aesenclast(x, rk14 ^ T)`
+//!   yields the ciphertext with the final xor done for free and off the rounds' dependency chain
+//!   (the first xor, `x ^ T ^ rk0`, is likewise one step before round 1).
+//! - The tweaks stay in registers and a small aligned scratch; each of the 8 tweak slots advances
+//!   by α⁸ per group with a byte shift and one carry-less multiply (PCLMULQDQ), instead of a chain
+//!   of doublings that would serialize the groups.
+//! - Only `aes`, `sse2` and `pclmulqdq` are enabled here, no `target-cpu=native` (its AVX-512
+//!   code competing with AES made things slower, see DESIGN.md).
 
 use core::arch::x86_64::*;
 
@@ -48,8 +51,8 @@ impl NiKernel {
     }
 }
 
-/// 15 round keys, 16-byte aligned so they can be loaded with aligned loads.
-#[derive(Clone, Copy)]
+/// 15 round keys, 16-byte aligned so they can be loaded with aligned loads. Deliberately not
+/// `Copy`/`Clone`: key material should exist once, in its zeroize-on-drop owner.
 #[repr(C, align(16))]
 pub(super) struct RoundKeys(pub(super) [[u8; BLOCK]; ROUNDS + 1]);
 
