@@ -277,19 +277,30 @@ pub(super) fn encrypt_tweaks(k2: &RoundKeys, units: &[u64; LANES], n: usize) -> 
 // The tweaks are not one running chain of doublings (T, Tα, Tα², …): such a chain (≈4 cycles a
 // step) sat between the groups and cost about as much as the AES rounds themselves. Instead each
 // of the 8 tweak slots advances by α⁸ per group (a byte shift and one carry-less multiply), 8
-// independent short computations the CPU overlaps with the rounds.
+// independent short computations, done at the start of a group into the scratch's other half so
+// the next group never waits for this one's rounds.
 //
 // Register roles: x0..x7 data blocks, k the current round key, t a tweak, tmp scratch, poly the
 // reduction constant 0x87.
 
-/// Block `x` at byte offset `off`: load, whiten with its tweak and round key 0 (already in `k`).
+/// Block `x` at byte offset `off`: load, whiten with its tweak and round key 0 (already in `k`),
+/// and write the tweak slot's next value, advanced by α⁸, to the other scratch half (`twn`):
+/// `(T << 8) ^ clmul(T >> 120, 0x87)`. Done here, before the rounds, so the next group's tweaks
+/// are ready long before it starts and consecutive groups overlap.
 #[rustfmt::skip]
 macro_rules! whiten {
     ($x:literal, $off:literal) => {
         concat!(
+            "movdqa {t}, xmmword ptr [{tw} + ", $off, "]\n",
             "movdqu {", $x, "}, xmmword ptr [{src} + ", $off, "]\n",
-            "pxor {", $x, "}, xmmword ptr [{tw} + ", $off, "]\n",
+            "pxor {", $x, "}, {t}\n",
             "pxor {", $x, "}, {k}\n",
+            "movdqa {tmp}, {t}\n",
+            "psrldq {tmp}, 15\n",
+            "pslldq {t}, 1\n",
+            "pclmulqdq {tmp}, {poly}, 0x00\n",
+            "pxor {t}, {tmp}\n",
+            "movdqa xmmword ptr [{twn} + ", $off, "], {t}\n",
         )
     };
 }
@@ -307,30 +318,22 @@ macro_rules! round {
 }
 
 /// Last round of block `x` with the key `rk14 ^ tweak` (`k` holds rk14): the tweak's final xor
-/// comes for free. Then the store, and the tweak slot advances by α⁸ for the next group:
-/// `(T << 8) ^ clmul(T >> 120, 0x87)`.
+/// comes for free. Then the store.
 #[rustfmt::skip]
 macro_rules! finish {
     ($op:literal, $x:literal, $off:literal) => {
         concat!(
-            "movdqa {t}, xmmword ptr [{tw} + ", $off, "]\n",
-            "movdqa {tmp}, {t}\n",
+            "movdqa {tmp}, xmmword ptr [{tw} + ", $off, "]\n",
             "pxor {tmp}, {k}\n",
             $op, " {", $x, "}, {tmp}\n",
             "movdqu xmmword ptr [{dst} + ", $off, "], {", $x, "}\n",
-            "movdqa {tmp}, {t}\n",
-            "psrldq {tmp}, 15\n",
-            "pslldq {t}, 1\n",
-            "pclmulqdq {tmp}, {poly}, 0x00\n",
-            "pxor {t}, {tmp}\n",
-            "movdqa xmmword ptr [{tw} + ", $off, "], {t}\n",
         )
     };
 }
 
 #[rustfmt::skip]
 macro_rules! group_asm {
-    ($round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $poly:expr) => {
+    ($round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr) => {
         core::arch::asm!(
             "movdqa {k}, xmmword ptr [{rk}]",
             whiten!("x0", 0), whiten!("x1", 16), whiten!("x2", 32), whiten!("x3", 48),
@@ -347,6 +350,7 @@ macro_rules! group_asm {
             src = in(reg) $src,
             dst = in(reg) $dst,
             tw = in(reg) $tw,
+            twn = in(reg) $twn,
             poly = in(xmm_reg) $poly,
             k = out(xmm_reg) _,
             t = out(xmm_reg) _,
@@ -373,13 +377,14 @@ fn mul_alpha_k<const K: i32, const R: i32>(t: __m128i) -> __m128i {
     _mm_xor_si128(shifted, _mm_clmulepi64_si128::<0x00>(top, poly))
 }
 
-/// Tweaks of the 8 blocks of the group being processed, parked in memory: 8 data blocks, the
-/// round key, two temporaries and the reduction constant already use 12 of the 16 XMM registers.
+/// Tweaks parked in memory (8 data blocks, the round key, two temporaries and the reduction
+/// constant already use 12 of the 16 XMM registers), in two halves: the tweaks of the group being
+/// processed and those of the next group, written while this one runs. Halves swap per group.
 #[repr(C, align(16))]
-struct TweakScratch([u8; LANES * BLOCK]);
+struct TweakScratch([u8; 2 * LANES * BLOCK]);
 
 impl TweakScratch {
-    /// Fills in the tweaks T·α^0 … T·α^7 of a sector's first group in three levels (α, α², α⁴)
+    /// Fills in (first half) the tweaks T·α^0 … T·α^7 of a sector's first group in three levels (α, α², α⁴)
     /// rather than a chain of seven doublings, so the first group does not wait on a long chain.
     #[inline]
     #[target_feature(enable = "aes,sse2,pclmulqdq")]
@@ -418,7 +423,7 @@ unsafe fn crypt_sectors<const ENC: bool>(
     let sectors = len / sector_size;
     let poly = _mm_set_epi64x(0, 0x87);
     let rk = rks.0.as_ptr();
-    let mut scratch = TweakScratch([0; LANES * BLOCK]);
+    let mut scratch = TweakScratch([0; 2 * LANES * BLOCK]);
     let mut done = 0usize;
     while done < sectors {
         // The tweak encryptions of up to 8 sectors run together, 8 blocks in flight like the data.
@@ -431,7 +436,7 @@ unsafe fn crypt_sectors<const ENC: bool>(
         let tweaks = encrypt_tweaks(&keys.enc2, &units, n);
         for (s, &t0) in tweaks.iter().enumerate().take(n) {
             scratch.start(t0);
-            let tw = scratch.0.as_mut_ptr();
+            let (mut tw, mut twn) = scratch.0.split_at_mut(LANES * BLOCK);
             let base = (done + s) * sector_size;
             for g in 0..groups_per_sector {
                 let off = base + g * LANES * BLOCK;
@@ -439,17 +444,19 @@ unsafe fn crypt_sectors<const ENC: bool>(
                 // buffer), so the asm's 128-byte reads at `src + off` and writes at `dst + off`
                 // are in bounds and, per our contract, equal or disjoint; every load precedes
                 // every store. It reads 240 bytes of round keys at `rk` (a whole, aligned
-                // `RoundKeys`), reads and writes the 128-byte aligned scratch at `tw`, uses no
-                // stack and leaves the flags alone. AES-NI and PCLMULQDQ were checked at
-                // construction.
+                // `RoundKeys`), reads the 128-byte half `tw` and writes the half `twn` of the
+                // 16-byte aligned scratch, uses no stack and leaves the flags alone. AES-NI and
+                // PCLMULQDQ were checked at construction.
                 unsafe {
                     let (s, d) = (src.add(off), dst.add(off));
+                    let (t, tn) = (tw.as_ptr(), twn.as_mut_ptr());
                     if ENC {
-                        group_asm!("aesenc", "aesenclast", rk, s, d, tw, poly);
+                        group_asm!("aesenc", "aesenclast", rk, s, d, t, tn, poly);
                     } else {
-                        group_asm!("aesdec", "aesdeclast", rk, s, d, tw, poly);
+                        group_asm!("aesdec", "aesdeclast", rk, s, d, t, tn, poly);
                     }
                 }
+                core::mem::swap(&mut tw, &mut twn);
             }
         }
         done += n;

@@ -36,12 +36,13 @@ fn mul_alpha_k<const K: i32, const R: i32>(t: __m256i) -> __m256i {
     _mm256_xor_si256(shifted, _mm256_clmulepi64_epi128::<0x00>(top, poly))
 }
 
-/// The 16 tweaks of the group being processed, parked in memory (32-byte aligned for `vmovdqa`).
+/// The 16 tweaks of the group being processed and those of the next group (written while this
+/// one runs), parked in memory, 32-byte aligned for `vmovdqa`. The halves swap per group.
 #[repr(C, align(32))]
-struct TweakScratch([u8; GROUP * BLOCK]);
+struct TweakScratch([u8; 2 * GROUP * BLOCK]);
 
 impl TweakScratch {
-    /// Fills in T·α^0 … T·α^15 for a sector's first group, in three levels (α², α⁴, α⁸ on
+    /// Fills in (first half) T·α^0 … T·α^15 for a sector's first group, in three levels (α², α⁴, α⁸ on
     /// pairs) instead of a chain of fifteen doublings.
     #[inline]
     #[target_feature(enable = "aes,avx2,vaes,vpclmulqdq")]
@@ -68,16 +69,24 @@ impl TweakScratch {
 
 // Register roles as in the SSE kernel: x0..x7 data (two blocks each), k the round key broadcast
 // to both lanes, t a pair of tweaks, tmp scratch, poly the reduction constant in both lanes.
-// As there, each tweak slot advances by its own α¹⁶ per group instead of one long chain.
+// As there, each tweak slot advances by its own α¹⁶ per group, into the other scratch half,
+// instead of one long chain.
 
-/// Blocks at byte offset `off` (two): load, whiten with their tweaks and round key 0.
+/// Blocks at byte offset `off` (two): load, whiten with their tweaks and round key 0, and write
+/// the tweak pair advanced by α¹⁶ to the other scratch half (`twn`) for the next group:
+/// `(T << 16) ^ clmul(T >> 112, 0x87)` per lane.
 #[rustfmt::skip]
 macro_rules! whiten2 {
     ($x:literal, $off:literal) => {
         concat!(
-            "vmovdqu {", $x, "}, ymmword ptr [{src} + ", $off, "]\n",
-            "vpxor {", $x, "}, {", $x, "}, ymmword ptr [{tw} + ", $off, "]\n",
+            "vmovdqa {t}, ymmword ptr [{tw} + ", $off, "]\n",
+            "vpxor {", $x, "}, {t}, ymmword ptr [{src} + ", $off, "]\n",
             "vpxor {", $x, "}, {", $x, "}, {k}\n",
+            "vpsrldq {tmp}, {t}, 14\n",
+            "vpslldq {t}, {t}, 2\n",
+            "vpclmulqdq {tmp}, {tmp}, {poly}, 0x00\n",
+            "vpxor {t}, {t}, {tmp}\n",
+            "vmovdqa ymmword ptr [{twn} + ", $off, "], {t}\n",
         )
     };
 }
@@ -96,28 +105,21 @@ macro_rules! round2 {
     };
 }
 
-/// Last round with the key `rk14 ^ tweak` (`k` holds rk14 in both lanes), the store, and the
-/// tweak pair's advance by α¹⁶ for the next group: `(T << 16) ^ clmul(T >> 112, 0x87)` per lane.
+/// Last round with the key `rk14 ^ tweak` (`k` holds rk14 in both lanes), then the store.
 #[rustfmt::skip]
 macro_rules! finish2 {
     ($op:literal, $x:literal, $off:literal) => {
         concat!(
-            "vmovdqa {t}, ymmword ptr [{tw} + ", $off, "]\n",
-            "vpxor {tmp}, {k}, {t}\n",
+            "vpxor {tmp}, {k}, ymmword ptr [{tw} + ", $off, "]\n",
             $op, " {", $x, "}, {", $x, "}, {tmp}\n",
             "vmovdqu ymmword ptr [{dst} + ", $off, "], {", $x, "}\n",
-            "vpsrldq {tmp}, {t}, 14\n",
-            "vpslldq {t}, {t}, 2\n",
-            "vpclmulqdq {tmp}, {tmp}, {poly}, 0x00\n",
-            "vpxor {t}, {t}, {tmp}\n",
-            "vmovdqa ymmword ptr [{tw} + ", $off, "], {t}\n",
         )
     };
 }
 
 #[rustfmt::skip]
 macro_rules! group2_asm {
-    ($round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $poly:expr) => {
+    ($round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr) => {
         core::arch::asm!(
             "vbroadcasti128 {k}, xmmword ptr [{rk}]",
             whiten2!("x0", 0), whiten2!("x1", 32), whiten2!("x2", 64), whiten2!("x3", 96),
@@ -134,6 +136,7 @@ macro_rules! group2_asm {
             src = in(reg) $src,
             dst = in(reg) $dst,
             tw = in(reg) $tw,
+            twn = in(reg) $twn,
             poly = in(ymm_reg) $poly,
             k = out(ymm_reg) _,
             t = out(ymm_reg) _,
@@ -167,7 +170,7 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
     let sectors = len / sector_size;
     let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
     let rk = rks.0.as_ptr();
-    let mut scratch = TweakScratch([0; GROUP * BLOCK]);
+    let mut scratch = TweakScratch([0; 2 * GROUP * BLOCK]);
     let mut done = 0usize;
     while done < sectors {
         let n = (sectors - done).min(LANES);
@@ -179,7 +182,7 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
         let tweaks = encrypt_tweaks(k2, &units, n);
         for (s, &t0) in tweaks.iter().enumerate().take(n) {
             scratch.start(t0);
-            let tw = scratch.0.as_mut_ptr();
+            let (mut tw, mut twn) = scratch.0.split_at_mut(GROUP * BLOCK);
             let base = (done + s) * sector_size;
             for g in 0..groups_per_sector {
                 let off = base + g * GROUP * BLOCK;
@@ -187,16 +190,19 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
                 // buffer), so the asm's 256-byte reads at `src + off` and writes at `dst + off`
                 // are in bounds and, per our contract, equal or disjoint; every load precedes
                 // every store. It reads 240 bytes of round keys at `rk` (a whole `RoundKeys`),
-                // reads and writes the 256-byte, 32-byte aligned scratch at `tw`, uses no stack
-                // and leaves the flags alone. The CPU features are our caller's contract.
+                // reads the 256-byte half `tw` and writes the half `twn` of the 32-byte aligned
+                // scratch, uses no stack and leaves the flags alone. The CPU features are our
+                // caller's contract.
                 unsafe {
                     let (s, d) = (src.add(off), dst.add(off));
+                    let (t, tn) = (tw.as_ptr(), twn.as_mut_ptr());
                     if ENC {
-                        group2_asm!("vaesenc", "vaesenclast", rk, s, d, tw, poly);
+                        group2_asm!("vaesenc", "vaesenclast", rk, s, d, t, tn, poly);
                     } else {
-                        group2_asm!("vaesdec", "vaesdeclast", rk, s, d, tw, poly);
+                        group2_asm!("vaesdec", "vaesdeclast", rk, s, d, t, tn, poly);
                     }
                 }
+                core::mem::swap(&mut tw, &mut twn);
             }
         }
         done += n;
