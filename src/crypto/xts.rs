@@ -408,6 +408,26 @@ mod tests {
     }
 
     #[test]
+    fn one_engine_shared_by_threads_gives_the_same_bytes() {
+        let key = XtsKey::generate();
+        let xts = Xts::new(&key);
+        let plain: Vec<u8> = (0..8 * 4096).map(|i| (i % 251) as u8).collect();
+        let mut expect = plain.clone();
+        xts.encrypt_sectors(&mut expect, 4096, 99);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..20 {
+                        let mut buf = plain.clone();
+                        xts.encrypt_sectors(&mut buf, 4096, 99);
+                        assert_eq!(buf, expect);
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
     fn empty_input_is_a_no_op() {
         let key = XtsKey::generate();
         for xts in engines(&key) {
