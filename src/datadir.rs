@@ -386,17 +386,7 @@ impl DataDir {
         if new_size == header.size {
             return Ok(header);
         }
-        let mut next = header.clone();
-        next.size = new_size;
-        next.validate().map_err(Self::vol_err(name))?;
-        let path = backend.path().to_path_buf();
-        backend
-            .set_len(next.data_offset() + new_size)
-            .map_err(io_err("extending volume file", &path))?;
-        backend
-            .sync()
-            .map_err(io_err("syncing volume file", &path))?;
-        let written = next.write_update(&backend).map_err(Self::vol_err(name))?;
+        let written = VolumeHeader::grow(&backend, new_size).map_err(Self::vol_err(name))?;
         tracing::info!(
             volume = name,
             old = header.size,

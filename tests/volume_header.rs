@@ -215,3 +215,29 @@ fn header_update_bumps_generation_and_survives_reopen() {
     assert_eq!(v.size(), 8 << 20);
     assert_eq!(read8k(&v), vec![0x5A; 8192]);
 }
+
+/// Growing a volume interrupted by a power failure at every step: the volume always opens with
+/// the old or the new size, and its data is intact.
+#[test]
+fn resize_interrupted_at_every_step_leaves_old_or_new_size() {
+    let (mem, key, old) = make(4096);
+    let new_size = old.size * 2;
+    let mut completed = false;
+    for steps in 0..10 {
+        for mode in [CrashMode::DropUnsynced, CrashMode::TearUnsynced] {
+            let cb = CrashBackend::from_bytes(mem.snapshot());
+            cb.fail_after(steps);
+            let res = VolumeHeader::grow(&cb, new_size);
+            let v = open(cb.after_crash(mode), &key)
+                .unwrap_or_else(|e| panic!("steps {steps} {mode:?}: {e}"));
+            if res.is_ok() {
+                completed = true;
+                assert_eq!(v.size(), new_size);
+            }
+            assert!(v.size() == old.size || v.size() == new_size);
+            assert_eq!(read8k(&v), vec![0x5A; 8192]);
+        }
+    }
+    assert!(completed);
+    assert!(VolumeHeader::grow(&mem, old.size - 4096).is_err());
+}

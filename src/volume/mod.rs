@@ -6,6 +6,11 @@
 //! It knows nothing of NBD or CMKs: the header carries the key metadata opaquely, and whoever
 //! attaches the volume turns it into an [`XtsKey`] (see `crate::datadir`).
 //!
+//! Concurrency: non-overlapping writes never lose each other, even inside one encryption sector,
+//! because partial-sector writes are read-modify-write under a striped lock. Whole-sector writes
+//! take no lock; a whole-sector write racing a partial write of the same sector is an
+//! overlapping write, whose outcome NBD leaves unspecified (as a disk does).
+//!
 //! An all-zero ciphertext sector means "never written or discarded" and reads as plaintext zeroes
 //! (encrypting real data gives an all-zero sector with probability 2^-4096 or less).
 
@@ -265,6 +270,9 @@ impl Volume {
     /// Reads `buf.len()` bytes at `offset` (any alignment).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadOutcome, VolumeError> {
         self.check(Op::Read, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(ReadOutcome { all_zero: true });
+        }
         let ss = self.ss();
         let sp = span(offset, buf.len() as u64, ss as u64);
         let mut all_zero = true;
@@ -316,6 +324,9 @@ impl Volume {
     pub fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), VolumeError> {
         self.check_writable(Op::Write)?;
         self.check(Op::Write, offset, data.len() as u64)?;
+        if data.is_empty() {
+            return if fua { self.flush() } else { Ok(()) };
+        }
         let ss = self.ss();
         let sp = span(offset, data.len() as u64, ss as u64);
         let mut pos = 0usize;
