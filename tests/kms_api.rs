@@ -493,13 +493,39 @@ fn init_refuses_an_existing_store() {
         std::fs::read(dir.path().join("root.key")).unwrap(),
         root_before
     );
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        KeyStore::open(empty.path(), RootSecret::KeyFile("x".into())),
+        Err(KmsError::StoreMissing { .. })
+    ));
+    assert!(
+        !empty.path().join("keystore.lock").exists(),
+        "opening a missing store leaves nothing behind"
+    );
     assert!(matches!(
         KeyStore::open(
-            tempfile::tempdir().unwrap().path(),
+            &empty.path().join("no/such/dir"),
             RootSecret::KeyFile("x".into())
         ),
         Err(KmsError::StoreMissing { .. })
     ));
+}
+
+#[test]
+fn interrupted_init_leaves_an_orphan_key_that_init_names() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("root.key"), [1u8; 32]).unwrap();
+    match KeyStore::init(dir.path(), InitRoot::GenerateKeyFile) {
+        Err(e @ KmsError::OrphanRootKey { .. }) => {
+            assert!(e.to_string().contains("move it away"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        std::fs::read(dir.path().join("root.key")).unwrap(),
+        [1u8; 32]
+    );
+    assert!(!KeyStore::exists(dir.path()));
 }
 
 #[test]

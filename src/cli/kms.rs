@@ -539,7 +539,10 @@ pub fn run(global: &Global, args: KmsArgs) -> anyhow::Result<()> {
         } => {
             let plain_text = Zeroizing::new(plain_text);
             let ctx = context_of(context.context)?;
-            let plain = SecretBytes::new(decode_hex("--plain-text", &plain_text)?);
+            // No detail from the hex parser: it would quote a character of the secret.
+            let plain = SecretBytes::new(hex::decode(plain_text.trim()).map_err(|_| {
+                anyhow::anyhow!("--plain-text is not valid hex (expected 2 to 128 hex digits)")
+            })?);
             let w = ks.encrypt_data_key(&key.key, &plain, &ctx)?;
             print_wrapped(&w, None, &ctx, key.out.json)
         }

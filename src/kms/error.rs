@@ -18,6 +18,10 @@ pub enum KmsError {
     #[error("a key store already exists in {} ({} is present): refusing to overwrite it", dir.display(), found.display())]
     StoreExists { dir: PathBuf, found: PathBuf },
 
+    /// `init` found a root key file without a store (an interrupted `init`?).
+    #[error("{} exists but there is no key store beside it (an interrupted `init`?): move it away, then run `cryptnbd kms init` again", path.display())]
+    OrphanRootKey { path: PathBuf },
+
     /// No key with this id or alias.
     #[error("key {key:?} not found (give a key id or an alias such as alias/name; `cryptnbd kms list-keys` shows them)")]
     KeyNotFound { key: String },

@@ -7,9 +7,10 @@
 //! ignored here. Every method takes `&self` and re-reads the store from disk, so several processes
 //! (the CLI and a running server) see each other's changes; changes are serialized by a lock.
 //!
-//! Layout of this module: this file holds the public types and opening/creating a store;
-//! [`lifecycle`](self) (CMK create/enable/disable/delete/rotate/alias) and the envelope operations
-//! (data keys) live in `lifecycle.rs` and `envelope.rs`; the wrapped-key format in [`blob`].
+//! Layout of this module: this file holds the public types and opening/creating a store; the CMK
+//! lifecycle (create/enable/disable/delete/rotate/alias) is in `lifecycle.rs`, the envelope
+//! operations on data keys in `envelope.rs`, the wrapped-key format and AADs in [`blob`], errors
+//! in `error.rs`, the injectable time source in [`clock`].
 
 pub mod audit;
 pub mod blob;
@@ -266,10 +267,7 @@ impl KeyStore {
         let key_path = dir.join(ROOT_KEY_FILE);
         if params == RootParams::KeyFile {
             if key_path.exists() {
-                return Err(KmsError::StoreExists {
-                    dir: dir.to_path_buf(),
-                    found: key_path,
-                });
+                return Err(KmsError::OrphanRootKey { path: key_path });
             }
             root::write_key_file(&key_path, &key)?;
         }
@@ -315,6 +313,12 @@ impl KeyStore {
         root: RootSecret,
         clock: Arc<dyn Clock>,
     ) -> Result<KeyStore, KmsError> {
+        if !Self::exists(dir) {
+            // Checked before locking: locking would create a lock file (or fail on a missing dir).
+            return Err(KmsError::StoreMissing {
+                dir: dir.to_path_buf(),
+            });
+        }
         let file = {
             let _lock = store::lock_shared(dir)?;
             store::load(dir)?

