@@ -241,3 +241,32 @@ fn resize_interrupted_at_every_step_leaves_old_or_new_size() {
     assert!(completed);
     assert!(VolumeHeader::grow(&mem, old.size - 4096).is_err());
 }
+
+mod decoder_robustness {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Arbitrary bytes (with and without a valid magic/length prefix) never panic the
+        /// decoder, and are never accepted unless they carry a valid checksum.
+        #[test]
+        fn random_bytes_never_panic(mut bytes in prop::collection::vec(any::<u8>(), 0..2048), magic in any::<bool>()) {
+            if magic && bytes.len() >= 20 {
+                bytes[..8].copy_from_slice(b"CRYPTNBD");
+                let l = (bytes.len() as u32).to_le_bytes();
+                bytes[12..16].copy_from_slice(&l);
+            }
+            let _ = VolumeHeader::decode(&bytes);
+        }
+
+        /// Any single-byte change to a valid copy is rejected.
+        #[test]
+        fn mutated_copy_is_rejected(pos in 0usize..400, val in 1u8..=255) {
+            let enc = golden_header().encode().unwrap();
+            let mut m = enc.clone();
+            let i = pos % m.len();
+            m[i] ^= val;
+            prop_assert!(VolumeHeader::decode(&m).is_err());
+        }
+    }
+}

@@ -54,6 +54,15 @@ pub enum DataDirError {
         source: KmsError,
     },
 
+    /// The header's encryption context does not name this volume: its wrapped DEK belongs to
+    /// another volume (a header copied or tampered with).
+    #[error("volume {name:?}: its header's encryption context names volume id {found:?}, but the header says {expected}; refusing a data key that belongs to another volume")]
+    ContextMismatch {
+        name: String,
+        expected: Uuid,
+        found: Option<String>,
+    },
+
     #[error("volume {name:?}: the key store returned an unusable data key: {reason}")]
     BadDataKey { name: String, reason: String },
 
@@ -341,6 +350,14 @@ impl DataDir {
     ) -> Result<Volume, DataDirError> {
         let backend = self.open_locked(name, !read_only, false)?;
         let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        let found = h.encryption_context.get("volume_id");
+        if found != Some(&h.volume_id.to_string()) {
+            return Err(DataDirError::ContextMismatch {
+                name: name.to_string(),
+                expected: h.volume_id,
+                found: found.cloned(),
+            });
+        }
         let uk = ks
             .decrypt_data_key(&h.key_id.to_string(), &h.wrapped_dek, &h.encryption_context)
             .map_err(|source| DataDirError::Kms {
