@@ -330,6 +330,14 @@ impl DataDir {
                         path: path.clone(),
                     })
                 }
+                // File systems without hard links: a plain rename (not atomic against a
+                // concurrent create of the same name, which the check above makes unlikely).
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP)) =>
+                {
+                    std::fs::rename(&tmp, &path)
+                        .map_err(io_err("renaming the new volume file to", &path))
+                }
                 Err(e) => Err(io_err("linking the new volume file to", &path)(e)),
             });
         let _ = std::fs::remove_file(&tmp);

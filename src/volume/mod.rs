@@ -61,6 +61,12 @@ pub struct Volume {
     locks: Vec<Mutex<()>>,
 }
 
+// The server shares one `Arc<Volume>` between connections and threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Volume>();
+};
+
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key: only what identifies the volume.
