@@ -1,0 +1,715 @@
+//! The server against our raw client: the handshake, every command, and every malformed-input
+//! case (each must end in an error reply or in closing that one connection, never a crash).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::raw::{decode_read, RawClient, Reply};
+use common::TestServer;
+use cryptnbd::config::ServerConfig;
+use cryptnbd::nbd::option::MetaContextRequest;
+use cryptnbd::nbd::*;
+use cryptnbd::server::mem::{MemExport, MemProvider};
+
+const SIZE: u64 = 16 << 20;
+
+fn provider() -> (Arc<MemExport>, Arc<MemExport>, Arc<MemProvider>) {
+    let rw = Arc::new(MemExport::new("disk0", SIZE, 4096).with_description("test disk zero"));
+    let ro = Arc::new(MemExport::new("ro", SIZE, 512).read_only(true));
+    let p = MemProvider::new()
+        .with_export(rw.clone())
+        .with_export(ro.clone())
+        .with_refused("locked", "CMK alias/locked is disabled (state 3)");
+    (rw, ro, Arc::new(p))
+}
+
+fn server() -> (TestServer, Arc<MemExport>, Arc<MemExport>) {
+    let (rw, ro, p) = provider();
+    (TestServer::start(p), rw, ro)
+}
+
+fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// A client that keeps working after a malformed request, proving only that request failed.
+fn assert_still_works(c: &mut RawClient) {
+    let data = pattern(4096, 9);
+    assert_eq!(c.write(900, 0, &data, 0).error(), 0);
+    assert_eq!(c.read(901, 0, 4096).unwrap(), data);
+}
+
+#[test]
+fn simple_replies_write_then_read_unaligned() {
+    let (srv, rw, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    let (size, flags) = c.connect_export("disk0", false);
+    assert_eq!(size, SIZE);
+    for f in [
+        FLAG_HAS_FLAGS,
+        FLAG_SEND_FLUSH,
+        FLAG_SEND_FUA,
+        FLAG_SEND_TRIM,
+        FLAG_SEND_WRITE_ZEROES,
+        FLAG_SEND_FAST_ZERO,
+        FLAG_SEND_CACHE,
+        FLAG_CAN_MULTI_CONN,
+    ] {
+        assert_eq!(flags & f, f, "flag {f:#x} missing from {flags:#x}");
+    }
+    assert_eq!(flags & (FLAG_READ_ONLY | FLAG_SEND_DF), 0);
+    let data = pattern(10_000, 1);
+    assert_eq!(c.write(1, 777, &data, CMD_FLAG_FUA).error(), 0);
+    assert_eq!(c.read(2, 777, 10_000).unwrap(), data);
+    assert_eq!(rw.snapshot(777, 10_000), data);
+    // FLUSH, CACHE: simple success.
+    c.request(CMD_FLUSH, 0, 3, 0, 0);
+    assert_eq!(c.reply(0).error(), 0);
+    c.request(CMD_CACHE, 0, 4, 0, 4096);
+    assert_eq!(c.reply(0).error(), 0);
+    c.request(CMD_DISC, 0, 5, 0, 0);
+    assert!(c.is_closed());
+    srv.stop().unwrap();
+    assert!(rw.flush_count() >= 2, "FLUSH plus the shutdown flush");
+}
+
+#[test]
+fn structured_reads_send_holes_and_data() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::tcp(srv.tcp);
+    let (_, flags) = c.connect_export("disk0", true);
+    assert_eq!(flags & FLAG_SEND_DF, FLAG_SEND_DF);
+    c.request(CMD_READ, CMD_FLAG_DF, 1, 8192, 4096);
+    match c.reply(0) {
+        Reply::Chunk { ty, flags, .. } => {
+            assert_eq!(ty, REPLY_TYPE_OFFSET_HOLE);
+            assert_eq!(flags, REPLY_FLAG_DONE);
+        }
+        r => panic!("expected a hole chunk, got {r:?}"),
+    }
+    let data = pattern(4096, 3);
+    assert_eq!(c.write(2, 8192, &data, 0).error(), 0);
+    c.request(CMD_READ, 0, 3, 8192, 4096);
+    let r = c.reply(0);
+    assert!(matches!(
+        r,
+        Reply::Chunk {
+            ty: REPLY_TYPE_OFFSET_DATA,
+            ..
+        }
+    ));
+    assert_eq!(decode_read(r, 8192, 4096).unwrap(), data);
+}
+
+#[test]
+fn block_status_reports_holes_and_data_with_context_id() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", true);
+    assert_eq!(c.write(1, 4096, &pattern(4096, 5), 0).error(), 0);
+    c.request(CMD_BLOCK_STATUS, 0, 2, 0, 3 * 4096);
+    let Reply::Chunk {
+        ty, payload, flags, ..
+    } = c.reply(0)
+    else {
+        panic!("block status must be a chunk")
+    };
+    assert_eq!(ty, 5, "NBD_REPLY_TYPE_BLOCK_STATUS is 5");
+    assert_eq!(flags, REPLY_FLAG_DONE);
+    let ctx = u32::from_be_bytes(payload[0..4].try_into().unwrap());
+    assert_ne!(ctx, 0);
+    let ext: Vec<(u32, u32)> = payload[4..]
+        .chunks(8)
+        .map(|e| {
+            (
+                u32::from_be_bytes(e[0..4].try_into().unwrap()),
+                u32::from_be_bytes(e[4..8].try_into().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ext,
+        vec![
+            (4096, STATE_HOLE | STATE_ZERO),
+            (4096, 0),
+            (4096, STATE_HOLE | STATE_ZERO)
+        ]
+    );
+    // REQ_ONE: exactly one extent, not beyond the request.
+    c.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, 3, 0, 2 * 4096);
+    let Reply::Chunk { payload, .. } = c.reply(0) else {
+        panic!()
+    };
+    assert_eq!(payload.len(), 12);
+    // TRIM punches the hole back.
+    c.request(CMD_TRIM, 0, 4, 4096, 4096);
+    assert_eq!(c.reply(0).error(), 0);
+    c.request(CMD_BLOCK_STATUS, 0, 5, 0, 3 * 4096);
+    let Reply::Chunk { payload, .. } = c.reply(0) else {
+        panic!()
+    };
+    assert_eq!(payload.len(), 12, "one hole extent after trim");
+}
+
+#[test]
+fn block_status_without_meta_context_is_einval() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.start();
+    c.structured();
+    let r = c.info_go(OPT_GO, "disk0", &[]);
+    assert_eq!(r.last().unwrap().h.reply_type, REP_ACK);
+    c.structured = true;
+    c.request(CMD_BLOCK_STATUS, 0, 1, 0, 4096);
+    let r = c.reply(0);
+    assert_eq!(r.error(), EINVAL);
+    assert!(r.message().contains("metadata context"), "{}", r.message());
+}
+
+#[test]
+fn write_zeroes_fast_zero_and_no_hole() {
+    let (srv, rw, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", false);
+    assert_eq!(c.write(1, 0, &pattern(8192, 7), 0).error(), 0);
+    c.request(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 2, 0, 4096);
+    assert_eq!(c.reply(0).error(), 0);
+    // NO_HOLE + FAST_ZERO: the model export cannot do that fast.
+    c.request(
+        CMD_WRITE_ZEROES,
+        CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+        3,
+        4096,
+        4096,
+    );
+    assert_eq!(c.reply(0).error(), ENOTSUP);
+    c.request(
+        CMD_WRITE_ZEROES,
+        CMD_FLAG_NO_HOLE | CMD_FLAG_FUA,
+        4,
+        4096,
+        4096,
+    );
+    assert_eq!(c.reply(0).error(), 0);
+    assert!(rw.snapshot(0, 8192).iter().all(|b| *b == 0));
+}
+
+#[test]
+fn out_of_range_requests_get_einval_or_enospc() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", false);
+    assert_eq!(c.read(1, SIZE - 512, 4096), Err(EINVAL));
+    assert_eq!(c.read(2, u64::MAX - 10, 4096), Err(EINVAL));
+    assert_eq!(c.write(3, SIZE, &[1u8; 512], 0).error(), ENOSPC);
+    c.request(CMD_WRITE_ZEROES, 0, 4, SIZE - 1, 2);
+    assert_eq!(c.reply(0).error(), ENOSPC);
+    c.request(CMD_TRIM, 0, 5, SIZE, 1);
+    assert_eq!(c.reply(0).error(), EINVAL);
+    c.request(CMD_CACHE, 0, 6, SIZE, 1);
+    assert_eq!(c.reply(0).error(), EINVAL);
+    assert_still_works(&mut c);
+}
+
+#[test]
+fn unknown_command_and_unknown_flag_are_einval() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", true);
+    c.request(99, 0, 1, 0, 0);
+    let r = c.reply(0);
+    assert_eq!(r.error(), EINVAL);
+    assert!(r.message().contains("unknown command"));
+    c.request(CMD_READ, 1 << 9, 2, 0, 512);
+    assert_eq!(decode_read(c.reply(0), 0, 512), Err(EINVAL));
+    c.request(CMD_TRIM, CMD_FLAG_REQ_ONE, 3, 0, 512);
+    assert_eq!(c.reply(0).error(), EINVAL);
+    // A WRITE with a bad flag still has its payload consumed.
+    c.request(CMD_WRITE, CMD_FLAG_DF, 4, 0, 4096);
+    c.send(&[0xAA; 4096]);
+    assert_eq!(c.reply(0).error(), EINVAL);
+    assert_still_works(&mut c);
+}
+
+#[test]
+fn write_on_read_only_is_eperm_and_payload_is_consumed() {
+    let (srv, _, ro) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    let (_, flags) = c.connect_export("ro", false);
+    assert_eq!(flags & FLAG_READ_ONLY, FLAG_READ_ONLY);
+    assert_eq!(flags & FLAG_SEND_TRIM, 0);
+    // The payload looks like request headers: if it were not consumed, it would be parsed.
+    let mut evil = Vec::new();
+    for i in 0..200u64 {
+        evil.extend_from_slice(
+            &request::Request {
+                flags: 0,
+                command: CMD_DISC,
+                cookie: i,
+                offset: 0,
+                len: 0,
+            }
+            .encode(),
+        );
+    }
+    evil.resize(8192, 0);
+    assert_eq!(c.write(1, 0, &evil, 0).error(), EPERM);
+    c.request(CMD_TRIM, 0, 2, 0, 512);
+    assert_eq!(c.reply(0).error(), EPERM);
+    c.request(CMD_WRITE_ZEROES, 0, 3, 0, 512);
+    assert_eq!(c.reply(0).error(), EPERM);
+    assert_eq!(c.read(4, 0, 512).unwrap(), vec![0u8; 512]);
+    assert!(ro.snapshot(0, 8192).iter().all(|b| *b == 0));
+}
+
+#[test]
+fn oversized_read_is_refused_without_allocating() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", true);
+    // 4 GiB - 1: allocating it would be visible (and would fail on this machine).
+    c.request(CMD_READ, 0, 1, 0, u32::MAX);
+    let r = c.reply(0);
+    assert_eq!(r.error(), EINVAL);
+    assert!(r.message().contains("maximum"), "{}", r.message());
+    c.request(CMD_READ, 0, 2, 0, MAX_PAYLOAD + 1);
+    assert_eq!(c.reply(0).error(), EINVAL);
+    assert_still_works(&mut c);
+}
+
+#[test]
+fn oversized_write_within_discard_limit_keeps_the_stream_in_sync() {
+    let (srv, rw, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", false);
+    let len = MAX_PAYLOAD + 4096;
+    c.request(CMD_WRITE, 0, 1, 0, len);
+    let payload = vec![0x5Au8; len as usize];
+    c.send(&payload);
+    assert_eq!(c.reply(0).error(), EINVAL);
+    assert!(rw.snapshot(0, 4096).iter().all(|b| *b == 0));
+    assert_still_works(&mut c);
+}
+
+#[test]
+fn huge_write_is_refused_and_the_connection_closed() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", false);
+    c.request(CMD_WRITE, 0, 1, 0, u32::MAX);
+    assert_eq!(c.reply(0).error(), EINVAL);
+    assert!(c.is_closed());
+    // Other clients are unaffected.
+    let mut d = RawClient::unix(&srv.socket);
+    d.connect_export("disk0", false);
+    assert_still_works(&mut d);
+}
+
+#[test]
+fn bad_request_magic_closes_only_that_connection() {
+    let (srv, _, _) = server();
+    let mut other = RawClient::unix(&srv.socket);
+    other.connect_export("disk0", false);
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", false);
+    c.send(&[0xde, 0xad, 0xbe, 0xef].repeat(7));
+    assert!(c.is_closed());
+    assert_still_works(&mut other);
+}
+
+#[test]
+fn truncated_request_header_closes_the_connection() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", false);
+    let h = request::Request {
+        flags: 0,
+        command: CMD_READ,
+        cookie: 1,
+        offset: 0,
+        len: 512,
+    }
+    .encode();
+    c.send(&h[..13]);
+    c.s.shutdown_write();
+    assert!(c.is_closed());
+    // Truncated WRITE payload as well.
+    let mut d = RawClient::unix(&srv.socket);
+    d.connect_export("disk0", false);
+    d.request(CMD_WRITE, 0, 1, 0, 4096);
+    d.send(&[1u8; 100]);
+    d.s.shutdown_write();
+    assert!(d.is_closed());
+    srv.stop().unwrap();
+}
+
+#[test]
+fn garbage_instead_of_the_handshake_closes() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.greeting();
+    c.send(&(FLAG_C_FIXED_NEWSTYLE).to_be_bytes());
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(c.is_closed());
+}
+
+#[test]
+fn oldstyle_and_unknown_client_flags_are_refused() {
+    let (srv, _, _) = server();
+    for flags in [
+        0u32,
+        FLAG_C_NO_ZEROES,
+        FLAG_C_FIXED_NEWSTYLE | 1 << 5,
+        u32::MAX,
+    ] {
+        let mut c = RawClient::unix(&srv.socket);
+        c.greeting();
+        c.send(&flags.to_be_bytes());
+        assert!(c.is_closed(), "client flags {flags:#x} must be refused");
+    }
+}
+
+#[test]
+fn unknown_option_and_starttls_get_unsup_and_negotiation_continues() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.start();
+    let r = c.option(4242, b"whatever");
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].h.reply_type, REP_ERR_UNSUP);
+    let r = c.option(OPT_STARTTLS, &[]);
+    assert_eq!(r[0].h.reply_type, REP_ERR_UNSUP);
+    assert!(r[0].message().contains("TLS"), "{}", r[0].message());
+    let r = c.option(OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(r[0].h.reply_type, REP_ERR_UNSUP);
+    let r = c.option(OPT_STRUCTURED_REPLY, b"x");
+    assert_eq!(r[0].h.reply_type, REP_ERR_INVALID);
+    let r = c.option(OPT_LIST, b"x");
+    assert_eq!(r[0].h.reply_type, REP_ERR_INVALID);
+    // Malformed GO payload (name length beyond the data).
+    let r = c.option(OPT_GO, &[0, 0, 0, 50, b'a']);
+    assert_eq!(r[0].h.reply_type, REP_ERR_INVALID);
+    let r = c.info_go(OPT_GO, "disk0", &[]);
+    assert_eq!(r.last().unwrap().h.reply_type, REP_ACK);
+    assert_still_works(&mut c);
+}
+
+#[test]
+fn list_shows_exports_with_descriptions() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.start();
+    let r = c.option(OPT_LIST, &[]);
+    let servers: Vec<(String, String)> = r
+        .iter()
+        .filter(|x| x.h.reply_type == REP_SERVER)
+        .map(|x| {
+            let n = u32::from_be_bytes(x.data[0..4].try_into().unwrap()) as usize;
+            (
+                String::from_utf8(x.data[4..4 + n].to_vec()).unwrap(),
+                String::from_utf8(x.data[4 + n..].to_vec()).unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(servers.len(), 3);
+    assert_eq!(servers[0], ("disk0".into(), "test disk zero".into()));
+    assert_eq!(servers[1].0, "ro");
+    assert_eq!(r.last().unwrap().h.reply_type, REP_ACK);
+    let r = c.option(OPT_ABORT, &[]);
+    assert_eq!(r[0].h.reply_type, REP_ACK);
+    assert!(c.is_closed());
+}
+
+#[test]
+fn info_reports_size_block_sizes_name_and_description() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.start();
+    // The empty name is the default export (the first one).
+    let r = c.info_go(
+        OPT_INFO,
+        "",
+        &[INFO_NAME, INFO_DESCRIPTION, INFO_BLOCK_SIZE],
+    );
+    assert_eq!(r.last().unwrap().h.reply_type, REP_ACK);
+    let info = |t: u16| {
+        r.iter()
+            .find(|x| x.h.reply_type == REP_INFO && x.data[0..2] == t.to_be_bytes())
+            .unwrap_or_else(|| panic!("info {t} missing"))
+    };
+    assert_eq!(&info(INFO_NAME).data[2..], b"disk0");
+    assert_eq!(&info(INFO_DESCRIPTION).data[2..], b"test disk zero");
+    let bs = &info(INFO_BLOCK_SIZE).data;
+    let u = |i: usize| u32::from_be_bytes(bs[i..i + 4].try_into().unwrap());
+    assert_eq!((u(2), u(6), u(10)), (4096, 4096, 32 << 20));
+    let r = c.info_go(OPT_INFO, "ro", &[INFO_BLOCK_SIZE]);
+    let bs = &r.iter().find(|x| x.data[0..2] == [0, 3]).unwrap().data;
+    assert_eq!(u32::from_be_bytes(bs[2..6].try_into().unwrap()), 512);
+}
+
+#[test]
+fn refused_attach_reports_the_reason_and_others_keep_working() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.start();
+    let r = c.info_go(OPT_GO, "locked", &[]);
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].h.reply_type, REP_ERR_POLICY);
+    assert!(
+        r[0].message().contains("CMK alias/locked is disabled"),
+        "{}",
+        r[0].message()
+    );
+    let r = c.info_go(OPT_GO, "nope", &[]);
+    assert_eq!(r[0].h.reply_type, REP_ERR_UNKNOWN);
+    assert!(r[0].message().contains("nope"));
+    let r = c.info_go(OPT_GO, "disk0", &[]);
+    assert_eq!(r.last().unwrap().h.reply_type, REP_ACK);
+    assert_still_works(&mut c);
+    // EXPORT_NAME cannot carry an error: the server must close.
+    let mut d = RawClient::unix(&srv.socket);
+    d.start();
+    d.send_option(OPT_EXPORT_NAME, b"locked");
+    assert!(d.is_closed());
+}
+
+#[test]
+fn export_name_with_and_without_zeroes() {
+    let (srv, _, _) = server();
+    for no_zeroes in [true, false] {
+        let mut c = RawClient::unix(&srv.socket);
+        c.greeting();
+        let f = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
+        c.send(&f.to_be_bytes());
+        c.send_option(OPT_EXPORT_NAME, b"disk0");
+        let b = c.recv(10);
+        assert_eq!(u64::from_be_bytes(b[0..8].try_into().unwrap()), SIZE);
+        if !no_zeroes {
+            assert_eq!(c.recv(124), vec![0u8; 124]);
+        }
+        assert_still_works(&mut c);
+    }
+}
+
+#[test]
+fn meta_context_list_and_set() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.start();
+    // SET before structured replies is invalid.
+    let req = MetaContextRequest {
+        name: "disk0".into(),
+        queries: vec![CONTEXT_BASE_ALLOCATION.into()],
+    };
+    let r = c.option(OPT_SET_META_CONTEXT, &req.encode());
+    assert_eq!(r[0].h.reply_type, REP_ERR_INVALID);
+    c.structured();
+    for queries in [
+        vec![],
+        vec!["base:".to_string()],
+        vec!["qemu:dirty-bitmap:x".into(), CONTEXT_BASE_ALLOCATION.into()],
+    ] {
+        let req = MetaContextRequest {
+            name: "disk0".into(),
+            queries,
+        };
+        let r = c.option(OPT_LIST_META_CONTEXT, &req.encode());
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert_eq!(&r[0].data[4..], CONTEXT_BASE_ALLOCATION.as_bytes());
+    }
+    let req = MetaContextRequest {
+        name: "disk0".into(),
+        queries: vec!["other:thing".into()],
+    };
+    let r = c.option(OPT_SET_META_CONTEXT, &req.encode());
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].h.reply_type, REP_ACK);
+    let req = MetaContextRequest {
+        name: "nope".into(),
+        queries: vec![],
+    };
+    let r = c.option(OPT_LIST_META_CONTEXT, &req.encode());
+    assert_eq!(r[0].h.reply_type, REP_ERR_UNKNOWN);
+}
+
+#[test]
+fn option_length_over_the_cap_is_refused() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.start();
+    // Header only: the server must not wait for (or allocate) 1 GiB.
+    let mut h = Vec::new();
+    h.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    h.extend_from_slice(&OPT_GO.to_be_bytes());
+    h.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    c.send(&h);
+    let r = c.opt_reply();
+    assert_eq!(r.h.reply_type, REP_ERR_TOO_BIG);
+    assert!(c.is_closed());
+}
+
+#[test]
+fn too_many_options_closes_the_connection() {
+    let (_, _, p) = provider();
+    let srv = TestServer::start_with(
+        ServerConfig {
+            max_options: 5,
+            ..Default::default()
+        },
+        p,
+    );
+    let mut c = RawClient::unix(&srv.socket);
+    c.start();
+    for _ in 0..5 {
+        let r = c.option(OPT_LIST, &[]);
+        assert_eq!(r.last().unwrap().h.reply_type, REP_ACK);
+    }
+    let _ = c.try_send(&OptionHeaderBytes::list());
+    assert!(c.is_closed());
+}
+
+struct OptionHeaderBytes;
+impl OptionHeaderBytes {
+    fn list() -> Vec<u8> {
+        option::OptionHeader::encode_with(OPT_LIST, &[])
+    }
+}
+
+#[test]
+fn handshake_timeout_closes_a_silent_client() {
+    let (_, _, p) = provider();
+    let srv = TestServer::start_with(
+        ServerConfig {
+            handshake_timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+        p,
+    );
+    let t = Instant::now();
+    let mut c = RawClient::unix(&srv.socket);
+    c.greeting();
+    // Send flags, then one byte of an option, then go silent.
+    c.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    c.send(b"I");
+    assert!(c.is_closed());
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // A slow but complete handshake within the limit still works.
+    let mut d = RawClient::unix(&srv.socket);
+    d.connect_export("disk0", false);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_still_works(&mut d);
+}
+
+#[test]
+fn replies_go_out_of_order() {
+    let (srv, rw, _) = server();
+    rw.set_slow_read(1 << 20, Duration::from_millis(500));
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", true);
+    c.request(CMD_READ, 0, 1, 1 << 20, 4096);
+    c.request(CMD_READ, 0, 2, 0, 4096);
+    let first = c.reply(0);
+    let second = c.reply(0);
+    assert_eq!(
+        first.cookie(),
+        2,
+        "the fast read must overtake the slow one"
+    );
+    assert_eq!(second.cookie(), 1);
+}
+
+#[test]
+fn connection_limit_closes_extra_connections() {
+    let (_, _, p) = provider();
+    let srv = TestServer::start_with(
+        ServerConfig {
+            max_connections: 2,
+            ..Default::default()
+        },
+        p,
+    );
+    let mut a = RawClient::unix(&srv.socket);
+    a.connect_export("disk0", false);
+    let mut b = RawClient::tcp(srv.tcp);
+    b.connect_export("disk0", false);
+    let mut c = RawClient::unix(&srv.socket);
+    assert!(c.is_closed(), "third connection must be closed at once");
+    drop(a);
+    // Once a slot frees up, new clients are served again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut d = RawClient::unix(&srv.socket);
+        let mut g = [0u8; 18];
+        use std::io::Read;
+        if d.s.read_exact(&mut g).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_still_works(&mut b);
+}
+
+#[test]
+fn graceful_shutdown_finishes_in_flight_requests_and_flushes() {
+    let (rw, _, p) = provider();
+    rw.set_slow_read(1 << 20, Duration::from_millis(700));
+    let mut srv = TestServer::start(p);
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", false);
+    assert_eq!(c.write(1, 1 << 20, &pattern(4096, 4), 0).error(), 0);
+    c.request(CMD_READ, 0, 2, 1 << 20, 4096);
+    std::thread::sleep(Duration::from_millis(100));
+    let flushes = rw.flush_count();
+    srv.trigger_stop();
+    // The in-flight read completes with its data.
+    assert_eq!(
+        decode_read(c.reply(4096), 1 << 20, 4096).unwrap(),
+        pattern(4096, 4)
+    );
+    assert!(c.is_closed());
+    srv.join().unwrap();
+    assert!(
+        rw.flush_count() > flushes,
+        "exports are flushed at shutdown"
+    );
+}
+
+#[test]
+fn many_concurrent_requests_on_one_connection() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", true);
+    let n = 64u64;
+    for i in 0..n {
+        let data = pattern(4096, i as u8);
+        c.request(CMD_WRITE, 0, i, i * 4096, 4096);
+        c.send(&data);
+    }
+    let mut seen = vec![false; n as usize];
+    for _ in 0..n {
+        let r = c.reply(0);
+        assert_eq!(r.error(), 0);
+        seen[r.cookie() as usize] = true;
+    }
+    assert!(seen.iter().all(|s| *s));
+    for i in 0..n {
+        c.request(CMD_READ, 0, 1000 + i, i * 4096, 4096);
+    }
+    for _ in 0..n {
+        let r = c.reply(0);
+        let i = r.cookie() - 1000;
+        assert_eq!(
+            decode_read(r, i * 4096, 4096).unwrap(),
+            pattern(4096, i as u8)
+        );
+    }
+}
