@@ -1,1 +1,595 @@
-//! SKELETON: the data directory (key store + volumes), to be written.
+//! The data directory: the glue between the key store and the volumes. It owns the layout
+//! (`volumes/NAME.vol` beside the key store files), volume names, and the operations that need
+//! both a volume file and the key store: create (a fresh DEK from `create-datakey`), attach
+//! (`decrypt-datakey` on the header's wrapped DEK), rekey (`re-encrypt`, header only), plus the
+//! header-only ones (info, resize, delete) and raw image import/export.
+//!
+//! A volume file is locked while in use: an attached volume holds a shared `flock`, and the
+//! operations that change or remove the file (resize, rekey, delete) take it exclusively, so they
+//! refuse to run on a volume a server has attached.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use uuid::Uuid;
+
+use crate::backend::{Backend, FileBackend};
+use crate::crypto::XtsKey;
+use crate::kms::{EncryptionContext, KeyStore, KmsError};
+use crate::volume::{Volume, VolumeError, VolumeHeader};
+
+/// Bytes copied per step by import and export.
+const COPY_CHUNK: usize = 1 << 20;
+const MAX_NAME_LEN: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("invalid volume name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+
+    #[error("volume {name:?} does not exist (no {})", path.display())]
+    NotFound { name: String, path: PathBuf },
+
+    #[error("volume {name:?} already exists ({})", path.display())]
+    AlreadyExists { name: String, path: PathBuf },
+
+    #[error("volume {name:?} is in use (attached by a running server or another command); detach it first")]
+    InUse { name: String },
+
+    #[error("volume {name:?}: {source}")]
+    Volume {
+        name: String,
+        #[source]
+        source: VolumeError,
+    },
+
+    /// The key store refused (disabled, pending deletion or deleted key, wrong context…).
+    #[error("cannot {action} volume {name:?}: the key store refused: {source}")]
+    Kms {
+        name: String,
+        action: &'static str,
+        #[source]
+        source: KmsError,
+    },
+
+    #[error("volume {name:?}: the key store returned an unusable data key: {reason}")]
+    BadDataKey { name: String, reason: String },
+
+    #[error("cannot shrink volume {name:?} from {current} to {requested} bytes: only growing is supported (shrinking would destroy data)")]
+    Shrink {
+        name: String,
+        current: u64,
+        requested: u64,
+    },
+
+    #[error("invalid request for volume {name:?}: {reason}")]
+    Invalid { name: String, reason: String },
+
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>, path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
+    let what = what.into();
+    move |source| DataDirError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Options of a new volume.
+#[derive(Debug, Clone, Copy)]
+pub struct CreateOptions {
+    /// 512 or 4096.
+    pub sector_size: u32,
+    /// Whether trim/write-zeroes may punch holes (reveals which sectors are unused).
+    pub discard: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        Self {
+            sector_size: 4096,
+            discard: true,
+        }
+    }
+}
+
+/// What `volume info` shows: the header plus file facts. No key store access needed.
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub header: VolumeHeader,
+    /// Bytes the file occupies on disk (sparse files occupy less than their size).
+    pub allocated_bytes: u64,
+}
+
+/// A data directory (key store + `volumes/`).
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+/// The encryption context bound to a volume's DEK.
+pub fn volume_context(volume_id: Uuid) -> EncryptionContext {
+    let mut ctx = EncryptionContext::new();
+    ctx.insert("volume_id".into(), volume_id.to_string());
+    ctx
+}
+
+fn check_name(name: &str) -> Result<(), DataDirError> {
+    let bad = |reason| {
+        Err(DataDirError::InvalidName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return bad("it must have 1 to 64 characters");
+    }
+    if name.starts_with(['.', '-']) {
+        return bad("it must not start with '.' or '-'");
+    }
+    if !name
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+    {
+        return bad("use only letters, digits, '.', '_' and '-'");
+    }
+    Ok(())
+}
+
+fn try_lock(file: &File, exclusive: bool, name: &str, path: &Path) -> Result<(), DataDirError> {
+    use std::os::fd::AsRawFd;
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    // SAFETY: flock on a descriptor we own; the lock is released when the file is closed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Err(DataDirError::InUse {
+            name: name.to_string(),
+        })
+    } else {
+        Err(io_err("locking volume file", path)(e))
+    }
+}
+
+fn round_up(n: u64, to: u64) -> Option<u64> {
+    n.checked_add(to - 1).map(|x| x / to * to)
+}
+
+impl DataDir {
+    pub fn new(root: impl Into<PathBuf>) -> DataDir {
+        DataDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    /// `volumes/NAME.vol`, after checking the name.
+    pub fn volume_path(&self, name: &str) -> Result<PathBuf, DataDirError> {
+        check_name(name)?;
+        Ok(self.volumes_dir().join(format!("{name}.vol")))
+    }
+
+    /// Names of the volumes, sorted.
+    pub fn list_volumes(&self) -> Result<Vec<String>, DataDirError> {
+        let dir = self.volumes_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("listing", &dir)(e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err("listing", &dir))?;
+            let file_name = entry.file_name();
+            let Some(s) = file_name.to_str() else {
+                continue;
+            };
+            if let Some(name) = s.strip_suffix(".vol") {
+                if check_name(name).is_ok() {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    fn existing(&self, name: &str) -> Result<PathBuf, DataDirError> {
+        let path = self.volume_path(name)?;
+        if !path.exists() {
+            return Err(DataDirError::NotFound {
+                name: name.to_string(),
+                path,
+            });
+        }
+        Ok(path)
+    }
+
+    /// Opens a volume file with a lock: shared for readers/attach, exclusive for changes.
+    fn open_locked(
+        &self,
+        name: &str,
+        writable: bool,
+        exclusive: bool,
+    ) -> Result<FileBackend, DataDirError> {
+        let path = self.existing(name)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(&path)
+            .map_err(io_err("opening volume file", &path))?;
+        try_lock(&file, exclusive, name, &path)?;
+        Ok(FileBackend::new(file, path))
+    }
+
+    fn vol_err(name: &str) -> impl FnOnce(VolumeError) -> DataDirError + '_ {
+        move |source| DataDirError::Volume {
+            name: name.to_string(),
+            source,
+        }
+    }
+
+    /// Creates a volume of `size` bytes (a multiple of the sector size) whose DEK is a fresh data
+    /// key from `key` (a CMK id or alias). The file appears complete or not at all.
+    pub fn create_volume(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        size: u64,
+        key: &str,
+        opts: CreateOptions,
+    ) -> Result<VolumeHeader, DataDirError> {
+        let path = self.volume_path(name)?;
+        if path.exists() {
+            return Err(DataDirError::AlreadyExists {
+                name: name.to_string(),
+                path,
+            });
+        }
+        let mut header = VolumeHeader::new(Uuid::new_v4(), size, opts.sector_size);
+        header.discard = opts.discard;
+        header.validate().map_err(Self::vol_err(name))?;
+        let ctx = volume_context(header.volume_id);
+        let dk = ks
+            .create_data_key(key, &ctx, 512)
+            .map_err(|source| DataDirError::Kms {
+                name: name.to_string(),
+                action: "create",
+                source,
+            })?;
+        let xts = XtsKey::from_slice(dk.plain_text.dangerous_as_bytes()).map_err(|e| {
+            DataDirError::BadDataKey {
+                name: name.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        header.key_id = dk.wrapped.key_id;
+        header.key_version = dk.wrapped.key_version;
+        header.wrapped_dek = dk.wrapped.cipher_text;
+        header.encryption_context = ctx;
+
+        let dir = self.volumes_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("creating the volumes directory", &dir))?;
+        // Build under a temporary name, then link into place (fails if the name was taken
+        // meanwhile): a crash never leaves a half-written volume under the real name.
+        let tmp = dir.join(format!(".{name}.vol.{}.tmp", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("creating volume file", &tmp))?;
+        let result = Volume::create(FileBackend::new(file, &tmp), &header, &xts)
+            .map_err(Self::vol_err(name))
+            .and_then(|_| match std::fs::hard_link(&tmp, &path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    Err(DataDirError::AlreadyExists {
+                        name: name.to_string(),
+                        path: path.clone(),
+                    })
+                }
+                Err(e) => Err(io_err("linking the new volume file to", &path)(e)),
+            });
+        let _ = std::fs::remove_file(&tmp);
+        result?;
+        sync_dir(&dir)?;
+        tracing::info!(volume = name, volume_id = %header.volume_id, key_id = %header.key_id,
+            key_version = header.key_version, size, "volume created");
+        Ok(header)
+    }
+
+    /// Attaches a volume: reads its header and asks the key store to unwrap its DEK. A refusal
+    /// (disabled, pending deletion or deleted key, wrong context) names the volume and the reason.
+    pub fn attach(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        read_only: bool,
+    ) -> Result<Volume, DataDirError> {
+        let backend = self.open_locked(name, !read_only, false)?;
+        let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        let uk = ks
+            .decrypt_data_key(&h.key_id.to_string(), &h.wrapped_dek, &h.encryption_context)
+            .map_err(|source| DataDirError::Kms {
+                name: name.to_string(),
+                action: "attach",
+                source,
+            })?;
+        let key = XtsKey::from_slice(uk.plain_text.dangerous_as_bytes()).map_err(|e| {
+            DataDirError::BadDataKey {
+                name: name.to_string(),
+                reason: e.to_string(),
+            }
+        })?;
+        Volume::with_key(Box::new(backend), h, &key, read_only).map_err(Self::vol_err(name))
+    }
+
+    /// The header and allocation of a volume (no key store access).
+    pub fn info(&self, name: &str) -> Result<VolumeInfo, DataDirError> {
+        let path = self.existing(name)?;
+        let file = File::open(&path).map_err(io_err("opening volume file", &path))?;
+        let meta = file
+            .metadata()
+            .map_err(io_err("reading the metadata of", &path))?;
+        let backend = FileBackend::new(file, &path);
+        let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        Ok(VolumeInfo {
+            name: name.to_string(),
+            path,
+            header,
+            allocated_bytes: meta.blocks() * 512,
+        })
+    }
+
+    /// Grows a volume to `new_size` bytes (a multiple of its sector size). The file is extended
+    /// (sparsely) and synced before the header says so, so a crash leaves the old or new size.
+    pub fn resize(&self, name: &str, new_size: u64) -> Result<VolumeHeader, DataDirError> {
+        let backend = self.open_locked(name, true, true)?;
+        let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        if new_size < header.size {
+            return Err(DataDirError::Shrink {
+                name: name.to_string(),
+                current: header.size,
+                requested: new_size,
+            });
+        }
+        if new_size == header.size {
+            return Ok(header);
+        }
+        let mut next = header.clone();
+        next.size = new_size;
+        next.validate().map_err(Self::vol_err(name))?;
+        let path = backend.path().to_path_buf();
+        backend
+            .set_len(next.data_offset() + new_size)
+            .map_err(io_err("extending volume file", &path))?;
+        backend
+            .sync()
+            .map_err(io_err("syncing volume file", &path))?;
+        let written = next.write_update(&backend).map_err(Self::vol_err(name))?;
+        tracing::info!(
+            volume = name,
+            old = header.size,
+            new = new_size,
+            "volume resized"
+        );
+        Ok(written)
+    }
+
+    /// Re-wraps the volume's DEK under the newest version of `key` (or of its current key) via
+    /// the key store's `re-encrypt`: the plaintext DEK never leaves the key store, only the
+    /// header changes (crash-safe), the data is untouched.
+    pub fn rekey(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        key: Option<&str>,
+    ) -> Result<VolumeHeader, DataDirError> {
+        let backend = self.open_locked(name, true, true)?;
+        let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        let w = ks
+            .re_encrypt(
+                &header.wrapped_dek,
+                &header.encryption_context,
+                key,
+                &header.encryption_context,
+            )
+            .map_err(|source| DataDirError::Kms {
+                name: name.to_string(),
+                action: "rekey",
+                source,
+            })?;
+        let mut next = header.clone();
+        next.key_id = w.key_id;
+        next.key_version = w.key_version;
+        next.wrapped_dek = w.cipher_text;
+        let written = next.write_update(&backend).map_err(Self::vol_err(name))?;
+        tracing::info!(volume = name, key_id = %written.key_id, key_version = written.key_version,
+            "volume rekeyed");
+        Ok(written)
+    }
+
+    /// Deletes a volume file (refused while it is attached).
+    pub fn delete(&self, name: &str) -> Result<(), DataDirError> {
+        let backend = self.open_locked(name, false, true)?;
+        let path = backend.path().to_path_buf();
+        std::fs::remove_file(&path).map_err(io_err("deleting volume file", &path))?;
+        sync_dir(&self.volumes_dir())?;
+        tracing::info!(volume = name, "volume deleted");
+        Ok(())
+    }
+
+    /// Encrypts the raw image `from` into a new volume of its size (rounded up to the sector
+    /// size, zero-padded). All-zero chunks are skipped, so they stay holes. `progress(done, total)`
+    /// is called as bytes are copied. On failure the partial volume is removed.
+    pub fn import(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        from: &Path,
+        key: &str,
+        opts: CreateOptions,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<VolumeHeader, DataDirError> {
+        let src = File::open(from).map_err(io_err("opening the image", from))?;
+        let len = src
+            .metadata()
+            .map_err(io_err("reading the size of", from))?
+            .len();
+        let size = round_up(len, opts.sector_size as u64)
+            .filter(|&s| s > 0)
+            .ok_or_else(|| DataDirError::Invalid {
+                name: name.to_string(),
+                reason: format!("the image {} is empty", from.display()),
+            })?;
+        let header = self.create_volume(ks, name, size, key, opts)?;
+        let copy = || -> Result<(), DataDirError> {
+            let vol = self.attach(ks, name, false)?;
+            let src = FileBackend::new(src, from);
+            let mut buf = vec![0u8; COPY_CHUNK];
+            let mut done = 0u64;
+            while done < size {
+                let n = (size - done).min(COPY_CHUNK as u64) as usize;
+                // Past the image's end reads as zeroes: the padding of the last sector.
+                src.read_at(&mut buf[..n], done).map_err(io_err(
+                    format!("reading {n} bytes at offset {done} of"),
+                    from,
+                ))?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    vol.write(done, &mut buf[..n], false)
+                        .map_err(Self::vol_err(name))?;
+                }
+                done += n as u64;
+                progress(done.min(len), len);
+            }
+            vol.flush().map_err(Self::vol_err(name))
+        };
+        if let Err(e) = copy() {
+            let _ = self.delete(name);
+            return Err(e);
+        }
+        Ok(header)
+    }
+
+    /// Decrypts a volume into the raw image `to` (created, must not exist). Holes of the volume
+    /// stay holes in the image (and all-zero chunks are not written). `progress(done, total)`.
+    pub fn export(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        to: &Path,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<u64, DataDirError> {
+        let vol = self.attach(ks, name, true)?;
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(to)
+            .map_err(io_err("creating the image", to))?;
+        let size = vol.size();
+        let copy = || -> Result<(), DataDirError> {
+            out.set_len(size).map_err(io_err("sizing the image", to))?;
+            let out = FileBackend::new(out, to);
+            let mut buf = vec![0u8; COPY_CHUNK];
+            let mut pos = 0u64;
+            while pos < size {
+                let want = (size - pos).min(COPY_CHUNK as u64);
+                let ext = vol.block_status(pos, want).map_err(Self::vol_err(name))?;
+                for e in ext {
+                    if !e.hole {
+                        let n = e.length as usize;
+                        let data = &mut buf[..n];
+                        let outcome = vol.read(pos, data).map_err(Self::vol_err(name))?;
+                        if !outcome.all_zero && data.iter().any(|&b| b != 0) {
+                            out.write_at(data, pos).map_err(io_err(
+                                format!("writing {n} bytes at offset {pos} of"),
+                                to,
+                            ))?;
+                        }
+                    }
+                    pos += e.length;
+                }
+                progress(pos, size);
+            }
+            out.sync().map_err(io_err("syncing the image", to))
+        };
+        if let Err(e) = copy() {
+            // A partial image must not be mistaken for a complete one.
+            let _ = std::fs::remove_file(to);
+            return Err(e);
+        }
+        Ok(size)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), DataDirError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("syncing directory", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_validated() {
+        let d = DataDir::new("/tmp/x");
+        assert!(d
+            .volume_path("disk0")
+            .unwrap()
+            .ends_with("volumes/disk0.vol"));
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            ".hidden",
+            "-x",
+            "sp ace",
+            &"x".repeat(65),
+        ] {
+            assert!(
+                matches!(d.volume_path(bad), Err(DataDirError::InvalidName { .. })),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn rounding() {
+        assert_eq!(round_up(1, 512), Some(512));
+        assert_eq!(round_up(4096, 4096), Some(4096));
+        assert_eq!(round_up(u64::MAX, 4096), None);
+    }
+}

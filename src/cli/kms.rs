@@ -1,12 +1,597 @@
-//! `cryptnbd kms`: SKELETON, to be written.
+//! `cryptnbd kms …`: the key store commands, named after the DEW KMS / AWS KMS API operations.
+//! This file only parses arguments, finds the root secret and prints results (aligned
+//! `field: value` lines for people, `--json` with the DEW KMS field names for scripts); all key
+//! handling is in `cryptnbd::kms`.
 
-use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand};
+use cryptnbd::crypto::SecretBytes;
+use cryptnbd::kms::{
+    clock, AuditRecord, EncryptionContext, InitRoot, KeyMetadata, KeyStore, KmsError, RootSecret,
+    WrappedDataKey,
+};
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 use super::Global;
 
-#[derive(Args, Debug)]
-pub struct KmsArgs {}
+/// The environment variable holding the key store passphrase.
+pub const PASSPHRASE_ENV: &str = "CRYPTNBD_PASSPHRASE";
 
-pub fn run(_global: &Global, _args: KmsArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`kms` is not implemented yet")
+const KMS_AFTER_HELP: &str = "\
+KEY is a key id (UUID) or an alias (alias/NAME, or just NAME).
+
+Getting started:
+  cryptnbd kms init                               # key store + root.key in the data dir
+  cryptnbd kms create-key --alias apps --description 'application keys'
+  cryptnbd kms create-datakey apps --context app=billing --json
+  cryptnbd kms decrypt-datakey apps --cipher-text HEX --context app=billing
+  cryptnbd kms audit --tail 20
+
+A store created with `kms init --passphrase-file F` needs `--passphrase-file F` or
+$CRYPTNBD_PASSPHRASE on every later command. Back up root.key (or remember the passphrase):
+without it nothing the store wrapped can ever be decrypted.";
+
+#[derive(Args, Debug)]
+#[command(after_help = KMS_AFTER_HELP)]
+pub struct KmsArgs {
+    #[command(subcommand)]
+    command: KmsCommand,
+}
+
+#[derive(Args, Debug)]
+struct JsonFlag {
+    /// Print JSON (DEW KMS field names) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct KeyArg {
+    /// The key: its id, or its alias (alias/NAME or NAME).
+    key: String,
+    #[command(flatten)]
+    out: JsonFlag,
+}
+
+#[derive(Args, Debug)]
+struct ContextArgs {
+    /// Encryption context entry KEY=VALUE (repeatable). The same context must be given to
+    /// decrypt: it is bound into the ciphertext, it is not secret (it is written to the audit log).
+    #[arg(long = "context", value_name = "KEY=VALUE", value_parser = super::parse_context_pair)]
+    context: Vec<(String, String)>,
+}
+
+#[derive(Subcommand, Debug)]
+enum KmsCommand {
+    /// Create a new key store in the data directory. By default its root of trust is a fresh
+    /// random key file `root.key` (mode 0600); with --passphrase-file (or $CRYPTNBD_PASSPHRASE) it
+    /// is derived from a passphrase with Argon2id. Refuses to overwrite an existing store.
+    #[command(
+        after_help = "Examples:\n  cryptnbd --data-dir /srv/cryptnbd kms init\n  \
+        cryptnbd kms init --passphrase-file ~/.cryptnbd-pass\n  \
+        cryptnbd kms init --root-key-file /run/secrets/cryptnbd.key"
+    )]
+    Init {
+        /// Use a copy of this existing 32-byte key file (mode 0600) as the root key.
+        #[arg(long, value_name = "FILE")]
+        root_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Create a customer master key (CMK), enabled, with a first version of key material.
+    #[command(
+        after_help = "Example:\n  cryptnbd kms create-key --alias volumes --description 'volume data keys'"
+    )]
+    CreateKey {
+        /// Unique alias: alias/NAME or NAME, with letters, digits, '/', '_' and '-'.
+        #[arg(long)]
+        alias: String,
+        /// Free text describing what the key is for.
+        #[arg(long, default_value = "")]
+        description: String,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// List the keys (deleted keys are not shown).
+    ListKeys {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Show a key's metadata: id, alias, state, versions, dates (never key material).
+    #[command(after_help = "Example:\n  cryptnbd kms describe-key alias/volumes --json")]
+    DescribeKey(KeyArg),
+    /// Enable a disabled key (state 3 → 2).
+    EnableKey(KeyArg),
+    /// Disable a key (state 2 → 3): it then refuses every data key operation, so volumes under
+    /// it cannot be attached, until it is enabled again. Attached volumes keep working.
+    DisableKey(KeyArg),
+    /// Schedule the deletion of a key after a waiting period (state → 4). When the date passes,
+    /// its key material is destroyed for good and everything it wrapped becomes unreadable.
+    #[command(
+        after_help = "Example:\n  cryptnbd kms schedule-key-deletion alias/old --pending-days 30\n\
+        Changed your mind? `cryptnbd kms cancel-key-deletion alias/old` (the key comes back disabled)."
+    )]
+    ScheduleKeyDeletion {
+        #[command(flatten)]
+        key: KeyArg,
+        /// Waiting period in days, 7 to 1096.
+        #[arg(long, value_name = "N")]
+        pending_days: u32,
+    },
+    /// Cancel a scheduled deletion; the key comes back disabled (enable it to use it).
+    CancelKeyDeletion(KeyArg),
+    /// Add a new version of the key's material: new data keys are wrapped under it; data keys
+    /// wrapped under older versions still decrypt.
+    RotateKey(KeyArg),
+    /// Rotate the key automatically every N days (30 to 365); applied at the first use after.
+    EnableKeyRotation {
+        #[command(flatten)]
+        key: KeyArg,
+        /// Rotation interval in days.
+        #[arg(long, value_name = "N")]
+        interval_days: u32,
+    },
+    /// Stop rotating the key automatically.
+    DisableKeyRotation(KeyArg),
+    /// Give a key a new alias (the old alias is freed).
+    #[command(after_help = "Example:\n  cryptnbd kms update-alias alias/old --alias new")]
+    UpdateAlias {
+        #[command(flatten)]
+        key: KeyArg,
+        /// The new alias.
+        #[arg(long)]
+        alias: String,
+    },
+    /// Generate a random data key: prints it in plaintext (use it, then forget it) and wrapped
+    /// under KEY (store that beside your data).
+    #[command(
+        after_help = "Example:\n  cryptnbd kms create-datakey alias/apps --context app=billing --json"
+    )]
+    CreateDatakey(DatakeyArgs),
+    /// Generate a random data key and print only its wrapped form.
+    CreateDatakeyWithoutPlaintext(DatakeyArgs),
+    /// Wrap a data key you supply (1 to 64 bytes, hex) under KEY.
+    #[command(
+        after_help = "Example:\n  cryptnbd kms encrypt-datakey alias/apps --plain-text 00112233445566778899aabbccddeeff"
+    )]
+    EncryptDatakey {
+        #[command(flatten)]
+        key: KeyArg,
+        /// The data key in hex.
+        #[arg(long, value_name = "HEX")]
+        plain_text: String,
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+    /// Unwrap a wrapped data key (prints the plaintext). KEY must be the key that wrapped it and
+    /// the context must be the one given when it was created.
+    #[command(
+        after_help = "Example:\n  cryptnbd kms decrypt-datakey alias/apps --cipher-text 434e444b01… --context app=billing"
+    )]
+    DecryptDatakey {
+        #[command(flatten)]
+        key: KeyArg,
+        /// The wrapped data key in hex.
+        #[arg(long, value_name = "HEX")]
+        cipher_text: String,
+        #[command(flatten)]
+        context: ContextArgs,
+    },
+    /// Re-wrap a wrapped data key under the newest version of its key, or under another key,
+    /// without showing the plaintext.
+    #[command(
+        after_help = "Example:\n  cryptnbd kms re-encrypt --cipher-text HEX --source-context app=a \\\n      \
+        --destination-key alias/new --destination-context app=a"
+    )]
+    ReEncrypt {
+        /// The wrapped data key in hex.
+        #[arg(long, value_name = "HEX")]
+        cipher_text: String,
+        /// The context it was wrapped with (KEY=VALUE, repeatable).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = super::parse_context_pair)]
+        source_context: Vec<(String, String)>,
+        /// The key to wrap it under (default: the newest version of its current key).
+        #[arg(long, value_name = "KEY")]
+        destination_key: Option<String>,
+        /// The context to bind the new ciphertext to (KEY=VALUE, repeatable).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = super::parse_context_pair)]
+        destination_context: Vec<(String, String)>,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Print random bytes (hex) from the operating system's CSPRNG.
+    GenRandom {
+        /// How many bytes, 1 to 1024 (a size such as 32 or 1K).
+        #[arg(long, value_name = "N", value_parser = super::parse_size)]
+        bytes: u64,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Show the audit log (one line per key operation; never any key material).
+    Audit {
+        /// Only the last N entries.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+}
+
+#[derive(Args, Debug)]
+struct DatakeyArgs {
+    #[command(flatten)]
+    key: KeyArg,
+    #[command(flatten)]
+    context: ContextArgs,
+    /// Data key length: 256, or 512 for an AES-256-XTS key.
+    #[arg(long, default_value_t = 256, value_parser = parse_length_bits)]
+    length_bits: u32,
+}
+
+fn parse_length_bits(s: &str) -> Result<u32, String> {
+    match s {
+        "256" => Ok(256),
+        "512" => Ok(512),
+        _ => Err(format!("{s:?}: a data key is 256 or 512 bits")),
+    }
+}
+
+/// Reads a passphrase file, dropping one trailing newline.
+fn read_passphrase_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
+    let mut s = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading passphrase file {}", path.display()))?,
+    );
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    if s.is_empty() {
+        bail!("passphrase file {} is empty", path.display());
+    }
+    Ok(s)
+}
+
+/// The passphrase from `--passphrase-file`, else `$CRYPTNBD_PASSPHRASE`, else none.
+fn passphrase(file: Option<&Path>) -> anyhow::Result<Option<Zeroizing<String>>> {
+    if let Some(f) = file {
+        return read_passphrase_file(f).map(Some);
+    }
+    match std::env::var(PASSPHRASE_ENV) {
+        Ok(p) if !p.is_empty() => Ok(Some(Zeroizing::new(p))),
+        _ => Ok(None),
+    }
+}
+
+/// Opens the key store in the data directory: passphrase from `--passphrase-file`, else
+/// `$CRYPTNBD_PASSPHRASE`, else the key file `root.key` in the data directory.
+pub fn open_keystore(global: &Global) -> anyhow::Result<KeyStore> {
+    let dir = &global.data_dir;
+    if !KeyStore::exists(dir) {
+        bail!(
+            "no key store in {}: run `cryptnbd kms init` (or pass --data-dir)",
+            dir.display()
+        );
+    }
+    let root = match passphrase(global.passphrase_file.as_deref())? {
+        Some(p) => RootSecret::Passphrase(p),
+        None => RootSecret::KeyFile(dir.join("root.key")),
+    };
+    match KeyStore::open(dir, root) {
+        Ok(ks) => Ok(ks),
+        Err(
+            e @ KmsError::RootKindMismatch {
+                given: "a key file",
+                ..
+            },
+        ) => bail!("{e}: pass --passphrase-file FILE or set ${PASSPHRASE_ENV}"),
+        Err(e @ KmsError::RootKindMismatch { .. }) => bail!(
+            "{e}: drop --passphrase-file and unset ${PASSPHRASE_ENV} (the store uses root.key)"
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn context_of(pairs: Vec<(String, String)>) -> anyhow::Result<EncryptionContext> {
+    let mut ctx = EncryptionContext::new();
+    for (k, v) in pairs {
+        if ctx.insert(k.clone(), v).is_some() {
+            bail!("encryption context key {k:?} is given twice");
+        }
+    }
+    Ok(ctx)
+}
+
+fn decode_hex(what: &str, s: &str) -> anyhow::Result<Vec<u8>> {
+    hex::decode(s.trim()).map_err(|e| anyhow::anyhow!("{what} is not valid hex: {e}"))
+}
+
+fn print_json(v: &Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Aligned `field: value` lines.
+fn print_fields(fields: &[(&str, String)]) {
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    for (k, v) in fields {
+        println!("{:width$} {v}", format!("{k}:"));
+    }
+}
+
+fn metadata_json(m: &KeyMetadata) -> Value {
+    let mut v = serde_json::to_value(m).expect("metadata serializes");
+    v["key_state_name"] = json!(m.key_state.name());
+    v
+}
+
+fn print_metadata(m: &KeyMetadata, json_out: bool) -> anyhow::Result<()> {
+    if json_out {
+        return print_json(&metadata_json(m));
+    }
+    let mut f = vec![
+        ("key_id", m.key_id.to_string()),
+        ("key_alias", m.key_alias.clone()),
+        ("key_description", m.key_description.clone()),
+        (
+            "key_state",
+            format!("{} ({})", m.key_state.code(), m.key_state.name()),
+        ),
+        ("creation_date", clock::rfc3339(m.creation_date)),
+        ("current_version", m.current_version.to_string()),
+        ("version_count", m.version_count.to_string()),
+    ];
+    if let Some(d) = m.scheduled_deletion_date {
+        f.push(("scheduled_deletion_date", clock::rfc3339(d)));
+    }
+    if let Some(d) = m.rotation_interval_days {
+        f.push(("rotation_interval_days", d.to_string()));
+    }
+    print_fields(&f);
+    Ok(())
+}
+
+fn print_wrapped(
+    w: &WrappedDataKey,
+    plain: Option<&SecretBytes>,
+    ctx: &EncryptionContext,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    let plain_hex = plain.map(|p| Zeroizing::new(hex::encode(p.dangerous_as_bytes())));
+    if json_out {
+        let mut v = json!({
+            "key_id": w.key_id,
+            "key_version": w.key_version,
+            "cipher_text": hex::encode(&w.cipher_text),
+            "encryption_context": ctx,
+        });
+        if let Some(p) = &plain_hex {
+            v["plain_text"] = json!(p.as_str());
+            v["datakey_length"] = json!(plain.map(|p| p.len() * 8));
+        }
+        return print_json(&v);
+    }
+    let mut f = vec![
+        ("key_id", w.key_id.to_string()),
+        ("key_version", w.key_version.to_string()),
+    ];
+    if let Some(p) = &plain_hex {
+        f.push(("plain_text", p.to_string()));
+    }
+    f.push(("cipher_text", hex::encode(&w.cipher_text)));
+    print_fields(&f);
+    Ok(())
+}
+
+fn print_audit(records: &[AuditRecord], json_out: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for r in records {
+        if json_out {
+            serde_json::to_writer(&mut out, r)?;
+            writeln!(out)?;
+            continue;
+        }
+        let key = match (r.key_id, &r.key) {
+            (Some(id), _) => id.to_string(),
+            (None, Some(k)) => k.clone(),
+            (None, None) => "-".into(),
+        };
+        let ver = r.key_version.map(|v| format!("v{v}")).unwrap_or_default();
+        let ctx = if r.encryption_context.is_empty() {
+            String::new()
+        } else {
+            let pairs: Vec<_> = r
+                .encryption_context
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!(" context {}", pairs.join(","))
+        };
+        let outcome = match &r.error {
+            Some(e) => format!("error: {e}"),
+            None => r.outcome.clone(),
+        };
+        writeln!(
+            out,
+            "{}  {:<32} {key} {ver}{ctx}  {outcome}",
+            r.time, r.operation
+        )?;
+    }
+    Ok(())
+}
+
+fn init(global: &Global, root_key_file: Option<PathBuf>, json_out: bool) -> anyhow::Result<()> {
+    let dir = &global.data_dir;
+    let pass = passphrase(global.passphrase_file.as_deref())?;
+    let (ks, root_desc) = match (root_key_file, pass) {
+        (Some(_), Some(_)) => bail!(
+            "give either --root-key-file or a passphrase (--passphrase-file / ${PASSPHRASE_ENV}), not both"
+        ),
+        (Some(src), None) => (
+            KeyStore::init_with_key_file(dir, &src)?,
+            format!("key file {} (copied from {})", dir.join("root.key").display(), src.display()),
+        ),
+        (None, Some(p)) => (
+            KeyStore::init(dir, InitRoot::Passphrase(p))?,
+            "passphrase (Argon2id)".to_string(),
+        ),
+        (None, None) => (
+            KeyStore::init(dir, InitRoot::GenerateKeyFile)?,
+            format!("key file {}", dir.join("root.key").display()),
+        ),
+    };
+    if json_out {
+        return print_json(&json!({
+            "store_id": ks.store_id(),
+            "data_dir": dir,
+            "root": root_desc,
+        }));
+    }
+    println!(
+        "created key store {} in {}\nroot of trust: {root_desc}\n\
+         back it up: without it nothing this store wraps can ever be decrypted.\n\
+         next: cryptnbd kms create-key --alias NAME",
+        ks.store_id(),
+        dir.display()
+    );
+    Ok(())
+}
+
+pub fn run(global: &Global, args: KmsArgs) -> anyhow::Result<()> {
+    use KmsCommand as C;
+    let cmd = match args.command {
+        C::Init { root_key_file, out } => return init(global, root_key_file, out.json),
+        other => other,
+    };
+    let ks = open_keystore(global)?;
+    match cmd {
+        C::Init { .. } => unreachable!("handled above"),
+        C::CreateKey {
+            alias,
+            description,
+            out,
+        } => print_metadata(&ks.create_key(&alias, &description)?, out.json),
+        C::ListKeys { out } => {
+            let keys = ks.list_keys()?;
+            if out.json {
+                let list: Vec<Value> = keys.iter().map(metadata_json).collect();
+                return print_json(&json!({ "keys": list, "total": keys.len() }));
+            }
+            if keys.is_empty() {
+                println!("no keys (create one with `cryptnbd kms create-key --alias NAME`)");
+                return Ok(());
+            }
+            println!(
+                "{:<36}  {:<24}  {:<20}  {:>8}  CREATED",
+                "KEY ID", "ALIAS", "STATE", "VERSIONS"
+            );
+            for m in &keys {
+                println!(
+                    "{:<36}  {:<24}  {:<20}  {:>8}  {}",
+                    m.key_id,
+                    m.key_alias,
+                    format!("{} {}", m.key_state.code(), m.key_state.name()),
+                    m.version_count,
+                    clock::rfc3339(m.creation_date)
+                );
+            }
+            Ok(())
+        }
+        C::DescribeKey(k) => print_metadata(&ks.describe_key(&k.key)?, k.out.json),
+        C::EnableKey(k) => print_metadata(&ks.enable_key(&k.key)?, k.out.json),
+        C::DisableKey(k) => print_metadata(&ks.disable_key(&k.key)?, k.out.json),
+        C::ScheduleKeyDeletion { key, pending_days } => print_metadata(
+            &ks.schedule_key_deletion(&key.key, pending_days)?,
+            key.out.json,
+        ),
+        C::CancelKeyDeletion(k) => print_metadata(&ks.cancel_key_deletion(&k.key)?, k.out.json),
+        C::RotateKey(k) => print_metadata(&ks.rotate_key(&k.key)?, k.out.json),
+        C::EnableKeyRotation { key, interval_days } => print_metadata(
+            &ks.enable_key_rotation(&key.key, interval_days)?,
+            key.out.json,
+        ),
+        C::DisableKeyRotation(k) => print_metadata(&ks.disable_key_rotation(&k.key)?, k.out.json),
+        C::UpdateAlias { key, alias } => {
+            print_metadata(&ks.update_alias(&key.key, &alias)?, key.out.json)
+        }
+        C::CreateDatakey(a) => {
+            let ctx = context_of(a.context.context)?;
+            let dk = ks.create_data_key(&a.key.key, &ctx, a.length_bits)?;
+            print_wrapped(&dk.wrapped, Some(&dk.plain_text), &ctx, a.key.out.json)
+        }
+        C::CreateDatakeyWithoutPlaintext(a) => {
+            let ctx = context_of(a.context.context)?;
+            let w = ks.create_data_key_without_plaintext(&a.key.key, &ctx, a.length_bits)?;
+            print_wrapped(&w, None, &ctx, a.key.out.json)
+        }
+        C::EncryptDatakey {
+            key,
+            plain_text,
+            context,
+        } => {
+            let plain_text = Zeroizing::new(plain_text);
+            let ctx = context_of(context.context)?;
+            // No detail from the hex parser: it would quote a character of the secret.
+            let plain = SecretBytes::new(hex::decode(plain_text.trim()).map_err(|_| {
+                anyhow::anyhow!("--plain-text is not valid hex (expected 2 to 128 hex digits)")
+            })?);
+            let w = ks.encrypt_data_key(&key.key, &plain, &ctx)?;
+            print_wrapped(&w, None, &ctx, key.out.json)
+        }
+        C::DecryptDatakey {
+            key,
+            cipher_text,
+            context,
+        } => {
+            let ctx = context_of(context.context)?;
+            let ct = decode_hex("--cipher-text", &cipher_text)?;
+            let u = ks.decrypt_data_key(&key.key, &ct, &ctx)?;
+            let plain_hex = Zeroizing::new(hex::encode(u.plain_text.dangerous_as_bytes()));
+            if key.out.json {
+                return print_json(&json!({
+                    "key_id": u.key_id,
+                    "key_version": u.key_version,
+                    "plain_text": plain_hex.as_str(),
+                    "datakey_length": u.plain_text.len() * 8,
+                }));
+            }
+            print_fields(&[
+                ("key_id", u.key_id.to_string()),
+                ("key_version", u.key_version.to_string()),
+                ("plain_text", plain_hex.to_string()),
+            ]);
+            Ok(())
+        }
+        C::ReEncrypt {
+            cipher_text,
+            source_context,
+            destination_key,
+            destination_context,
+            out,
+        } => {
+            let sctx = context_of(source_context)?;
+            let dctx = context_of(destination_context)?;
+            let ct = decode_hex("--cipher-text", &cipher_text)?;
+            let w = ks.re_encrypt(&ct, &sctx, destination_key.as_deref(), &dctx)?;
+            print_wrapped(&w, None, &dctx, out.json)
+        }
+        C::GenRandom { bytes, out } => {
+            let r = ks.gen_random(usize::try_from(bytes).unwrap_or(usize::MAX))?;
+            let h = Zeroizing::new(hex::encode(r.dangerous_as_bytes()));
+            if out.json {
+                return print_json(&json!({ "random_data": h.as_str() }));
+            }
+            println!("{}", h.as_str());
+            Ok(())
+        }
+        C::Audit { tail, out } => print_audit(&ks.audit_tail(tail)?, out.json),
+    }
 }

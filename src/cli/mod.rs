@@ -28,7 +28,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
         "p" | "pb" | "pib" => 1 << 50,
-        other => return Err(format!("unknown size unit {other:?} in {s:?} (use K, M, G, T)")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?} (use K, M, G, T)"
+            ))
+        }
     };
     if num.is_empty() {
         return Err(format!("{s:?} is not a size (expected e.g. 10G)"));

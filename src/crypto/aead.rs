@@ -24,7 +24,13 @@ pub fn seal(key: &Key256, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     let mut nonce = [0u8; NONCE_LEN];
     getrandom::getrandom(&mut nonce).expect("the OS random number generator failed");
     let ct = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .expect("AES-GCM encryption of a bounded buffer cannot fail");
     let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
     out.extend_from_slice(&nonce);
@@ -53,7 +59,10 @@ mod tests {
     fn round_trip_and_refusals() {
         let key = Key256::generate();
         let sealed = seal(&key, b"ctx", b"secret");
-        assert_eq!(open(&key, b"ctx", &sealed).unwrap().dangerous_as_bytes(), b"secret");
+        assert_eq!(
+            open(&key, b"ctx", &sealed).unwrap().dangerous_as_bytes(),
+            b"secret"
+        );
         assert_eq!(open(&key, b"other", &sealed), Err(AeadError));
         assert_eq!(open(&Key256::generate(), b"ctx", &sealed), Err(AeadError));
         for i in 0..sealed.len() {

@@ -88,12 +88,16 @@ impl XtsKey {
 
     /// K1, the data-unit key.
     pub fn dangerous_k1(&self) -> &[u8; 32] {
-        self.0[..32].try_into().expect("64-byte key has a 32-byte half")
+        self.0[..32]
+            .try_into()
+            .expect("64-byte key has a 32-byte half")
     }
 
     /// K2, the tweak key.
     pub fn dangerous_k2(&self) -> &[u8; 32] {
-        self.0[32..].try_into().expect("64-byte key has a 32-byte half")
+        self.0[32..]
+            .try_into()
+            .expect("64-byte key has a 32-byte half")
     }
 
     /// All 64 bytes (K1 || K2). The caller must not log, print or persist them unsealed.

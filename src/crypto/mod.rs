@@ -3,7 +3,10 @@
 
 pub mod aead;
 pub mod keys;
+pub mod locked;
 pub mod xts;
+#[cfg(target_arch = "x86_64")]
+mod xts_ni;
 
 pub use keys::{Key256, SecretBytes, XtsKey};
 pub use xts::Xts;

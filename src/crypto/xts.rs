@@ -2,8 +2,10 @@
 //! tweak of a sector is the little-endian number of its first 512-byte unit, zero-extended to 16
 //! bytes. Sectors are 512 or 4096 bytes, so no ciphertext stealing is ever needed.
 //!
-//! SKELETON: this is the portable path (the `aes` crate, a sector's blocks batched). The AES-NI
-//! fast path is still to be written.
+//! Two backends give identical bytes: an AES-NI kernel (`xts_ni`, x86_64, chosen at run time when
+//! the CPU has AES-NI) and a portable path built on the `aes` crate that runs on any target.
+//! The engine allocates nothing per call and holds no mutable state, so one `Xts` is shared by
+//! `&` between threads.
 
 use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
@@ -13,43 +15,199 @@ use super::keys::XtsKey;
 /// Bytes in one tweak unit: the tweak counts 512-byte units whatever the sector size.
 pub const UNIT: usize = 512;
 
+/// The encryption sector sizes the engine accepts.
+pub const SECTOR_SIZES: [usize; 2] = [512, 4096];
+
 /// A keyed XTS engine. Cheap to share between threads (`&self` methods, no interior state).
+/// Its key schedules are zeroized when it is dropped.
 pub struct Xts {
+    backend: Backend,
+}
+
+enum Backend {
+    #[cfg(target_arch = "x86_64")]
+    AesNi(Box<super::xts_ni::NiKeys>),
+    // Boxed so that moving an `Xts` never leaves copies of the round keys behind on the stack.
+    Portable(Box<Portable>),
+}
+
+// `Xts` is handed to many connection tasks by reference; keep that a compile-time fact.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Xts>();
+};
+
+impl std::fmt::Debug for Xts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Xts({}, <key redacted>)", self.backend_name())
+    }
+}
+
+impl Xts {
+    /// An engine for `key`, on the AES-NI kernel when this CPU has AES-NI, else portable.
+    pub fn new(key: &XtsKey) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(keys) = super::xts_ni::NiKeys::new(key.dangerous_k1(), key.dangerous_k2()) {
+            return Self {
+                backend: Backend::AesNi(keys),
+            };
+        }
+        Self::new_portable(key)
+    }
+
+    /// An engine for `key` on the portable path, whatever the CPU (for tests and benchmarks).
+    pub fn new_portable(key: &XtsKey) -> Self {
+        Self {
+            backend: Backend::Portable(Box::new(Portable::new(key))),
+        }
+    }
+
+    /// An engine for `key` on the AES-NI kernel, or `None` when this CPU (or target) has no
+    /// AES-NI. For tests and benchmarks that must exercise that kernel specifically.
+    pub fn new_aesni(key: &XtsKey) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            super::xts_ni::NiKeys::new(key.dangerous_k1(), key.dangerous_k2()).map(|keys| Self {
+                backend: Backend::AesNi(keys),
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = key;
+            None
+        }
+    }
+
+    /// `"aes-ni"` or `"portable"`: which backend this engine runs on.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::AesNi(_) => "aes-ni",
+            Backend::Portable(_) => "portable",
+        }
+    }
+
+    /// Encrypts `data` in place: consecutive sectors of `sector_size` bytes, the first one
+    /// starting at 512-byte unit `first_unit`; sector `i` uses tweak
+    /// `first_unit + i * sector_size / 512` (wrapping modulo 2^64, as dm-crypt's `plain64`).
+    ///
+    /// # Panics
+    /// On programmer error only: `sector_size` not 512 or 4096, or `data.len()` not a multiple
+    /// of `sector_size`.
+    pub fn encrypt_sectors(&self, data: &mut [u8], sector_size: usize, first_unit: u64) {
+        check(data.len(), sector_size);
+        self.run::<true>(None, data, sector_size, first_unit)
+    }
+
+    /// Decrypts `data` in place; see [`Xts::encrypt_sectors`] (same tweaks, same panics).
+    pub fn decrypt_sectors(&self, data: &mut [u8], sector_size: usize, first_unit: u64) {
+        check(data.len(), sector_size);
+        self.run::<false>(None, data, sector_size, first_unit)
+    }
+
+    /// Encrypts `src` into `dst`; see [`Xts::encrypt_sectors`].
+    ///
+    /// # Panics
+    /// As [`Xts::encrypt_sectors`], and when `src` and `dst` differ in length.
+    pub fn encrypt_sectors_to(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+    ) {
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "XTS source and destination lengths differ"
+        );
+        check(src.len(), sector_size);
+        self.run::<true>(Some(src), dst, sector_size, first_unit)
+    }
+
+    /// Decrypts `src` into `dst`; see [`Xts::encrypt_sectors_to`] (same panics).
+    pub fn decrypt_sectors_to(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+    ) {
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "XTS source and destination lengths differ"
+        );
+        check(src.len(), sector_size);
+        self.run::<false>(Some(src), dst, sector_size, first_unit)
+    }
+
+    /// `src: None` means in place (read from `dst`). Lengths are already checked.
+    fn run<const ENC: bool>(
+        &self,
+        src: Option<&[u8]>,
+        dst: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+    ) {
+        match &self.backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::AesNi(keys) => {
+                let len = dst.len();
+                let d = dst.as_mut_ptr();
+                let s = src.map_or(d.cast_const(), <[u8]>::as_ptr);
+                // SAFETY: `s` and `d` are valid for `len` bytes (`check` and the length assert
+                // ran); they are equal (in place) or disjoint (a `&[u8]` and a `&mut [u8]`
+                // cannot overlap); `len` is a multiple of `sector_size`, itself 512 or 4096 —
+                // multiples of the kernel's 128-byte group and of the 512-byte tweak unit.
+                unsafe { keys.crypt::<ENC>(s, d, len, sector_size, first_unit) }
+            }
+            Backend::Portable(p) => p.run::<ENC>(src, dst, sector_size, first_unit),
+        }
+    }
+}
+
+fn check(len: usize, sector_size: usize) {
+    assert!(
+        SECTOR_SIZES.contains(&sector_size),
+        "XTS sector size must be 512 or 4096, got {sector_size}"
+    );
+    assert_eq!(
+        len % sector_size,
+        0,
+        "XTS input must be whole sectors ({len} bytes is not a multiple of {sector_size})"
+    );
+}
+
+/// The portable backend: the `aes` crate (its own backend batches blocks; it zeroizes its round
+/// keys on drop with the crate's `zeroize` feature).
+struct Portable {
     data: Aes256,
     tweak: Aes256,
 }
 
-impl Xts {
-    pub fn new(key: &XtsKey) -> Self {
+impl Portable {
+    fn new(key: &XtsKey) -> Self {
         Self {
             data: Aes256::new(key.dangerous_k1().into()),
             tweak: Aes256::new(key.dangerous_k2().into()),
         }
     }
 
-    /// Encrypts `data` in place: consecutive sectors of `sector_size` bytes, the first one
-    /// starting at 512-byte unit `first_unit`. `data.len()` must be a multiple of `sector_size`.
-    pub fn encrypt_sectors(&self, data: &mut [u8], sector_size: usize, first_unit: u64) {
-        self.run(data, sector_size, first_unit, true)
-    }
-
-    /// Decrypts `data` in place; see [`Xts::encrypt_sectors`].
-    pub fn decrypt_sectors(&self, data: &mut [u8], sector_size: usize, first_unit: u64) {
-        self.run(data, sector_size, first_unit, false)
-    }
-
-    fn run(&self, data: &mut [u8], sector_size: usize, first_unit: u64, enc: bool) {
-        assert!(
-            sector_size == 512 || sector_size == 4096,
-            "XTS sector size must be 512 or 4096"
-        );
-        assert_eq!(data.len() % sector_size, 0, "XTS input must be whole sectors");
+    fn run<const ENC: bool>(
+        &self,
+        src: Option<&[u8]>,
+        dst: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+    ) {
         let units_per_sector = (sector_size / UNIT) as u64;
         let nblocks = sector_size / 16;
-        // The xor with the tweak on the way in and out doubles as the copy into AES-sized blocks.
+        // The xor with the tweak on the way in and out doubles as the copy into AES-sized
+        // blocks, and lets the out-of-place form read `src` and write `dst` without a memcpy.
         let mut blocks = [Block::default(); 4096 / 16];
         let mut tweaks = [[0u8; 16]; 4096 / 16];
-        for (i, sector) in data.chunks_exact_mut(sector_size).enumerate() {
+        for (i, out) in dst.chunks_exact_mut(sector_size).enumerate() {
             let unit = first_unit.wrapping_add(i as u64 * units_per_sector);
             let mut t = Block::default();
             t[..8].copy_from_slice(&unit.to_le_bytes());
@@ -59,21 +217,31 @@ impl Xts {
                 *tw = t;
                 t = mul_alpha(t);
             }
-            for ((b, c), tw) in blocks.iter_mut().zip(sector.chunks_exact(16)).zip(&tweaks) {
+            let input: &[u8] = match src {
+                Some(s) => &s[i * sector_size..(i + 1) * sector_size],
+                None => out,
+            };
+            for ((b, c), tw) in blocks.iter_mut().zip(input.chunks_exact(16)).zip(&tweaks) {
                 for k in 0..16 {
                     b[k] = c[k] ^ tw[k];
                 }
             }
-            if enc {
+            if ENC {
                 self.data.encrypt_blocks(&mut blocks[..nblocks]);
             } else {
                 self.data.decrypt_blocks(&mut blocks[..nblocks]);
             }
-            for ((b, c), tw) in blocks.iter().zip(sector.chunks_exact_mut(16)).zip(&tweaks) {
+            for ((b, c), tw) in blocks.iter().zip(out.chunks_exact_mut(16)).zip(&tweaks) {
                 for k in 0..16 {
                     c[k] = b[k] ^ tw[k];
                 }
             }
+        }
+        // The scratch blocks held plaintext and tweaks (derived from the key); don't leave them
+        // on the stack.
+        zeroize::Zeroize::zeroize(&mut tweaks);
+        for b in blocks.iter_mut() {
+            zeroize::Zeroize::zeroize(b.as_mut_slice());
         }
     }
 }
@@ -90,29 +258,102 @@ pub(crate) fn mul_alpha(t: [u8; 16]) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use xts_mode::{get_tweak_default, Xts128};
 
-    #[test]
-    fn matches_xts_mode_crate() {
-        use xts_mode::{get_tweak_default, Xts128};
-        let key = XtsKey::generate();
-        let xts = Xts::new(&key);
-        let oracle = Xts128::new(
+    fn engines(key: &XtsKey) -> Vec<Xts> {
+        let mut v = vec![Xts::new_portable(key)];
+        v.extend(Xts::new_aesni(key));
+        v
+    }
+
+    fn oracle(key: &XtsKey, data: &mut [u8], ss: usize, first_unit: u64, enc: bool) {
+        let o = Xts128::new(
             Aes256::new(key.dangerous_k1().into()),
             Aes256::new(key.dangerous_k2().into()),
         );
-        for &ss in &[512usize, 4096] {
-            let mut data: Vec<u8> = (0..ss * 3).map(|i| (i * 7 + 3) as u8).collect();
-            let orig = data.clone();
-            let first_unit = (1u64 << 33) + 5;
-            xts.encrypt_sectors(&mut data, ss, first_unit);
-            let mut expect = orig.clone();
-            for (i, s) in expect.chunks_exact_mut(ss).enumerate() {
-                let unit = first_unit + (i * ss / 512) as u64;
-                oracle.encrypt_sector(s, get_tweak_default(unit as u128));
+        for (i, s) in data.chunks_exact_mut(ss).enumerate() {
+            let unit = first_unit.wrapping_add((i * ss / 512) as u64);
+            if enc {
+                o.encrypt_sector(s, get_tweak_default(unit as u128));
+            } else {
+                o.decrypt_sector(s, get_tweak_default(unit as u128));
             }
-            assert_eq!(data, expect);
-            xts.decrypt_sectors(&mut data, ss, first_unit);
-            assert_eq!(data, orig);
         }
+    }
+
+    #[test]
+    fn matches_xts_mode_crate_on_both_backends() {
+        let key = XtsKey::generate();
+        for xts in engines(&key) {
+            for &ss in &SECTOR_SIZES {
+                for first_unit in [0, (1u64 << 33) + 5, u64::MAX - 3] {
+                    let orig: Vec<u8> = (0..ss * 3).map(|i| (i * 7 + 3) as u8).collect();
+                    let mut expect = orig.clone();
+                    oracle(&key, &mut expect, ss, first_unit, true);
+                    let mut data = orig.clone();
+                    xts.encrypt_sectors(&mut data, ss, first_unit);
+                    assert_eq!(
+                        data,
+                        expect,
+                        "{} ss={ss} unit={first_unit}",
+                        xts.backend_name()
+                    );
+                    let mut out = vec![0u8; data.len()];
+                    xts.decrypt_sectors_to(&data, &mut out, ss, first_unit);
+                    assert_eq!(out, orig);
+                    xts.decrypt_sectors(&mut data, ss, first_unit);
+                    assert_eq!(data, orig);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn new_picks_aesni_when_the_cpu_has_it() {
+        let key = XtsKey::generate();
+        let expected = if Xts::new_aesni(&key).is_some() {
+            "aes-ni"
+        } else {
+            "portable"
+        };
+        assert_eq!(Xts::new(&key).backend_name(), expected);
+        assert_eq!(Xts::new_portable(&key).backend_name(), "portable");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("aes") {
+            assert_eq!(expected, "aes-ni");
+        }
+    }
+
+    #[test]
+    fn empty_input_is_a_no_op() {
+        let key = XtsKey::generate();
+        for xts in engines(&key) {
+            xts.encrypt_sectors(&mut [], 4096, 7);
+            xts.decrypt_sectors_to(&[], &mut [], 512, 7);
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "sector size must be 512 or 4096")]
+    fn bad_sector_size_panics() {
+        Xts::new(&XtsKey::generate()).encrypt_sectors(&mut [0u8; 1024], 1024, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "whole sectors")]
+    fn partial_sector_panics() {
+        Xts::new(&XtsKey::generate()).decrypt_sectors(&mut [0u8; 600], 512, 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "lengths differ")]
+    fn mismatched_out_of_place_lengths_panic() {
+        Xts::new(&XtsKey::generate()).encrypt_sectors_to(&[0u8; 512], &mut [0u8; 1024], 512, 0);
+    }
+
+    #[test]
+    fn debug_prints_no_key() {
+        let xts = Xts::new_portable(&XtsKey::generate());
+        assert_eq!(format!("{xts:?}"), "Xts(portable, <key redacted>)");
     }
 }

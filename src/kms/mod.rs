@@ -1,18 +1,42 @@
 //! The embedded key store (a small KMS): customer master keys (CMKs) with versions, aliases and
 //! states, and the envelope operations on data keys, modelled on the DEW KMS / AWS KMS APIs.
 //!
-//! SKELETON: the public API below is fixed (other modules code against it); bodies are to be
-//! written. Every method takes `&self` and re-reads the store from disk, so several processes
-//! (CLI and a running server) see each other's changes; changes are serialized by a lock file.
+//! The store directory holds `keystore.json` (metadata + sealed CMK material, see [`store`]),
+//! `keystore.lock`, `audit.log` (see [`audit`]) and, for a key-file root, `root.key` (see
+//! [`root`]). Other components keep their own entries (e.g. `volumes/`) beside them; they are
+//! ignored here. Every method takes `&self` and re-reads the store from disk, so several processes
+//! (the CLI and a running server) see each other's changes; changes are serialized by a lock.
+//!
+//! Layout of this module: this file holds the public types and opening/creating a store; the CMK
+//! lifecycle (create/enable/disable/delete/rotate/alias) is in `lifecycle.rs`, the envelope
+//! operations on data keys in `envelope.rs`, the wrapped-key format and AADs in [`blob`], errors
+//! in `error.rs`, the injectable time source in [`clock`].
+
+pub mod audit;
+pub mod blob;
+pub mod clock;
+mod envelope;
+mod error;
+mod lifecycle;
+pub mod root;
+pub mod store;
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::crypto::SecretBytes;
+use crate::crypto::{aead, Key256, SecretBytes};
+
+pub use audit::AuditRecord;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::KmsError;
+use root::RootParams;
+use store::{StoreFile, ROOT_KEY_FILE};
 
 /// The encryption context: key/value pairs bound into a wrapped data key's associated data.
 pub type EncryptionContext = BTreeMap<String, String>;
@@ -33,14 +57,76 @@ pub enum InitRoot {
     Passphrase(Zeroizing<String>),
 }
 
-/// A CMK state, with the KMS numeric codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// A CMK state, with the KMS numeric codes. Serialized as the code in a string (`"2"`), as the
+/// DEW KMS API does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyState {
     PendingActivation = 1,
     Enabled = 2,
     Disabled = 3,
     PendingDeletion = 4,
     PendingImport = 5,
+}
+
+impl KeyState {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: u8) -> Option<Self> {
+        Some(match code {
+            1 => KeyState::PendingActivation,
+            2 => KeyState::Enabled,
+            3 => KeyState::Disabled,
+            4 => KeyState::PendingDeletion,
+            5 => KeyState::PendingImport,
+            _ => return None,
+        })
+    }
+
+    /// Lower-case name, as shown to users.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyState::PendingActivation => "pending activation",
+            KeyState::Enabled => "enabled",
+            KeyState::Disabled => "disabled",
+            KeyState::PendingDeletion => "pending deletion",
+            KeyState::PendingImport => "pending import",
+        }
+    }
+
+    /// What a user can do about a key in this state refusing an operation.
+    pub(crate) fn hint(self) -> &'static str {
+        match self {
+            KeyState::Disabled => "enable it first (`cryptnbd kms enable-key`)",
+            KeyState::PendingDeletion => {
+                "cancel its deletion first (`cryptnbd kms cancel-key-deletion`, then `enable-key`)"
+            }
+            _ => "it cannot be used in this state",
+        }
+    }
+}
+
+impl fmt::Display for KeyState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Serialize for KeyState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.code().to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyState {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse::<u8>()
+            .ok()
+            .and_then(KeyState::from_code)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown key state {s:?}")))
+    }
 }
 
 /// What `describe-key`/`list-keys` show of a CMK (never key material).
@@ -58,6 +144,8 @@ pub struct KeyMetadata {
     pub current_version: u32,
     /// Number of versions (all of which still unwrap).
     pub version_count: u32,
+    /// Automatic rotation interval in days, when enabled.
+    pub rotation_interval_days: Option<u32>,
 }
 
 /// A wrapped (encrypted) data key and the CMK version that wrapped it.
@@ -84,109 +172,280 @@ pub struct UnwrappedDataKey {
     pub plain_text: SecretBytes,
 }
 
-/// Key store errors. (SKELETON: to be completed.)
-#[derive(Debug, thiserror::Error)]
-pub enum KmsError {
-    #[error("not implemented")]
-    Unimplemented,
-}
+/// The constant sealed under the root key to recognise the right root (see `root.rs`).
+const VERIFIER_PLAINTEXT: &[u8] = b"cryptnbd key store root verifier v1";
 
-/// An open key store.
+/// An open key store. Cheap to share between threads (`&self` everywhere); holds the root key
+/// in memory (zeroized on drop) and nothing else: all state is re-read from disk per operation.
 pub struct KeyStore {
-    _dir: PathBuf,
+    dir: PathBuf,
+    store_id: Uuid,
+    root: Key256,
+    clock: Arc<dyn Clock>,
 }
 
-#[allow(unused_variables)]
+impl fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("dir", &self.dir)
+            .field("store_id", &self.store_id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl KeyStore {
+    /// Whether `dir` holds a key store file.
     pub fn exists(dir: &Path) -> bool {
-        unimplemented!()
+        store::store_path(dir).exists()
     }
+
+    /// Creates a new store in `dir` (created if missing, mode 0700). Refuses to overwrite an
+    /// existing store or root key file.
     pub fn init(dir: &Path, root: InitRoot) -> Result<KeyStore, KmsError> {
-        unimplemented!()
+        Self::init_with_clock(dir, root, Arc::new(SystemClock))
     }
+
+    pub fn init_with_clock(
+        dir: &Path,
+        root: InitRoot,
+        clock: Arc<dyn Clock>,
+    ) -> Result<KeyStore, KmsError> {
+        match root {
+            InitRoot::GenerateKeyFile => Self::init_inner(dir, None, clock),
+            InitRoot::Passphrase(p) => Self::init_inner(dir, Some(p), clock),
+        }
+    }
+
+    /// Creates a new store whose root key is a copy of an existing 32-byte key file (e.g. one
+    /// kept in a secrets manager); `root.key` in `dir` receives the copy.
+    pub fn init_with_key_file(dir: &Path, source: &Path) -> Result<KeyStore, KmsError> {
+        let key = root::read_key_file(source)?;
+        Self::init_keyed(dir, RootParams::KeyFile, key, Arc::new(SystemClock))
+    }
+
+    fn init_inner(
+        dir: &Path,
+        passphrase: Option<Zeroizing<String>>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<KeyStore, KmsError> {
+        match passphrase {
+            None => Self::init_keyed(dir, RootParams::KeyFile, Key256::generate(), clock),
+            Some(p) => {
+                if p.chars().count() < root::MIN_PASSPHRASE_LEN {
+                    return Err(KmsError::InvalidArgument(format!(
+                        "the passphrase must have at least {} characters",
+                        root::MIN_PASSPHRASE_LEN
+                    )));
+                }
+                let params = RootParams::new_passphrase();
+                let key = root::derive_from_passphrase(&p, &params, &store::store_path(dir))?;
+                Self::init_keyed(dir, params, key, clock)
+            }
+        }
+    }
+
+    fn init_keyed(
+        dir: &Path,
+        params: RootParams,
+        key: Key256,
+        clock: Arc<dyn Clock>,
+    ) -> Result<KeyStore, KmsError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| KmsError::io("creating key store directory", dir, e))?;
+        let _lock = store::lock_exclusive(dir)?;
+        let store_path = store::store_path(dir);
+        if store_path.exists() {
+            return Err(KmsError::StoreExists {
+                dir: dir.to_path_buf(),
+                found: store_path,
+            });
+        }
+        let key_path = dir.join(ROOT_KEY_FILE);
+        if params == RootParams::KeyFile {
+            if key_path.exists() {
+                return Err(KmsError::OrphanRootKey { path: key_path });
+            }
+            root::write_key_file(&key_path, &key)?;
+        }
+        let store_id = Uuid::new_v4();
+        let file = StoreFile {
+            format: store::FORMAT_NAME.into(),
+            version: store::FORMAT_VERSION,
+            store_id,
+            creation_date: clock.now_unix(),
+            root: params.clone(),
+            verifier: hex::encode(aead::seal(
+                &key,
+                &blob::verifier_aad(store_id),
+                VERIFIER_PLAINTEXT,
+            )),
+            keys: Vec::new(),
+        };
+        if let Err(e) = store::save(dir, &file) {
+            // Leave no root key without a store behind: the next `init` would refuse it.
+            if params == RootParams::KeyFile {
+                let _ = std::fs::remove_file(&key_path);
+            }
+            return Err(e);
+        }
+        let ks = KeyStore {
+            dir: dir.to_path_buf(),
+            store_id,
+            root: key,
+            clock,
+        };
+        ks.audit("init", None, None, None, &EncryptionContext::new(), None)?;
+        Ok(ks)
+    }
+
+    /// Opens an existing store, checking the root key against the store's verifier.
     pub fn open(dir: &Path, root: RootSecret) -> Result<KeyStore, KmsError> {
-        unimplemented!()
+        Self::open_with_clock(dir, root, Arc::new(SystemClock))
     }
+
+    /// [`KeyStore::open`] with an injected clock (tests move time forward with [`ManualClock`]).
+    pub fn open_with_clock(
+        dir: &Path,
+        root: RootSecret,
+        clock: Arc<dyn Clock>,
+    ) -> Result<KeyStore, KmsError> {
+        if !Self::exists(dir) {
+            // Checked before locking: locking would create a lock file (or fail on a missing dir).
+            return Err(KmsError::StoreMissing {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let file = {
+            let _lock = store::lock_shared(dir)?;
+            store::load(dir)?
+        };
+        let key = match (&root, &file.root) {
+            (RootSecret::KeyFile(path), RootParams::KeyFile) => root::read_key_file(path)?,
+            (RootSecret::Passphrase(p), params @ RootParams::Passphrase { .. }) => {
+                root::derive_from_passphrase(p, params, &store::store_path(dir))?
+            }
+            (given, expected) => {
+                return Err(KmsError::RootKindMismatch {
+                    dir: dir.to_path_buf(),
+                    expected: expected.describe(),
+                    given: match given {
+                        RootSecret::KeyFile(_) => "a key file",
+                        RootSecret::Passphrase(_) => "a passphrase",
+                    },
+                })
+            }
+        };
+        let verifier = hex::decode(&file.verifier).map_err(|e| KmsError::Corrupt {
+            path: store::store_path(dir),
+            reason: format!("the root verifier is not hex: {e}"),
+        })?;
+        let ok = aead::open(&key, &blob::verifier_aad(file.store_id), &verifier)
+            .map(|v| v.dangerous_as_bytes() == VERIFIER_PLAINTEXT)
+            .unwrap_or(false);
+        if !ok {
+            let err = KmsError::WrongRootKey {
+                dir: dir.to_path_buf(),
+            };
+            let _ = audit::append(
+                dir,
+                &AuditRecord {
+                    time: clock::rfc3339(clock.now_unix()),
+                    operation: "open-key-store".into(),
+                    key: None,
+                    key_id: None,
+                    key_version: None,
+                    encryption_context: EncryptionContext::new(),
+                    outcome: "error".into(),
+                    error: Some(err.to_string()),
+                },
+            );
+            return Err(err);
+        }
+        Ok(KeyStore {
+            dir: dir.to_path_buf(),
+            store_id: file.store_id,
+            root: key,
+            clock,
+        })
+    }
+
     pub fn store_id(&self) -> Uuid {
-        unimplemented!()
+        self.store_id
     }
-    /// `key` is a key id (UUID) or an alias (`alias/name`, or `name`).
-    pub fn describe_key(&self, key: &str) -> Result<KeyMetadata, KmsError> {
-        unimplemented!()
+
+    /// The store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
-    pub fn create_key(&self, alias: &str, description: &str) -> Result<KeyMetadata, KmsError> {
-        unimplemented!()
+
+    /// The last `n` audit records (all when `None`), oldest first.
+    pub fn audit_tail(&self, n: Option<usize>) -> Result<Vec<AuditRecord>, KmsError> {
+        audit::tail(&self.dir, n)
     }
-    pub fn list_keys(&self) -> Result<Vec<KeyMetadata>, KmsError> {
-        unimplemented!()
-    }
-    pub fn enable_key(&self, key: &str) -> Result<KeyMetadata, KmsError> {
-        unimplemented!()
-    }
-    pub fn disable_key(&self, key: &str) -> Result<KeyMetadata, KmsError> {
-        unimplemented!()
-    }
-    pub fn schedule_key_deletion(
+
+    /// Appends an audit record.
+    fn audit(
         &self,
-        key: &str,
-        pending_days: u32,
-    ) -> Result<KeyMetadata, KmsError> {
-        unimplemented!()
-    }
-    pub fn cancel_key_deletion(&self, key: &str) -> Result<KeyMetadata, KmsError> {
-        unimplemented!()
-    }
-    pub fn rotate_key(&self, key: &str) -> Result<KeyMetadata, KmsError> {
-        unimplemented!()
-    }
-    pub fn update_alias(&self, key: &str, new_alias: &str) -> Result<KeyMetadata, KmsError> {
-        unimplemented!()
-    }
-    /// `length_bits` is 256 or 512 (512 for an AES-256-XTS volume key).
-    pub fn create_data_key(
-        &self,
-        key: &str,
+        operation: &str,
+        key: Option<&str>,
+        key_id: Option<Uuid>,
+        key_version: Option<u32>,
         context: &EncryptionContext,
-        length_bits: u32,
-    ) -> Result<DataKey, KmsError> {
-        unimplemented!()
+        error: Option<&KmsError>,
+    ) -> Result<(), KmsError> {
+        audit::append(
+            &self.dir,
+            &AuditRecord {
+                time: clock::rfc3339(self.clock.now_unix()),
+                operation: operation.into(),
+                key: key.map(str::to_string),
+                key_id,
+                key_version,
+                encryption_context: context.clone(),
+                outcome: if error.is_some() { "error" } else { "success" }.into(),
+                error: error.map(|e| e.to_string()),
+            },
+        )
     }
-    pub fn create_data_key_without_plaintext(
+
+    /// Records the outcome of an operation; a success that cannot be audited is reported as an
+    /// error (an unaudited key operation is not acceptable), a failure keeps its own error.
+    fn finish<T>(
         &self,
-        key: &str,
+        operation: &str,
+        key: Option<&str>,
         context: &EncryptionContext,
-        length_bits: u32,
-    ) -> Result<WrappedDataKey, KmsError> {
-        unimplemented!()
+        result: Result<T, KmsError>,
+        ids: impl Fn(&T) -> (Option<Uuid>, Option<u32>),
+    ) -> Result<T, KmsError> {
+        match &result {
+            Ok(v) => {
+                let (id, ver) = ids(v);
+                self.audit(operation, key, id, ver, context, None)?;
+            }
+            Err(e) => {
+                if let Err(ae) = self.audit(operation, key, e.key_id(), None, context, Some(e)) {
+                    tracing::warn!(error = %ae, "could not write the audit log");
+                }
+            }
+        }
+        result
     }
-    pub fn encrypt_data_key(
-        &self,
-        key: &str,
-        plain_text: &SecretBytes,
-        context: &EncryptionContext,
-    ) -> Result<WrappedDataKey, KmsError> {
-        unimplemented!()
-    }
-    pub fn decrypt_data_key(
-        &self,
-        key: &str,
-        cipher_text: &[u8],
-        context: &EncryptionContext,
-    ) -> Result<UnwrappedDataKey, KmsError> {
-        unimplemented!()
-    }
-    /// Re-wraps under the newest version of `dest_key` (or of the source key when `None`)
-    /// without handing the plaintext to the caller.
-    pub fn re_encrypt(
-        &self,
-        cipher_text: &[u8],
-        source_context: &EncryptionContext,
-        dest_key: Option<&str>,
-        dest_context: &EncryptionContext,
-    ) -> Result<WrappedDataKey, KmsError> {
-        unimplemented!()
-    }
-    pub fn gen_random(&self, bytes: usize) -> Result<SecretBytes, KmsError> {
-        unimplemented!()
+}
+
+impl KmsError {
+    /// The key id an error is about, when it names one (for the audit log).
+    fn key_id(&self) -> Option<Uuid> {
+        match self {
+            KmsError::KeyNotUsable { key_id, .. }
+            | KmsError::WrongState { key_id, .. }
+            | KmsError::KeyDeleted { key_id, .. }
+            | KmsError::AliasExists { key_id, .. } => Some(*key_id),
+            _ => None,
+        }
     }
 }

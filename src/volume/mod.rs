@@ -1,1 +1,549 @@
-//! SKELETON: volume, to be written.
+//! An open encrypted volume: a [`Backend`] holding a 1 MiB header region then the data area, an
+//! AES-256-XTS engine keyed with the volume's DEK, and the geometry. Owns sector math,
+//! read-modify-write of unaligned edges (under striped per-sector locks), read-only mode,
+//! flush/FUA, trim and write-zeroes (hole punching), and block status.
+//!
+//! It knows nothing of NBD or CMKs: the header carries the key metadata opaquely, and whoever
+//! attaches the volume turns it into an [`XtsKey`] (see `crate::datadir`).
+//!
+//! An all-zero ciphertext sector means "never written or discarded" and reads as plaintext zeroes
+//! (encrypting real data gives an all-zero sector with probability 2^-4096 or less).
+
+mod error;
+pub mod header;
+
+use std::cell::RefCell;
+use std::io;
+use std::sync::Mutex;
+
+pub use error::{errno, Op, VolumeError};
+pub use header::VolumeHeader;
+
+use crate::backend::Backend;
+use crate::crypto::{Xts, XtsKey};
+
+/// Number of RMW lock stripes (a power of two); unrelated sectors rarely share one.
+const LOCK_STRIPES: usize = 256;
+/// Largest chunk of encrypted zeroes written at once by write-zeroes without hole punching.
+const ZERO_CHUNK: usize = 256 << 10;
+/// Most extents one block-status call returns.
+const MAX_EXTENTS: usize = 1024;
+
+/// What a read found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOutcome {
+    /// Every sector read was a hole or an all-zero (discarded) sector.
+    pub all_zero: bool,
+}
+
+/// A run of the volume with one allocation status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub length: u64,
+    pub hole: bool,
+    pub zero: bool,
+}
+
+/// An open volume; `Send + Sync`, shared as `Arc<Volume>` by every connection.
+pub struct Volume {
+    backend: Box<dyn Backend>,
+    xts: Xts,
+    header: VolumeHeader,
+    read_only: bool,
+    target: String,
+    locks: Vec<Mutex<()>>,
+}
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key: only what identifies the volume.
+        f.debug_struct("Volume")
+            .field("target", &self.target)
+            .field("volume_id", &self.header.volume_id)
+            .field("size", &self.header.size)
+            .field("sector_size", &self.header.sector_size)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts of a request: an unaligned head inside one sector, whole sectors, an unaligned tail.
+#[derive(Debug, PartialEq, Eq)]
+struct Span {
+    /// (sector start, offset inside it, length)
+    head: Option<(u64, usize, usize)>,
+    /// (start, length), both sector-aligned; length may be 0.
+    mid: (u64, u64),
+    tail: Option<(u64, usize, usize)>,
+}
+
+fn span(offset: u64, len: u64, ss: u64) -> Span {
+    let end = offset + len;
+    let mid_start = offset.div_ceil(ss) * ss;
+    let mid_end = end / ss * ss;
+    if mid_start > mid_end {
+        // Inside one sector, touching neither of its edges.
+        let s = offset / ss * ss;
+        return Span {
+            head: Some((s, (offset - s) as usize, len as usize)),
+            mid: (mid_start, 0),
+            tail: None,
+        };
+    }
+    let head = (offset % ss != 0).then(|| {
+        let s = mid_start - ss;
+        (s, (offset - s) as usize, (mid_start - offset) as usize)
+    });
+    let tail = (end % ss != 0).then_some((mid_end, 0, (end - mid_end) as usize));
+    Span {
+        head,
+        mid: (mid_start, mid_end - mid_start),
+        tail,
+    }
+}
+
+/// True if every byte is zero; word-wise with an early exit per 256 bytes.
+fn is_zero(b: &[u8]) -> bool {
+    let mut chunks = b.chunks_exact(256);
+    for c in &mut chunks {
+        let mut acc = 0u128;
+        for w in c.chunks_exact(16) {
+            acc |= u128::from_ne_bytes(w.try_into().expect("16-byte chunk"));
+        }
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&x| x == 0)
+}
+
+thread_local! {
+    static ZEROES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Volume {
+    /// Creates a volume on an empty `backend`: writes both header copies and sizes the (sparse)
+    /// data area. `header` carries the key metadata the caller obtained for `key`.
+    pub fn create(
+        backend: impl Backend + 'static,
+        header: &VolumeHeader,
+        key: &XtsKey,
+    ) -> Result<Volume, VolumeError> {
+        header.validate()?;
+        let target = backend.describe();
+        let total = header.data_offset() + header.size;
+        backend.set_len(total).map_err(|e| {
+            VolumeError::io(
+                format!("sizing the volume file to {total} bytes"),
+                &target,
+                e,
+            )
+        })?;
+        header.write_new(&backend)?;
+        Self::with_key(Box::new(backend), header.clone(), key, false)
+    }
+
+    /// Opens (attaches) a volume: reads its header, then `unwrap` turns the header's key metadata
+    /// into the DEK (typically by asking the key store). Errors of either step come back as `E`.
+    pub fn open<E: From<VolumeError>>(
+        backend: impl Backend + 'static,
+        read_only: bool,
+        unwrap: impl FnOnce(&VolumeHeader) -> Result<XtsKey, E>,
+    ) -> Result<Volume, E> {
+        let header = VolumeHeader::read_from(&backend)?;
+        let key = unwrap(&header)?;
+        Ok(Self::with_key(Box::new(backend), header, &key, read_only)?)
+    }
+
+    /// Builds a volume from an already read header and its DEK.
+    pub fn with_key(
+        backend: Box<dyn Backend>,
+        header: VolumeHeader,
+        key: &XtsKey,
+        read_only: bool,
+    ) -> Result<Volume, VolumeError> {
+        header.validate()?;
+        let target = backend.describe();
+        Ok(Volume {
+            backend,
+            xts: Xts::new(key),
+            header,
+            read_only,
+            target,
+            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    pub fn sector_size(&self) -> u32 {
+        self.header.sector_size
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    pub fn header(&self) -> &VolumeHeader {
+        &self.header
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    fn ss(&self) -> usize {
+        self.header.sector_size as usize
+    }
+
+    fn unit(&self, volume_offset: u64) -> u64 {
+        volume_offset / 512
+    }
+
+    fn file_offset(&self, volume_offset: u64) -> u64 {
+        self.header.data_offset() + volume_offset
+    }
+
+    fn check(&self, op: Op, offset: u64, len: u64) -> Result<(), VolumeError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.header.size => Ok(()),
+            _ => Err(VolumeError::OutOfRange {
+                op,
+                offset,
+                len,
+                size: self.header.size,
+            }),
+        }
+    }
+
+    fn check_writable(&self, op: Op) -> Result<(), VolumeError> {
+        if self.read_only {
+            Err(VolumeError::ReadOnly { op })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn io_err(&self, verb: &str, len: u64, offset: u64, e: io::Error) -> VolumeError {
+        VolumeError::io(
+            format!("{verb} {len} bytes at volume offset {offset}"),
+            &self.target,
+            e,
+        )
+    }
+
+    /// Reads whole sectors at `sector_off` into `buf` and decrypts them in place; all-zero
+    /// ciphertext sectors stay zero. Returns whether every sector was such a zero sector.
+    fn read_sectors(&self, buf: &mut [u8], sector_off: u64) -> Result<bool, VolumeError> {
+        let ss = self.ss();
+        self.backend
+            .read_at(buf, self.file_offset(sector_off))
+            .map_err(|e| self.io_err("reading", buf.len() as u64, sector_off, e))?;
+        let mut all_zero = true;
+        // Decrypt runs of non-zero sectors with one call each.
+        let n = buf.len() / ss;
+        let mut i = 0;
+        while i < n {
+            if is_zero(&buf[i * ss..(i + 1) * ss]) {
+                i += 1;
+                continue;
+            }
+            all_zero = false;
+            let start = i;
+            while i < n && !is_zero(&buf[i * ss..(i + 1) * ss]) {
+                i += 1;
+            }
+            let unit = self.unit(sector_off + (start * ss) as u64);
+            self.xts
+                .decrypt_sectors(&mut buf[start * ss..i * ss], ss, unit);
+        }
+        Ok(all_zero)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` (any alignment).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadOutcome, VolumeError> {
+        self.check(Op::Read, offset, buf.len() as u64)?;
+        let ss = self.ss();
+        let sp = span(offset, buf.len() as u64, ss as u64);
+        let mut all_zero = true;
+        let mut pos = 0usize;
+        let mut scratch = [0u8; 4096];
+        if let Some((s, in_off, n)) = sp.head {
+            all_zero &= self.read_sectors(&mut scratch[..ss], s)?;
+            buf[..n].copy_from_slice(&scratch[in_off..in_off + n]);
+            pos = n;
+        }
+        let mid_len = sp.mid.1 as usize;
+        if mid_len > 0 {
+            all_zero &= self.read_sectors(&mut buf[pos..pos + mid_len], sp.mid.0)?;
+            pos += mid_len;
+        }
+        if let Some((s, _, n)) = sp.tail {
+            all_zero &= self.read_sectors(&mut scratch[..ss], s)?;
+            buf[pos..pos + n].copy_from_slice(&scratch[..n]);
+        }
+        Ok(ReadOutcome { all_zero })
+    }
+
+    /// Read-modify-write of part of one sector under its stripe lock. `data = None` writes zeroes.
+    fn rmw(
+        &self,
+        sector: u64,
+        in_off: usize,
+        len: usize,
+        data: Option<&[u8]>,
+    ) -> Result<(), VolumeError> {
+        let ss = self.ss();
+        let stripe = (sector / ss as u64) as usize % LOCK_STRIPES;
+        let _guard = self.locks[stripe].lock().unwrap_or_else(|p| p.into_inner());
+        let mut scratch = [0u8; 4096];
+        let s = &mut scratch[..ss];
+        self.read_sectors(s, sector)?;
+        match data {
+            Some(d) => s[in_off..in_off + len].copy_from_slice(d),
+            None => s[in_off..in_off + len].fill(0),
+        }
+        self.xts.encrypt_sectors(s, ss, self.unit(sector));
+        self.backend
+            .write_at(s, self.file_offset(sector))
+            .map_err(|e| self.io_err("writing", ss as u64, sector, e))
+    }
+
+    /// Writes `data` at `offset` (any alignment). `data` is scratch: its sector-aligned part holds
+    /// ciphertext afterwards. With `fua`, the write is durable when this returns.
+    pub fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), VolumeError> {
+        self.check_writable(Op::Write)?;
+        self.check(Op::Write, offset, data.len() as u64)?;
+        let ss = self.ss();
+        let sp = span(offset, data.len() as u64, ss as u64);
+        let mut pos = 0usize;
+        if let Some((s, in_off, n)) = sp.head {
+            self.rmw(s, in_off, n, Some(&data[..n]))?;
+            pos = n;
+        }
+        let mid_len = sp.mid.1 as usize;
+        if mid_len > 0 {
+            let mid = &mut data[pos..pos + mid_len];
+            self.xts.encrypt_sectors(mid, ss, self.unit(sp.mid.0));
+            self.backend
+                .write_at(mid, self.file_offset(sp.mid.0))
+                .map_err(|e| self.io_err("writing", mid_len as u64, sp.mid.0, e))?;
+            pos += mid_len;
+        }
+        if let Some((s, _, n)) = sp.tail {
+            self.rmw(s, 0, n, Some(&data[pos..pos + n]))?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every acknowledged write durable.
+    pub fn flush(&self) -> Result<(), VolumeError> {
+        self.backend
+            .sync()
+            .map_err(|e| VolumeError::io("flushing (fdatasync) the volume", &self.target, e))
+    }
+
+    /// Punches whole sectors; `Ok(false)` when the storage cannot.
+    fn punch(&self, start: u64, len: u64) -> Result<bool, VolumeError> {
+        match self.backend.punch_hole(self.file_offset(start), len) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(false),
+            Err(e) => Err(self.io_err("punching a hole of", len, start, e)),
+        }
+    }
+
+    /// Discards the whole sectors inside `[offset, offset+len)` (partial edge sectors are left
+    /// as they are: a trim is advisory). A no-op when discard is disabled for this volume.
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
+        self.check_writable(Op::Trim)?;
+        self.check(Op::Trim, offset, len)?;
+        if !self.header.discard || len == 0 {
+            return Ok(());
+        }
+        let sp = span(offset, len, self.ss() as u64);
+        if sp.mid.1 > 0 {
+            self.punch(sp.mid.0, sp.mid.1)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` read as zeroes: whole sectors by punching a hole when
+    /// `may_punch` and discard is enabled (else encrypted zeroes are written), edges by RMW.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_punch: bool,
+        fua: bool,
+    ) -> Result<(), VolumeError> {
+        self.check_writable(Op::WriteZeroes)?;
+        self.check(Op::WriteZeroes, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let sp = span(offset, len, self.ss() as u64);
+        if let Some((s, in_off, n)) = sp.head {
+            self.rmw(s, in_off, n, None)?;
+        }
+        let (start, mid_len) = sp.mid;
+        if mid_len > 0 {
+            let punched = may_punch && self.header.discard && self.punch(start, mid_len)?;
+            if !punched {
+                self.write_encrypted_zeroes(start, mid_len)?;
+            }
+        }
+        if let Some((s, _, n)) = sp.tail {
+            self.rmw(s, 0, n, None)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_encrypted_zeroes(&self, start: u64, len: u64) -> Result<(), VolumeError> {
+        let ss = self.ss();
+        ZEROES.with(|z| {
+            let mut z = z.borrow_mut();
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(ZERO_CHUNK as u64) as usize;
+                z.clear();
+                z.resize(n, 0);
+                let off = start + done;
+                self.xts.encrypt_sectors(&mut z[..n], ss, self.unit(off));
+                self.backend
+                    .write_at(&z[..n], self.file_offset(off))
+                    .map_err(|e| self.io_err("writing zeroes:", n as u64, off, e))?;
+                done += n as u64;
+            }
+            Ok(())
+        })
+    }
+
+    /// Whether write-zeroes will be fast (a hole punch, no data written): for NBD FAST_ZERO.
+    pub fn zeroing_is_fast(&self, may_punch: bool) -> bool {
+        may_punch && self.header.discard && self.backend.can_punch()
+    }
+
+    /// Asks the OS to read `[offset, offset+len)` ahead.
+    pub fn cache(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        self.check(Op::Cache, offset, len)?;
+        self.backend
+            .will_need(self.file_offset(offset), len)
+            .map_err(|e| self.io_err("prefetching", len, offset, e))
+    }
+
+    /// Extents from `offset` covering up to `len` bytes (at least one, possibly fewer bytes than
+    /// asked): holes (which read as zeroes) versus data, from SEEK_DATA/SEEK_HOLE.
+    pub fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, VolumeError> {
+        self.check(Op::BlockStatus, offset, len)?;
+        if len == 0 {
+            return Err(VolumeError::OutOfRange {
+                op: Op::BlockStatus,
+                offset,
+                len,
+                size: self.header.size,
+            });
+        }
+        let base = self.header.data_offset();
+        let end = offset + len;
+        let err = |e, pos: u64| self.io_err("querying the allocation of", end - pos, pos, e);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end && out.len() < MAX_EXTENTS {
+            let data = self
+                .backend
+                .seek_data(base + pos)
+                .map_err(|e| err(e, pos))?
+                .map(|d| d.saturating_sub(base));
+            let (next, hole) = match data {
+                Some(d) if d <= pos => {
+                    let h = self
+                        .backend
+                        .seek_hole(base + pos)
+                        .map_err(|e| err(e, pos))?;
+                    (h.saturating_sub(base), false)
+                }
+                Some(d) => (d, true),
+                None => (end, true),
+            };
+            // Guard against a backend answer that does not move forward.
+            let next = next.clamp(pos + 1, end);
+            out.push(Extent {
+                length: next - pos,
+                hole,
+                zero: hole,
+            });
+            pos = next;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans() {
+        assert_eq!(
+            span(0, 8192, 4096),
+            Span {
+                head: None,
+                mid: (0, 8192),
+                tail: None
+            }
+        );
+        assert_eq!(
+            span(100, 10, 4096),
+            Span {
+                head: Some((0, 100, 10)),
+                mid: (4096, 0),
+                tail: None
+            }
+        );
+        assert_eq!(
+            span(100, 3996, 4096),
+            Span {
+                head: Some((0, 100, 3996)),
+                mid: (4096, 0),
+                tail: None
+            }
+        );
+        assert_eq!(
+            span(4096, 100, 4096),
+            Span {
+                head: None,
+                mid: (4096, 0),
+                tail: Some((4096, 0, 100))
+            }
+        );
+        assert_eq!(
+            span(4000, 9000, 4096),
+            Span {
+                head: Some((0, 4000, 96)),
+                mid: (4096, 8192),
+                tail: Some((12288, 0, 712))
+            }
+        );
+    }
+
+    #[test]
+    fn zero_detection() {
+        let mut b = vec![0u8; 4096];
+        assert!(is_zero(&b));
+        b[4095] = 1;
+        assert!(!is_zero(&b));
+        assert!(is_zero(&[0u8; 17]));
+        assert!(!is_zero(&[0, 0, 1]));
+    }
+}

@@ -1,0 +1,154 @@
+//! The volume layer's one error type, and how each error maps to the errno an NBD reply carries.
+
+use std::fmt;
+use std::io;
+
+/// The operation an error happened in: decides the errno of an out-of-range request (reads say
+/// EINVAL, writes say ENOSPC, as the NBD protocol asks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    Cache,
+    BlockStatus,
+    Create,
+    Open,
+    UpdateHeader,
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Trim => "trim",
+            Op::WriteZeroes => "write-zeroes",
+            Op::Cache => "cache",
+            Op::BlockStatus => "block status",
+            Op::Create => "create",
+            Op::Open => "open",
+            Op::UpdateHeader => "header update",
+        })
+    }
+}
+
+/// NBD errno values (POSIX numbering, as the NBD protocol defines them).
+pub mod errno {
+    pub const EPERM: u32 = 1;
+    pub const EIO: u32 = 5;
+    pub const ENOMEM: u32 = 12;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+    pub const EOVERFLOW: u32 = 75;
+    pub const ENOTSUP: u32 = 95;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// The request reaches past the end of the volume (or its offset+length overflows).
+    #[error("{op} of {len} bytes at offset {offset} is outside the volume ({size} bytes)")]
+    OutOfRange {
+        op: Op,
+        offset: u64,
+        len: u64,
+        size: u64,
+    },
+
+    #[error("{op} refused: the volume is attached read-only")]
+    ReadOnly { op: Op },
+
+    /// An I/O error of the backing storage; `what` says what was done ("writing 4096 bytes at
+    /// volume offset 0"). The OS error is kept in `cause` and also shown.
+    #[error("{what} of {target}: {cause}")]
+    Io {
+        what: String,
+        target: String,
+        cause: io::Error,
+    },
+
+    #[error("{target} is not a cryptnbd volume (no volume header magic in either header copy)")]
+    NotAVolume { target: String },
+
+    #[error("the volume header of {target} is corrupt in both copies (primary: {primary}; backup: {backup}); refusing to guess")]
+    CorruptHeader {
+        target: String,
+        primary: String,
+        backup: String,
+    },
+
+    #[error("the volume header of {target} has format version {version}, which this cryptnbd does not know (it reads version {supported}); use a newer cryptnbd")]
+    UnsupportedVersion {
+        target: String,
+        version: u32,
+        supported: u32,
+    },
+
+    #[error("the volume header of {target} names cipher {cipher:?} with tweak {tweak:?}; only aes-256-xts/plain64 is supported")]
+    UnsupportedCipher {
+        target: String,
+        cipher: String,
+        tweak: String,
+    },
+
+    #[error(
+        "the volume header of {target} sets unknown feature flags {flags:#x}; use a newer cryptnbd"
+    )]
+    UnsupportedFlags { target: String, flags: u32 },
+
+    #[error(
+        "{target} is truncated: it is {len} bytes long but its header needs at least {needed}"
+    )]
+    Truncated {
+        target: String,
+        len: u64,
+        needed: u64,
+    },
+
+    /// Bad creation parameters or header fields (size, sector size, oversized metadata).
+    #[error("invalid volume parameters: {0}")]
+    Invalid(String),
+}
+
+impl VolumeError {
+    pub(crate) fn io(what: impl Into<String>, target: &str, cause: io::Error) -> Self {
+        VolumeError::Io {
+            what: what.into(),
+            target: target.to_string(),
+            cause,
+        }
+    }
+
+    /// The errno for an NBD error reply.
+    pub fn nbd_errno(&self) -> u32 {
+        match self {
+            VolumeError::OutOfRange { op, .. } => match op {
+                Op::Write | Op::WriteZeroes => errno::ENOSPC,
+                _ => errno::EINVAL,
+            },
+            VolumeError::ReadOnly { .. } => errno::EPERM,
+            VolumeError::Io { cause, .. } => match cause.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => errno::ENOSPC,
+                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => errno::EPERM,
+                Some(libc::ENOMEM) => errno::ENOMEM,
+                Some(libc::EINVAL) => errno::EINVAL,
+                Some(libc::EOPNOTSUPP) => errno::ENOTSUP,
+                _ if cause.kind() == io::ErrorKind::Unsupported => errno::ENOTSUP,
+                _ => errno::EIO,
+            },
+            VolumeError::Invalid(_) => errno::EINVAL,
+            _ => errno::EIO,
+        }
+    }
+
+    /// The OS error behind an I/O failure, if that is what this is.
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            VolumeError::Io { cause, .. } => Some(cause),
+            _ => None,
+        }
+    }
+}
