@@ -18,6 +18,7 @@ mod handshake;
 pub mod mem;
 mod session;
 mod stream;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::future::Future;
