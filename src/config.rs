@@ -27,6 +27,9 @@ pub struct ServerConfig {
     /// A rejected WRITE whose payload is at most this long is read and discarded so the
     /// connection survives; a longer one closes the connection after the error reply.
     pub max_discard: u64,
+    /// At shutdown, connections get this long to finish requests in flight (a client that stops
+    /// reading replies would otherwise block shutdown forever); then they are cut.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -40,6 +43,7 @@ impl Default for ServerConfig {
             max_payload: MAX_PAYLOAD,
             preferred_block_size: 4096,
             max_discard: 64 << 20,
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }

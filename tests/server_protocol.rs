@@ -713,3 +713,26 @@ fn many_concurrent_requests_on_one_connection() {
         );
     }
 }
+
+#[test]
+fn shutdown_is_bounded_when_a_client_stops_reading_replies() {
+    let (_, _, p) = provider();
+    let mut srv = TestServer::start_with(
+        ServerConfig {
+            shutdown_grace: Duration::from_millis(300),
+            ..Default::default()
+        },
+        p,
+    );
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", false);
+    // 64 MiB of replies that are never read: the server's writers block on a full socket.
+    for i in 0..64 {
+        c.request(CMD_READ, 0, i, 0, 1 << 20);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    srv.trigger_stop();
+    srv.join().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}

@@ -11,7 +11,9 @@
 //!
 //! Shutdown: when the shutdown future resolves, accepting stops, every socket's read side is shut
 //! (blocked readers see end of stream, requests already read still run and reply), the server
-//! waits for the connection threads to end, then flushes every export that was attached.
+//! waits for the connection threads to end (cutting connections still busy after
+//! `shutdown_grace`, e.g. a client that stopped reading replies), then flushes every export that
+//! was attached.
 
 pub mod export;
 mod handshake;
@@ -217,7 +219,22 @@ pub async fn serve(
             let _ = s.shutdown(Shutdown::Read);
         }
     }
+    let grace = tokio::time::Instant::now() + state.config.shutdown_grace;
+    let mut cut = false;
     while state.live() > 0 {
+        if !cut && tokio::time::Instant::now() >= grace {
+            // A client that stopped reading replies would block its writer forever.
+            let conns = state.conns.lock().unwrap_or_else(|p| p.into_inner());
+            warn!(
+                "{} connection(s) still busy after {:?}: closing them",
+                conns.len(),
+                state.config.shutdown_grace
+            );
+            for s in conns.values() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            cut = true;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for p in socket_files {
