@@ -137,3 +137,41 @@ fn serve_on_an_empty_data_dir_sets_up_disk0_and_prints_attach_commands() {
     drop(c);
     stop(s);
 }
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let sock = tmp.path().join("nbd.sock");
+    let port = free_port();
+    let mut s = start(&data, &sock, port);
+    // A client that never reads its replies keeps the graceful shutdown waiting (10 s grace).
+    let mut c = RawClient::unix(&sock);
+    c.connect_export("disk0", false);
+    for i in 0..64 {
+        c.request(cryptnbd::nbd::CMD_READ, 0, i, 0, 1 << 20);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = s.child.id() as i32;
+    // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        s.child.try_wait().unwrap().is_none(),
+        "still draining after one signal"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "second signal did not exit at once"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+}

@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Time a client has to finish the handshake (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     handshake_timeout: Duration,
+
+    /// At shutdown, how long clients get to finish requests in flight before being cut.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    shutdown_grace: Duration,
 }
 
 /// The commands a user runs to attach `name` through each listener.
@@ -129,6 +133,7 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         workers_per_connection: args.workers,
         handshake_timeout: args.handshake_timeout,
+        shutdown_grace: args.shutdown_grace,
         ..ServerConfig::default()
     };
     config.validate()?;
@@ -195,36 +200,28 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let shutdown = async {
-            wait_for_signal().await;
-            info!("signal received: shutting down (send it again to exit at once)");
-            tokio::spawn(async {
-                wait_for_signal().await;
-                eprintln!("second signal: exiting now");
-                std::process::exit(130);
-            });
-        };
-        serve(config, listeners, provider, shutdown).await
-    })?;
-    Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Both streams exist before the first signal, so a quick second one is never missed.
+        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let shutdown = async move {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
             }
-        }
-        _ => {
-            // Without signal handlers, fall back to Ctrl-C only.
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+            info!("signal received: shutting down (send it again to exit at once)");
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                eprintln!("second signal: exiting now without waiting for clients");
+                std::process::exit(130);
+            });
+        };
+        serve(config, listeners, provider, shutdown)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    Ok(())
 }

@@ -86,6 +86,8 @@ struct Driver<'a> {
     deadline: Instant,
     cfg: &'a ServerConfig,
     provider: &'a dyn ExportProvider,
+    /// Who is connected, for log lines.
+    peer: &'a str,
     no_zeroes: bool,
     structured: bool,
     /// Export name for which `base:allocation` is selected.
@@ -98,12 +100,14 @@ pub(crate) fn run(
     stream: &mut Stream,
     cfg: &ServerConfig,
     provider: &dyn ExportProvider,
+    peer: &str,
 ) -> Result<HandshakeEnd, HandshakeError> {
     let mut d = Driver {
         stream,
         deadline: Instant::now() + cfg.handshake_timeout,
         cfg,
         provider,
+        peer,
         no_zeroes: false,
         structured: false,
         meta_for: None,
@@ -353,7 +357,7 @@ impl Driver<'_> {
                     AttachError::Refused { .. } => REP_ERR_POLICY,
                 };
                 if matches!(e, AttachError::Refused { .. }) {
-                    tracing::warn!(export = %name, "attach refused: {e}");
+                    tracing::warn!(peer = %self.peer, export = %name, "attach refused: {e}");
                 }
                 self.error(option, ty, &e.to_string())?;
                 return Ok(None);

@@ -292,19 +292,25 @@ async fn accept_loop(l: AsyncListener, state: Arc<ServerState>) {
         if state.shutting_down.load(Ordering::SeqCst) {
             continue;
         }
-        let live = state.live();
-        if live >= state.config.max_connections {
-            warn!(
-                peer = %peer,
-                "refusing connection: {live} connections already open (--max-connections {})",
-                state.config.max_connections
-            );
-            let _ = stream.shutdown(Shutdown::Both);
-            continue;
-        }
         if let Err(e) = start_connection(&state, stream, peer.clone()) {
             warn!(peer = %peer, "could not start serving a connection: {e}");
         }
+    }
+}
+
+/// Removes a connection from the registry when its thread ends, even by a panic.
+struct ConnGuard {
+    state: Arc<ServerState>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.state
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
     }
 }
 
@@ -316,35 +322,37 @@ fn start_connection(state: &Arc<ServerState>, stream: Stream, peer: String) -> i
     }
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
     let handle = stream.try_clone()?;
-    state
-        .conns
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(id, handle);
-    let st = state.clone();
-    let spawned = std::thread::Builder::new()
+    {
+        // Check and register under one lock, so listeners cannot overshoot the limit together.
+        let mut conns = state.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if conns.len() >= state.config.max_connections {
+            warn!(
+                peer = %peer,
+                "refusing connection: {} connections already open (--max-connections {})",
+                conns.len(),
+                state.config.max_connections
+            );
+            let _ = stream.shutdown(Shutdown::Both);
+            return Ok(());
+        }
+        conns.insert(id, handle);
+    }
+    let guard = ConnGuard {
+        state: state.clone(),
+        id,
+    };
+    std::thread::Builder::new()
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
-            connection(&st, stream, &peer, id);
-            st.conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-        });
-    if let Err(e) = spawned {
-        state
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        return Err(e);
-    }
-    Ok(())
+            let _guard = guard;
+            connection(&_guard.state, stream, &peer, id);
+        })
+        .map(|_| ())
 }
 
 fn connection(state: &ServerState, mut stream: Stream, peer: &str, id: u64) {
     info!(conn = id, peer = %peer, "client connected");
-    let neg = match handshake::run(&mut stream, &state.config, &*state.provider) {
+    let neg = match handshake::run(&mut stream, &state.config, &*state.provider, peer) {
         Ok(handshake::HandshakeEnd::Transmission(n)) => n,
         Ok(handshake::HandshakeEnd::Aborted) => {
             info!(conn = id, peer = %peer, "client ended the handshake (NBD_OPT_ABORT)");

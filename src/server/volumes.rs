@@ -216,8 +216,9 @@ impl DataDirProvider {
             }
         }
         for n in self.names() {
-            if self.attach(&n).is_ok() {
-                ok.push(n);
+            match self.attach_volume(&n) {
+                Ok(_) => ok.push(n),
+                Err(e) => warn!(export = %n, "attach refused: {e}"),
             }
         }
         ok
@@ -250,8 +251,8 @@ impl DataDirProvider {
             }
             Err(DataDirError::NotFound { .. }) => Err(AttachError::NotFound(name.to_string())),
             Err(e) => {
+                // Logged by the caller (with the client that asked, or at start).
                 let reason = chain(&e);
-                warn!(export = %name, "attach refused: {reason}");
                 Err(AttachError::Refused {
                     name: name.to_string(),
                     reason,
