@@ -3,6 +3,7 @@
 //! (for the malformed-input cases), and the "external tool missing" policy.
 #![allow(dead_code)]
 
+pub mod fixture;
 pub mod raw;
 
 use std::net::SocketAddr;
