@@ -173,3 +173,50 @@ fn read_only_selection_and_export_filter() {
     assert_eq!(c.write(1, 0, &[1u8; 4096], 0).error(), EPERM);
     assert_eq!(c.read(2, 0, 4096).unwrap(), vec![0u8; 4096]);
 }
+
+/// libnbd (what nbdsh runs): several connections to one volume, many requests in flight on each,
+/// FLUSH on one covering writes acknowledged on the others, holes after TRIM.
+const MULTI_CONN: &str = r#"
+import sys, nbd
+hs = []
+for _ in range(4):
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_uri(sys.argv[1])
+    assert h.can_multi_conn()
+    hs.append(h)
+for k, h in enumerate(hs):
+    for i in range(32):
+        buf = nbd.Buffer.from_bytearray(bytearray([k * 32 + i + 1]) * 65536)
+        h.aio_pwrite(buf, (k * 32 + i) * 65536)
+for h in hs:
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+hs[3].flush()
+for k in range(4):
+    for i in range(32):
+        got = hs[(k + 1) % 4].pread(65536, (k * 32 + i) * 65536)
+        assert got == bytearray([k * 32 + i + 1]) * 65536, (k, i)
+hs[0].trim(65536, 0)
+ext = []
+hs[1].block_status(131072, 0, lambda m, o, e, err: ext.extend(e))
+assert ext[0] == 65536 and ext[1] & nbd.STATE_HOLE, ext
+assert hs[2].pread(65536, 0) == bytearray(65536)
+for h in hs:
+    h.shutdown()
+print("OK")
+"#;
+
+#[test]
+fn libnbd_multi_conn_on_a_real_volume() {
+    if !common::require_python_nbd() {
+        return;
+    }
+    let (_dir, ks, dd) = setup();
+    let srv = TestServer::start(provider(ks, &dd));
+    let (ok, out, err) = common::run_bounded(
+        std::process::Command::new("/usr/bin/python3").args(["-c", MULTI_CONN, &srv.uri("vol")]),
+        std::time::Duration::from_secs(120),
+    );
+    assert!(ok && out.contains("OK"), "stdout: {out}\nstderr: {err}");
+}

@@ -96,5 +96,9 @@ pub trait ExportProvider: Send + Sync {
     fn default_export(&self) -> Option<String> {
         self.list().into_iter().next().map(|e| e.name)
     }
+    /// Whether `name` is an export (without attaching it).
+    fn exists(&self, name: &str) -> bool {
+        self.list().iter().any(|e| e.name == name)
+    }
     fn attach(&self, name: &str) -> Result<Arc<dyn Export>, AttachError>;
 }

@@ -302,7 +302,7 @@ impl Driver<'_> {
         let Some(name) = self.resolve(&req.name) else {
             return self.error(option, REP_ERR_UNKNOWN, "there is no default export");
         };
-        if !self.provider.list().iter().any(|e| e.name == name) {
+        if !self.provider.exists(&name) {
             return self.error(
                 option,
                 REP_ERR_UNKNOWN,

@@ -280,6 +280,15 @@ impl ExportProvider for DataDirProvider {
             .collect()
     }
 
+    fn exists(&self, name: &str) -> bool {
+        // Without reading every header, as `list` does.
+        self.names().iter().any(|n| n == name)
+    }
+
+    fn default_export(&self) -> Option<String> {
+        self.names().into_iter().next()
+    }
+
     fn attach(&self, name: &str) -> Result<Arc<dyn Export>, AttachError> {
         self.attach_volume(name).map(|v| v as Arc<dyn Export>)
     }
