@@ -24,11 +24,11 @@ pub(super) fn span(offset: u64, len: u64, ss: u64) -> Span {
             tail: None,
         };
     }
-    let head = (offset % ss != 0).then(|| {
+    let head = (!offset.is_multiple_of(ss)).then(|| {
         let s = mid_start - ss;
         (s, (offset - s) as usize, (mid_start - offset) as usize)
     });
-    let tail = (end % ss != 0).then_some((mid_end, 0, (end - mid_end) as usize));
+    let tail = (!end.is_multiple_of(ss)).then_some((mid_end, 0, (end - mid_end) as usize));
     Span {
         head,
         mid: (mid_start, mid_end - mid_start),

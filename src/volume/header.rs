@@ -108,7 +108,7 @@ impl VolumeHeader {
                 self.sector_size
             )));
         }
-        if self.size == 0 || self.size % self.sector_size as u64 != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(self.sector_size as u64) {
             return Err(VolumeError::Invalid(format!(
                 "size {} bytes (must be a positive multiple of the {}-byte sector size)",
                 self.size, self.sector_size
