@@ -226,7 +226,7 @@ impl Xts {
                 // SAFETY: `s` and `d` are valid for `len` bytes (`check` and the length assert
                 // ran); they are equal (in place) or disjoint (a `&[u8]` and a `&mut [u8]`
                 // cannot overlap); `len` is a multiple of `sector_size`, itself 512 or 4096 —
-                // multiples of the kernel's 128-byte group and of the 512-byte tweak unit.
+                // multiples of the kernels' 128- and 256-byte groups and of the 512-byte unit.
                 unsafe { keys.crypt::<ENC>(s, d, len, sector_size, first_unit) }
             }
             Backend::Portable(p) => p.run::<ENC>(src, dst, sector_size, first_unit),

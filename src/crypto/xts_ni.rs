@@ -106,8 +106,8 @@ impl NiKeys {
     /// Encrypts (`ENC`) or decrypts whole sectors from `src` into `dst`.
     ///
     /// The caller guarantees: `src` and `dst` are valid for `len` bytes and either identical or
-    /// non-overlapping, `len` is a multiple of `sector_size`, and `sector_size` is a multiple of
-    /// 128 bytes and of 512 (the tweak unit).
+    /// non-overlapping, `len` is a multiple of `sector_size`, and `sector_size` is 512 or 4096
+    /// (a multiple of both kernels' groups, 128 and 256 bytes, and of the 512-byte tweak unit).
     ///
     /// # Safety
     /// The pointer contract above must hold.
