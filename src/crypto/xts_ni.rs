@@ -462,5 +462,5 @@ unsafe fn crypt_sectors<const ENC: bool>(
         done += n;
     }
     // The tweaks are derived from K2; don't leave them on the stack.
-    scratch.0.zeroize();
+    super::xts::wipe(&mut scratch.0);
 }

@@ -7,8 +7,6 @@
 
 use core::arch::x86_64::*;
 
-use zeroize::Zeroize;
-
 use super::xts_ni::{encrypt_tweaks, mul_alpha, RoundKeys, BLOCK, LANES};
 
 /// Blocks per group: 8 registers of 2 blocks.
@@ -208,7 +206,7 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
         done += n;
     }
     // The tweaks are derived from K2; don't leave them on the stack.
-    scratch.0.zeroize();
+    super::xts::wipe(&mut scratch.0);
     // Leave the upper register halves clean for any legacy-SSE code that runs next (Intel
     // charges a transition penalty otherwise).
     _mm256_zeroupper();
