@@ -272,7 +272,7 @@ pub(super) fn encrypt_tweaks(k2: &RoundKeys, units: &[u64; LANES], n: usize) -> 
 // The kernel is written in assembly because LLVM's scheduler, short of registers, reordered the
 // intrinsics version to run one or two blocks through all 14 rounds before starting the next,
 // which starved the AES units (measured: ≈0.7× OpenSSL). Here every round is issued for all 8
-// blocks before the next round key is loaded.
+// blocks before the next round key is loaded (≈1.0× OpenSSL at 4096 B, ≈1.1× at 512 B).
 //
 // The tweaks are not one running chain of doublings (T, Tα, Tα², …): such a chain (≈4 cycles a
 // step) sat between the groups and cost about as much as the AES rounds themselves. Instead each
