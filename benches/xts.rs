@@ -1,7 +1,7 @@
 //! XTS engine throughput (single thread): encrypt and decrypt, 512- and 4096-byte sectors,
-//! 64 KiB and 1 MiB buffers, on every kernel this CPU runs (AES-NI + VAES, AES-NI, portable). OpenSSL's own figure
-//! for `openssl speed -evp aes-256-xts` is printed first, so the ratio is visible beside
-//! criterion's `thrpt` lines (`tools/bench-xts` prints the ratio table).
+//! 64 KiB and 1 MiB buffers, on every kernel this CPU runs (AES-NI + VAES, AES-NI, portable).
+//! OpenSSL's own figure for `openssl speed -evp aes-256-xts` is printed first, so the ratio is
+//! visible beside criterion's `thrpt` lines (`tools/bench-xts` prints the ratio table).
 //!
 //! Filter like any criterion bench, e.g. `cargo bench --bench xts -- aes-ni/encrypt/4096`.
 //! `XTS_SPEED=1 cargo bench --bench xts` prints a quick table against OpenSSL instead

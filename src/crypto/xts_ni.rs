@@ -384,8 +384,9 @@ fn mul_alpha_k<const K: i32, const R: i32>(t: __m128i) -> __m128i {
 struct TweakScratch([u8; 2 * LANES * BLOCK]);
 
 impl TweakScratch {
-    /// Fills in (first half) the tweaks T·α^0 … T·α^7 of a sector's first group in three levels (α, α², α⁴)
-    /// rather than a chain of seven doublings, so the first group does not wait on a long chain.
+    /// Fills in (first half) the tweaks T·α^0 … T·α^7 of a sector's first group in three levels
+    /// (α, α², α⁴) rather than a chain of seven doublings, so the first group does not wait on a
+    /// long chain.
     #[inline]
     #[target_feature(enable = "aes,sse2,pclmulqdq")]
     fn start(&mut self, t0: __m128i) {
