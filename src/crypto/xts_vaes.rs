@@ -71,16 +71,26 @@ impl TweakScratch {
 // As there, each tweak slot advances by its own α¹⁶ per group, into the other scratch half,
 // instead of one long chain.
 
-/// Blocks at byte offset `off` (two): load, whiten with their tweaks and round key 0, and write
-/// the tweak pair advanced by α¹⁶ to the other scratch half (`twn`) for the next group:
-/// `(T << 16) ^ clmul(T >> 112, 0x87)` per lane.
+/// Blocks at byte offset `off` (two): load, whiten with their tweaks and round key 0.
 #[rustfmt::skip]
 macro_rules! whiten2 {
     ($x:literal, $off:literal) => {
         concat!(
-            "vmovdqa {t}, ymmword ptr [{tw} + ", $off, "]\n",
-            "vpxor {", $x, "}, {t}, ymmword ptr [{src} + ", $off, "]\n",
+            "vmovdqu {", $x, "}, ymmword ptr [{src} + ", $off, "]\n",
+            "vpxor {", $x, "}, {", $x, "}, ymmword ptr [{tw} + ", $off, "]\n",
             "vpxor {", $x, "}, {", $x, "}, {k}\n",
+        )
+    };
+}
+
+/// Writes the tweak pair at byte offset `off`, advanced by α¹⁶, to the other scratch half
+/// (`twn`) for the next group: `(T << 16) ^ clmul(T >> 112, 0x87)` per lane. Interleaved with the
+/// first rounds, as in the SSE kernel.
+#[rustfmt::skip]
+macro_rules! advance2 {
+    ($off:literal) => {
+        concat!(
+            "vmovdqa {t}, ymmword ptr [{tw} + ", $off, "]\n",
             "vpsrldq {tmp}, {t}, 14\n",
             "vpslldq {t}, {t}, 2\n",
             "vpclmulqdq {tmp}, {tmp}, {poly}, 0x00\n",
@@ -123,8 +133,10 @@ macro_rules! group2_asm {
             "vbroadcasti128 {k}, xmmword ptr [{rk}]",
             whiten2!("x0", 0), whiten2!("x1", 32), whiten2!("x2", 64), whiten2!("x3", 96),
             whiten2!("x4", 128), whiten2!("x5", 160), whiten2!("x6", 192), whiten2!("x7", 224),
-            round2!($round, 16), round2!($round, 32), round2!($round, 48), round2!($round, 64),
-            round2!($round, 80), round2!($round, 96), round2!($round, 112), round2!($round, 128),
+            round2!($round, 16), advance2!(0), round2!($round, 32), advance2!(32),
+            round2!($round, 48), advance2!(64), round2!($round, 64), advance2!(96),
+            round2!($round, 80), advance2!(128), round2!($round, 96), advance2!(160),
+            round2!($round, 112), advance2!(192), round2!($round, 128), advance2!(224),
             round2!($round, 144), round2!($round, 160), round2!($round, 176),
             round2!($round, 192), round2!($round, 208),
             "vbroadcasti128 {k}, xmmword ptr [{rk} + 224]",
