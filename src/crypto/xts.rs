@@ -22,9 +22,9 @@ pub const SECTOR_SIZES: [usize; 2] = [512, 4096];
 /// The implementation an [`Xts`] engine runs on. All give identical bytes.
 ///
 /// Measured on the development machine (AMD EPYC, Zen 5, KVM guest; one core, 1 MiB calls,
-/// `XTS_SPEED=1 cargo bench --bench xts`), beside OpenSSL 3.0's `openssl speed -evp aes-256-xts`
-/// at 7.6 GB/s (4096 B) and 6.2 GB/s (512 B): `AesNiVaes` ≈15 and ≈12 GB/s (≈2.0× and ≈1.9×),
-/// `AesNi` ≈7.7 and ≈6.9 GB/s (≈1.0× and ≈1.1×), `Portable` ≈4.4 and ≈3.6 GB/s (≈0.6×).
+/// `tools/bench-xts --speed`), beside OpenSSL 3.0's `openssl speed -evp aes-256-xts` at
+/// ≈7.4 GB/s (4096 B) and ≈6.0 GB/s (512 B): `AesNiVaes` ≈15 and ≈12 GB/s (≈2.0×), `AesNi`
+/// ≈7.7 and ≈7.1 GB/s (≈1.04× and ≈1.2×), `Portable` ≈4.5 and ≈3.5 GB/s (≈0.6×).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// AES-NI with AVX2 + VAES: two blocks per instruction, 16 in flight (x86_64).
