@@ -20,6 +20,8 @@ use core::arch::x86_64::*;
 
 use zeroize::Zeroize;
 
+use super::locked::{LockedBox, Zeroable};
+
 /// AES-256 has 14 rounds, hence 15 round keys.
 const ROUNDS: usize = 14;
 /// Blocks kept in flight by the kernel; sectors are multiples of 8 blocks (128 bytes).
@@ -54,26 +56,39 @@ impl NiKernel {
 /// 15 round keys, 16-byte aligned so they can be loaded with aligned loads. Deliberately not
 /// `Copy`/`Clone`: key material should exist once, in its zeroize-on-drop owner.
 #[repr(C, align(16))]
-pub(super) struct RoundKeys(pub(super) [[u8; BLOCK]; ROUNDS + 1]);
+pub(crate) struct RoundKeys(pub(crate) [[u8; BLOCK]; ROUNDS + 1]);
 
-impl RoundKeys {
-    const ZERO: Self = Self([[0; BLOCK]; ROUNDS + 1]);
+/// The three schedules of one XTS key: K1 for encryption and for decryption (the equivalent
+/// inverse cipher's schedule), K2 for the tweak.
+#[repr(C)]
+pub(crate) struct Schedules {
+    pub(crate) enc1: RoundKeys,
+    pub(crate) dec1: RoundKeys,
+    pub(crate) enc2: RoundKeys,
 }
 
-/// The expanded keys of one XTS key: K1 for encryption and for decryption (the equivalent
-/// inverse cipher's schedule), K2 for the tweak. Zeroized on drop: these are key material.
-pub(crate) struct NiKeys {
-    enc1: RoundKeys,
-    dec1: RoundKeys,
-    enc2: RoundKeys,
-    kernel: NiKernel,
-}
+// SAFETY: three arrays of bytes: all zeroes is a valid value and nothing is owned.
+unsafe impl Zeroable for Schedules {}
 
-impl Drop for NiKeys {
-    fn drop(&mut self) {
+impl Zeroize for Schedules {
+    fn zeroize(&mut self) {
         self.enc1.0.zeroize();
         self.dec1.0.zeroize();
         self.enc2.0.zeroize();
+    }
+}
+
+/// The expanded keys of one XTS key, on locked, non-dumpable pages that are zeroized when the
+/// engine is dropped (these are key material), plus the kernel that uses them.
+pub(crate) struct NiKeys {
+    schedules: LockedBox<Schedules>,
+    kernel: NiKernel,
+}
+
+impl std::ops::Deref for NiKeys {
+    type Target = Schedules;
+    fn deref(&self) -> &Schedules {
+        &self.schedules
     }
 }
 
@@ -83,24 +98,17 @@ impl NiKeys {
         if !available() || !kernel.available() {
             return None;
         }
-        // Boxed before filling so the schedules are written once, in place, and never copied
-        // around the stack by moves of the owner.
-        let mut keys = Box::new(Self {
-            enc1: RoundKeys::ZERO,
-            dec1: RoundKeys::ZERO,
-            enc2: RoundKeys::ZERO,
-            kernel,
+        // The schedules are written once, in place, in their locked pages: never copied around
+        // the stack by moves of the owner.
+        let schedules = LockedBox::<Schedules>::new_with(|s| {
+            // SAFETY: `available()` confirmed the `aes` and `sse2` features these functions enable.
+            unsafe {
+                expand_key(k1, &mut s.enc1);
+                invert_key(&s.enc1, &mut s.dec1);
+                expand_key(k2, &mut s.enc2);
+            }
         });
-        // SAFETY: `available()` confirmed the `aes` and `sse2` features these functions enable.
-        unsafe {
-            let NiKeys {
-                enc1, dec1, enc2, ..
-            } = &mut *keys;
-            expand_key(k1, enc1);
-            invert_key(enc1, dec1);
-            expand_key(k2, enc2);
-        }
-        Some(keys)
+        Some(Box::new(Self { schedules, kernel }))
     }
 
     /// Encrypts (`ENC`) or decrypts whole sectors from `src` into `dst`.
