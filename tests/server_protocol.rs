@@ -412,3 +412,43 @@ fn shutdown_is_bounded_when_a_client_stops_reading_replies() {
     srv.join().unwrap();
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }
+
+#[test]
+fn bytes_after_an_unskippable_write_are_never_run_as_requests() {
+    let (srv, rw, _) = server();
+    for _ in 0..20 {
+        let mut c = RawClient::unix(&srv.socket);
+        c.connect_export("disk0", false);
+        // One send: the refused header and, right behind it, what looks like valid writes.
+        let mut bytes = request::Request {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: 1,
+            offset: 0,
+            len: u32::MAX,
+        }
+        .encode()
+        .to_vec();
+        for i in 0..8 {
+            bytes.extend_from_slice(
+                &request::Request {
+                    flags: 0,
+                    command: CMD_WRITE,
+                    cookie: 100 + i,
+                    offset: 0,
+                    len: 4096,
+                }
+                .encode(),
+            );
+            bytes.extend_from_slice(&[0xEE; 4096]);
+        }
+        c.send(&bytes);
+        let r = c.reply(0);
+        assert_eq!((r.cookie(), r.error()), (1, EINVAL));
+        assert!(c.is_closed());
+    }
+    assert!(
+        rw.snapshot(0, 4096).iter().all(|b| *b == 0),
+        "payload bytes were executed as requests"
+    );
+}
