@@ -249,7 +249,10 @@ impl DataDirProvider {
                 cache.insert(name.to_string(), v.clone());
                 Ok(v)
             }
-            Err(DataDirError::NotFound { .. }) => Err(AttachError::NotFound(name.to_string())),
+            // A name that cannot be a volume (e.g. `../x`) is simply not an export.
+            Err(DataDirError::NotFound { .. } | DataDirError::InvalidName { .. }) => {
+                Err(AttachError::NotFound(name.to_string()))
+            }
             Err(e) => {
                 // Logged by the caller (with the client that asked, or at start).
                 let reason = chain(&e);
