@@ -60,20 +60,6 @@ fn human_size(n: u64) -> String {
     format!("{n} bytes")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_for_humans() {
-        assert_eq!(human_size(1 << 30), "1 GiB");
-        assert_eq!(human_size(3 << 20), "3 MiB");
-        assert_eq!(human_size(1536 << 20), "1536 MiB");
-        assert_eq!(human_size(4097), "4097 bytes");
-        assert!(describe(1 << 30, 4096, "k v1").contains("1 GiB, 4096-byte sectors, CMK k v1"));
-    }
-}
-
 impl Export for VolumeExport {
     fn name(&self) -> &str {
         &self.name
@@ -318,5 +304,19 @@ impl ExportProvider for DataDirProvider {
 
     fn attach(&self, name: &str) -> Result<Arc<dyn Export>, AttachError> {
         self.attach_volume(name).map(|v| v as Arc<dyn Export>)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_for_humans() {
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(3 << 20), "3 MiB");
+        assert_eq!(human_size(1536 << 20), "1536 MiB");
+        assert_eq!(human_size(4097), "4097 bytes");
+        assert!(describe(1 << 30, 4096, "k v1").contains("1 GiB, 4096-byte sectors, CMK k v1"));
     }
 }
