@@ -186,7 +186,7 @@ fn attach_refused_with_wrong_context() {
     let mut forged = h.clone();
     forged
         .encryption_context
-        .insert("volume_id".into(), uuid::Uuid::new_v4().to_string());
+        .insert("purpose".into(), "forged".into());
     forged.write_update(&b).unwrap();
     drop(b);
     let e = dd.attach(&ks, "d", false).unwrap_err();
@@ -337,4 +337,25 @@ fn import_export_round_trip_preserves_holes() {
         dd.export(&ks, "imp", &out, |_, _| {}),
         Err(DataDirError::Io { .. })
     ));
+}
+
+#[test]
+fn attach_refuses_a_data_key_copied_from_another_volume() {
+    let (_t, dd, ks, _) = setup();
+    dd.create_volume(&ks, "a", MIB, "vol", CreateOptions::default())
+        .unwrap();
+    let hb = dd
+        .create_volume(&ks, "b", MIB, "vol", CreateOptions::default())
+        .unwrap();
+    // Graft b's wrapped DEK and context into a's header: the key store would unwrap it (the
+    // context is b's own), so the data directory must notice it names another volume.
+    let pa = dd.volume_path("a").unwrap();
+    let ba = FileBackend::open(&pa, false).unwrap();
+    let mut ha = VolumeHeader::read_from(&ba).unwrap();
+    ha.wrapped_dek = hb.wrapped_dek.clone();
+    ha.encryption_context = hb.encryption_context.clone();
+    ha.write_update(&ba).unwrap();
+    drop(ba);
+    let e = dd.attach(&ks, "a", false).unwrap_err();
+    assert!(matches!(e, DataDirError::ContextMismatch { .. }), "{e}");
 }

@@ -255,7 +255,7 @@ fn full_disk_write_fails_with_enospc_and_leaves_other_sectors_intact() {
 fn concurrent_small_writes_into_one_sector_are_never_lost() {
     let (_, v, _) = mem_volume(MIB, 4096);
     let v = Arc::new(v);
-    for round in 0..20u8 {
+    for round in 0..200u8 {
         let threads: Vec<_> = (0..8u64)
             .map(|i| {
                 let v = v.clone();
@@ -322,4 +322,44 @@ fn file_backend_volume_is_sparse_and_reports_holes() {
     let mut back = vec![0u8; 1 << 20];
     v.read(1 << 30, &mut back).unwrap();
     assert_eq!(back, pattern(1 << 20, 2));
+}
+
+#[test]
+fn crash_consistency_flushed_and_fua_writes_survive_unflushed_may_not() {
+    use cryptnbd::backend::testing::{CrashBackend, CrashMode};
+    let cb = CrashBackend::new();
+    let key = XtsKey::generate();
+    let v = Volume::create(cb.clone(), &header(MIB, 4096), &key).unwrap();
+    v.write(0, &mut pattern(8192, 1), false).unwrap();
+    v.flush().unwrap();
+    v.write(8192, &mut pattern(4096, 2), true).unwrap();
+    v.write(100, &mut pattern(10, 3), false).unwrap();
+    v.write(65536, &mut pattern(4096, 4), false).unwrap();
+    for mode in [CrashMode::DropUnsynced, CrashMode::TearUnsynced] {
+        let disk = cb.after_crash(mode);
+        let k = XtsKey::from_slice(key.dangerous_as_bytes()).unwrap();
+        let v2 = Volume::open(disk, false, move |_| Ok::<_, VolumeError>(k)).unwrap();
+        let mut b = vec![0u8; 8192];
+        v2.read(4096, &mut b).unwrap();
+        assert_eq!(&b[..4096], &pattern(8192, 1)[4096..], "{mode:?}");
+        assert_eq!(&b[4096..], &pattern(4096, 2)[..], "{mode:?}");
+        if mode == CrashMode::DropUnsynced {
+            let mut first = vec![0u8; 4096];
+            v2.read(0, &mut first).unwrap();
+            assert_eq!(first, pattern(8192, 1)[..4096], "unsynced RMW lost whole");
+            let mut lost = vec![1u8; 4096];
+            assert!(v2.read(65536, &mut lost).unwrap().all_zero);
+        }
+    }
+}
+
+#[test]
+fn empty_requests_are_no_ops() {
+    let (b, v, _) = mem_volume(MIB, 4096);
+    let before = b.snapshot();
+    v.write(123, &mut [], true).unwrap();
+    assert!(v.read(MIB, &mut []).unwrap().all_zero);
+    v.trim(5, 0, false).unwrap();
+    v.write_zeroes(5, 0, true, false).unwrap();
+    assert_eq!(b.snapshot(), before);
 }

@@ -4,7 +4,7 @@
 //!
 //! A 512-byte data unit numbered `dusn` is, in our convention, a 512-byte sector at unit `dusn`.
 
-use cryptnbd::crypto::{Xts, XtsKey};
+use cryptnbd::crypto::{Kernel, Xts, XtsKey};
 
 struct Vector {
     name: String,
@@ -44,14 +44,23 @@ fn vectors() -> Vec<Vector> {
     out
 }
 
-/// Every backend this machine can run; on an AES-NI CPU that must include the AES-NI kernel.
+/// Every kernel this machine can run; on an AES-NI CPU that must include the AES-NI kernels.
 fn engines(key: &XtsKey) -> Vec<Xts> {
-    let mut v = vec![Xts::new_portable(key)];
-    match Xts::new_aesni(key) {
-        Some(x) => v.push(x),
-        None => eprintln!("NOTE: no AES-NI on this CPU/target: only the portable path is tested"),
+    let kernels = Kernel::available();
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("aes") {
+        assert!(
+            kernels.contains(&Kernel::AesNi),
+            "AES-NI CPU without the AES-NI kernel"
+        );
     }
-    v
+    if kernels == [Kernel::Portable] {
+        eprintln!("NOTE: no AES-NI on this CPU/target: only the portable path is tested");
+    }
+    kernels
+        .into_iter()
+        .map(|k| Xts::with_kernel(key, k).expect("an available kernel"))
+        .collect()
 }
 
 #[test]
@@ -91,10 +100,10 @@ fn ieee1619_vectors_encrypt_and_decrypt_in_place() {
                 hex::encode(&v.ct),
                 "{} on {}",
                 v.name,
-                xts.backend_name()
+                xts.kernel().name()
             );
             xts.decrypt_sectors(&mut buf, 512, v.dusn);
-            assert_eq!(buf, v.pt, "{} decrypt on {}", v.name, xts.backend_name());
+            assert_eq!(buf, v.pt, "{} decrypt on {}", v.name, xts.kernel().name());
         }
     }
 }
@@ -106,10 +115,10 @@ fn ieee1619_vectors_encrypt_and_decrypt_out_of_place() {
         for xts in engines(&key) {
             let mut out = vec![0u8; 512];
             xts.encrypt_sectors_to(&v.pt, &mut out, 512, v.dusn);
-            assert_eq!(out, v.ct, "{} on {}", v.name, xts.backend_name());
+            assert_eq!(out, v.ct, "{} on {}", v.name, xts.kernel().name());
             let mut back = vec![0u8; 512];
             xts.decrypt_sectors_to(&v.ct, &mut back, 512, v.dusn);
-            assert_eq!(back, v.pt, "{} decrypt on {}", v.name, xts.backend_name());
+            assert_eq!(back, v.pt, "{} decrypt on {}", v.name, xts.kernel().name());
         }
     }
 }
@@ -131,7 +140,7 @@ fn ieee1619_vector_inside_a_multi_sector_buffer() {
                     &v.ct[..],
                     "{} at sector {pos} on {}",
                     v.name,
-                    xts.backend_name()
+                    xts.kernel().name()
                 );
             }
         }

@@ -7,6 +7,8 @@ pub mod locked;
 pub mod xts;
 #[cfg(target_arch = "x86_64")]
 mod xts_ni;
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes;
 
 pub use keys::{Key256, SecretBytes, XtsKey};
-pub use xts::Xts;
+pub use xts::{Kernel, Xts};

@@ -2,8 +2,9 @@
 //! tweak of a sector is the little-endian number of its first 512-byte unit, zero-extended to 16
 //! bytes. Sectors are 512 or 4096 bytes, so no ciphertext stealing is ever needed.
 //!
-//! Two backends give identical bytes: an AES-NI kernel (`xts_ni`, x86_64, chosen at run time when
-//! the CPU has AES-NI) and a portable path built on the `aes` crate that runs on any target.
+//! Three kernels give identical bytes (see [`Kernel`]): on x86_64 two AES-NI kernels chosen at run
+//! time (`xts_vaes`, 16 blocks in flight with AVX2 + VAES, and `xts_ni`, 8 blocks in flight with
+//! SSE), and a portable path built on the `aes` crate that runs on any target.
 //! The engine allocates nothing per call and holds no mutable state, so one `Xts` is shared by
 //! `&` between threads.
 
@@ -17,6 +18,49 @@ pub const UNIT: usize = 512;
 
 /// The encryption sector sizes the engine accepts.
 pub const SECTOR_SIZES: [usize; 2] = [512, 4096];
+
+/// The implementation an [`Xts`] engine runs on. All give identical bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// AES-NI with AVX2 + VAES: two blocks per instruction, 16 in flight (x86_64).
+    AesNiVaes,
+    /// AES-NI with SSE: 8 blocks in flight (x86_64).
+    AesNi,
+    /// The `aes` crate: any target.
+    Portable,
+}
+
+impl Kernel {
+    /// Every kernel, fastest first.
+    pub const ALL: [Kernel; 3] = [Kernel::AesNiVaes, Kernel::AesNi, Kernel::Portable];
+
+    /// A short name for logs and benchmark labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::AesNiVaes => "aes-ni-vaes",
+            Kernel::AesNi => "aes-ni",
+            Kernel::Portable => "portable",
+        }
+    }
+
+    /// Whether this CPU (and target) can run the kernel.
+    pub fn is_available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AesNiVaes => super::xts_ni::NiKernel::Vaes16.available(),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AesNi => super::xts_ni::NiKernel::Sse8.available(),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::AesNiVaes | Kernel::AesNi => false,
+            Kernel::Portable => true,
+        }
+    }
+
+    /// The kernels this CPU can run, fastest first (the portable one is always there).
+    pub fn available() -> Vec<Kernel> {
+        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+    }
+}
 
 /// A keyed XTS engine. Cheap to share between threads (`&self` methods, no interior state).
 /// Its key schedules are zeroized when it is dropped.
@@ -39,20 +83,39 @@ const _: () = {
 
 impl std::fmt::Debug for Xts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Xts({}, <key redacted>)", self.backend_name())
+        write!(f, "Xts({}, <key redacted>)", self.kernel().name())
     }
 }
 
 impl Xts {
-    /// An engine for `key`, on the AES-NI kernel when this CPU has AES-NI, else portable.
+    /// An engine for `key` on the fastest kernel this CPU can run (an AES-NI one when the CPU
+    /// has AES-NI, else portable).
     pub fn new(key: &XtsKey) -> Self {
+        Kernel::ALL
+            .into_iter()
+            .find_map(|k| Self::with_kernel(key, k))
+            .unwrap_or_else(|| Self::new_portable(key))
+    }
+
+    /// An engine for `key` on `kernel`, or `None` when this CPU cannot run it. For tests and
+    /// benchmarks that must exercise one kernel specifically.
+    pub fn with_kernel(key: &XtsKey, kernel: Kernel) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
-        if let Some(keys) = super::xts_ni::NiKeys::new(key.dangerous_k1(), key.dangerous_k2()) {
-            return Self {
-                backend: Backend::AesNi(keys),
+        {
+            use super::xts_ni::{NiKernel, NiKeys};
+            let ni = match kernel {
+                Kernel::AesNiVaes => NiKernel::Vaes16,
+                Kernel::AesNi => NiKernel::Sse8,
+                Kernel::Portable => return Some(Self::new_portable(key)),
             };
+            NiKeys::new(key.dangerous_k1(), key.dangerous_k2(), ni).map(|keys| Self {
+                backend: Backend::AesNi(keys),
+            })
         }
-        Self::new_portable(key)
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            (kernel == Kernel::Portable).then(|| Self::new_portable(key))
+        }
     }
 
     /// An engine for `key` on the portable path, whatever the CPU (for tests and benchmarks).
@@ -62,28 +125,32 @@ impl Xts {
         }
     }
 
-    /// An engine for `key` on the AES-NI kernel, or `None` when this CPU (or target) has no
-    /// AES-NI. For tests and benchmarks that must exercise that kernel specifically.
+    /// An engine for `key` on the fastest AES-NI kernel, or `None` when this CPU (or target)
+    /// has no AES-NI.
     pub fn new_aesni(key: &XtsKey) -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            super::xts_ni::NiKeys::new(key.dangerous_k1(), key.dangerous_k2()).map(|keys| Self {
-                backend: Backend::AesNi(keys),
-            })
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = key;
-            None
-        }
+        [Kernel::AesNiVaes, Kernel::AesNi]
+            .into_iter()
+            .find_map(|k| Self::with_kernel(key, k))
     }
 
-    /// `"aes-ni"` or `"portable"`: which backend this engine runs on.
+    /// `"aes-ni"` (either AES-NI kernel) or `"portable"`: which backend this engine runs on.
     pub fn backend_name(&self) -> &'static str {
         match self.backend {
             #[cfg(target_arch = "x86_64")]
             Backend::AesNi(_) => "aes-ni",
             Backend::Portable(_) => "portable",
+        }
+    }
+
+    /// The exact kernel this engine runs on.
+    pub fn kernel(&self) -> Kernel {
+        match &self.backend {
+            #[cfg(target_arch = "x86_64")]
+            Backend::AesNi(keys) => match keys.kernel() {
+                super::xts_ni::NiKernel::Vaes16 => Kernel::AesNiVaes,
+                super::xts_ni::NiKernel::Sse8 => Kernel::AesNi,
+            },
+            Backend::Portable(_) => Kernel::Portable,
         }
     }
 
@@ -261,9 +328,10 @@ mod tests {
     use xts_mode::{get_tweak_default, Xts128};
 
     fn engines(key: &XtsKey) -> Vec<Xts> {
-        let mut v = vec![Xts::new_portable(key)];
-        v.extend(Xts::new_aesni(key));
-        v
+        Kernel::available()
+            .into_iter()
+            .map(|k| Xts::with_kernel(key, k).unwrap())
+            .collect()
     }
 
     fn oracle(key: &XtsKey, data: &mut [u8], ss: usize, first_unit: u64, enc: bool) {
@@ -296,7 +364,7 @@ mod tests {
                         data,
                         expect,
                         "{} ss={ss} unit={first_unit}",
-                        xts.backend_name()
+                        xts.kernel().name()
                     );
                     let mut out = vec![0u8; data.len()];
                     xts.decrypt_sectors_to(&data, &mut out, ss, first_unit);
@@ -309,19 +377,54 @@ mod tests {
     }
 
     #[test]
-    fn new_picks_aesni_when_the_cpu_has_it() {
+    fn new_picks_the_fastest_available_kernel() {
         let key = XtsKey::generate();
-        let expected = if Xts::new_aesni(&key).is_some() {
-            "aes-ni"
-        } else {
+        let best = Kernel::available()[0];
+        assert_eq!(Xts::new(&key).kernel(), best);
+        let expected = if best == Kernel::Portable {
             "portable"
+        } else {
+            "aes-ni"
         };
         assert_eq!(Xts::new(&key).backend_name(), expected);
         assert_eq!(Xts::new_portable(&key).backend_name(), "portable");
+        assert_eq!(*Kernel::available().last().unwrap(), Kernel::Portable);
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("aes") {
             assert_eq!(expected, "aes-ni");
+            assert!(Kernel::AesNi.is_available());
+            assert_eq!(
+                Xts::with_kernel(&key, Kernel::AesNi).unwrap().kernel(),
+                Kernel::AesNi
+            );
         }
+        for k in Kernel::ALL {
+            assert_eq!(
+                Xts::with_kernel(&key, k).is_some(),
+                k.is_available(),
+                "{k:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_engine_shared_by_threads_gives_the_same_bytes() {
+        let key = XtsKey::generate();
+        let xts = Xts::new(&key);
+        let plain: Vec<u8> = (0..8 * 4096).map(|i| (i % 251) as u8).collect();
+        let mut expect = plain.clone();
+        xts.encrypt_sectors(&mut expect, 4096, 99);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..20 {
+                        let mut buf = plain.clone();
+                        xts.encrypt_sectors(&mut buf, 4096, 99);
+                        assert_eq!(buf, expect);
+                    }
+                });
+            }
+        });
     }
 
     #[test]
@@ -355,5 +458,7 @@ mod tests {
     fn debug_prints_no_key() {
         let xts = Xts::new_portable(&XtsKey::generate());
         assert_eq!(format!("{xts:?}"), "Xts(portable, <key redacted>)");
+        let xts = Xts::new(&XtsKey::generate());
+        assert!(format!("{xts:?}").ends_with(", <key redacted>)"));
     }
 }

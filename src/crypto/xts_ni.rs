@@ -1,17 +1,20 @@
-//! The AES-NI fast path of the XTS engine (x86_64 only): the AES-256 key schedules and the
-//! sector kernel. It owns every `unsafe` block of the XTS engine; [`super::xts`] only calls in
-//! after [`available`] said yes.
+//! The AES-NI fast path of the XTS engine (x86_64 only): the AES-256 key schedules (shared with
+//! the wide VAES kernel in [`super::xts_vaes`]) and the 8-block SSE kernel. Together with
+//! `xts_vaes` it holds every `unsafe` block of the XTS engine; [`super::xts`] only calls in after
+//! the kernel's `available()` said yes.
 //!
 //! Why it is shaped like this:
-//! - AES-NI `aesenc` has a latency of several cycles but a throughput of one or two per cycle, so
-//!   one block at a time leaves the unit idle. We keep 8 independent blocks in flight.
-//! - The XTS whitening `x ^ T` is folded into the round keys: the first round key becomes
-//!   `rk0 ^ T` and the last `rk14 ^ T`, so `aesenclast(x, rk14 ^ T)` yields the ciphertext with
-//!   the final xor done for free and off the dependency chain of the rounds.
-//! - The tweak doubling (multiplication by α in GF(2^128)) is done in SSE registers: a 64-bit
-//!   lane shift plus a masked carry (the classic `psrad / pshufd / pand / paddq / pxor`).
-//! - No `target-cpu=native`, no AVX: only `aes` and `sse2` are enabled, because AVX-512 code
-//!   competing with AES made the kernel slower on the machines we measured (see DESIGN.md).
+//! - `aesenc` has a latency of about 4 cycles but a throughput of 2 per cycle, so one block at a
+//!   time leaves the AES units idle. We keep 8 independent blocks in flight, each round issued
+//!   for all 8 before the next round key (in assembly: see `group_asm` for why).
+//! - The XTS whitening `x ^ T` is folded into the last round key: `aesenclast(x, rk14 ^ T)`
+//!   yields the ciphertext with the final xor done for free and off the rounds' dependency chain
+//!   (the first xor, `x ^ T ^ rk0`, is likewise one step before round 1).
+//! - The tweaks stay in registers and a small aligned scratch; each of the 8 tweak slots advances
+//!   by α⁸ per group with a byte shift and one carry-less multiply (PCLMULQDQ), instead of a chain
+//!   of doublings that would serialize the groups.
+//! - Only `aes`, `sse2` and `pclmulqdq` are enabled here, no `target-cpu=native` (its AVX-512
+//!   code competing with AES made things slower, see DESIGN.md).
 
 use core::arch::x86_64::*;
 
@@ -20,18 +23,38 @@ use zeroize::Zeroize;
 /// AES-256 has 14 rounds, hence 15 round keys.
 const ROUNDS: usize = 14;
 /// Blocks kept in flight by the kernel; sectors are multiples of 8 blocks (128 bytes).
-const LANES: usize = 8;
-const BLOCK: usize = 16;
+pub(super) const LANES: usize = 8;
+pub(super) const BLOCK: usize = 16;
 
 /// True when this CPU has the instructions the kernel needs.
 pub(crate) fn available() -> bool {
-    is_x86_feature_detected!("aes") && is_x86_feature_detected!("sse2")
+    is_x86_feature_detected!("aes")
+        && is_x86_feature_detected!("sse2")
+        && is_x86_feature_detected!("pclmulqdq")
 }
 
-/// 15 round keys, 16-byte aligned so they can be loaded with aligned loads.
-#[derive(Clone, Copy)]
+/// Which AES-NI kernel runs the data blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum NiKernel {
+    /// SSE, 8 blocks in flight (this file).
+    Sse8,
+    /// AVX2 + VAES, 16 blocks in flight (`xts_vaes`).
+    Vaes16,
+}
+
+impl NiKernel {
+    pub(crate) fn available(self) -> bool {
+        match self {
+            NiKernel::Sse8 => available(),
+            NiKernel::Vaes16 => super::xts_vaes::available(),
+        }
+    }
+}
+
+/// 15 round keys, 16-byte aligned so they can be loaded with aligned loads. Deliberately not
+/// `Copy`/`Clone`: key material should exist once, in its zeroize-on-drop owner.
 #[repr(C, align(16))]
-struct RoundKeys([[u8; BLOCK]; ROUNDS + 1]);
+pub(super) struct RoundKeys(pub(super) [[u8; BLOCK]; ROUNDS + 1]);
 
 impl RoundKeys {
     const ZERO: Self = Self([[0; BLOCK]; ROUNDS + 1]);
@@ -43,6 +66,7 @@ pub(crate) struct NiKeys {
     enc1: RoundKeys,
     dec1: RoundKeys,
     enc2: RoundKeys,
+    kernel: NiKernel,
 }
 
 impl Drop for NiKeys {
@@ -54,9 +78,9 @@ impl Drop for NiKeys {
 }
 
 impl NiKeys {
-    /// Expands K1 and K2. Returns `None` when the CPU lacks AES-NI.
-    pub(crate) fn new(k1: &[u8; 32], k2: &[u8; 32]) -> Option<Box<Self>> {
-        if !available() {
+    /// Expands K1 and K2 for `kernel`. Returns `None` when the CPU lacks what it needs.
+    pub(crate) fn new(k1: &[u8; 32], k2: &[u8; 32], kernel: NiKernel) -> Option<Box<Self>> {
+        if !available() || !kernel.available() {
             return None;
         }
         // Boxed before filling so the schedules are written once, in place, and never copied
@@ -65,10 +89,13 @@ impl NiKeys {
             enc1: RoundKeys::ZERO,
             dec1: RoundKeys::ZERO,
             enc2: RoundKeys::ZERO,
+            kernel,
         });
         // SAFETY: `available()` confirmed the `aes` and `sse2` features these functions enable.
         unsafe {
-            let NiKeys { enc1, dec1, enc2 } = &mut *keys;
+            let NiKeys {
+                enc1, dec1, enc2, ..
+            } = &mut *keys;
             expand_key(k1, enc1);
             invert_key(enc1, dec1);
             expand_key(k2, enc2);
@@ -92,9 +119,29 @@ impl NiKeys {
         sector_size: usize,
         first_unit: u64,
     ) {
-        // SAFETY: `self` exists only if `available()` returned true at construction; the pointer
-        // contract is forwarded from our caller.
-        unsafe { crypt_sectors::<ENC>(self, src, dst, len, sector_size, first_unit) }
+        let rks = if ENC { &self.enc1 } else { &self.dec1 };
+        // SAFETY: `self` exists only if its kernel's `available()` returned true at construction;
+        // the pointer contract is forwarded from our caller.
+        unsafe {
+            match self.kernel {
+                NiKernel::Sse8 => {
+                    crypt_sectors::<ENC>(self, src, dst, len, sector_size, first_unit)
+                }
+                NiKernel::Vaes16 => super::xts_vaes::crypt_sectors::<ENC>(
+                    rks,
+                    &self.enc2,
+                    src,
+                    dst,
+                    len,
+                    sector_size,
+                    first_unit,
+                ),
+            }
+        }
+    }
+
+    pub(crate) fn kernel(&self) -> NiKernel {
+        self.kernel
     }
 }
 
@@ -188,17 +235,13 @@ fn invert_key(enc: &RoundKeys, dec: &mut RoundKeys) {
     store_rk(dec, ROUNDS, load_rk(enc, 0));
 }
 
-/// Multiplies a tweak by α in GF(2^128) with the IEEE 1619 (little-endian) convention: shift the
-/// 128-bit value left by one, and fold the bit shifted out of the top back in as 0x87.
+/// Multiplies a tweak by α in GF(2^128) (IEEE 1619 little-endian convention); the same trick as
+/// the kernel's `whiten` below.
 #[inline]
 #[target_feature(enable = "aes,sse2")]
-fn mul_alpha(t: __m128i) -> __m128i {
-    // Per 32-bit lane: all ones if its top bit is set. Lane 3's top bit is bit 127 (becomes
-    // 0x87 in lane 0); lane 1's top bit is bit 63 (carries into bit 64, lane 2). The 64-bit
-    // adds shift each half left by one; the carries across halves come from the mask.
-    let signs = _mm_srai_epi32::<31>(t);
+pub(super) fn mul_alpha(t: __m128i) -> __m128i {
     let carries = _mm_and_si128(
-        _mm_shuffle_epi32::<0x13>(signs),
+        _mm_srai_epi32::<31>(_mm_shuffle_epi32::<0x13>(t)),
         _mm_set_epi32(0, 1, 0, 0x87),
     );
     _mm_xor_si128(_mm_add_epi64(t, t), carries)
@@ -207,7 +250,7 @@ fn mul_alpha(t: __m128i) -> __m128i {
 /// Encrypts the 16-byte tweak block of each of the first `n <= LANES` units under K2.
 #[inline]
 #[target_feature(enable = "aes,sse2")]
-fn encrypt_tweaks(k2: &RoundKeys, units: &[u64; LANES], n: usize) -> [__m128i; LANES] {
+pub(super) fn encrypt_tweaks(k2: &RoundKeys, units: &[u64; LANES], n: usize) -> [__m128i; LANES] {
     let mut t = [_mm_setzero_si128(); LANES];
     let rk0 = load_rk(k2, 0);
     for (x, &u) in t.iter_mut().zip(units).take(n) {
@@ -226,7 +269,146 @@ fn encrypt_tweaks(k2: &RoundKeys, units: &[u64; LANES], n: usize) -> [__m128i; L
     t
 }
 
-#[target_feature(enable = "aes,sse2")]
+// The kernel is written in assembly because LLVM's scheduler, short of registers, reordered the
+// intrinsics version to run one or two blocks through all 14 rounds before starting the next,
+// which starved the AES units (measured: ≈0.7× OpenSSL). Here every round is issued for all 8
+// blocks before the next round key is loaded.
+//
+// The tweaks are not one running chain of doublings (T, Tα, Tα², …): such a chain (≈4 cycles a
+// step) sat between the groups and cost about as much as the AES rounds themselves. Instead each
+// of the 8 tweak slots advances by α⁸ per group (a byte shift and one carry-less multiply), 8
+// independent short computations, done at the start of a group into the scratch's other half so
+// the next group never waits for this one's rounds.
+//
+// Register roles: x0..x7 data blocks, k the current round key, t a tweak, tmp scratch, poly the
+// reduction constant 0x87.
+
+/// Block `x` at byte offset `off`: load, whiten with its tweak and round key 0 (already in `k`),
+/// and write the tweak slot's next value, advanced by α⁸, to the other scratch half (`twn`):
+/// `(T << 8) ^ clmul(T >> 120, 0x87)`. Done here, before the rounds, so the next group's tweaks
+/// are ready long before it starts and consecutive groups overlap.
+#[rustfmt::skip]
+macro_rules! whiten {
+    ($x:literal, $off:literal) => {
+        concat!(
+            "movdqa {t}, xmmword ptr [{tw} + ", $off, "]\n",
+            "movdqu {", $x, "}, xmmword ptr [{src} + ", $off, "]\n",
+            "pxor {", $x, "}, {t}\n",
+            "pxor {", $x, "}, {k}\n",
+            "movdqa {tmp}, {t}\n",
+            "psrldq {tmp}, 15\n",
+            "pslldq {t}, 1\n",
+            "pclmulqdq {tmp}, {poly}, 0x00\n",
+            "pxor {t}, {tmp}\n",
+            "movdqa xmmword ptr [{twn} + ", $off, "], {t}\n",
+        )
+    };
+}
+
+/// One middle round (`aesenc` or `aesdec`) with the round key at byte offset `off`, 8 blocks.
+#[rustfmt::skip]
+macro_rules! round {
+    ($op:literal, $off:literal) => {
+        concat!(
+            "movdqa {k}, xmmword ptr [{rk} + ", $off, "]\n",
+            $op, " {x0}, {k}\n", $op, " {x1}, {k}\n", $op, " {x2}, {k}\n", $op, " {x3}, {k}\n",
+            $op, " {x4}, {k}\n", $op, " {x5}, {k}\n", $op, " {x6}, {k}\n", $op, " {x7}, {k}\n",
+        )
+    };
+}
+
+/// Last round of block `x` with the key `rk14 ^ tweak` (`k` holds rk14): the tweak's final xor
+/// comes for free. Then the store.
+#[rustfmt::skip]
+macro_rules! finish {
+    ($op:literal, $x:literal, $off:literal) => {
+        concat!(
+            "movdqa {tmp}, xmmword ptr [{tw} + ", $off, "]\n",
+            "pxor {tmp}, {k}\n",
+            $op, " {", $x, "}, {tmp}\n",
+            "movdqu xmmword ptr [{dst} + ", $off, "], {", $x, "}\n",
+        )
+    };
+}
+
+#[rustfmt::skip]
+macro_rules! group_asm {
+    ($round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr) => {
+        core::arch::asm!(
+            "movdqa {k}, xmmword ptr [{rk}]",
+            whiten!("x0", 0), whiten!("x1", 16), whiten!("x2", 32), whiten!("x3", 48),
+            whiten!("x4", 64), whiten!("x5", 80), whiten!("x6", 96), whiten!("x7", 112),
+            round!($round, 16), round!($round, 32), round!($round, 48), round!($round, 64),
+            round!($round, 80), round!($round, 96), round!($round, 112), round!($round, 128),
+            round!($round, 144), round!($round, 160), round!($round, 176), round!($round, 192),
+            round!($round, 208),
+            "movdqa {k}, xmmword ptr [{rk} + 224]",
+            finish!($last, "x0", 0), finish!($last, "x1", 16), finish!($last, "x2", 32),
+            finish!($last, "x3", 48), finish!($last, "x4", 64), finish!($last, "x5", 80),
+            finish!($last, "x6", 96), finish!($last, "x7", 112),
+            rk = in(reg) $rk,
+            src = in(reg) $src,
+            dst = in(reg) $dst,
+            tw = in(reg) $tw,
+            twn = in(reg) $twn,
+            poly = in(xmm_reg) $poly,
+            k = out(xmm_reg) _,
+            t = out(xmm_reg) _,
+            tmp = out(xmm_reg) _,
+            x0 = out(xmm_reg) _, x1 = out(xmm_reg) _, x2 = out(xmm_reg) _, x3 = out(xmm_reg) _,
+            x4 = out(xmm_reg) _, x5 = out(xmm_reg) _, x6 = out(xmm_reg) _, x7 = out(xmm_reg) _,
+            options(nostack, preserves_flags),
+        )
+    };
+}
+
+/// Multiplies a tweak by α^K in GF(2^128) for 1 <= K <= 63 (`R` must be
+/// `64 - K`: stable Rust cannot compute it from `K`). The 128-bit shift is assembled from 64-bit
+/// shifts; the K bits shifted out of the top are reduced with one carry-less multiply by 0x87.
+#[inline]
+#[target_feature(enable = "aes,sse2,pclmulqdq")]
+fn mul_alpha_k<const K: i32, const R: i32>(t: __m128i) -> __m128i {
+    let shifted = _mm_or_si128(
+        _mm_slli_epi64::<K>(t),
+        _mm_srli_epi64::<R>(_mm_slli_si128::<8>(t)),
+    );
+    let top = _mm_srli_epi64::<R>(_mm_srli_si128::<8>(t));
+    let poly = _mm_set_epi64x(0, 0x87);
+    _mm_xor_si128(shifted, _mm_clmulepi64_si128::<0x00>(top, poly))
+}
+
+/// Tweaks parked in memory (8 data blocks, the round key, two temporaries and the reduction
+/// constant already use 12 of the 16 XMM registers), in two halves: the tweaks of the group being
+/// processed and those of the next group, written while this one runs. Halves swap per group.
+#[repr(C, align(16))]
+struct TweakScratch([u8; 2 * LANES * BLOCK]);
+
+impl TweakScratch {
+    /// Fills in (first half) the tweaks T·α^0 … T·α^7 of a sector's first group in three levels (α, α², α⁴)
+    /// rather than a chain of seven doublings, so the first group does not wait on a long chain.
+    #[inline]
+    #[target_feature(enable = "aes,sse2,pclmulqdq")]
+    fn start(&mut self, t0: __m128i) {
+        let t1 = mul_alpha(t0);
+        let (t2, t3) = (mul_alpha_k::<2, 62>(t0), mul_alpha_k::<2, 62>(t1));
+        let t = [
+            t0,
+            t1,
+            t2,
+            t3,
+            mul_alpha_k::<4, 60>(t0),
+            mul_alpha_k::<4, 60>(t1),
+            mul_alpha_k::<4, 60>(t2),
+            mul_alpha_k::<4, 60>(t3),
+        ];
+        for (slot, v) in self.0.chunks_exact_mut(BLOCK).zip(t) {
+            // SAFETY: `slot` is 16 writable bytes; unaligned store.
+            unsafe { _mm_storeu_si128(slot.as_mut_ptr().cast(), v) };
+        }
+    }
+}
+
+#[target_feature(enable = "aes,sse2,pclmulqdq")]
 unsafe fn crypt_sectors<const ENC: bool>(
     keys: &NiKeys,
     src: *const u8,
@@ -239,6 +421,9 @@ unsafe fn crypt_sectors<const ENC: bool>(
     let units_per_sector = (sector_size / 512) as u64;
     let groups_per_sector = sector_size / (LANES * BLOCK);
     let sectors = len / sector_size;
+    let poly = _mm_set_epi64x(0, 0x87);
+    let rk = rks.0.as_ptr();
+    let mut scratch = TweakScratch([0; 2 * LANES * BLOCK]);
     let mut done = 0usize;
     while done < sectors {
         // The tweak encryptions of up to 8 sectors run together, 8 blocks in flight like the data.
@@ -249,69 +434,33 @@ unsafe fn crypt_sectors<const ENC: bool>(
             *u = first_unit.wrapping_add((done + i) as u64 * units_per_sector);
         }
         let tweaks = encrypt_tweaks(&keys.enc2, &units, n);
-        for (s, &first_tweak) in tweaks.iter().enumerate().take(n) {
+        for (s, &t0) in tweaks.iter().enumerate().take(n) {
+            scratch.start(t0);
+            let (mut tw, mut twn) = scratch.0.split_at_mut(LANES * BLOCK);
             let base = (done + s) * sector_size;
-            let mut t = first_tweak;
             for g in 0..groups_per_sector {
                 let off = base + g * LANES * BLOCK;
-                // SAFETY: `off + 128 <= len` because `off` starts a 128-byte group inside a whole
-                // sector of the buffer; the caller guarantees both pointers are valid for `len`
-                // bytes and are equal or disjoint, and all 8 loads happen before any store.
+                // SAFETY: `off + 128 <= len` (a 128-byte group inside a whole sector of the
+                // buffer), so the asm's 128-byte reads at `src + off` and writes at `dst + off`
+                // are in bounds and, per our contract, equal or disjoint; every load precedes
+                // every store. It reads 240 bytes of round keys at `rk` (a whole, aligned
+                // `RoundKeys`), reads the 128-byte half `tw` and writes the half `twn` of the
+                // 16-byte aligned scratch, uses no stack and leaves the flags alone. AES-NI and
+                // PCLMULQDQ were checked at construction.
                 unsafe {
-                    t = crypt_group::<ENC>(rks, src.add(off), dst.add(off), t);
+                    let (s, d) = (src.add(off), dst.add(off));
+                    let (t, tn) = (tw.as_ptr(), twn.as_mut_ptr());
+                    if ENC {
+                        group_asm!("aesenc", "aesenclast", rk, s, d, t, tn, poly);
+                    } else {
+                        group_asm!("aesdec", "aesdeclast", rk, s, d, t, tn, poly);
+                    }
                 }
+                core::mem::swap(&mut tw, &mut twn);
             }
         }
         done += n;
     }
-}
-
-/// Runs 8 consecutive blocks through XTS starting with tweak `t`; returns the tweak of the block
-/// after them.
-///
-/// # Safety
-/// 128 bytes must be readable at `src` and writable at `dst`, the two equal or disjoint.
-#[inline]
-#[target_feature(enable = "aes,sse2")]
-unsafe fn crypt_group<const ENC: bool>(
-    rks: &RoundKeys,
-    src: *const u8,
-    dst: *mut u8,
-    t: __m128i,
-) -> __m128i {
-    let mut tw = [t; LANES];
-    for i in 1..LANES {
-        tw[i] = mul_alpha(tw[i - 1]);
-    }
-    let next = mul_alpha(tw[LANES - 1]);
-    let first = load_rk(rks, 0);
-    let mut x = [_mm_setzero_si128(); LANES];
-    for (i, (xi, ti)) in x.iter_mut().zip(&tw).enumerate() {
-        // SAFETY: `i * 16 + 16 <= 128` bytes readable at `src` (caller contract).
-        let block = unsafe { _mm_loadu_si128(src.add(i * BLOCK).cast()) };
-        *xi = _mm_xor_si128(block, _mm_xor_si128(*ti, first));
-    }
-    for r in 1..ROUNDS {
-        let rk = load_rk(rks, r);
-        for xi in x.iter_mut() {
-            *xi = if ENC {
-                _mm_aesenc_si128(*xi, rk)
-            } else {
-                _mm_aesdec_si128(*xi, rk)
-            };
-        }
-    }
-    let last = load_rk(rks, ROUNDS);
-    // Every load above precedes every store below, so `src == dst` (in place) is sound.
-    for (i, (xi, ti)) in x.iter().zip(&tw).enumerate() {
-        let k = _mm_xor_si128(last, *ti);
-        let y = if ENC {
-            _mm_aesenclast_si128(*xi, k)
-        } else {
-            _mm_aesdeclast_si128(*xi, k)
-        };
-        // SAFETY: `i * 16 + 16 <= 128` bytes writable at `dst` (caller contract).
-        unsafe { _mm_storeu_si128(dst.add(i * BLOCK).cast(), y) };
-    }
-    next
+    // The tweaks are derived from K2; don't leave them on the stack.
+    scratch.0.zeroize();
 }

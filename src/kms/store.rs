@@ -117,8 +117,7 @@ fn open_lock_file(dir: &Path) -> Result<File, KmsError> {
 }
 
 /// Takes the exclusive (writer) lock, waiting for other holders.
-// `File::lock` is std since 1.89; the toolchain here is 1.95 (Cargo.toml still says 1.85).
-#[allow(clippy::incompatible_msrv)]
+// `File::lock` is std since Rust 1.89.
 pub fn lock_exclusive(dir: &Path) -> Result<LockGuard, KmsError> {
     let file = open_lock_file(dir)?;
     file.lock()
@@ -127,8 +126,7 @@ pub fn lock_exclusive(dir: &Path) -> Result<LockGuard, KmsError> {
 }
 
 /// Takes a shared (reader) lock, waiting for a writer to finish.
-// `File::lock` is std since 1.89; the toolchain here is 1.95 (Cargo.toml still says 1.85).
-#[allow(clippy::incompatible_msrv)]
+// `File::lock` is std since Rust 1.89.
 pub fn lock_shared(dir: &Path) -> Result<LockGuard, KmsError> {
     let file = open_lock_file(dir)?;
     file.lock_shared()

@@ -108,7 +108,7 @@ impl VolumeHeader {
                 self.sector_size
             )));
         }
-        if self.size == 0 || self.size % self.sector_size as u64 != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(self.sector_size as u64) {
             return Err(VolumeError::Invalid(format!(
                 "size {} bytes (must be a positive multiple of the {}-byte sector size)",
                 self.size, self.sector_size
@@ -358,6 +358,38 @@ impl VolumeHeader {
         }
         tracing::debug!(volume = %target, generation = next.generation, op = %Op::UpdateHeader, "volume header updated");
         Ok(next)
+    }
+
+    /// Grows the volume on `backend` to `new_size` bytes, crash-safely: the file is extended
+    /// (sparsely) and synced before the header says so, so a crash leaves the old size (with a
+    /// longer file, harmless) or the new one. Shrinking is refused.
+    pub fn grow(backend: &dyn Backend, new_size: u64) -> Result<VolumeHeader, VolumeError> {
+        let current = Self::read_from(backend)?;
+        if new_size < current.size {
+            return Err(VolumeError::Invalid(format!(
+                "cannot shrink from {} to {new_size} bytes (only growing is supported)",
+                current.size
+            )));
+        }
+        if new_size == current.size {
+            return Ok(current);
+        }
+        let mut next = current.clone();
+        next.size = new_size;
+        next.validate()?;
+        let target = backend.describe();
+        let total = next.data_offset() + new_size;
+        backend.set_len(total).map_err(|e| {
+            VolumeError::io(
+                format!("extending the volume file to {total} bytes"),
+                &target,
+                e,
+            )
+        })?;
+        backend
+            .sync()
+            .map_err(|e| VolumeError::io("syncing the extended volume file", &target, e))?;
+        next.write_update(backend)
     }
 }
 

@@ -6,10 +6,16 @@
 //! It knows nothing of NBD or CMKs: the header carries the key metadata opaquely, and whoever
 //! attaches the volume turns it into an [`XtsKey`] (see `crate::datadir`).
 //!
+//! Concurrency: non-overlapping writes never lose each other, even inside one encryption sector,
+//! because partial-sector writes are read-modify-write under a striped lock. Whole-sector writes
+//! take no lock; a whole-sector write racing a partial write of the same sector is an
+//! overlapping write, whose outcome NBD leaves unspecified (as a disk does).
+//!
 //! An all-zero ciphertext sector means "never written or discarded" and reads as plaintext zeroes
 //! (encrypting real data gives an all-zero sector with probability 2^-4096 or less).
 
 mod error;
+mod geometry;
 pub mod header;
 
 use std::cell::RefCell;
@@ -21,6 +27,7 @@ pub use header::VolumeHeader;
 
 use crate::backend::Backend;
 use crate::crypto::{Xts, XtsKey};
+use geometry::{is_zero, span};
 
 /// Number of RMW lock stripes (a power of two); unrelated sectors rarely share one.
 const LOCK_STRIPES: usize = 256;
@@ -54,6 +61,12 @@ pub struct Volume {
     locks: Vec<Mutex<()>>,
 }
 
+// The server shares one `Arc<Volume>` between connections and threads.
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Volume>();
+};
+
 impl std::fmt::Debug for Volume {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key: only what identifies the volume.
@@ -65,56 +78,6 @@ impl std::fmt::Debug for Volume {
             .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }
-}
-
-/// The parts of a request: an unaligned head inside one sector, whole sectors, an unaligned tail.
-#[derive(Debug, PartialEq, Eq)]
-struct Span {
-    /// (sector start, offset inside it, length)
-    head: Option<(u64, usize, usize)>,
-    /// (start, length), both sector-aligned; length may be 0.
-    mid: (u64, u64),
-    tail: Option<(u64, usize, usize)>,
-}
-
-fn span(offset: u64, len: u64, ss: u64) -> Span {
-    let end = offset + len;
-    let mid_start = offset.div_ceil(ss) * ss;
-    let mid_end = end / ss * ss;
-    if mid_start > mid_end {
-        // Inside one sector, touching neither of its edges.
-        let s = offset / ss * ss;
-        return Span {
-            head: Some((s, (offset - s) as usize, len as usize)),
-            mid: (mid_start, 0),
-            tail: None,
-        };
-    }
-    let head = (offset % ss != 0).then(|| {
-        let s = mid_start - ss;
-        (s, (offset - s) as usize, (mid_start - offset) as usize)
-    });
-    let tail = (end % ss != 0).then_some((mid_end, 0, (end - mid_end) as usize));
-    Span {
-        head,
-        mid: (mid_start, mid_end - mid_start),
-        tail,
-    }
-}
-
-/// True if every byte is zero; word-wise with an early exit per 256 bytes.
-fn is_zero(b: &[u8]) -> bool {
-    let mut chunks = b.chunks_exact(256);
-    for c in &mut chunks {
-        let mut acc = 0u128;
-        for w in c.chunks_exact(16) {
-            acc |= u128::from_ne_bytes(w.try_into().expect("16-byte chunk"));
-        }
-        if acc != 0 {
-            return false;
-        }
-    }
-    chunks.remainder().iter().all(|&x| x == 0)
 }
 
 thread_local! {
@@ -265,6 +228,9 @@ impl Volume {
     /// Reads `buf.len()` bytes at `offset` (any alignment).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadOutcome, VolumeError> {
         self.check(Op::Read, offset, buf.len() as u64)?;
+        if buf.is_empty() {
+            return Ok(ReadOutcome { all_zero: true });
+        }
         let ss = self.ss();
         let sp = span(offset, buf.len() as u64, ss as u64);
         let mut all_zero = true;
@@ -316,6 +282,9 @@ impl Volume {
     pub fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), VolumeError> {
         self.check_writable(Op::Write)?;
         self.check(Op::Write, offset, data.len() as u64)?;
+        if data.is_empty() {
+            return if fua { self.flush() } else { Ok(()) };
+        }
         let ss = self.ss();
         let sp = span(offset, data.len() as u64, ss as u64);
         let mut pos = 0usize;
@@ -486,64 +455,5 @@ impl Volume {
             pos = next;
         }
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spans() {
-        assert_eq!(
-            span(0, 8192, 4096),
-            Span {
-                head: None,
-                mid: (0, 8192),
-                tail: None
-            }
-        );
-        assert_eq!(
-            span(100, 10, 4096),
-            Span {
-                head: Some((0, 100, 10)),
-                mid: (4096, 0),
-                tail: None
-            }
-        );
-        assert_eq!(
-            span(100, 3996, 4096),
-            Span {
-                head: Some((0, 100, 3996)),
-                mid: (4096, 0),
-                tail: None
-            }
-        );
-        assert_eq!(
-            span(4096, 100, 4096),
-            Span {
-                head: None,
-                mid: (4096, 0),
-                tail: Some((4096, 0, 100))
-            }
-        );
-        assert_eq!(
-            span(4000, 9000, 4096),
-            Span {
-                head: Some((0, 4000, 96)),
-                mid: (4096, 8192),
-                tail: Some((12288, 0, 712))
-            }
-        );
-    }
-
-    #[test]
-    fn zero_detection() {
-        let mut b = vec![0u8; 4096];
-        assert!(is_zero(&b));
-        b[4095] = 1;
-        assert!(!is_zero(&b));
-        assert!(is_zero(&[0u8; 17]));
-        assert!(!is_zero(&[0, 0, 1]));
     }
 }

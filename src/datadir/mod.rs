@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::backend::{Backend, FileBackend};
+use crate::backend::FileBackend;
 use crate::crypto::XtsKey;
 use crate::kms::{EncryptionContext, KeyStore, KmsError};
 use crate::volume::{Volume, VolumeError, VolumeHeader};
 
-/// Bytes copied per step by import and export.
-const COPY_CHUNK: usize = 1 << 20;
+mod transfer;
+
 const MAX_NAME_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,15 @@ pub enum DataDirError {
         source: KmsError,
     },
 
+    /// The header's encryption context does not name this volume: its wrapped DEK belongs to
+    /// another volume (a header copied or tampered with).
+    #[error("volume {name:?}: its header's encryption context names volume id {found:?}, but the header says {expected}; refusing a data key that belongs to another volume")]
+    ContextMismatch {
+        name: String,
+        expected: Uuid,
+        found: Option<String>,
+    },
+
     #[error("volume {name:?}: the key store returned an unusable data key: {reason}")]
     BadDataKey { name: String, reason: String },
 
@@ -76,7 +85,10 @@ pub enum DataDirError {
     },
 }
 
-fn io_err(what: impl Into<String>, path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
+pub(crate) fn io_err(
+    what: impl Into<String>,
+    path: &Path,
+) -> impl FnOnce(io::Error) -> DataDirError + '_ {
     let what = what.into();
     move |source| DataDirError::Io {
         what,
@@ -170,7 +182,7 @@ fn try_lock(file: &File, exclusive: bool, name: &str, path: &Path) -> Result<(),
     }
 }
 
-fn round_up(n: u64, to: u64) -> Option<u64> {
+pub(crate) fn round_up(n: u64, to: u64) -> Option<u64> {
     n.checked_add(to - 1).map(|x| x / to * to)
 }
 
@@ -246,7 +258,7 @@ impl DataDir {
         Ok(FileBackend::new(file, path))
     }
 
-    fn vol_err(name: &str) -> impl FnOnce(VolumeError) -> DataDirError + '_ {
+    pub(crate) fn vol_err(name: &str) -> impl FnOnce(VolumeError) -> DataDirError + '_ {
         move |source| DataDirError::Volume {
             name: name.to_string(),
             source,
@@ -318,6 +330,14 @@ impl DataDir {
                         path: path.clone(),
                     })
                 }
+                // File systems without hard links: a plain rename (not atomic against a
+                // concurrent create of the same name, which the check above makes unlikely).
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP)) =>
+                {
+                    std::fs::rename(&tmp, &path)
+                        .map_err(io_err("renaming the new volume file to", &path))
+                }
                 Err(e) => Err(io_err("linking the new volume file to", &path)(e)),
             });
         let _ = std::fs::remove_file(&tmp);
@@ -338,6 +358,14 @@ impl DataDir {
     ) -> Result<Volume, DataDirError> {
         let backend = self.open_locked(name, !read_only, false)?;
         let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        let found = h.encryption_context.get("volume_id");
+        if found != Some(&h.volume_id.to_string()) {
+            return Err(DataDirError::ContextMismatch {
+                name: name.to_string(),
+                expected: h.volume_id,
+                found: found.cloned(),
+            });
+        }
         let uk = ks
             .decrypt_data_key(&h.key_id.to_string(), &h.wrapped_dek, &h.encryption_context)
             .map_err(|source| DataDirError::Kms {
@@ -386,17 +414,7 @@ impl DataDir {
         if new_size == header.size {
             return Ok(header);
         }
-        let mut next = header.clone();
-        next.size = new_size;
-        next.validate().map_err(Self::vol_err(name))?;
-        let path = backend.path().to_path_buf();
-        backend
-            .set_len(next.data_offset() + new_size)
-            .map_err(io_err("extending volume file", &path))?;
-        backend
-            .sync()
-            .map_err(io_err("syncing volume file", &path))?;
-        let written = next.write_update(&backend).map_err(Self::vol_err(name))?;
+        let written = VolumeHeader::grow(&backend, new_size).map_err(Self::vol_err(name))?;
         tracing::info!(
             volume = name,
             old = header.size,
@@ -448,112 +466,9 @@ impl DataDir {
         tracing::info!(volume = name, "volume deleted");
         Ok(())
     }
-
-    /// Encrypts the raw image `from` into a new volume of its size (rounded up to the sector
-    /// size, zero-padded). All-zero chunks are skipped, so they stay holes. `progress(done, total)`
-    /// is called as bytes are copied. On failure the partial volume is removed.
-    pub fn import(
-        &self,
-        ks: &KeyStore,
-        name: &str,
-        from: &Path,
-        key: &str,
-        opts: CreateOptions,
-        mut progress: impl FnMut(u64, u64),
-    ) -> Result<VolumeHeader, DataDirError> {
-        let src = File::open(from).map_err(io_err("opening the image", from))?;
-        let len = src
-            .metadata()
-            .map_err(io_err("reading the size of", from))?
-            .len();
-        let size = round_up(len, opts.sector_size as u64)
-            .filter(|&s| s > 0)
-            .ok_or_else(|| DataDirError::Invalid {
-                name: name.to_string(),
-                reason: format!("the image {} is empty", from.display()),
-            })?;
-        let header = self.create_volume(ks, name, size, key, opts)?;
-        let copy = || -> Result<(), DataDirError> {
-            let vol = self.attach(ks, name, false)?;
-            let src = FileBackend::new(src, from);
-            let mut buf = vec![0u8; COPY_CHUNK];
-            let mut done = 0u64;
-            while done < size {
-                let n = (size - done).min(COPY_CHUNK as u64) as usize;
-                // Past the image's end reads as zeroes: the padding of the last sector.
-                src.read_at(&mut buf[..n], done).map_err(io_err(
-                    format!("reading {n} bytes at offset {done} of"),
-                    from,
-                ))?;
-                if buf[..n].iter().any(|&b| b != 0) {
-                    vol.write(done, &mut buf[..n], false)
-                        .map_err(Self::vol_err(name))?;
-                }
-                done += n as u64;
-                progress(done.min(len), len);
-            }
-            vol.flush().map_err(Self::vol_err(name))
-        };
-        if let Err(e) = copy() {
-            let _ = self.delete(name);
-            return Err(e);
-        }
-        Ok(header)
-    }
-
-    /// Decrypts a volume into the raw image `to` (created, must not exist). Holes of the volume
-    /// stay holes in the image (and all-zero chunks are not written). `progress(done, total)`.
-    pub fn export(
-        &self,
-        ks: &KeyStore,
-        name: &str,
-        to: &Path,
-        mut progress: impl FnMut(u64, u64),
-    ) -> Result<u64, DataDirError> {
-        let vol = self.attach(ks, name, true)?;
-        let out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(to)
-            .map_err(io_err("creating the image", to))?;
-        let size = vol.size();
-        let copy = || -> Result<(), DataDirError> {
-            out.set_len(size).map_err(io_err("sizing the image", to))?;
-            let out = FileBackend::new(out, to);
-            let mut buf = vec![0u8; COPY_CHUNK];
-            let mut pos = 0u64;
-            while pos < size {
-                let want = (size - pos).min(COPY_CHUNK as u64);
-                let ext = vol.block_status(pos, want).map_err(Self::vol_err(name))?;
-                for e in ext {
-                    if !e.hole {
-                        let n = e.length as usize;
-                        let data = &mut buf[..n];
-                        let outcome = vol.read(pos, data).map_err(Self::vol_err(name))?;
-                        if !outcome.all_zero && data.iter().any(|&b| b != 0) {
-                            out.write_at(data, pos).map_err(io_err(
-                                format!("writing {n} bytes at offset {pos} of"),
-                                to,
-                            ))?;
-                        }
-                    }
-                    pos += e.length;
-                }
-                progress(pos, size);
-            }
-            out.sync().map_err(io_err("syncing the image", to))
-        };
-        if let Err(e) = copy() {
-            // A partial image must not be mistaken for a complete one.
-            let _ = std::fs::remove_file(to);
-            return Err(e);
-        }
-        Ok(size)
-    }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), DataDirError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), DataDirError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err("syncing directory", dir))

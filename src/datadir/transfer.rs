@@ -1,0 +1,119 @@
+//! Raw image import (encrypt into a new volume) and export (decrypt to a sparse image), with a
+//! progress callback so the library stays free of terminal concerns.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use super::{io_err, round_up, CreateOptions, DataDir, DataDirError};
+use crate::backend::{Backend, FileBackend};
+use crate::kms::KeyStore;
+use crate::volume::VolumeHeader;
+
+/// Bytes copied per step.
+const COPY_CHUNK: usize = 1 << 20;
+
+impl DataDir {
+    /// Encrypts the raw image `from` into a new volume of its size (rounded up to the sector
+    /// size, zero-padded). All-zero chunks are skipped, so they stay holes. `progress(done, total)`
+    /// is called as bytes are copied. On failure the partial volume is removed.
+    pub fn import(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        from: &Path,
+        key: &str,
+        opts: CreateOptions,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<VolumeHeader, DataDirError> {
+        let src = File::open(from).map_err(io_err("opening the image", from))?;
+        let len = src
+            .metadata()
+            .map_err(io_err("reading the size of", from))?
+            .len();
+        let size = round_up(len, opts.sector_size as u64)
+            .filter(|&s| s > 0)
+            .ok_or_else(|| DataDirError::Invalid {
+                name: name.to_string(),
+                reason: format!("the image {} is empty", from.display()),
+            })?;
+        let header = self.create_volume(ks, name, size, key, opts)?;
+        let copy = || -> Result<(), DataDirError> {
+            let vol = self.attach(ks, name, false)?;
+            let src = FileBackend::new(src, from);
+            let mut buf = vec![0u8; COPY_CHUNK];
+            let mut done = 0u64;
+            while done < size {
+                let n = (size - done).min(COPY_CHUNK as u64) as usize;
+                // Past the image's end reads as zeroes: the padding of the last sector.
+                src.read_at(&mut buf[..n], done).map_err(io_err(
+                    format!("reading {n} bytes at offset {done} of"),
+                    from,
+                ))?;
+                if buf[..n].iter().any(|&b| b != 0) {
+                    vol.write(done, &mut buf[..n], false)
+                        .map_err(Self::vol_err(name))?;
+                }
+                done += n as u64;
+                progress(done.min(len), len);
+            }
+            vol.flush().map_err(Self::vol_err(name))
+        };
+        if let Err(e) = copy() {
+            let _ = self.delete(name);
+            return Err(e);
+        }
+        Ok(header)
+    }
+
+    /// Decrypts a volume into the raw image `to` (created, must not exist). Holes of the volume
+    /// stay holes in the image (and all-zero chunks are not written). `progress(done, total)`.
+    pub fn export(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        to: &Path,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<u64, DataDirError> {
+        let vol = self.attach(ks, name, true)?;
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(to)
+            .map_err(io_err("creating the image", to))?;
+        let size = vol.size();
+        let copy = || -> Result<(), DataDirError> {
+            out.set_len(size).map_err(io_err("sizing the image", to))?;
+            let out = FileBackend::new(out, to);
+            let mut buf = vec![0u8; COPY_CHUNK];
+            let mut pos = 0u64;
+            while pos < size {
+                let want = (size - pos).min(COPY_CHUNK as u64);
+                let ext = vol.block_status(pos, want).map_err(Self::vol_err(name))?;
+                for e in ext {
+                    if !e.hole {
+                        let n = e.length as usize;
+                        let data = &mut buf[..n];
+                        let outcome = vol.read(pos, data).map_err(Self::vol_err(name))?;
+                        if !outcome.all_zero && data.iter().any(|&b| b != 0) {
+                            out.write_at(data, pos).map_err(io_err(
+                                format!("writing {n} bytes at offset {pos} of"),
+                                to,
+                            ))?;
+                        }
+                    }
+                    pos += e.length;
+                }
+                progress(pos, size);
+            }
+            out.sync().map_err(io_err("syncing the image", to))
+        };
+        if let Err(e) = copy() {
+            // A partial image must not be mistaken for a complete one.
+            let _ = std::fs::remove_file(to);
+            return Err(e);
+        }
+        Ok(size)
+    }
+}
