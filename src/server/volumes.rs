@@ -53,7 +53,7 @@ fn describe(size: u64, sector: u32, key: &str) -> String {
 /// `1 GiB`, `512 MiB`, or exact bytes when not a whole binary unit.
 fn human_size(n: u64) -> String {
     for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
-        if n >= 1 << shift && n % (1 << shift) == 0 {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
             return format!("{} {unit}", n >> shift);
         }
     }
