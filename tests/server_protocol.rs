@@ -334,12 +334,15 @@ fn replies_go_out_of_order() {
     assert_eq!(second.cookie(), 1);
 }
 
-#[test]
-fn graceful_shutdown_finishes_in_flight_requests_and_flushes() {
+fn graceful_shutdown_finishes_in_flight_requests_and_flushes(tcp: bool) {
     let (rw, _, p) = provider();
     rw.set_slow_read(1 << 20, Duration::from_millis(700));
     let mut srv = TestServer::start(p);
-    let mut c = RawClient::unix(&srv.socket);
+    let mut c = if tcp {
+        RawClient::tcp(srv.tcp)
+    } else {
+        RawClient::unix(&srv.socket)
+    };
     c.connect_export("disk0", false);
     assert_eq!(c.write(1, 1 << 20, &pattern(4096, 4), 0).error(), 0);
     c.request(CMD_READ, 0, 2, 1 << 20, 4096);
@@ -357,6 +360,16 @@ fn graceful_shutdown_finishes_in_flight_requests_and_flushes() {
         rw.flush_count() > flushes,
         "exports are flushed at shutdown"
     );
+}
+
+#[test]
+fn graceful_shutdown_over_unix_finishes_in_flight_requests_and_flushes() {
+    graceful_shutdown_finishes_in_flight_requests_and_flushes(false);
+}
+
+#[test]
+fn graceful_shutdown_over_tcp_finishes_in_flight_requests_and_flushes() {
+    graceful_shutdown_finishes_in_flight_requests_and_flushes(true);
 }
 
 #[test]
