@@ -36,6 +36,7 @@ fn start(data: &Path, sock: &Path, port: u16) -> Served {
             sock.to_str().unwrap(),
         ])
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .env_remove("CRYPTNBD_PASSPHRASE")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -174,4 +175,22 @@ fn a_second_signal_exits_at_once() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(130));
+}
+
+#[test]
+fn serve_refuses_to_ignore_a_passphrase_on_a_fresh_data_dir() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pass = tmp.path().join("pass");
+    std::fs::write(&pass, "correct horse battery staple").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cryptnbd"))
+        .args(["--data-dir", tmp.path().join("d").to_str().unwrap()])
+        .args(["--passphrase-file", pass.to_str().unwrap(), "serve"])
+        .args(["--socket", tmp.path().join("s").to_str().unwrap()])
+        .env_remove("CRYPTNBD_PASSPHRASE")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cryptnbd kms init --passphrase-file"), "{err}");
+    assert!(!tmp.path().join("d").join("root.key").exists());
 }

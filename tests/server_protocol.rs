@@ -334,12 +334,15 @@ fn replies_go_out_of_order() {
     assert_eq!(second.cookie(), 1);
 }
 
-#[test]
-fn graceful_shutdown_finishes_in_flight_requests_and_flushes() {
+fn graceful_shutdown_finishes_in_flight_requests_and_flushes(tcp: bool) {
     let (rw, _, p) = provider();
     rw.set_slow_read(1 << 20, Duration::from_millis(700));
     let mut srv = TestServer::start(p);
-    let mut c = RawClient::unix(&srv.socket);
+    let mut c = if tcp {
+        RawClient::tcp(srv.tcp)
+    } else {
+        RawClient::unix(&srv.socket)
+    };
     c.connect_export("disk0", false);
     assert_eq!(c.write(1, 1 << 20, &pattern(4096, 4), 0).error(), 0);
     c.request(CMD_READ, 0, 2, 1 << 20, 4096);
@@ -357,6 +360,16 @@ fn graceful_shutdown_finishes_in_flight_requests_and_flushes() {
         rw.flush_count() > flushes,
         "exports are flushed at shutdown"
     );
+}
+
+#[test]
+fn graceful_shutdown_over_unix_finishes_in_flight_requests_and_flushes() {
+    graceful_shutdown_finishes_in_flight_requests_and_flushes(false);
+}
+
+#[test]
+fn graceful_shutdown_over_tcp_finishes_in_flight_requests_and_flushes() {
+    graceful_shutdown_finishes_in_flight_requests_and_flushes(true);
 }
 
 #[test]
@@ -411,4 +424,44 @@ fn shutdown_is_bounded_when_a_client_stops_reading_replies() {
     srv.trigger_stop();
     srv.join().unwrap();
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+#[test]
+fn bytes_after_an_unskippable_write_are_never_run_as_requests() {
+    let (srv, rw, _) = server();
+    for _ in 0..20 {
+        let mut c = RawClient::unix(&srv.socket);
+        c.connect_export("disk0", false);
+        // One send: the refused header and, right behind it, what looks like valid writes.
+        let mut bytes = request::Request {
+            flags: 0,
+            command: CMD_WRITE,
+            cookie: 1,
+            offset: 0,
+            len: u32::MAX,
+        }
+        .encode()
+        .to_vec();
+        for i in 0..8 {
+            bytes.extend_from_slice(
+                &request::Request {
+                    flags: 0,
+                    command: CMD_WRITE,
+                    cookie: 100 + i,
+                    offset: 0,
+                    len: 4096,
+                }
+                .encode(),
+            );
+            bytes.extend_from_slice(&[0xEE; 4096]);
+        }
+        c.send(&bytes);
+        let r = c.reply(0);
+        assert_eq!((r.cookie(), r.error()), (1, EINVAL));
+        assert!(c.is_closed());
+    }
+    assert!(
+        rw.snapshot(0, 4096).iter().all(|b| *b == 0),
+        "payload bytes were executed as requests"
+    );
 }

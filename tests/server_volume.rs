@@ -131,6 +131,15 @@ fn disabled_cmk_refuses_attach_with_its_reason_and_other_exports_work() {
         msg.contains("secret") && msg.to_lowercase().contains("disabled"),
         "{msg}"
     );
+    for bad in ["../vol", "missing", "a/b", ".hidden"] {
+        let r = c.info_go(OPT_GO, bad, &[]);
+        assert_eq!(
+            r[0].h.reply_type,
+            REP_ERR_UNKNOWN,
+            "{bad}: {}",
+            r[0].message()
+        );
+    }
     let r = c.info_go(OPT_GO, "vol", &[]);
     assert_eq!(r.last().unwrap().h.reply_type, REP_ACK);
     assert_eq!(c.write(1, 0, &[7u8; 4096], 0).error(), 0);
@@ -164,6 +173,10 @@ fn read_only_selection_and_export_filter() {
     c.start();
     let r = c.info_go(OPT_GO, "other", &[]);
     assert_eq!(r[0].h.reply_type, REP_ERR_UNKNOWN);
+    for bad in ["../vol", "nope", "a/b"] {
+        let r = c.info_go(OPT_GO, bad, &[]);
+        assert_eq!(r[0].h.reply_type, REP_ERR_UNKNOWN, "{bad}");
+    }
     let r = c.info_go(OPT_GO, "", &[]);
     assert_eq!(
         r.last().unwrap().h.reply_type,

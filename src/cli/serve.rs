@@ -140,6 +140,19 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     let dir = &global.data_dir;
     let fresh = !KeyStore::exists(dir);
     let keystore = if fresh {
+        if global.passphrase_file.is_some()
+            || std::env::var_os(super::kms::PASSPHRASE_ENV).is_some()
+        {
+            // The embedded default uses a generated key file; silently ignoring a passphrase
+            // the user meant to protect the store with would be worse than stopping.
+            anyhow::bail!(
+                "no key store in {}: create it with `cryptnbd kms init --passphrase-file FILE` \
+                 first, or drop --passphrase-file/${} to let `serve` create one with a \
+                 generated root key",
+                dir.display(),
+                super::kms::PASSPHRASE_ENV
+            );
+        }
         let ks = setup_default(dir)?;
         println!(
             "Set up {}: a key store (root key in root.key), the CMK {DEFAULT_KEY} and a 1 GiB encrypted volume {DEFAULT_VOLUME}.",

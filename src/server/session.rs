@@ -149,35 +149,23 @@ fn worker(sh: &Shared) -> Result<(), SessionError> {
 
 fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<(), SessionError> {
     loop {
-        let (req, verdict) = {
+        let taken = {
             let mut r = sh.reader.lock().unwrap_or_else(|e| e.into_inner());
             if sh.closing.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            let mut hdr = [0u8; REQUEST_LEN];
-            match read_exact_or_eof(&mut *r, &mut hdr) {
-                Ok(true) => {}
-                Ok(false) => return Ok(()),
-                Err(e) => {
-                    return Err(SessionError::Io {
-                        what: "reading a request header",
-                        source: e,
-                    })
-                }
+            let taken = take_request(sh, &mut r, buf);
+            // Decide about closing while still holding the reader: once the stream is out of
+            // sync (bad frame, unskippable payload, DISC), no other worker may parse another
+            // "request" from it.
+            match &taken {
+                Ok(Some((_, Verdict::Run | Verdict::Fail(..)))) => {}
+                _ => sh.close(),
             }
-            let req = Request::parse(&hdr)?;
-            let verdict = check(sh, &req);
-            let verdict = if req.has_payload() {
-                read_payload(sh, &mut r, &req, verdict, buf)?
-            } else {
-                verdict
-            };
-            if matches!(verdict, Verdict::Disconnect) {
-                // Stop reading; requests already taken by other workers still get replies.
-                sh.close();
-                return Ok(());
-            }
-            (req, verdict)
+            taken
+        };
+        let Some((req, verdict)) = taken? else {
+            return Ok(());
         };
         match verdict {
             Verdict::Run => execute(sh, &req, buf, scratch)?,
@@ -189,9 +177,37 @@ fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<
                     max: sh.max_discard,
                 });
             }
+            // Requests already taken by other workers still get their replies.
             Verdict::Disconnect => return Ok(()),
         }
     }
+}
+
+/// Reads one request (and its payload) from the locked reader; `None` at a clean end of stream.
+fn take_request(
+    sh: &Shared,
+    r: &mut BufReader<Stream>,
+    buf: &mut Vec<u8>,
+) -> Result<Option<(Request, Verdict)>, SessionError> {
+    let mut hdr = [0u8; REQUEST_LEN];
+    match read_exact_or_eof(r, &mut hdr) {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(e) => {
+            return Err(SessionError::Io {
+                what: "reading a request header",
+                source: e,
+            })
+        }
+    }
+    let req = Request::parse(&hdr)?;
+    let verdict = check(sh, &req);
+    let verdict = if req.has_payload() {
+        read_payload(sh, r, &req, verdict, buf)?
+    } else {
+        verdict
+    };
+    Ok(Some((req, verdict)))
 }
 
 /// Validates a request against the negotiated state, before any payload is read.

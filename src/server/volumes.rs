@@ -45,9 +45,19 @@ fn export_err(e: VolumeError) -> ExportError {
 
 fn describe(size: u64, sector: u32, key: &str) -> String {
     format!(
-        "AES-256-XTS encrypted volume, {} bytes, {sector}-byte sectors, CMK {key}",
-        size
+        "AES-256-XTS encrypted volume, {}, {sector}-byte sectors, CMK {key}",
+        human_size(size)
     )
+}
+
+/// `1 GiB`, `512 MiB`, or exact bytes when not a whole binary unit.
+fn human_size(n: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", n >> shift);
+        }
+    }
+    format!("{n} bytes")
 }
 
 impl Export for VolumeExport {
@@ -249,7 +259,10 @@ impl DataDirProvider {
                 cache.insert(name.to_string(), v.clone());
                 Ok(v)
             }
-            Err(DataDirError::NotFound { .. }) => Err(AttachError::NotFound(name.to_string())),
+            // A name that cannot be a volume (e.g. `../x`) is simply not an export.
+            Err(DataDirError::NotFound { .. } | DataDirError::InvalidName { .. }) => {
+                Err(AttachError::NotFound(name.to_string()))
+            }
             Err(e) => {
                 // Logged by the caller (with the client that asked, or at start).
                 let reason = chain(&e);
@@ -291,5 +304,19 @@ impl ExportProvider for DataDirProvider {
 
     fn attach(&self, name: &str) -> Result<Arc<dyn Export>, AttachError> {
         self.attach_volume(name).map(|v| v as Arc<dyn Export>)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_for_humans() {
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(3 << 20), "3 MiB");
+        assert_eq!(human_size(1536 << 20), "1536 MiB");
+        assert_eq!(human_size(4097), "4097 bytes");
+        assert!(describe(1 << 30, 4096, "k v1").contains("1 GiB, 4096-byte sectors, CMK k v1"));
     }
 }

@@ -95,6 +95,7 @@ impl RawClient {
     pub fn unix(path: &Path) -> Self {
         let s = UnixStream::connect(path).expect("connect unix");
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(TIMEOUT)).unwrap();
         Self {
             s: Box::new(s),
             structured: false,
@@ -104,6 +105,7 @@ impl RawClient {
     pub fn tcp(addr: SocketAddr) -> Self {
         let s = TcpStream::connect(addr).expect("connect tcp");
         s.set_read_timeout(Some(TIMEOUT)).unwrap();
+        s.set_write_timeout(Some(TIMEOUT)).unwrap();
         s.set_nodelay(true).unwrap();
         Self {
             s: Box::new(s),
