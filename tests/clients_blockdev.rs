@@ -247,6 +247,15 @@ fn ext4_survives_server_restart(test: &str, sector: u32) {
     }
     a.detach();
     srv.stop();
+
+    // The file system went to disk encrypted: no file's content is in the clear.
+    let raw = std::fs::read(d.volume_path("disk0")).expect("read volume file");
+    for needle in [&b"cryptnbd on a loop device"[..], &files[1].1[..64]] {
+        assert!(
+            !raw.windows(needle.len()).any(|w| w == needle),
+            "plaintext file content found in the volume file"
+        );
+    }
 }
 
 #[test]
