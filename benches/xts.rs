@@ -1,14 +1,16 @@
 //! XTS engine throughput (single thread): encrypt and decrypt, 512- and 4096-byte sectors,
-//! 64 KiB and 1 MiB buffers, on every kernel this CPU runs (AES-NI + VAES, AES-NI, portable). OpenSSL's own figure
-//! for `openssl speed -evp aes-256-xts` is printed first, so the ratio is visible beside
-//! criterion's `thrpt` lines (`tools/bench-xts` prints the ratio table).
+//! 64 KiB and 1 MiB buffers, on every kernel this CPU runs (AES-NI + VAES, AES-NI, portable).
+//! OpenSSL's own figure for `openssl speed -evp aes-256-xts` is printed first, so the ratio is
+//! visible beside criterion's `thrpt` lines (`tools/bench-xts` prints the ratio table).
 //!
 //! Filter like any criterion bench, e.g. `cargo bench --bench xts -- aes-ni/encrypt/4096`.
+//! `XTS_SPEED=1 cargo bench --bench xts` prints a quick table against OpenSSL instead
+//! (`tools/bench-xts --speed`).
 
 use std::process::Command;
 use std::time::Duration;
 
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{black_box, criterion_group, BenchmarkId, Criterion, Throughput};
 use cryptnbd::crypto::{Kernel, Xts, XtsKey};
 
 const BUFFERS: [(usize, &str); 2] = [(64 << 10, "64KiB"), (1 << 20, "1MiB")];
@@ -91,5 +93,86 @@ fn bench_xts(c: &mut Criterion) {
     group.finish();
 }
 
+/// This thread's CPU time. `openssl speed` divides by user CPU time, not wall time (unless given
+/// `-elapsed`), so that is what we divide by too: on a machine shared with other work, wall time
+/// would charge us for time slices other processes used.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable `timespec`; CLOCK_THREAD_CPUTIME_ID is always available
+    // on Linux. On failure `ts` stays zero and the figure printed is obviously wrong, not UB.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// `XTS_SPEED=1`: instead of criterion, a side-by-side table measured the same way on both sides:
+/// OpenSSL's `-seconds 1` figure and ours (1 MiB calls for one second, divided by the CPU time
+/// they took, as `openssl speed` does), each the best of three runs, interleaved per sector size.
+fn speed_table() {
+    const RUNS: usize = 3;
+    let key = XtsKey::generate();
+    let len = 1 << 20;
+    let mut buf = vec![0x5au8; len];
+    println!("kernel       op       sector | ours MB/s | openssl MB/s | ratio");
+    println!("-------------------------------+-----------+--------------+------");
+    for &ss in &SECTORS {
+        let openssl = (0..RUNS)
+            .map(|_| openssl_speed(ss))
+            .reduce(|a, b| match (a, b) {
+                (Ok(a), Ok(b)) => Ok(a.max(b)),
+                (e @ Err(_), _) | (_, e @ Err(_)) => e,
+            })
+            .expect("RUNS > 0");
+        if let Err(e) = &openssl {
+            println!("(no OpenSSL figure: {e})");
+        }
+        for kernel in Kernel::available() {
+            let xts = Xts::with_kernel(&key, kernel).expect("an available kernel");
+            for enc in [true, false] {
+                let ours = (0..RUNS)
+                    .map(|_| {
+                        let start = std::time::Instant::now();
+                        let cpu = thread_cpu_time();
+                        let mut bytes = 0usize;
+                        while start.elapsed() < Duration::from_secs(1) {
+                            if enc {
+                                xts.encrypt_sectors(black_box(&mut buf), ss, 1 << 20);
+                            } else {
+                                xts.decrypt_sectors(black_box(&mut buf), ss, 1 << 20);
+                            }
+                            bytes += len;
+                        }
+                        bytes as f64 / (thread_cpu_time() - cpu).as_secs_f64()
+                    })
+                    .fold(0.0, f64::max);
+                let (theirs, ratio) = match &openssl {
+                    Ok(o) => (format!("{:.0}", o / 1e6), format!("{:.2}", ours / o)),
+                    Err(_) => ("-".into(), "-".into()),
+                };
+                let op = if enc { "encrypt" } else { "decrypt" };
+                println!(
+                    "{:<12} {op:<8} {ss:>6} | {:>9.0} | {theirs:>12} | {ratio:>5}",
+                    kernel.name(),
+                    ours / 1e6
+                );
+            }
+        }
+    }
+    println!(
+        "(best of {RUNS} one-second runs on both sides, bytes per CPU second, 1 MiB buffers, \
+         single thread)"
+    );
+}
+
 criterion_group!(benches, bench_xts);
-criterion_main!(benches);
+
+fn main() {
+    if std::env::var_os("XTS_SPEED").is_some() {
+        speed_table();
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

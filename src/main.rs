@@ -82,6 +82,11 @@ fn init_tracing(verbose: u8, format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.verbose, cli.log_format);
+    // Every subcommand may hold unwrapped keys (a data key, a volume's DEK): a crash must not write
+    // them to a core file.
+    if let Err(e) = cryptnbd::crypto::locked::disable_core_dumps() {
+        tracing::warn!("could not turn off core dumps: {e}");
+    }
     let global = cli::Global {
         data_dir: cli.data_dir,
         passphrase_file: cli.passphrase_file,

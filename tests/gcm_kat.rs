@@ -2,8 +2,9 @@
 //!
 //! Vectors: NIST CAVP `gcmEncryptExtIV256.rsp` (96-bit IVs, 128-bit tags), the first case
 //! (`Count = 0`) of each of its 25 plaintext/AAD length classes (PT 0, 13, 16, 32, 51 bytes ×
-//! AAD 0, 16, 20, 48, 90 bytes). Source: https://csrc.nist.gov/Projects/cryptographic-algorithm-validation-program
-//! ("GCM Test Vectors", gcmtestvectors.zip), as reproduced in the RustCrypto `aes-gcm` test suite;
+//! AAD 0, 16, 20, 48, 90 bytes). Source: NIST CAVP, "GCM Test Vectors" (gcmtestvectors.zip),
+//! <https://csrc.nist.gov/Projects/cryptographic-algorithm-validation-program>, as reproduced in
+//! the RustCrypto `aes-gcm` test suite;
 //! each was cross-checked against Python `cryptography` (OpenSSL) when transcribed.
 //!
 //! They run through `aes_gcm` directly (both directions) and through our own

@@ -66,9 +66,15 @@ proptest! {
         let kernels = Kernel::available();
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("aes") {
-            prop_assert!(kernels.contains(&Kernel::AesNi), "this CPU has AES-NI: the kernel must be tested");
+            prop_assert!(
+                kernels.contains(&Kernel::AesNi),
+                "this CPU has AES-NI: the kernel must be tested"
+            );
         }
-        let engines: Vec<Xts> = kernels.iter().map(|&k| Xts::with_kernel(&key, k).unwrap()).collect();
+        let engines: Vec<Xts> = kernels
+            .iter()
+            .map(|&k| Xts::with_kernel(&key, k).unwrap())
+            .collect();
         for xts in &engines {
             let name = xts.kernel().name();
             let mut inplace = data.clone();

@@ -16,7 +16,7 @@ use cryptnbd::kms::{
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
-use super::Global;
+use super::{print_fields, print_json, Global};
 
 /// The environment variable holding the key store passphrase.
 pub const PASSPHRASE_ENV: &str = "CRYPTNBD_PASSPHRASE";
@@ -310,21 +310,6 @@ fn context_of(pairs: Vec<(String, String)>) -> anyhow::Result<EncryptionContext>
 
 fn decode_hex(what: &str, s: &str) -> anyhow::Result<Vec<u8>> {
     hex::decode(s.trim()).map_err(|e| anyhow::anyhow!("{what} is not valid hex: {e}"))
-}
-
-fn print_json(v: &Value) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
-    Ok(())
-}
-
-/// Aligned `field: value` lines.
-fn print_fields(fields: &[(&str, String)]) {
-    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
-    for (k, v) in fields {
-        println!("{:width$} {v}", format!("{k}:"));
-    }
 }
 
 fn metadata_json(m: &KeyMetadata) -> Value {

@@ -5,7 +5,10 @@ pub mod kms;
 pub mod serve;
 pub mod volume;
 
+use std::io::Write;
 use std::path::PathBuf;
+
+use serde_json::Value;
 
 /// Options every subcommand sees.
 #[derive(Debug, Clone)]
@@ -57,6 +60,22 @@ pub fn parse_context_pair(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+/// Pretty JSON on standard output (the `--json` form of every command).
+pub fn print_json(v: &Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Aligned `field: value` lines (the human form of a record).
+pub fn print_fields(fields: &[(&str, String)]) {
+    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
+    for (k, v) in fields {
+        println!("{:width$} {v}", format!("{k}:"));
     }
 }
 

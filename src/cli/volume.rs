@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use super::kms::open_keystore;
-use super::Global;
+use super::{print_fields, print_json, Global};
 
 const VOLUME_AFTER_HELP: &str = "\
 Volumes live in DATA_DIR/volumes/NAME.vol (sparse, mode 0600). Each has its own data key (DEK),
@@ -137,20 +137,6 @@ enum VolumeCommand {
         #[arg(long, value_name = "FILE")]
         to: PathBuf,
     },
-}
-
-fn print_json(v: &Value) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, v)?;
-    writeln!(out)?;
-    Ok(())
-}
-
-fn print_fields(fields: &[(&str, String)]) {
-    let width = fields.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 1;
-    for (k, v) in fields {
-        println!("{:width$} {v}", format!("{k}:"));
-    }
 }
 
 fn human(bytes: u64) -> String {
