@@ -114,6 +114,9 @@ fn serve_on_an_empty_data_dir_sets_up_disk0_and_prints_attach_commands() {
         assert!(out.contains(&want), "missing {want:?} in:\n{out}");
     }
     assert!(data.join("root.key").exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the data dir holds keys: owner only");
     assert!(data.join("volumes").join("disk0.vol").exists());
 
     let mut c = RawClient::unix(&sock);

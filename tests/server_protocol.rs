@@ -465,3 +465,29 @@ fn bytes_after_an_unskippable_write_are_never_run_as_requests() {
         "payload bytes were executed as requests"
     );
 }
+
+#[test]
+fn serve_refuses_a_bad_config_or_no_listeners() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_, _, p) = provider();
+    let r = rt.block_on(cryptnbd::server::serve(
+        ServerConfig::default(),
+        vec![],
+        p.clone(),
+        async {},
+    ));
+    assert!(r.unwrap_err().to_string().contains("no listeners"));
+    let l = cryptnbd::server::Listener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+    let bad = ServerConfig {
+        workers_per_connection: 0,
+        ..Default::default()
+    };
+    let r = rt.block_on(cryptnbd::server::serve(bad, vec![l], p, async {}));
+    assert!(r
+        .unwrap_err()
+        .to_string()
+        .contains("workers_per_connection"));
+}

@@ -233,3 +233,30 @@ fn libnbd_multi_conn_on_a_real_volume() {
     );
     assert!(ok && out.contains("OK"), "stdout: {out}\nstderr: {err}");
 }
+
+#[test]
+fn concurrent_first_clients_share_one_lazy_attach() {
+    let (_dir, ks, dd) = setup();
+    // Not attached at start: the first clients race to attach it.
+    let srv = TestServer::start(provider(ks, &dd));
+    let socket = srv.socket.clone();
+    let threads: Vec<_> = (0..8u8)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mut c = RawClient::unix(&socket);
+                c.connect_export("vol", i % 2 == 0);
+                let off = u64::from(i) * 4096;
+                assert_eq!(c.write(1, off, &[i + 1; 4096], 0).error(), 0);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("a client failed to attach or write");
+    }
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("vol", false);
+    for i in 0..8u8 {
+        assert!(c.read(2, u64::from(i) * 4096, 4096).unwrap() == vec![i + 1; 4096]);
+    }
+}

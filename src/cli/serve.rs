@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -110,7 +111,11 @@ pub fn attach_commands(name: &str, tcp: &[SocketAddr], unix: &[PathBuf]) -> Stri
 /// On a data directory without a key store: a key store with a generated root key, the CMK
 /// `alias/default` and a 1 GiB volume `disk0`.
 fn setup_default(dir: &Path) -> anyhow::Result<KeyStore> {
-    std::fs::create_dir_all(dir)
+    // The directory holds the root key and the key store: owner only.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
         .with_context(|| format!("creating the data directory {}", dir.display()))?;
     let ks = KeyStore::init(dir, InitRoot::GenerateKeyFile)
         .with_context(|| format!("creating a key store in {}", dir.display()))?;

@@ -174,6 +174,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     config.validate()?;
+    if listeners.is_empty() {
+        return Err(
+            ConfigError("no listeners: give at least one TCP or Unix socket".into()).into(),
+        );
+    }
     let state = Arc::new(ServerState {
         config,
         provider,

@@ -8,7 +8,7 @@
 //! enough for the next client to succeed. An attached volume keeps working until the server stops.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tracing::{info, warn};
 
@@ -166,7 +166,10 @@ pub struct DataDirProvider {
     dir: DataDir,
     keystore: KeyStore,
     selection: ExportSelection,
-    attached: Mutex<HashMap<String, Arc<VolumeExport>>>,
+    /// Attached volumes; looked up by every handshake, so never held during an attach.
+    attached: RwLock<HashMap<String, Arc<VolumeExport>>>,
+    /// Serializes attaches (unwrapping a DEK can be slow), so a volume is opened once.
+    attaching: Mutex<()>,
 }
 
 /// An error and its sources on one line (for the message a client sees).
@@ -190,7 +193,8 @@ impl DataDirProvider {
             dir,
             keystore,
             selection,
-            attached: Mutex::new(HashMap::new()),
+            attached: RwLock::new(HashMap::new()),
+            attaching: Mutex::new(()),
         }
     }
 
@@ -235,9 +239,20 @@ impl DataDirProvider {
     }
 
     fn attach_volume(&self, name: &str) -> Result<Arc<VolumeExport>, AttachError> {
-        let mut cache = self.attached.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = cache.get(name) {
-            return Ok(v.clone());
+        let cached = |name: &str| {
+            self.attached
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .cloned()
+        };
+        if let Some(v) = cached(name) {
+            return Ok(v);
+        }
+        let _attaching = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
+        // Another client may have attached it while we waited.
+        if let Some(v) = cached(name) {
+            return Ok(v);
         }
         if !self.selection.includes(name) {
             return Err(AttachError::NotFound(name.to_string()));
@@ -256,7 +271,10 @@ impl DataDirProvider {
                     "volume attached"
                 );
                 let v = Arc::new(VolumeExport::new(name, vol));
-                cache.insert(name.to_string(), v.clone());
+                self.attached
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_string(), v.clone());
                 Ok(v)
             }
             // A name that cannot be a volume (e.g. `../x`) is simply not an export.
