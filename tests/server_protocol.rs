@@ -491,3 +491,74 @@ fn serve_refuses_a_bad_config_or_no_listeners() {
         .to_string()
         .contains("workers_per_connection"));
 }
+
+/// Replies are batched while more requests wait in the read buffer. A reply must never be held
+/// back while the server waits for the client: lone request/reply round trips (a client at queue
+/// depth 1) must each complete, with one worker or several (a worker holding replies while another
+/// one blocks on the socket would deadlock), and a burst must get every reply.
+#[test]
+fn batched_replies_are_never_held_back() {
+    for workers in [1, 2, 4] {
+        let (_, _, prov) = provider();
+        let config = ServerConfig {
+            workers_per_connection: workers,
+            ..ServerConfig::default()
+        };
+        let srv = TestServer::start_with(config, prov);
+        let mut c = RawClient::unix(&srv.socket);
+        c.connect_export("disk0", false);
+        // Queue depth 1: every reply must arrive on its own (the client's read times out otherwise).
+        let started = Instant::now();
+        for i in 0..200u64 {
+            assert_eq!(c.write(i, i * 512, &pattern(512, i as u8), 0).error(), 0);
+        }
+        // A burst of 64 small writes sent as one buffer, then 64 reads: all replies arrive.
+        let mut burst = Vec::new();
+        for i in 0..64u64 {
+            burst.extend_from_slice(&request_bytes(CMD_WRITE, 0, 1000 + i, i * 4096, 4096));
+            burst.extend_from_slice(&pattern(4096, i as u8));
+        }
+        c.send(&burst);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..64 {
+            let r = c.reply(0);
+            assert_eq!(r.error(), 0);
+            seen.insert(r.cookie());
+        }
+        assert_eq!(seen.len(), 64, "one reply per request");
+        // A burst that ends in a WRITE whose payload is still missing: the replies before it must
+        // arrive before the rest of the payload is sent.
+        let mut part = Vec::new();
+        part.extend_from_slice(&request_bytes(CMD_FLUSH, 0, 2000, 0, 0));
+        part.extend_from_slice(&request_bytes(CMD_WRITE, 0, 2001, 64 * 4096, 4096));
+        part.extend_from_slice(&pattern(100, 9));
+        c.send(&part);
+        assert_eq!(
+            c.reply(0).cookie(),
+            2000,
+            "FLUSH answered while the WRITE is incomplete"
+        );
+        c.send(&pattern(4096, 9)[100..]);
+        assert_eq!(c.reply(0).cookie(), 2001);
+        for i in 0..64u64 {
+            let got = c.read(3000 + i, i * 4096, 4096).unwrap();
+            assert!(got == pattern(4096, i as u8), "sector {i} after the burst");
+        }
+        let got = c.read(4000, 64 * 4096, 4096).unwrap();
+        assert!(got == pattern(4096, 9), "the WRITE sent in two parts");
+        assert!(started.elapsed() < Duration::from_secs(20));
+        srv.stop().unwrap();
+    }
+}
+
+/// The 28 bytes of a request header.
+fn request_bytes(command: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(28);
+    b.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    b.extend_from_slice(&flags.to_be_bytes());
+    b.extend_from_slice(&command.to_be_bytes());
+    b.extend_from_slice(&cookie.to_be_bytes());
+    b.extend_from_slice(&offset.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}

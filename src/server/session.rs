@@ -14,7 +14,7 @@
 use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use tracing::{debug, warn};
 
@@ -30,6 +30,11 @@ use crate::nbd::{consts::*, WireError};
 const READ_BUFFER: usize = 64 * 1024;
 /// Discarded WRITE payloads are read in chunks of this size (a stack buffer, not the request's).
 const DISCARD_CHUNK: usize = 16 * 1024;
+/// Replies up to this size are copied into the worker's pending-reply buffer and sent together
+/// (one `write` for a burst of small replies); larger ones go straight from the data buffer.
+const COALESCE_MAX: usize = 64 * 1024;
+/// Pending replies are sent once they reach this size, even if more requests are waiting.
+const PENDING_FLUSH: usize = 256 * 1024;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -140,19 +145,40 @@ pub(crate) fn run(stream: Stream, neg: Negotiated, cfg: &ServerConfig) -> Result
 
 fn worker(sh: &Shared) -> Result<(), SessionError> {
     let mut buf: Vec<u8> = Vec::new();
-    let mut scratch: Vec<u8> = Vec::new();
-    let r = worker_loop(sh, &mut buf, &mut scratch);
+    let mut out: Vec<u8> = Vec::new();
+    let mut r = worker_loop(sh, &mut buf, &mut out);
+    // Replies to requests already run are owed even when the stream ends.
+    if let Err(e) = flush(sh, &mut out) {
+        if r.is_ok() {
+            r = Err(e);
+        }
+    }
     // Whatever ended this worker ends the connection: wake the others.
     sh.close();
     r
 }
 
-fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<(), SessionError> {
+/// Runs requests until the stream ends. Replies collect in `out` while further requests are
+/// already waiting in the read buffer, and go out in one write before the worker could block
+/// on the socket: a burst of 32 small requests costs one `read` and one `write`, not 64 calls.
+fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), SessionError> {
     loop {
         let taken = {
-            let mut r = sh.reader.lock().unwrap_or_else(|e| e.into_inner());
+            // Never wait for the reader while holding replies: the worker inside may be blocked
+            // on a client that waits for exactly those replies.
+            let mut r = match sh.reader.try_lock() {
+                Ok(r) => r,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    flush(sh, out)?;
+                    sh.reader.lock().unwrap_or_else(|e| e.into_inner())
+                }
+            };
             if sh.closing.load(Ordering::SeqCst) {
                 return Ok(());
+            }
+            if !out.is_empty() && !request_buffered(r.buffer()) {
+                flush(sh, out)?;
             }
             let taken = take_request(sh, &mut r, buf);
             // Decide about closing while still holding the reader: once the stream is out of
@@ -168,10 +194,10 @@ fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<
             return Ok(());
         };
         match verdict {
-            Verdict::Run => execute(sh, &req, buf, scratch)?,
-            Verdict::Fail(errno, msg) => send_error(sh, &req, errno, &msg, scratch)?,
+            Verdict::Run => execute(sh, &req, buf, out)?,
+            Verdict::Fail(errno, msg) => send_error(sh, &req, errno, &msg, out)?,
             Verdict::FailAndClose(errno, msg) => {
-                send_error(sh, &req, errno, &msg, scratch)?;
+                send_error(sh, &req, errno, &msg, out)?;
                 return Err(SessionError::WriteTooLong {
                     len: req.len,
                     max: sh.max_discard,
@@ -181,6 +207,18 @@ fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, scratch: &mut Vec<u8>) -> Result<
             Verdict::Disconnect => return Ok(()),
         }
     }
+}
+
+/// Whether `buffered` holds a whole request (header and any WRITE payload), so reading it will
+/// not block. Anything that does not look like a request counts as "yes": parsing it will fail
+/// without waiting for more bytes.
+fn request_buffered(buffered: &[u8]) -> bool {
+    let Some(hdr) = buffered.get(..REQUEST_LEN) else {
+        return false;
+    };
+    let command = u16::from_be_bytes([hdr[6], hdr[7]]);
+    let len = u32::from_be_bytes([hdr[24], hdr[25], hdr[26], hdr[27]]) as usize;
+    command != CMD_WRITE || buffered.len() - REQUEST_LEN >= len
 }
 
 /// Reads one request (and its payload) from the locked reader; `None` at a clean end of stream.
@@ -309,7 +347,38 @@ fn read_payload(
     }
 }
 
-fn send(sh: &Shared, bufs: &mut [IoSlice<'_>]) -> Result<(), SessionError> {
+/// Queues a reply in `out`, or (when it is large) sends what is queued and then the reply itself.
+fn send(sh: &Shared, out: &mut Vec<u8>, bufs: &mut [IoSlice<'_>]) -> Result<(), SessionError> {
+    let len: usize = bufs.iter().map(|b| b.len()).sum();
+    if len <= COALESCE_MAX {
+        for b in bufs.iter() {
+            out.extend_from_slice(b);
+        }
+        return queued(sh, out);
+    }
+    flush(sh, out)?;
+    write_reply(sh, bufs)
+}
+
+/// Sends the queued replies once there are enough of them.
+fn queued(sh: &Shared, out: &mut Vec<u8>) -> Result<(), SessionError> {
+    if out.len() >= PENDING_FLUSH {
+        flush(sh, out)?;
+    }
+    Ok(())
+}
+
+/// Sends every queued reply.
+fn flush(sh: &Shared, out: &mut Vec<u8>) -> Result<(), SessionError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let r = write_reply(sh, &mut [IoSlice::new(out)]);
+    out.clear();
+    r
+}
+
+fn write_reply(sh: &Shared, bufs: &mut [IoSlice<'_>]) -> Result<(), SessionError> {
     let mut w = sh.lock_writer();
     write_all_vectored(&mut *w, bufs).map_err(|source| SessionError::Io {
         what: "sending a reply",
@@ -317,12 +386,13 @@ fn send(sh: &Shared, bufs: &mut [IoSlice<'_>]) -> Result<(), SessionError> {
     })
 }
 
-fn send_ok(sh: &Shared, req: &Request) -> Result<(), SessionError> {
+fn send_ok(sh: &Shared, req: &Request, out: &mut Vec<u8>) -> Result<(), SessionError> {
     if sh.structured {
-        send(sh, &mut [IoSlice::new(&reply::none(req.cookie))])
+        out.extend_from_slice(&reply::none(req.cookie));
     } else {
-        send(sh, &mut [IoSlice::new(&reply::simple(0, req.cookie))])
+        out.extend_from_slice(&reply::simple(0, req.cookie));
     }
+    queued(sh, out)
 }
 
 fn send_error(
@@ -330,7 +400,7 @@ fn send_error(
     req: &Request,
     errno: u32,
     msg: &str,
-    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
 ) -> Result<(), SessionError> {
     debug!(
         command = command_name(req.command),
@@ -340,23 +410,22 @@ fn send_error(
         "request failed: {msg}"
     );
     if sh.structured {
-        scratch.clear();
-        reply::encode_error_chunk(scratch, req.cookie, errno, msg);
-        send(sh, &mut [IoSlice::new(scratch)])
+        reply::encode_error_chunk(out, req.cookie, errno, msg);
     } else {
-        send(sh, &mut [IoSlice::new(&reply::simple(errno, req.cookie))])
+        out.extend_from_slice(&reply::simple(errno, req.cookie));
     }
+    queued(sh, out)
 }
 
 fn reply_result(
     sh: &Shared,
     req: &Request,
     r: Result<(), ExportError>,
-    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
 ) -> Result<(), SessionError> {
     match r {
-        Ok(()) => send_ok(sh, req),
-        Err(e) => send_error(sh, req, e.errno, &e.message, scratch),
+        Ok(()) => send_ok(sh, req, out),
+        Err(e) => send_error(sh, req, e.errno, &e.message, out),
     }
 }
 
@@ -364,7 +433,7 @@ fn execute(
     sh: &Shared,
     req: &Request,
     buf: &mut Vec<u8>,
-    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
 ) -> Result<(), SessionError> {
     let ex = &*sh.export;
     let len = req.len as usize;
@@ -375,31 +444,29 @@ fn execute(
                 buf.resize(len, 0);
             }
             match ex.read(req.offset, &mut buf[..len]) {
-                Ok(out) if sh.structured && out.all_zero => send(
-                    sh,
-                    &mut [IoSlice::new(&reply::offset_hole(
-                        req.cookie, req.offset, req.len,
-                    ))],
-                ),
+                Ok(r) if sh.structured && r.all_zero => {
+                    out.extend_from_slice(&reply::offset_hole(req.cookie, req.offset, req.len));
+                    queued(sh, out)
+                }
                 Ok(_) if sh.structured => {
                     let h = reply::offset_data_header(req.cookie, req.offset, req.len);
-                    send(sh, &mut [IoSlice::new(&h), IoSlice::new(&buf[..len])])
+                    send(sh, out, &mut [IoSlice::new(&h), IoSlice::new(&buf[..len])])
                 }
                 Ok(_) => {
                     let h = reply::simple(0, req.cookie);
-                    send(sh, &mut [IoSlice::new(&h), IoSlice::new(&buf[..len])])
+                    send(sh, out, &mut [IoSlice::new(&h), IoSlice::new(&buf[..len])])
                 }
-                Err(e) => send_error(sh, req, e.errno, &e.message, scratch),
+                Err(e) => send_error(sh, req, e.errno, &e.message, out),
             }
         }
         CMD_WRITE => {
             let r = ex.write(req.offset, &mut buf[..len], fua);
-            reply_result(sh, req, r, scratch)
+            reply_result(sh, req, r, out)
         }
-        CMD_FLUSH => reply_result(sh, req, ex.flush(), scratch),
+        CMD_FLUSH => reply_result(sh, req, ex.flush(), out),
         CMD_TRIM => {
             let r = ex.trim(req.offset, u64::from(req.len), fua);
-            reply_result(sh, req, r, scratch)
+            reply_result(sh, req, r, out)
         }
         CMD_WRITE_ZEROES => {
             let may_punch = req.flags & CMD_FLAG_NO_HOLE == 0;
@@ -409,35 +476,29 @@ fn execute(
                     req,
                     ENOTSUP,
                     "zeroing this range is not faster than writing zeroes",
-                    scratch,
+                    out,
                 );
             }
             let r = ex.write_zeroes(req.offset, u64::from(req.len), may_punch, fua);
-            reply_result(sh, req, r, scratch)
+            reply_result(sh, req, r, out)
         }
         CMD_CACHE => {
             let r = ex.cache(req.offset, u64::from(req.len));
-            reply_result(sh, req, r, scratch)
+            reply_result(sh, req, r, out)
         }
-        CMD_BLOCK_STATUS => block_status(sh, req, scratch),
+        CMD_BLOCK_STATUS => block_status(sh, req, out),
         // `check` lets no other command through.
-        other => send_error(
-            sh,
-            req,
-            EINVAL,
-            &format!("unknown command {other}"),
-            scratch,
-        ),
+        other => send_error(sh, req, EINVAL, &format!("unknown command {other}"), out),
     }
 }
 
-fn block_status(sh: &Shared, req: &Request, scratch: &mut Vec<u8>) -> Result<(), SessionError> {
+fn block_status(sh: &Shared, req: &Request, out: &mut Vec<u8>) -> Result<(), SessionError> {
     let Some(ctx) = sh.meta_context else {
-        return send_error(sh, req, EINVAL, "no metadata context selected", scratch);
+        return send_error(sh, req, EINVAL, "no metadata context selected", out);
     };
     let extents = match sh.export.block_status(req.offset, u64::from(req.len)) {
         Ok(x) => x,
-        Err(e) => return send_error(sh, req, e.errno, &e.message, scratch),
+        Err(e) => return send_error(sh, req, e.errno, &e.message, out),
     };
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
     let mut left = u64::from(req.len);
@@ -467,10 +528,9 @@ fn block_status(sh: &Shared, req: &Request, scratch: &mut Vec<u8>) -> Result<(),
             req,
             EIO,
             "the export reported no allocation status",
-            scratch,
+            out,
         );
     }
-    scratch.clear();
-    reply::encode_block_status(scratch, req.cookie, ctx, &pairs);
-    send(sh, &mut [IoSlice::new(scratch)])
+    reply::encode_block_status(out, req.cookie, ctx, &pairs);
+    queued(sh, out)
 }
