@@ -363,3 +363,52 @@ fn empty_requests_are_no_ops() {
     v.write_zeroes(5, 0, true, false).unwrap();
     assert_eq!(b.snapshot(), before);
 }
+
+/// `try_read_cached` is `read` when it answers: same bytes, same hole flag. On tmpfs (a memory
+/// filesystem) it always answers aligned requests; unaligned ones, and backends that cannot tell
+/// (the memory test backend), are left to `read`.
+#[test]
+fn try_read_cached_agrees_with_read() {
+    let shm = std::path::Path::new("/dev/shm");
+    assert!(shm.is_dir(), "this test needs a tmpfs at /dev/shm");
+    for ss in [512u32, 4096] {
+        let dir = tempfile::tempdir_in(shm).unwrap();
+        let path = dir.path().join("v.vol");
+        let f = std::fs::File::options()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let key = XtsKey::generate();
+        let v = Volume::create(FileBackend::new(f, &path), &header(4 << 20, ss), &key).unwrap();
+        v.write(8192, &mut pattern(65536, 5), false).unwrap();
+        for (off, len) in [
+            (8192u64, 65536usize),
+            (0, 4096),
+            (1 << 20, 8192),
+            (12288, 4096),
+        ] {
+            let mut a = vec![0u8; len];
+            let mut b = vec![0xEE; len];
+            let ra = v.read(off, &mut a).unwrap();
+            let rb = v
+                .try_read_cached(off, &mut b)
+                .unwrap()
+                .expect("tmpfs reads never wait");
+            assert!(a == b, "bytes differ at {off}+{len}");
+            assert_eq!(ra.all_zero, rb.all_zero, "hole flag at {off}+{len}");
+        }
+        let mut odd = vec![0u8; 100];
+        assert!(v.try_read_cached(8193, &mut odd).unwrap().is_none());
+        assert!(
+            v.try_read_cached(4 << 20, &mut vec![0u8; 4096]).is_err(),
+            "out of range"
+        );
+    }
+    let (_, v, _) = mem_volume(1 << 20, 4096);
+    assert!(v
+        .try_read_cached(0, &mut vec![0u8; 4096])
+        .unwrap()
+        .is_none());
+}

@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Positional byte storage. All methods take `&self`: a backend is shared by concurrent requests,
 /// so implementations must be safe to call from many threads at once.
@@ -22,6 +23,14 @@ pub trait Backend: Send + Sync {
 
     /// Fills `buf` from `offset`. Bytes past the end read as zeroes (sparse/short files).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Fills `buf` from `offset` only if that needs no wait for the device (the data is cached):
+    /// `Ok(true)` when done, `Ok(false)` when it would have to wait (then `buf` holds nothing
+    /// useful and the caller uses [`Backend::read_at`]). Lets a server run cached reads inline
+    /// and hand slow ones to another thread. The default never tries.
+    fn try_read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
 
     /// Writes all of `buf` at `offset`, growing the storage if needed.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
@@ -63,14 +72,46 @@ pub trait Backend: Send + Sync {
 pub struct FileBackend {
     file: File,
     path: PathBuf,
+    nowait: AtomicU8,
+}
+
+/// How [`FileBackend::try_read_at_nowait`] finds out whether a read would wait.
+const NOWAIT_RWF: u8 = 0;
+/// The file lives in memory (tmpfs, ramfs): a read never waits for a device.
+const NOWAIT_MEMORY: u8 = 1;
+/// Neither: every read is treated as one that may wait.
+const NOWAIT_NEVER: u8 = 2;
+
+/// Whether `file` is on a memory filesystem, whose pages are never read from a device (tmpfs
+/// does not implement `RWF_NOWAIT`, so it has to be recognised instead).
+fn in_memory_fs(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: fstatfs fills the struct we pass, for a descriptor we own.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so it initialised the struct.
+    // f_type's integer type differs between targets.
+    #[allow(clippy::unnecessary_cast)]
+    let f_type = unsafe { st.assume_init() }.f_type as i64;
+    f_type == TMPFS_MAGIC || f_type == RAMFS_MAGIC
 }
 
 impl FileBackend {
     /// Wraps an already opened file; `path` is only used in error messages.
     pub fn new(file: File, path: impl Into<PathBuf>) -> Self {
+        let nowait = if in_memory_fs(&file) {
+            NOWAIT_MEMORY
+        } else {
+            NOWAIT_RWF
+        };
         Self {
             file,
             path: path.into(),
+            nowait: AtomicU8::new(nowait),
         }
     }
 
@@ -117,6 +158,45 @@ impl Backend for FileBackend {
             }
         }
         Ok(())
+    }
+
+    fn try_read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        match self.nowait.load(Ordering::Relaxed) {
+            NOWAIT_MEMORY => return self.read_at(buf, offset).map(|()| true),
+            NOWAIT_NEVER => return Ok(false),
+            _ => {}
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: `iov` describes `buf`, valid for writes of its length for the whole call; the
+        // descriptor is our open file.
+        let n = unsafe {
+            libc::preadv2(
+                self.file.as_raw_fd(),
+                &iov,
+                1,
+                to_off(offset)?,
+                libc::RWF_NOWAIT,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // Not cached: take the slow path.
+                Some(libc::EAGAIN | libc::EINTR) => Ok(false),
+                // A kernel or filesystem without RWF_NOWAIT: stop asking.
+                Some(libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL) => {
+                    self.nowait.store(NOWAIT_NEVER, Ordering::Relaxed);
+                    Ok(false)
+                }
+                _ => Err(e),
+            };
+        }
+        // A short read is partly cached data or the end of a short file: the slow path handles
+        // both (it also zero-fills past the end).
+        Ok(n as usize == buf.len())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -217,6 +297,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         (**self).read_at(buf, offset)
     }
+    fn try_read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        (**self).try_read_at_nowait(buf, offset)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
     }
@@ -249,6 +332,42 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The non-blocking read gives the same bytes as `read_at` whenever it says it succeeded, on
+    /// tmpfs (recognised as memory: always succeeds) and on the regular filesystem of the temp
+    /// dir (RWF_NOWAIT: succeeds for cached data, which freshly written data is), also through
+    /// a `Box<dyn Backend>`.
+    #[test]
+    fn nowait_read_matches_read_at() {
+        let shm = std::path::Path::new("/dev/shm");
+        let tmp = tempfile::tempdir().unwrap();
+        let shm_dir = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
+        let mut dirs = vec![(tmp.path().to_path_buf(), false)];
+        if let Some(d) = &shm_dir {
+            dirs.push((d.path().to_path_buf(), true));
+        }
+        for (dir, memory) in dirs {
+            let path = dir.join("f");
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let b: Box<dyn Backend> = Box::new(FileBackend::new(f, &path));
+            let data: Vec<u8> = (0..16384u32).map(|i| (i * 7) as u8).collect();
+            b.write_at(&data, 4096).unwrap();
+            let mut got = vec![0u8; 8192];
+            let done = b.try_read_at_nowait(&mut got, 8192).unwrap();
+            if memory {
+                assert!(done, "tmpfs reads never wait");
+            }
+            if done {
+                assert_eq!(got, data[4096..12288]);
+            }
+        }
+    }
 
     #[test]
     fn file_backend_reads_zeroes_past_eof_and_reports_holes() {

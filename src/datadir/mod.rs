@@ -161,24 +161,18 @@ fn check_name(name: &str) -> Result<(), DataDirError> {
 }
 
 fn try_lock(file: &File, exclusive: bool, name: &str, path: &Path) -> Result<(), DataDirError> {
-    use std::os::fd::AsRawFd;
-    let op = if exclusive {
-        libc::LOCK_EX
+    // flock(2) semantics: released when the file is closed, shared by every attach in a process.
+    let r = if exclusive {
+        file.try_lock()
     } else {
-        libc::LOCK_SH
+        file.try_lock_shared()
     };
-    // SAFETY: flock on a descriptor we own; the lock is released when the file is closed.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Err(DataDirError::InUse {
+    match r {
+        Ok(()) => Ok(()),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DataDirError::InUse {
             name: name.to_string(),
-        })
-    } else {
-        Err(io_err("locking volume file", path)(e))
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(io_err("locking volume file", path)(e)),
     }
 }
 

@@ -51,6 +51,15 @@ pub trait Export: Send + Sync {
     fn is_read_only(&self) -> bool;
     /// Fills `buf` from `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadOutcome, ExportError>;
+    /// [`Export::read`] if it can be done without waiting for a device (cached data), else
+    /// `None`: the session then lets another worker read the next request meanwhile.
+    fn try_read_cached(
+        &self,
+        _offset: u64,
+        _buf: &mut [u8],
+    ) -> Option<Result<ReadOutcome, ExportError>> {
+        None
+    }
     /// Writes `data` at `offset`. `data` is scratch: the export may transform it in place
     /// (encrypt) to avoid a copy.
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), ExportError>;

@@ -144,6 +144,18 @@ impl Export for MemExport {
         Ok(ReadOutcome { all_zero })
     }
 
+    /// Every read is "cached" except the slow one set with [`MemExport::set_slow_read`].
+    fn try_read_cached(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<ReadOutcome, ExportError>> {
+        if offset == self.slow_offset.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(self.read(offset, buf))
+    }
+
     fn write(&self, offset: u64, data: &mut [u8], _fua: bool) -> Result<(), ExportError> {
         let mut g = self.inner.write().map_err(|_| poisoned())?;
         let (s, e) = self.range(offset, data.len() as u64, g.data.len())?;

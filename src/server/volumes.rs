@@ -95,6 +95,20 @@ impl Export for VolumeExport {
             .map_err(export_err)
     }
 
+    fn try_read_cached(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Option<Result<ReadOutcome, ExportError>> {
+        match self.volume.try_read_cached(offset, buf) {
+            Ok(Some(o)) => Some(Ok(ReadOutcome {
+                all_zero: o.all_zero,
+            })),
+            Ok(None) => None,
+            Err(e) => Some(Err(export_err(e))),
+        }
+    }
+
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), ExportError> {
         self.volume.write(offset, data, fua).map_err(export_err)
     }

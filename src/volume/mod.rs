@@ -200,10 +200,16 @@ impl Volume {
     /// Reads whole sectors at `sector_off` into `buf` and decrypts them in place; all-zero
     /// ciphertext sectors stay zero. Returns whether every sector was such a zero sector.
     fn read_sectors(&self, buf: &mut [u8], sector_off: u64) -> Result<bool, VolumeError> {
-        let ss = self.ss();
         self.backend
             .read_at(buf, self.file_offset(sector_off))
             .map_err(|e| self.io_err("reading", buf.len() as u64, sector_off, e))?;
+        Ok(self.decrypt_read(buf, sector_off))
+    }
+
+    /// Decrypts whole sectors of ciphertext just read at `sector_off`, in place; all-zero
+    /// sectors are holes and stay zero. Returns whether every sector was a hole.
+    fn decrypt_read(&self, buf: &mut [u8], sector_off: u64) -> bool {
+        let ss = self.ss();
         let mut all_zero = true;
         // Decrypt runs of non-zero sectors with one call each.
         let n = buf.len() / ss;
@@ -222,7 +228,29 @@ impl Volume {
             self.xts
                 .decrypt_sectors(&mut buf[start * ss..i * ss], ss, unit);
         }
-        Ok(all_zero)
+        all_zero
+    }
+
+    /// Like [`Volume::read`], but only if the ciphertext can be read without waiting for the
+    /// device (it is cached): `Ok(None)` means "would wait: call `read`". Only whole-sector reads
+    /// are tried; others return `Ok(None)`.
+    pub fn try_read_cached(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<Option<ReadOutcome>, VolumeError> {
+        self.check(Op::Read, offset, buf.len() as u64)?;
+        let ss = self.ss() as u64;
+        if buf.is_empty() || !offset.is_multiple_of(ss) || !(buf.len() as u64).is_multiple_of(ss) {
+            return Ok(None);
+        }
+        let done = self
+            .backend
+            .try_read_at_nowait(buf, self.file_offset(offset))
+            .map_err(|e| self.io_err("reading", buf.len() as u64, offset, e))?;
+        Ok(done.then(|| ReadOutcome {
+            all_zero: self.decrypt_read(buf, offset),
+        }))
     }
 
     /// Reads `buf.len()` bytes at `offset` (any alignment).
