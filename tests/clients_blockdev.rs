@@ -103,8 +103,23 @@ impl Attached {
         self.mounted = true;
     }
 
+    /// Unmounts, retrying for a while on "target is busy": right after the last write the
+    /// kernel (or a udev probe of the loop device) may still hold the file system briefly.
     fn umount(&mut self) {
-        run_ok(Command::new("umount").arg(&self.fs_dir));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = run_bounded(Command::new("umount").arg(&self.fs_dir), TOOL_TIMEOUT);
+            if out.status.success() {
+                break;
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("busy") && Instant::now() < deadline,
+                "umount {} failed: {err}",
+                self.fs_dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
         self.mounted = false;
     }
 
@@ -203,6 +218,10 @@ fn ext4_survives_server_restart(test: &str, sector: u32) {
         skip_environment(test, &why);
         return;
     }
+    // One attachment at a time: two tests setting up FUSE mounts, loop devices and ext4 mounts
+    // at once have been seen to keep each other's mounts busy.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let d = DataDir::new();
     d.create_volume("disk0", 256 * MIB, sector);
     let files = sample_files();
