@@ -31,6 +31,22 @@ fn mem_volume(size: u64, ss: u32) -> (MemBackend, Volume, XtsKey) {
     (b, v, key)
 }
 
+/// A new volume in a new file at `path`, on a fresh key.
+fn file_volume(path: &std::path::Path, size: u64, ss: u32) -> Volume {
+    let f = std::fs::File::options()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    Volume::create(
+        FileBackend::new(f, path),
+        &header(size, ss),
+        &XtsKey::generate(),
+    )
+    .unwrap()
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
@@ -284,14 +300,7 @@ fn concurrent_small_writes_into_one_sector_are_never_lost() {
 fn file_backend_volume_is_sparse_and_reports_holes() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v.vol");
-    let f = std::fs::File::options()
-        .create_new(true)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let key = XtsKey::generate();
-    let v = Volume::create(FileBackend::new(f, &path), &header(1 << 40, 4096), &key).unwrap();
+    let v = file_volume(&path, 1 << 40, 4096);
     v.write(1 << 30, &mut pattern(1 << 20, 2), true).unwrap();
     let meta = std::fs::metadata(&path).unwrap();
     use std::os::unix::fs::MetadataExt;
@@ -373,15 +382,7 @@ fn try_read_cached_agrees_with_read() {
     assert!(shm.is_dir(), "this test needs a tmpfs at /dev/shm");
     for ss in [512u32, 4096] {
         let dir = tempfile::tempdir_in(shm).unwrap();
-        let path = dir.path().join("v.vol");
-        let f = std::fs::File::options()
-            .create_new(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let key = XtsKey::generate();
-        let v = Volume::create(FileBackend::new(f, &path), &header(4 << 20, ss), &key).unwrap();
+        let v = file_volume(&dir.path().join("v.vol"), 4 << 20, ss);
         v.write(8192, &mut pattern(65536, 5), false).unwrap();
         for (off, len) in [
             (8192u64, 65536usize),

@@ -4,22 +4,8 @@
 
 use std::sync::Arc;
 
-/// The outcome of a successful read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ReadOutcome {
-    /// The whole range read as zeroes (never written, or trimmed): the server may send a hole.
-    pub all_zero: bool,
-}
-
-/// One run of the export with the same allocation status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Extent {
-    pub length: u64,
-    /// Not allocated in the backing store.
-    pub hole: bool,
-    /// Reads as zeroes.
-    pub zero: bool,
-}
+// The server speaks the volume's own read/extent types: one definition, no conversions.
+pub use crate::volume::{Extent, ReadOutcome};
 
 /// An I/O error to report to the client: a POSIX errno (as NBD numbers them) and a message for a
 /// human that names what was done to what (never data or keys).

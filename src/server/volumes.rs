@@ -87,12 +87,7 @@ impl Export for VolumeExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadOutcome, ExportError> {
-        self.volume
-            .read(offset, buf)
-            .map(|o| ReadOutcome {
-                all_zero: o.all_zero,
-            })
-            .map_err(export_err)
+        self.volume.read(offset, buf).map_err(export_err)
     }
 
     fn try_read_cached(
@@ -100,13 +95,10 @@ impl Export for VolumeExport {
         offset: u64,
         buf: &mut [u8],
     ) -> Option<Result<ReadOutcome, ExportError>> {
-        match self.volume.try_read_cached(offset, buf) {
-            Ok(Some(o)) => Some(Ok(ReadOutcome {
-                all_zero: o.all_zero,
-            })),
-            Ok(None) => None,
-            Err(e) => Some(Err(export_err(e))),
-        }
+        self.volume
+            .try_read_cached(offset, buf)
+            .map_err(export_err)
+            .transpose()
     }
 
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), ExportError> {
@@ -142,18 +134,7 @@ impl Export for VolumeExport {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError> {
-        self.volume
-            .block_status(offset, len)
-            .map(|v| {
-                v.into_iter()
-                    .map(|e| Extent {
-                        length: e.length,
-                        hole: e.hole,
-                        zero: e.zero,
-                    })
-                    .collect()
-            })
-            .map_err(export_err)
+        self.volume.block_status(offset, len).map_err(export_err)
     }
 }
 

@@ -37,7 +37,7 @@ const ZERO_CHUNK: usize = 256 << 10;
 const MAX_EXTENTS: usize = 1024;
 
 /// What a read found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ReadOutcome {
     /// Every sector read was a hole or an all-zero (discarded) sector.
     pub all_zero: bool,
