@@ -333,6 +333,18 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
 mod tests {
     use super::*;
 
+    /// A file backend on a new, empty file at `path`.
+    fn new_file(path: &Path) -> FileBackend {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        FileBackend::new(f, path)
+    }
+
     /// The non-blocking read gives the same bytes as `read_at` whenever it says it succeeded, on
     /// tmpfs (recognised as memory: always succeeds) and on the regular filesystem of the temp
     /// dir (RWF_NOWAIT: succeeds for cached data, which freshly written data is), also through
@@ -347,15 +359,7 @@ mod tests {
             dirs.push((d.path().to_path_buf(), true));
         }
         for (dir, memory) in dirs {
-            let path = dir.join("f");
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap();
-            let b: Box<dyn Backend> = Box::new(FileBackend::new(f, &path));
+            let b: Box<dyn Backend> = Box::new(new_file(&dir.join("f")));
             let data: Vec<u8> = (0..16384u32).map(|i| (i * 7) as u8).collect();
             b.write_at(&data, 4096).unwrap();
             let mut got = vec![0u8; 8192];
@@ -373,14 +377,7 @@ mod tests {
     fn file_backend_reads_zeroes_past_eof_and_reports_holes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        let b = FileBackend::new(f, &path);
+        let b = new_file(&path);
         b.set_len(4 << 20).unwrap();
         b.write_at(&[7u8; 4096], 1 << 20).unwrap();
         let mut buf = [1u8; 8192];
