@@ -1,6 +1,7 @@
-//! The data directory: the glue between the key store and the volumes. It owns the layout
+//! The data directory: the glue between a key provider and the volumes. It owns the layout
 //! (`volumes/NAME.vol` beside the key store files), volume names, and the operations that need
-//! both a volume file and the key store: create (a fresh DEK from `create-datakey`), attach
+//! both a volume file and data keys, which it asks of a [`KeyProvider`] (the key seam: the
+//! embedded key store or a remote KMS; this module does not care which): create (a fresh DEK from `create-datakey`), attach
 //! (`decrypt-datakey` on the header's wrapped DEK), rekey (`re-encrypt`, header only), plus the
 //! header-only ones (info, resize, delete) and raw image import/export.
 //!
@@ -17,7 +18,7 @@ use uuid::Uuid;
 
 use crate::backend::FileBackend;
 use crate::crypto::XtsKey;
-use crate::kms::{EncryptionContext, KeyStore, KmsError};
+use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use crate::volume::{Volume, VolumeError, VolumeHeader};
 
 mod transfer;
@@ -263,7 +264,7 @@ impl DataDir {
     /// key from `key` (a CMK id or alias). The file appears complete or not at all.
     pub fn create_volume(
         &self,
-        ks: &KeyStore,
+        keys: &dyn KeyProvider,
         name: &str,
         size: u64,
         key: &str,
@@ -280,7 +281,7 @@ impl DataDir {
         header.discard = opts.discard;
         header.validate().map_err(Self::vol_err(name))?;
         let ctx = volume_context(header.volume_id);
-        let dk = ks
+        let dk = keys
             .create_data_key(key, &ctx, 512)
             .map_err(|source| DataDirError::Kms {
                 name: name.to_string(),
@@ -346,7 +347,7 @@ impl DataDir {
     /// (disabled, pending deletion or deleted key, wrong context) names the volume and the reason.
     pub fn attach(
         &self,
-        ks: &KeyStore,
+        keys: &dyn KeyProvider,
         name: &str,
         read_only: bool,
     ) -> Result<Volume, DataDirError> {
@@ -360,7 +361,7 @@ impl DataDir {
                 found: found.cloned(),
             });
         }
-        let uk = ks
+        let uk = keys
             .decrypt_data_key(&h.key_id.to_string(), &h.wrapped_dek, &h.encryption_context)
             .map_err(|source| DataDirError::Kms {
                 name: name.to_string(),
@@ -423,13 +424,13 @@ impl DataDir {
     /// header changes (crash-safe), the data is untouched.
     pub fn rekey(
         &self,
-        ks: &KeyStore,
+        keys: &dyn KeyProvider,
         name: &str,
         key: Option<&str>,
     ) -> Result<VolumeHeader, DataDirError> {
         let backend = self.open_locked(name, true, true)?;
         let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
-        let w = ks
+        let w = keys
             .re_encrypt(
                 &header.wrapped_dek,
                 &header.encryption_context,
