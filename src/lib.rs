@@ -9,6 +9,7 @@ pub mod backend;
 pub mod config;
 pub mod crypto;
 pub mod datadir;
+pub mod exports;
 pub mod kms;
 pub mod nbd;
 pub mod server;

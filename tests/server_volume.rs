@@ -9,9 +9,9 @@ use std::sync::Arc;
 use common::raw::RawClient;
 use common::TestServer;
 use cryptnbd::datadir::{CreateOptions, DataDir};
+use cryptnbd::exports::{DataDirProvider, ExportSelection};
 use cryptnbd::kms::{InitRoot, KeyStore};
 use cryptnbd::nbd::*;
-use cryptnbd::server::volumes::{DataDirProvider, ExportSelection};
 
 const SIZE: u64 = 16 << 20;
 const MARKER: &[u8] = b"CRYPTNBD-PLAINTEXT-MARKER-0123456789";

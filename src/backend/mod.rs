@@ -2,8 +2,10 @@
 //! ([`FileBackend`]: pread/pwrite, `fallocate(PUNCH_HOLE)`, `lseek(SEEK_DATA/SEEK_HOLE)`,
 //! `fdatasync`). Backends move opaque bytes: they never see plaintext, tweaks or keys.
 //!
-//! [`testing`] holds the memory, faulty and crashing backends the tests use.
+//! `testing` (feature `test-utils`, and this crate's unit tests) holds the memory, slow, faulty
+//! and crashing backends the tests use. This trait is the one place a new store plugs in.
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 use std::fs::File;

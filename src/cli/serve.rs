@@ -16,8 +16,8 @@ use tracing::{info, warn};
 
 use cryptnbd::config::ServerConfig;
 use cryptnbd::datadir::{CreateOptions, DataDir};
+use cryptnbd::exports::{DataDirProvider, ExportSelection};
 use cryptnbd::kms::{InitRoot, KeyStore};
-use cryptnbd::server::volumes::{DataDirProvider, ExportSelection};
 use cryptnbd::server::{serve, Listener};
 
 use super::Global;

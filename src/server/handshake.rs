@@ -12,18 +12,19 @@ use std::time::Instant;
 
 use tracing::debug;
 
-use super::export::{AttachError, Export, ExportProvider};
+use super::export::{error_chain, AttachError, ExportProvider};
 use super::stream::Stream;
 use crate::config::ServerConfig;
 use crate::nbd::option::{self as opt, InfoRequest, MetaContextRequest, OptionHeader};
 use crate::nbd::{consts::*, WireError};
+use crate::volume::Volume;
 
 /// The id of `base:allocation` when selected with SET_META_CONTEXT.
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 
 /// What the transmission phase needs from a successful handshake.
 pub(crate) struct Negotiated {
-    pub export: Arc<dyn Export>,
+    pub export: Arc<Volume>,
     pub name: String,
     pub structured: bool,
     /// Set when `base:allocation` was selected for this export.
@@ -65,7 +66,7 @@ pub enum HandshakeError {
 }
 
 /// Transmission flags for `export`.
-pub(crate) fn transmission_flags(export: &dyn Export, structured: bool) -> u16 {
+pub(crate) fn transmission_flags(export: &Volume, structured: bool) -> u16 {
     let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
     // Every connection to an export shares one open volume, so a FLUSH on one covers all.
     f |= FLAG_CAN_MULTI_CONN;
@@ -329,7 +330,7 @@ impl Driver<'_> {
         self.ack(option)
     }
 
-    fn attach(&self, name: &str) -> Result<Arc<dyn Export>, AttachError> {
+    fn attach(&self, name: &str) -> Result<Arc<Volume>, AttachError> {
         self.provider.attach(name)
     }
 
@@ -353,17 +354,19 @@ impl Driver<'_> {
             Ok(e) => e,
             Err(e) => {
                 let ty = match e {
-                    AttachError::NotFound(_) => REP_ERR_UNKNOWN,
                     AttachError::Refused { .. } => REP_ERR_POLICY,
+                    _ => REP_ERR_UNKNOWN,
                 };
+                // The client's message, made once from the whole typed chain.
+                let message = error_chain(&e);
                 if matches!(e, AttachError::Refused { .. }) {
-                    tracing::warn!(peer = %self.peer, export = %name, "attach refused: {e}");
+                    tracing::warn!(peer = %self.peer, export = %name, "attach refused: {message}");
                 }
-                self.error(option, ty, &e.to_string())?;
+                self.error(option, ty, &message)?;
                 return Ok(None);
             }
         };
-        let flags = transmission_flags(&*export, self.structured);
+        let flags = transmission_flags(&export, self.structured);
         opt::encode_info_export(&mut self.out, option, export.size(), flags);
         let min = export.sector_size().max(1);
         let pref = self.cfg.preferred_block_size.max(min);
@@ -376,7 +379,7 @@ impl Driver<'_> {
                 &mut self.out,
                 option,
                 INFO_DESCRIPTION,
-                &export.description(),
+                &self.provider.description(&name, &export),
             );
         }
         self.ack(option)?;
@@ -386,7 +389,7 @@ impl Driver<'_> {
         Ok(Some(self.negotiated(export, name, flags)))
     }
 
-    fn negotiated(&self, export: Arc<dyn Export>, name: String, flags: u16) -> HandshakeEnd {
+    fn negotiated(&self, export: Arc<Volume>, name: String, flags: u16) -> HandshakeEnd {
         let meta_context = match &self.meta_for {
             Some(n) if *n == name && self.structured => Some(BASE_ALLOCATION_ID),
             _ => None,
@@ -416,7 +419,7 @@ impl Driver<'_> {
             .resolve(raw)
             .ok_or_else(|| HandshakeError::ExportName(AttachError::NotFound(String::new())))?;
         let export = self.attach(&name).map_err(HandshakeError::ExportName)?;
-        let flags = transmission_flags(&*export, self.structured);
+        let flags = transmission_flags(&export, self.structured);
         opt::encode_export_name_reply(&mut self.out, export.size(), flags, self.no_zeroes);
         self.send("sending the export information")?;
         Ok(self.negotiated(export, name, flags))
