@@ -86,6 +86,8 @@ const NOWAIT_NEVER: u8 = 2;
 
 /// Whether `file` is on a memory filesystem, whose pages are never read from a device (tmpfs
 /// does not implement `RWF_NOWAIT`, so it has to be recognised instead).
+// fstatfs(2) through libc.
+#[allow(unsafe_code)]
 fn in_memory_fs(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
@@ -140,6 +142,9 @@ fn to_off(offset: u64) -> io::Result<libc::off_t> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset does not fit in off_t"))
 }
 
+// The positional syscalls std has no wrapper for (preadv2, fallocate, lseek SEEK_DATA/HOLE,
+// posix_fadvise), through libc.
+#[allow(unsafe_code)]
 impl Backend for FileBackend {
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())

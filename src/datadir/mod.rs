@@ -26,6 +26,7 @@ mod transfer;
 const MAX_NAME_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DataDirError {
     #[error("invalid volume name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
@@ -39,7 +40,7 @@ pub enum DataDirError {
     #[error("volume {name:?} is in use (attached by a running server or another command); detach it first")]
     InUse { name: String },
 
-    #[error("volume {name:?}: {source}")]
+    #[error("volume {name:?}")]
     Volume {
         name: String,
         #[source]
@@ -47,7 +48,7 @@ pub enum DataDirError {
     },
 
     /// The key store refused (disabled, pending deletion or deleted key, wrong context…).
-    #[error("cannot {action} volume {name:?}: the key store refused: {source}")]
+    #[error("cannot {action} volume {name:?}: the key provider refused")]
     Kms {
         name: String,
         action: &'static str,
@@ -77,7 +78,7 @@ pub enum DataDirError {
     #[error("invalid request for volume {name:?}: {reason}")]
     Invalid { name: String, reason: String },
 
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}", path.display())]
     Io {
         what: String,
         path: PathBuf,

@@ -18,6 +18,7 @@ pub use consts::*;
 
 /// Why bytes from the wire were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     #[error("truncated {what}: need {need} bytes, got {got}")]
     Truncated {

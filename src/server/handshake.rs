@@ -40,6 +40,7 @@ pub(crate) enum HandshakeEnd {
 
 /// Why a handshake ended without an export being served.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     #[error("the client closed the connection during the handshake")]
     ClientClosed,

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use tracing::{debug, warn};
 
-use super::export::errno_for;
+use super::export::{errno_for, error_chain};
 use super::handshake::Negotiated;
 use super::stream::{read_exact_or_eof, write_all_vectored, Stream};
 use crate::config::ServerConfig;
@@ -49,6 +49,7 @@ const PENDING_FLUSH: usize = 256 * 1024;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SessionError {
     #[error("socket error while {what}")]
     Io {
@@ -414,7 +415,7 @@ fn send_volume_error(
     e: &VolumeError,
     out: &mut Vec<u8>,
 ) -> Result<(), SessionError> {
-    send_error(sh, req, errno_for(e), &e.to_string(), out)
+    send_error(sh, req, errno_for(e), &error_chain(e), out)
 }
 
 fn reply_result(

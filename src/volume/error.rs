@@ -53,11 +53,12 @@ pub enum VolumeError {
     ReadOnly { op: Op },
 
     /// An I/O error of the backing storage; `what` says what was done ("writing 4096 bytes at
-    /// volume offset 0"). The OS error is kept in `cause` and also shown.
-    #[error("{what} of {target}: {cause}")]
+    /// volume offset 0"). The OS error is its source.
+    #[error("{what} of {target}")]
     Io {
         what: String,
         target: String,
+        #[source]
         cause: io::Error,
     },
 

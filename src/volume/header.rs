@@ -395,6 +395,7 @@ impl VolumeHeader {
 
 /// Why one header copy was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CopyError {
     NoMagic,
     Corrupt(String),
