@@ -2,7 +2,7 @@
 //! out-of-order replies, shutdown, and every malformed request (each must end in an error reply or
 //! in closing that one connection, never a crash).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

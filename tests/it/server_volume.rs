@@ -2,7 +2,7 @@
 //! stored in plaintext, survives a restart, all connections share one attached volume, and a
 //! refused attach (disabled CMK) reaches the client with its reason while other exports work.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

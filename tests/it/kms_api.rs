@@ -9,7 +9,7 @@ use cryptnbd::kms::{
 };
 use zeroize::Zeroizing;
 
-mod common;
+use crate::common;
 use common::keys::KeyFixture;
 
 fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {

@@ -1,7 +1,7 @@
 //! `nbdinfo` (libnbd) against the in-process server: exports, sizes, block sizes, flags and the
 //! `base:allocation` context, over a Unix socket and over TCP.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::Arc;

@@ -12,7 +12,7 @@ use cryptnbd::datadir::{CreateOptions, DataDir, DataDirError};
 use cryptnbd::kms::{KeyStore, KmsError, ManualClock};
 use cryptnbd::volume::VolumeHeader;
 
-mod common;
+use crate::common;
 use common::{assert_refusal, keys::KeyFixture};
 
 const MIB: u64 = 1 << 20;

@@ -2,7 +2,7 @@
 //! holes, block status, trim, zero, flush, FUA, many concurrent requests on one connection, and
 //! several connections to one export (multi-conn).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::Arc;
