@@ -22,5 +22,5 @@ mod xts_ni;
 #[cfg(target_arch = "x86_64")]
 mod xts_vaes;
 
-pub use keys::{Key256, SecretBytes, XtsKey};
+pub use keys::{Key256, KeyError, SecretBytes, XtsKey};
 pub use xts::{Kernel, Xts};

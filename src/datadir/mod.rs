@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::backend::FileBackend;
-use crate::crypto::XtsKey;
+use crate::crypto::{KeyError, XtsKey};
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use crate::volume::{Volume, VolumeError, VolumeHeader};
 
@@ -65,8 +65,12 @@ pub enum DataDirError {
         found: Option<String>,
     },
 
-    #[error("volume {name:?}: the key store returned an unusable data key: {reason}")]
-    BadDataKey { name: String, reason: String },
+    #[error("volume {name:?}: the key provider returned an unusable data key")]
+    BadDataKey {
+        name: String,
+        #[source]
+        source: KeyError,
+    },
 
     #[error("cannot shrink volume {name:?} from {current} to {requested} bytes: only growing is supported (shrinking would destroy data)")]
     Shrink {
@@ -292,7 +296,7 @@ impl DataDir {
         let xts = XtsKey::from_slice(dk.plain_text.dangerous_as_bytes()).map_err(|e| {
             DataDirError::BadDataKey {
                 name: name.to_string(),
-                reason: e.to_string(),
+                source: e,
             }
         })?;
         header.key_id = dk.wrapped.key_id;
@@ -372,7 +376,7 @@ impl DataDir {
         let key = XtsKey::from_slice(uk.plain_text.dangerous_as_bytes()).map_err(|e| {
             DataDirError::BadDataKey {
                 name: name.to_string(),
-                reason: e.to_string(),
+                source: e,
             }
         })?;
         Volume::with_key(Box::new(backend), h, &key, read_only).map_err(Self::vol_err(name))

@@ -7,7 +7,7 @@
 //! Threading (decided from measurements, see DESIGN.md "Performance"): tokio is used only to
 //! accept connections and to wait for the shutdown signal. Each accepted socket (TCP_NODELAY set)
 //! becomes a blocking std socket served on its own OS threads: the handshake under one deadline,
-//! then `workers_per_connection` workers in a leader/follower pattern (see [`session`]), so a
+//! then `workers_per_connection` workers in a leader/follower pattern (see `session`), so a
 //! request is read, executed (decrypted/encrypted) and answered on one thread, with no queue in
 //! between.
 //!

@@ -493,7 +493,7 @@ fn take_str(b: &[u8], pos: &mut usize) -> Result<String, CopyError> {
 
 /// Describing a volume to people (NBD_OPT_LIST and NBD_INFO_DESCRIPTION show this).
 impl VolumeHeader {
-    /// "AES-256-XTS encrypted volume, 1 GiB, 4096-byte sectors, CMK <id> v<version>".
+    /// `AES-256-XTS encrypted volume, 1 GiB, 4096-byte sectors, CMK KEY_ID vVERSION`.
     pub fn describe(&self) -> String {
         format!(
             "AES-256-XTS encrypted volume, {}, {}-byte sectors, CMK {} v{}",
