@@ -23,6 +23,7 @@ mod kms_golden;
 mod kms_props;
 mod kms_python_oracle;
 mod nbd_wire;
+mod seams;
 mod server_cli;
 mod server_garbage;
 mod server_handshake;
