@@ -15,6 +15,9 @@
 //! ~240 k. (DESIGN.md "Performance": Cloudflare's dm-crypt work showed queue hops costing about
 //! half the throughput.)
 //!
+//! The socket under the session is a [`super::transport`] half: plain, or TLS (see there for how
+//! the reader and the writers share one TLS session).
+//!
 //! A request that is malformed beyond recovery (bad magic, truncated frame, a WRITE too long to
 //! discard) ends this connection only; everything else gets an error reply and the stream goes on.
 
@@ -28,6 +31,7 @@ use tracing::{debug, warn};
 use super::export::{Export, ExportError, ReadOutcome};
 use super::handshake::Negotiated;
 use super::stream::{read_exact_or_eof, write_all_vectored, Stream};
+use super::transport::{Conn, ReadHalf, WriteHalf};
 use crate::config::ServerConfig;
 use crate::nbd::reply;
 use crate::nbd::request::{Request, REQUEST_LEN};
@@ -59,8 +63,8 @@ pub enum SessionError {
 }
 
 struct Shared {
-    reader: Mutex<BufReader<Stream>>,
-    writer: Mutex<Stream>,
+    reader: Mutex<BufReader<ReadHalf>>,
+    writer: Mutex<WriteHalf>,
     /// A handle to shut the socket down from any thread.
     control: Stream,
     closing: AtomicBool,
@@ -80,7 +84,7 @@ impl Shared {
         let _ = self.control.shutdown(Shutdown::Read);
     }
 
-    fn lock_writer(&self) -> MutexGuard<'_, Stream> {
+    fn lock_writer(&self) -> MutexGuard<'_, WriteHalf> {
         // A worker that panicked while writing leaves a frame half sent: nothing after it can be
         // trusted, but the lock itself is still usable to fail fast.
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
@@ -98,16 +102,15 @@ enum Verdict {
 
 /// Serves requests on `stream` until the client disconnects, the stream breaks, or the server
 /// shuts the socket's read side.
-pub(crate) fn run(stream: Stream, neg: Negotiated, cfg: &ServerConfig) -> Result<(), SessionError> {
+pub(crate) fn run(conn: Conn, neg: Negotiated, cfg: &ServerConfig) -> Result<(), SessionError> {
     let io_err = |what| move |source| SessionError::Io { what, source };
-    let writer = stream.try_clone().map_err(io_err("cloning the socket"))?;
-    let control = stream.try_clone().map_err(io_err("cloning the socket"))?;
-    stream
-        .set_read_timeout(None)
+    conn.set_read_timeout(None)
         .map_err(io_err("clearing the handshake timeout"))?;
-    stream
-        .set_write_timeout(None)
+    conn.set_write_timeout(None)
         .map_err(io_err("clearing the handshake timeout"))?;
+    let (stream, writer, control) = conn
+        .into_halves()
+        .map_err(io_err("cloning the socket"))?;
     let sh = Shared {
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
         writer: Mutex::new(writer),
@@ -171,7 +174,7 @@ fn worker(sh: &Shared) -> Result<(), SessionError> {
 fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), SessionError> {
     // The reader kept from the last request: a worker stays leader through a run of quick
     // requests, so the followers sleep instead of trading the lock (and the CPU) per request.
-    let mut kept: Option<MutexGuard<'_, BufReader<Stream>>> = None;
+    let mut kept: Option<MutexGuard<'_, BufReader<ReadHalf>>> = None;
     loop {
         let taken = {
             let mut r = match kept.take() {
@@ -274,7 +277,7 @@ fn request_buffered(buffered: &[u8]) -> bool {
 /// Reads one request (and its payload) from the locked reader; `None` at a clean end of stream.
 fn take_request(
     sh: &Shared,
-    r: &mut BufReader<Stream>,
+    r: &mut BufReader<ReadHalf>,
     buf: &mut Vec<u8>,
 ) -> Result<Option<(Request, Verdict)>, SessionError> {
     let mut hdr = [0u8; REQUEST_LEN];
@@ -363,7 +366,7 @@ fn check(sh: &Shared, req: &Request) -> Verdict {
 /// Reads a WRITE payload into `buf`, or skips it when the request was refused.
 fn read_payload(
     sh: &Shared,
-    r: &mut BufReader<Stream>,
+    r: &mut BufReader<ReadHalf>,
     req: &Request,
     verdict: Verdict,
     buf: &mut Vec<u8>,
