@@ -104,6 +104,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2, value_name = "N")]
     workers: usize,
 
+    /// Request buffer memory (MiB) shared by all connections beyond the first MiB per worker;
+    /// large requests wait for it, so stalled clients cannot pin more.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    buffer_budget: usize,
+
     /// Time a client has to finish the handshake (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     handshake_timeout: Duration,
@@ -231,6 +236,7 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         workers_per_connection: args.workers,
         handshake_timeout: args.handshake_timeout,
         shutdown_grace: args.shutdown_grace,
+        buffer_budget: args.buffer_budget.saturating_mul(1 << 20),
         ..ServerConfig::default()
     };
     config.validate()?;

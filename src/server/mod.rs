@@ -15,6 +15,7 @@
 //! `shutdown_grace`, e.g. a client that stopped reading replies), then flushes every export that
 //! was attached.
 
+mod budget;
 pub mod export;
 mod handshake;
 pub mod mem;
@@ -201,6 +202,8 @@ struct ServerState {
     shutting_down: AtomicBool,
     /// Every export a connection attached, to flush at shutdown.
     attached: Mutex<Vec<Arc<dyn Export>>>,
+    /// Request buffer memory shared by every connection.
+    budget: Arc<budget::Budget>,
 }
 
 impl ServerState {
@@ -242,12 +245,13 @@ pub async fn serve(
         );
     }
     let state = Arc::new(ServerState {
-        config,
         provider,
         conns: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         attached: Mutex::new(Vec::new()),
+        budget: budget::Budget::new(config.buffer_budget),
+        config,
     });
     let mut socket_files = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -506,7 +510,7 @@ fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut acce
         flags = format_args!("{:#x}", neg.flags),
         "serving export"
     );
-    match session::run(conn, neg, &state.config) {
+    match session::run(conn, neg, &state.config, state.budget.clone()) {
         Ok(()) => info!(conn = id, peer = %peer, export = %export, "client disconnected"),
         Err(e) => {
             warn!(conn = id, peer = %peer, export = %export, "connection closed: {}", error_chain(&e))

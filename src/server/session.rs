@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use tracing::{debug, warn};
 
+use super::budget::{Budget, WorkBuf, FREE_BYTES};
 use super::export::{Export, ExportError, ReadOutcome};
 use super::handshake::Negotiated;
 use super::stream::{read_exact_or_eof, write_all_vectored, Stream};
@@ -39,6 +40,8 @@ use crate::nbd::{consts::*, WireError};
 
 /// The shared reader is this large so many small requests cost one `read` syscall.
 const READ_BUFFER: usize = 64 * 1024;
+/// WRITE payloads are read (and their buffer grown) in steps of this size.
+const PAYLOAD_STEP: usize = 1 << 20;
 /// Discarded WRITE payloads are read in chunks of this size (a stack buffer, not the request's).
 const DISCARD_CHUNK: usize = 16 * 1024;
 /// Replies up to this size are copied into the worker's pending-reply buffer and sent together
@@ -68,6 +71,8 @@ struct Shared {
     /// A handle to shut the socket down from any thread.
     control: Stream,
     closing: AtomicBool,
+    /// Server-wide memory for buffers beyond each worker's first MiB.
+    budget: Arc<Budget>,
     export: Arc<dyn Export>,
     size: u64,
     read_only: bool,
@@ -82,6 +87,12 @@ impl Shared {
     fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let _ = self.control.shutdown(Shutdown::Read);
+    }
+
+    /// Whether a request waiting for buffer memory should give up: the connection is closing,
+    /// or the client hung up (nobody may be reading the socket to notice).
+    fn cancelled(&self) -> bool {
+        self.closing.load(Ordering::SeqCst) || self.control.peer_hung_up()
     }
 
     fn lock_writer(&self) -> MutexGuard<'_, WriteHalf> {
@@ -102,7 +113,12 @@ enum Verdict {
 
 /// Serves requests on `stream` until the client disconnects, the stream breaks, or the server
 /// shuts the socket's read side.
-pub(crate) fn run(conn: Conn, neg: Negotiated, cfg: &ServerConfig) -> Result<(), SessionError> {
+pub(crate) fn run(
+    conn: Conn,
+    neg: Negotiated,
+    cfg: &ServerConfig,
+    budget: Arc<Budget>,
+) -> Result<(), SessionError> {
     let io_err = |what| move |source| SessionError::Io { what, source };
     conn.set_read_timeout(None)
         .map_err(io_err("clearing the handshake timeout"))?;
@@ -116,6 +132,7 @@ pub(crate) fn run(conn: Conn, neg: Negotiated, cfg: &ServerConfig) -> Result<(),
         writer: Mutex::new(writer),
         control,
         closing: AtomicBool::new(false),
+        budget,
         size: neg.export.size(),
         read_only: neg.export.is_read_only(),
         export: neg.export,
@@ -154,7 +171,7 @@ pub(crate) fn run(conn: Conn, neg: Negotiated, cfg: &ServerConfig) -> Result<(),
 }
 
 fn worker(sh: &Shared) -> Result<(), SessionError> {
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = WorkBuf::new(sh.budget.clone());
     let mut out: Vec<u8> = Vec::new();
     let mut r = worker_loop(sh, &mut buf, &mut out);
     // Replies to requests already run are owed even when the stream ends.
@@ -171,7 +188,7 @@ fn worker(sh: &Shared) -> Result<(), SessionError> {
 /// Runs requests until the stream ends. Replies collect in `out` while further requests are
 /// already waiting in the read buffer, and go out in one write before the worker could block
 /// on the socket: a burst of 32 small requests costs one `read` and one `write`, not 64 calls.
-fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), SessionError> {
+fn worker_loop(sh: &Shared, buf: &mut WorkBuf, out: &mut Vec<u8>) -> Result<(), SessionError> {
     // The reader kept from the last request: a worker stays leader through a run of quick
     // requests, so the followers sleep instead of trading the lock (and the CPU) per request.
     let mut kept: Option<MutexGuard<'_, BufReader<ReadHalf>>> = None;
@@ -210,13 +227,14 @@ fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), 
             let (pre, keep) = match &taken {
                 Ok(Some((req, Verdict::Run))) if req.command == CMD_READ && is_small(req) => {
                     let len = req.len as usize;
-                    // len <= max_payload: `check` refused anything longer.
-                    if buf.len() < len {
-                        buf.resize(len, 0);
+                    // Small: within the worker's own share, never waits for the budget.
+                    if buf.ensure(len, &|| sh.cancelled()) {
+                        let pre = sh.export.try_read_cached(req.offset, &mut buf[..len]);
+                        let cached = pre.is_some();
+                        (pre, cached)
+                    } else {
+                        (None, false)
                     }
-                    let pre = sh.export.try_read_cached(req.offset, &mut buf[..len]);
-                    let cached = pre.is_some();
-                    (pre, cached)
                 }
                 Ok(Some((req, Verdict::Run))) => (None, is_quick_write(req)),
                 _ => (None, true),
@@ -228,6 +246,7 @@ fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), 
         let Some((req, verdict)) = taken? else {
             return Ok(());
         };
+        let large = buf.len() > FREE_BYTES;
         match verdict {
             Verdict::Run => execute(sh, &req, buf, out, pre)?,
             Verdict::Fail(errno, msg) => send_error(sh, &req, errno, &msg, out)?,
@@ -240,6 +259,10 @@ fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), 
             }
             // Requests already taken by other workers still get their replies.
             Verdict::Disconnect => return Ok(()),
+        }
+        if large || buf.len() > FREE_BYTES {
+            // Memory beyond the worker's share goes back as soon as the request is done.
+            buf.shrink();
         }
     }
 }
@@ -278,7 +301,7 @@ fn request_buffered(buffered: &[u8]) -> bool {
 fn take_request(
     sh: &Shared,
     r: &mut BufReader<ReadHalf>,
-    buf: &mut Vec<u8>,
+    buf: &mut WorkBuf,
 ) -> Result<Option<(Request, Verdict)>, SessionError> {
     let mut hdr = [0u8; REQUEST_LEN];
     match read_exact_or_eof(r, &mut hdr) {
@@ -369,35 +392,58 @@ fn read_payload(
     r: &mut BufReader<ReadHalf>,
     req: &Request,
     verdict: Verdict,
-    buf: &mut Vec<u8>,
+    buf: &mut WorkBuf,
 ) -> Result<Verdict, SessionError> {
     let len = req.len as usize;
     let io_err = |source| SessionError::Io {
         what: "reading a WRITE payload",
         source,
     };
-    match verdict {
+    let verdict = match verdict {
         Verdict::Run => {
-            // len <= max_payload (checked): the buffer only ever grows to the advertised maximum.
-            if buf.len() < len {
-                buf.resize(len, 0);
+            // len <= max_payload (checked). The buffer grows as the payload arrives, so a
+            // header whose payload never comes pins no memory.
+            let mut have = 0;
+            let mut out_of_memory = false;
+            while have < len {
+                let n = (len - have).min(PAYLOAD_STEP);
+                if !buf.ensure(have + n, &|| sh.cancelled()) {
+                    out_of_memory = true;
+                    break;
+                }
+                r.read_exact(&mut buf[have..have + n]).map_err(io_err)?;
+                have += n;
             }
-            r.read_exact(&mut buf[..len]).map_err(io_err)?;
-            Ok(Verdict::Run)
+            if !out_of_memory {
+                return Ok(Verdict::Run);
+            }
+            // Skip the rest of the payload and refuse the request; the stream stays in sync.
+            let msg = format!("no buffer memory for a {len}-byte WRITE (server busy)");
+            discard(r, len - have).map_err(io_err)?;
+            return Ok(Verdict::Fail(ENOMEM, msg));
         }
+        v => v,
+    };
+    match verdict {
         Verdict::Fail(errno, msg) if u64::from(req.len) <= sh.max_discard => {
-            let mut left = len;
-            let mut chunk = [0u8; DISCARD_CHUNK];
-            while left > 0 {
-                let n = left.min(DISCARD_CHUNK);
-                r.read_exact(&mut chunk[..n]).map_err(io_err)?;
-                left -= n;
-            }
+            discard(r, len).map_err(io_err)?;
             Ok(Verdict::Fail(errno, msg))
         }
         Verdict::Fail(errno, msg) => Ok(Verdict::FailAndClose(errno, msg)),
         v => Ok(v),
     }
+}
+
+/// Reads and drops `len` payload bytes through a small stack buffer.
+fn discard(r: &mut impl Read, len: usize) -> io::Result<()> {
+    let mut left = len;
+    let mut chunk = [0u8; DISCARD_CHUNK];
+    while left > 0 {
+        let n = left.min(DISCARD_CHUNK);
+        r.read_exact(&mut chunk[..n])?;
+        left -= n;
+    }
+    Ok(())
 }
 
 /// Queues a reply in `out`, or (when it is large) sends what is queued and then the reply itself.
@@ -485,7 +531,7 @@ fn reply_result(
 fn execute(
     sh: &Shared,
     req: &Request,
-    buf: &mut Vec<u8>,
+    buf: &mut WorkBuf,
     out: &mut Vec<u8>,
     pre: Option<Result<ReadOutcome, ExportError>>,
 ) -> Result<(), SessionError> {
@@ -494,8 +540,9 @@ fn execute(
     let fua = req.fua();
     match req.command {
         CMD_READ => {
-            if buf.len() < len {
-                buf.resize(len, 0);
+            if !buf.ensure(len, &|| sh.cancelled()) {
+                let msg = format!("no buffer memory for a {len}-byte READ (server busy)");
+                return send_error(sh, req, ENOMEM, &msg, out);
             }
             // `pre`: the read already done from cache while the reader was held.
             let done = match pre {
