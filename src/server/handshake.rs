@@ -92,9 +92,13 @@ pub(crate) fn transmission_flags(export: &dyn Export, structured: bool) -> u16 {
     f
 }
 
+/// Asks the connection limit for a serving slot for this client (`Err`: why not).
+pub(crate) type Admit<'a> = &'a dyn Fn(Option<&str>) -> Result<(), String>;
+
 struct Driver<'a> {
     stream: &'a mut Conn,
     access: &'a mut Access,
+    admit: Admit<'a>,
     deadline: Instant,
     cfg: &'a ServerConfig,
     provider: &'a dyn ExportProvider,
@@ -114,10 +118,12 @@ pub(crate) fn run(
     provider: &dyn ExportProvider,
     peer: &str,
     access: &mut Access,
+    admit: Admit<'_>,
 ) -> Result<HandshakeEnd, HandshakeError> {
     let mut d = Driver {
         stream,
         access,
+        admit,
         deadline: Instant::now() + cfg.handshake_timeout,
         cfg,
         provider,
@@ -309,6 +315,9 @@ impl Driver<'_> {
         let names = self.stream.peer_names();
         self.access.exports = tls.allow().access_for(&names);
         self.access.client = names.first().cloned();
+        if let Some(n) = &self.access.client {
+            self.access.identity = Some(format!("cert:{n}"));
+        }
         tracing::info!(
             peer = %self.peer,
             client = self.access.client.as_deref().unwrap_or("-"),
@@ -470,6 +479,13 @@ impl Driver<'_> {
                 return Ok(None);
             }
         };
+        if option == OPT_GO {
+            if let Err(why) = (self.admit)(self.access.identity.as_deref()) {
+                tracing::warn!(peer = %self.peer, export = %name, "refusing GO: {why}");
+                self.error(option, REP_ERR_POLICY, &why)?;
+                return Ok(None);
+            }
+        }
         let flags = transmission_flags(&*export, self.structured);
         opt::encode_info_export(&mut self.out, option, export.size(), flags);
         let min = export.sector_size().max(1);
@@ -526,6 +542,7 @@ impl Driver<'_> {
             return Err(HandshakeError::Refused(why));
         }
         let export = self.attach(&name).map_err(HandshakeError::ExportName)?;
+        (self.admit)(self.access.identity.as_deref()).map_err(HandshakeError::Refused)?;
         let flags = transmission_flags(&*export, self.structured);
         opt::encode_export_name_reply(&mut self.out, export.size(), flags, self.no_zeroes);
         self.send("sending the export information")?;

@@ -16,6 +16,7 @@
 //! was attached.
 
 mod budget;
+mod conns;
 pub mod export;
 mod handshake;
 pub mod mem;
@@ -26,7 +27,6 @@ pub mod tls;
 mod transport;
 pub mod volumes;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener as StdTcpListener};
@@ -196,8 +196,8 @@ const KEEPALIVE_RETRIES: u32 = 6;
 struct ServerState {
     config: ServerConfig,
     provider: Arc<dyn ExportProvider>,
-    /// Live connections (handshake or transmission), by id: a handle to shut each one down.
-    conns: Mutex<HashMap<u64, Stream>>,
+    /// Live connections (handshake or transmission), by id, and the connection limit.
+    conns: conns::Registry,
     next_id: AtomicU64,
     shutting_down: AtomicBool,
     /// Every export a connection attached, to flush at shutdown.
@@ -215,7 +215,7 @@ impl ServerState {
     }
 
     fn live(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.conns.len()
     }
 }
 
@@ -246,7 +246,7 @@ pub async fn serve(
     }
     let state = Arc::new(ServerState {
         provider,
-        conns: Mutex::new(HashMap::new()),
+        conns: conns::Registry::new(config.max_connections),
         next_id: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         attached: Mutex::new(Vec::new()),
@@ -294,26 +294,18 @@ pub async fn serve(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     state.shutting_down.store(true, Ordering::SeqCst);
-    {
-        let conns = state.conns.lock().unwrap_or_else(|p| p.into_inner());
-        for s in conns.values() {
-            let _ = s.shutdown(Shutdown::Read);
-        }
-    }
+    state.conns.shutdown_all(Shutdown::Read);
     let grace = tokio::time::Instant::now() + state.config.shutdown_grace;
     let mut cut = false;
     while state.live() > 0 {
         if !cut && tokio::time::Instant::now() >= grace {
             // A client that stopped reading replies would block its writer forever.
-            let conns = state.conns.lock().unwrap_or_else(|p| p.into_inner());
             warn!(
                 "{} connection(s) still busy after {:?}: closing them",
-                conns.len(),
+                state.conns.len(),
                 state.config.shutdown_grace
             );
-            for s in conns.values() {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+            state.conns.shutdown_all(Shutdown::Both);
             cut = true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -360,7 +352,7 @@ async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<S
                     .with_interval(KEEPALIVE_INTERVAL)
                     .with_retries(KEEPALIVE_RETRIES);
                 socket2::SockRef::from(&s).set_tcp_keepalive(&ka)?;
-                Ok((Stream::Tcp(s), peer.to_string(), None))
+                Ok((Stream::Tcp(s), peer.to_string(), None, format!("ip:{}", peer.ip())))
             }),
             AsyncListener::Unix(u, path) => u.accept().await.and_then(|(s, _)| {
                 let refused = match s.peer_cred() {
@@ -390,19 +382,22 @@ async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<S
                         why
                     }),
                 };
-                let peer = match s.peer_cred() {
-                    Ok(c) => format!(
-                        "unix:{} uid={} pid={}",
-                        path.display(),
-                        c.uid(),
-                        c.pid().unwrap_or(0)
+                let (peer, who) = match s.peer_cred() {
+                    Ok(c) => (
+                        format!(
+                            "unix:{} uid={} pid={}",
+                            path.display(),
+                            c.uid(),
+                            c.pid().unwrap_or(0)
+                        ),
+                        format!("uid:{}", c.uid()),
                     ),
-                    Err(_) => format!("unix:{}", path.display()),
+                    Err(_) => (format!("unix:{}", path.display()), "unix".into()),
                 };
-                Ok((Stream::Unix(s.into_std()?), peer, refused))
+                Ok((Stream::Unix(s.into_std()?), peer, refused, who))
             }),
         };
-        let (stream, peer, refused) = match accepted {
+        let (stream, peer, refused, who) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
@@ -414,7 +409,8 @@ async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<S
         if state.shutting_down.load(Ordering::SeqCst) {
             continue;
         }
-        let access = peer::Access::new(policy.tls.clone(), refused);
+        let mut access = peer::Access::new(policy.tls.clone(), refused);
+        access.identity = Some(who);
         if let Err(e) = start_connection(&state, stream, peer.clone(), access) {
             warn!(peer = %peer, "could not start serving a connection: {e}");
         }
@@ -429,11 +425,7 @@ struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.state
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        self.state.conns.remove(self.id);
     }
 }
 
@@ -450,20 +442,14 @@ fn start_connection(
     }
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
     let handle = stream.try_clone()?;
-    {
-        // Check and register under one lock, so listeners cannot overshoot the limit together.
-        let mut conns = state.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if conns.len() >= state.config.max_connections {
-            warn!(
-                peer = %peer,
-                "refusing connection: {} connections already open (--max-connections {})",
-                conns.len(),
-                state.config.max_connections
-            );
-            let _ = stream.shutdown(Shutdown::Both);
-            return Ok(());
-        }
-        conns.insert(id, handle);
+    if let Err(n) = state.conns.register(id, handle) {
+        warn!(
+            peer = %peer,
+            "refusing connection: {n} connections are already in the handshake (--max-connections {})",
+            state.config.max_connections
+        );
+        let _ = stream.shutdown(Shutdown::Both);
+        return Ok(());
     }
     let guard = ConnGuard {
         state: state.clone(),
@@ -481,8 +467,15 @@ fn start_connection(
 fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut access: peer::Access) {
     info!(conn = id, peer = %peer, "client connected");
     let mut conn = transport::Conn::Plain(stream);
-    let neg = match handshake::run(&mut conn, &state.config, &*state.provider, peer, &mut access)
-    {
+    let admit = |who: Option<&str>| state.conns.admit(id, who);
+    let neg = match handshake::run(
+        &mut conn,
+        &state.config,
+        &*state.provider,
+        peer,
+        &mut access,
+        &admit,
+    ) {
         Ok(handshake::HandshakeEnd::Transmission(n)) => n,
         Ok(handshake::HandshakeEnd::Aborted) => {
             info!(conn = id, peer = %peer, "client ended the handshake (NBD_OPT_ABORT)");

@@ -149,6 +149,9 @@ pub(crate) struct Access {
     pub exports: ExportAccess,
     /// The client's certificate names once TLS is up, for log lines.
     pub client: Option<String>,
+    /// Who the client is for the connection limit (its certificate name after TLS, else its
+    /// Unix uid or TCP address): at the limit it may replace its own oldest connection.
+    pub identity: Option<String>,
 }
 
 impl Access {
@@ -158,6 +161,7 @@ impl Access {
             refused,
             exports: ExportAccess::All,
             client: None,
+            identity: None,
         }
     }
 }
