@@ -293,7 +293,10 @@ fn connection_limit_is_fair_to_a_reconnecting_client() {
     let mut h2 = RawClient::tcp(srv.tcp);
     h2.greeting();
     let mut c = RawClient::tcp(srv.tcp);
-    assert!(c.is_closed(), "a third connection in the handshake must be closed at once");
+    assert!(
+        c.is_closed(),
+        "a third connection in the handshake must be closed at once"
+    );
     drop((h1, h2));
     // ...and the same client (uid of the Unix peer) reconnecting after, say, a network drop
     // gets in: its own oldest connection is closed for it, nobody else's.
@@ -310,7 +313,10 @@ fn connection_limit_is_fair_to_a_reconnecting_client() {
     };
     d.send(&3u32.to_be_bytes());
     let r = d.info_go(cryptnbd::nbd::consts::OPT_GO, "disk0", &[]);
-    assert_eq!(r.last().unwrap().h.reply_type, cryptnbd::nbd::consts::REP_ACK);
+    assert_eq!(
+        r.last().unwrap().h.reply_type,
+        cryptnbd::nbd::consts::REP_ACK
+    );
     assert!(a.is_closed(), "the client's old connection was replaced");
     assert_still_works(&mut d);
     assert_still_works(&mut b);

@@ -71,9 +71,15 @@ fn stalled_maximum_requests_pin_at_most_the_budget() {
             assert_eq!(errno, 0);
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "server never recovered");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "server never recovered"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    eprintln!("a new client got in {:?} after the stalled ones left", t.elapsed());
+    eprintln!(
+        "a new client got in {:?} after the stalled ones left",
+        t.elapsed()
+    );
     s.stop();
 }

@@ -38,7 +38,10 @@ fn open_dir() -> tempfile::TempDir {
 fn peer_credentials_decide_who_gets_the_disk() {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        skip_environment("peer_credentials", "needs root to run a client as another uid");
+        skip_environment(
+            "peer_credentials",
+            "needs root to run a client as another uid",
+        );
         return;
     }
     if !have_tools("peer_credentials", &["nbdinfo", "setpriv"]) {
@@ -120,7 +123,11 @@ fn zero_config_serve_listens_only_on_the_data_dir_socket() {
         .expect("start serve");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let sock = data.join("nbd.sock");
-    while !(sock.exists() && std::fs::read_to_string(&out_path).unwrap().contains("Attach")) {
+    while !(sock.exists()
+        && std::fs::read_to_string(&out_path)
+            .unwrap()
+            .contains("Attach"))
+    {
         assert!(std::time::Instant::now() < deadline, "serve did not start");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -130,12 +137,21 @@ fn zero_config_serve_listens_only_on_the_data_dir_socket() {
     // SAFETY: kill(2) on our own unreaped child.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     let st = wait_bounded(&mut child, std::time::Duration::from_secs(30));
-    assert!(st.is_some_and(|s| s.success()), "serve did not stop cleanly");
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "serve did not stop cleanly"
+    );
     let stdout = std::fs::read_to_string(&out_path).unwrap();
     let stderr = std::fs::read_to_string(&err_path).unwrap();
     assert!(stdout.contains("nbd+unix:///disk0"), "{stdout}");
-    assert!(!stdout.contains("nbd://"), "no TCP attach command expected:\n{stdout}");
-    let listening: Vec<&str> = stderr.lines().filter(|l| l.contains("listening on")).collect();
+    assert!(
+        !stdout.contains("nbd://"),
+        "no TCP attach command expected:\n{stdout}"
+    );
+    let listening: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("listening on"))
+        .collect();
     assert_eq!(listening.len(), 1, "{stderr}");
     assert!(listening[0].contains("unix"), "{stderr}");
     let mode = std::fs::metadata(&data).unwrap().mode() & 0o777;

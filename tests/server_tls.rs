@@ -5,9 +5,9 @@
 //! client certificate from another CA, an expired one, an export the client is not allowed, and
 //! `--listen` without TLS. Also SIGHUP certificate reload, good and bad.
 
-mod clients_common;
 #[path = "clients_common/certs.rs"]
 mod certs;
+mod clients_common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -72,10 +72,7 @@ impl TlsSetup {
 
 fn tls_tcp_uri(s: &Server, export: &str, dir: &Path) -> String {
     let addr = s.tcp.expect("tcp listener");
-    format!(
-        "nbds://{addr}/{export}?tls-certificates={}",
-        dir.display()
-    )
+    format!("nbds://{addr}/{export}?tls-certificates={}", dir.display())
 }
 
 fn tls_unix_uri(s: &Server, export: &str, dir: &Path) -> String {
@@ -94,7 +91,10 @@ fn run_fails(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr),
         String::from_utf8_lossy(&out.stdout)
     );
-    assert!(!out.status.success(), "{cmd:?} succeeded but must fail:\n{text}");
+    assert!(
+        !out.status.success(),
+        "{cmd:?} succeeded but must fail:\n{text}"
+    );
     text
 }
 
@@ -102,7 +102,10 @@ fn run_fails(cmd: &mut Command) -> String {
 fn opt_reply(s: &mut std::net::TcpStream) -> (u32, u32, Vec<u8>) {
     let mut h = [0u8; 20];
     s.read_exact(&mut h).expect("option reply header");
-    assert_eq!(u64::from_be_bytes(h[0..8].try_into().unwrap()), 0x3e889045565a9);
+    assert_eq!(
+        u64::from_be_bytes(h[0..8].try_into().unwrap()),
+        0x3e889045565a9
+    );
     let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
     let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
     let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
@@ -135,14 +138,22 @@ fn libnbd_clients_over_tls_unix_and_tcp() {
     let back = t.certs.path().join("back.bin");
     let data = pseudo_random(8 * MIB as usize, 9);
     std::fs::write(&src, &data).unwrap();
-    run_ok(Command::new("nbdcopy").arg(&src).arg(tls_tcp_uri(&s, "disk0", &admin)));
+    run_ok(
+        Command::new("nbdcopy")
+            .arg(&src)
+            .arg(tls_tcp_uri(&s, "disk0", &admin)),
+    );
     run_ok(
         Command::new("nbdcopy")
             .arg(tls_unix_uri(&s, "disk0", &host_a))
             .arg(&back),
     );
     let got = std::fs::read(&back).unwrap();
-    assert_eq!(&got[..data.len()], &data[..], "data read back over TLS differs");
+    assert_eq!(
+        &got[..data.len()],
+        &data[..],
+        "data read back over TLS differs"
+    );
     assert!(got[data.len()..].iter().all(|&b| b == 0));
 
     // Listing shows only what the client may open.
@@ -151,13 +162,19 @@ fn libnbd_clients_over_tls_unix_and_tcp() {
             .arg("--list")
             .arg(tls_tcp_uri(&s, "", &host_a)),
     );
-    assert!(list_a.contains("disk0") && !list_a.contains("disk1"), "{list_a}");
+    assert!(
+        list_a.contains("disk0") && !list_a.contains("disk1"),
+        "{list_a}"
+    );
     let list_admin = run_ok(
         Command::new("nbdinfo")
             .arg("--list")
             .arg(tls_unix_uri(&s, "", &admin)),
     );
-    assert!(list_admin.contains("disk0") && list_admin.contains("disk1"), "{list_admin}");
+    assert!(
+        list_admin.contains("disk0") && list_admin.contains("disk1"),
+        "{list_admin}"
+    );
 
     // host-a may not open disk1, and learns only that it is not available to it.
     let err = run_fails(Command::new("nbdinfo").arg(tls_tcp_uri(&s, "disk1", &host_a)));
@@ -206,9 +223,19 @@ fn refusals_without_tls_with_foreign_or_expired_certificates() {
 
     // A certificate from another CA, an expired one, and none at all are refused.
     let other = Ca::new("some other CA");
-    let foreign = client_dir(t.certs.path(), "foreign", &t.ca, Some((&other, "admin", false)));
+    let foreign = client_dir(
+        t.certs.path(),
+        "foreign",
+        &t.ca,
+        Some((&other, "admin", false)),
+    );
     run_fails(Command::new("nbdinfo").arg(tls_tcp_uri(&s, "disk0", &foreign)));
-    let expired = client_dir(t.certs.path(), "expired", &t.ca, Some((&t.ca, "admin", true)));
+    let expired = client_dir(
+        t.certs.path(),
+        "expired",
+        &t.ca,
+        Some((&t.ca, "admin", true)),
+    );
     run_fails(Command::new("nbdinfo").arg(tls_tcp_uri(&s, "disk0", &expired)));
     let anonymous = client_dir(t.certs.path(), "anonymous", &t.ca, None);
     run_fails(Command::new("nbdinfo").arg(tls_unix_uri(&s, "disk0", &anonymous)));
@@ -256,10 +283,13 @@ fn qemu_over_tls_with_tls_creds_x509() {
             .args(["-r", "-c", "read -P 0x5a 4096 1M"]),
     );
     assert!(!out.contains("Pattern verification failed"), "{out}");
-    let info = run_ok(
-        Command::new("qemu-img")
-            .args(["info", "--object", &object, "--image-opts", &tcp_opts]),
-    );
+    let info = run_ok(Command::new("qemu-img").args([
+        "info",
+        "--object",
+        &object,
+        "--image-opts",
+        &tcp_opts,
+    ]));
     assert!(info.contains("64 MiB"), "{info}");
     s.stop();
 }
@@ -279,7 +309,12 @@ fn sighup_reloads_certificates_and_keeps_them_when_broken() {
     let (cert, key) = new_ca.leaf("rotated server", &["127.0.0.1", "localhost"], true, false);
     std::fs::write(&t.server_cert, cert).unwrap();
     std::fs::write(&t.server_key, key).unwrap();
-    let new_client = client_dir(t.certs.path(), "host-new", &new_ca, Some((&t.ca, "host-new", false)));
+    let new_client = client_dir(
+        t.certs.path(),
+        "host-new",
+        &new_ca,
+        Some((&t.ca, "host-new", false)),
+    );
     hup(&s);
     wait_for_log(&s, "reloaded", 1);
     run_ok(Command::new("nbdinfo").arg(tls_tcp_uri(&s, "disk0", &new_client)));
@@ -327,5 +362,8 @@ fn tcp_without_tls_needs_an_explicit_opt_out() {
         .expect("run serve");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--insecure-no-tls") && err.contains("--tls-cert"), "{err}");
+    assert!(
+        err.contains("--insecure-no-tls") && err.contains("--tls-cert"),
+        "{err}"
+    );
 }

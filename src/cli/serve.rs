@@ -21,8 +21,8 @@ use tracing::{info, warn};
 use cryptnbd::config::ServerConfig;
 use cryptnbd::datadir::{CreateOptions, DataDir};
 use cryptnbd::kms::{InitRoot, KeyStore};
-use cryptnbd::server::volumes::{DataDirProvider, ExportSelection};
 use cryptnbd::server::peer::{resolve_group, set_socket_permissions};
+use cryptnbd::server::volumes::{DataDirProvider, ExportSelection};
 use cryptnbd::server::{
     serve, AllowEntry, AllowList, Listener, TlsConfig, TlsFiles, TlsMode, UnixPeerPolicy,
 };
@@ -294,7 +294,11 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
             .map(|g| resolve_group(g))
             .collect::<Result<Vec<_>, _>>()?,
     };
-    let socket_gid = args.socket_group.as_deref().map(resolve_group).transpose()?;
+    let socket_gid = args
+        .socket_group
+        .as_deref()
+        .map(resolve_group)
+        .transpose()?;
     let mut listeners = Vec::new();
     let mut tcp_bound = Vec::new();
     for a in &tcp {

@@ -110,7 +110,10 @@ impl WorkBuf {
         }
         let need = len.saturating_sub(FREE_BYTES);
         if need > self.reserved {
-            if !self.budget.reserve(need - self.reserved, BUDGET_WAIT, cancel) {
+            if !self
+                .budget
+                .reserve(need - self.reserved, BUDGET_WAIT, cancel)
+            {
                 return false;
             }
             self.reserved = need;
@@ -182,13 +185,14 @@ mod tests {
         assert!(!b.reserve(1, Duration::from_millis(50), &no));
         assert!(t.elapsed() >= Duration::from_millis(50));
         let b2 = b.clone();
-        let h = std::thread::spawn(move || {
-            b2.reserve(1 << 20, Duration::from_secs(60), &|| false)
-        });
+        let h = std::thread::spawn(move || b2.reserve(1 << 20, Duration::from_secs(60), &|| false));
         std::thread::sleep(Duration::from_millis(20));
         b.release(2 << 20);
         assert!(h.join().unwrap(), "a waiter gets memory once it is freed");
-        assert!(!b.reserve(3 << 20, Duration::from_secs(60), &no), "over the limit: never");
+        assert!(
+            !b.reserve(3 << 20, Duration::from_secs(60), &no),
+            "over the limit: never"
+        );
         assert!(
             !b.reserve(2 << 20, Duration::from_secs(60), &|| true),
             "a closing connection stops waiting"

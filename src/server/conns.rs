@@ -144,14 +144,22 @@ mod tests {
         let (s, _p4) = stream();
         r.register(4, s).unwrap();
         let (s, _p5) = stream();
-        assert_eq!(r.register(5, s), Err(2), "two handshakes running: the limit");
+        assert_eq!(
+            r.register(5, s),
+            Err(2),
+            "two handshakes running: the limit"
+        );
         // A stranger is refused; client "a" replaces its own oldest connection (1).
         assert!(r.admit(3, Some("b")).is_err());
         assert!(r.admit(3, None).is_err());
         r.admit(4, Some("a")).unwrap();
         let mut buf = [0u8; 1];
         use std::io::Read;
-        assert_eq!(peers[0].read(&mut buf).unwrap(), 0, "connection 1 was closed");
+        assert_eq!(
+            peers[0].read(&mut buf).unwrap(),
+            0,
+            "connection 1 was closed"
+        );
         assert_eq!(r.len(), 4);
     }
 }

@@ -213,7 +213,10 @@ impl Driver<'_> {
         self.stream
             .set_write_timeout(Some(left))
             .map_err(|e| HandshakeError::Io { what, source: e })?;
-        let r = self.stream.write_all(&self.out).and_then(|()| self.stream.flush());
+        let r = self
+            .stream
+            .write_all(&self.out)
+            .and_then(|()| self.stream.flush());
         self.out.clear();
         r.map_err(|e| self.io_err(what, e))
     }
@@ -262,7 +265,10 @@ impl Driver<'_> {
         );
         Some(format!(
             "export {name:?} is not available to this client ({})",
-            self.access.client.as_deref().unwrap_or("no client certificate")
+            self.access
+                .client
+                .as_deref()
+                .unwrap_or("no client certificate")
         ))
     }
 
@@ -291,7 +297,11 @@ impl Driver<'_> {
             return self.error(option, REP_ERR_INVALID, "TLS is already running");
         }
         let Some(tls) = self.access.tls.config().cloned() else {
-            return self.error(option, REP_ERR_UNSUP, "TLS is not configured on this server");
+            return self.error(
+                option,
+                REP_ERR_UNSUP,
+                "TLS is not configured on this server",
+            );
         };
         self.ack(option)?;
         let left = self.remaining()?;
@@ -303,12 +313,14 @@ impl Driver<'_> {
             what: "starting TLS",
             source: e,
         })?;
-        self.stream.start_tls(tls.current()).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                HandshakeError::Timeout(self.cfg.handshake_timeout)
-            }
-            _ => HandshakeError::Tls(e),
-        })?;
+        self.stream
+            .start_tls(tls.current())
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    HandshakeError::Timeout(self.cfg.handshake_timeout)
+                }
+                _ => HandshakeError::Tls(e),
+            })?;
         // What was negotiated in the clear does not carry over (NBD protocol, STARTTLS).
         self.structured = false;
         self.meta_for = None;

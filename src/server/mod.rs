@@ -352,7 +352,12 @@ async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<S
                     .with_interval(KEEPALIVE_INTERVAL)
                     .with_retries(KEEPALIVE_RETRIES);
                 socket2::SockRef::from(&s).set_tcp_keepalive(&ka)?;
-                Ok((Stream::Tcp(s), peer.to_string(), None, format!("ip:{}", peer.ip())))
+                Ok((
+                    Stream::Tcp(s),
+                    peer.to_string(),
+                    None,
+                    format!("ip:{}", peer.ip()),
+                ))
             }),
             AsyncListener::Unix(u, path) => u.accept().await.and_then(|(s, _)| {
                 let refused = match s.peer_cred() {

@@ -124,9 +124,7 @@ pub(crate) fn run(
         .map_err(io_err("clearing the handshake timeout"))?;
     conn.set_write_timeout(None)
         .map_err(io_err("clearing the handshake timeout"))?;
-    let (stream, writer, control) = conn
-        .into_halves()
-        .map_err(io_err("cloning the socket"))?;
+    let (stream, writer, control) = conn.into_halves().map_err(io_err("cloning the socket"))?;
     let sh = Shared {
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
         writer: Mutex::new(writer),

@@ -40,9 +40,9 @@ impl Stream {
         let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
         let mut fds = [PollFd::new(fd, rdhup)];
         matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-            && fds[0].revents().is_some_and(|r| {
-                r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR)
-            })
+            && fds[0]
+                .revents()
+                .is_some_and(|r| r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR))
     }
 
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {

@@ -75,7 +75,9 @@ impl Conn {
     /// failure the connection is unusable and the error says why (unknown CA, expired...).
     pub(crate) fn start_tls(&mut self, config: Arc<ServerConfig>) -> io::Result<()> {
         let Conn::Plain(mut sock) = std::mem::replace(self, Conn::Upgrading) else {
-            return Err(io::Error::other("TLS is already running on this connection"));
+            return Err(io::Error::other(
+                "TLS is already running on this connection",
+            ));
         };
         let mut tls = ServerConnection::new(config).map_err(io::Error::other)?;
         // The transmission phase drains the session after every write; no limit is needed.

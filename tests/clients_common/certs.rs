@@ -59,7 +59,12 @@ impl Ca {
 
     /// Writes a server certificate and key under `dir` and returns their paths.
     pub fn server_files(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let (cert, key) = self.leaf("cryptnbd test server", &["127.0.0.1", "localhost"], true, false);
+        let (cert, key) = self.leaf(
+            "cryptnbd test server",
+            &["127.0.0.1", "localhost"],
+            true,
+            false,
+        );
         let c = dir.join(format!("{name}-cert.pem"));
         let k = dir.join(format!("{name}-key.pem"));
         std::fs::write(&c, cert).expect("write server cert");
