@@ -30,6 +30,10 @@ pub struct ServerConfig {
     /// At shutdown, connections get this long to finish requests in flight (a client that stops
     /// reading replies would otherwise block shutdown forever); then they are cut.
     pub shutdown_grace: Duration,
+    /// Request buffer memory shared by all connections, beyond the first MiB each worker keeps:
+    /// large requests wait for it (and fail with ENOMEM after 30 s), so clients that send
+    /// maximum-size requests and stop reading cannot pin more than this.
+    pub buffer_budget: usize,
 }
 
 impl Default for ServerConfig {
@@ -44,6 +48,7 @@ impl Default for ServerConfig {
             preferred_block_size: 4096,
             max_discard: 64 << 20,
             shutdown_grace: Duration::from_secs(10),
+            buffer_budget: 256 << 20,
         }
     }
 }
@@ -91,6 +96,13 @@ impl ServerConfig {
             return bad(format!(
                 "preferred_block_size must be a power of two in 512..=max_payload, got {}",
                 self.preferred_block_size
+            ));
+        }
+        // One maximum-size request must fit, or it could never run.
+        if self.buffer_budget < self.max_payload as usize {
+            return bad(format!(
+                "buffer_budget must be at least max_payload ({}), got {}",
+                self.max_payload, self.buffer_budget
             ));
         }
         Ok(())

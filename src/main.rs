@@ -60,7 +60,7 @@ enum Command {
     /// Create, inspect, resize, rekey, import and export encrypted volumes.
     Volume(cli::volume::VolumeArgs),
     /// Serve volumes over NBD (TCP and Unix sockets) until SIGINT/SIGTERM.
-    Serve(cli::serve::ServeArgs),
+    Serve(Box<cli::serve::ServeArgs>),
 }
 
 fn init_tracing(verbose: u8, format: LogFormat) {
@@ -96,7 +96,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Kms(args) => cli::kms::run(&global, args),
         Command::Volume(args) => cli::volume::run(&global, args),
-        Command::Serve(args) => cli::serve::run(&global, args),
+        Command::Serve(args) => cli::serve::run(&global, *args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,11 @@
-//! `cryptnbd serve`: turns arguments into a [`ServerConfig`], listeners and a data-directory
-//! export provider, sets up the embedded default (key store, `alias/default`, 1 GiB `disk0`) on a
-//! fresh data directory, prints how to attach, and runs the server until SIGINT/SIGTERM (a second
-//! signal exits at once).
+//! `cryptnbd serve`: turns arguments into a [`ServerConfig`], listeners (with their TLS and
+//! peer-credential settings) and a data-directory export provider, sets up the embedded default
+//! (key store, `alias/default`, 1 GiB `disk0`) on a fresh data directory, prints how to attach, and runs the server until SIGINT/SIGTERM (a second
+//! signal exits at once). SIGHUP reloads the TLS certificate, key and client CA.
+//!
+//! Safe defaults: without listener options only the Unix socket in the 0700 data directory is
+//! opened; a TCP listener requires TLS (`--tls-cert`/`--tls-key`) unless `--insecure-no-tls` says
+//! otherwise, because plain NBD lets whoever can connect read the decrypted disks.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -18,26 +22,70 @@ use cryptnbd::config::ServerConfig;
 use cryptnbd::datadir::{CreateOptions, DataDir};
 use cryptnbd::exports::{DataDirProvider, ExportSelection};
 use cryptnbd::kms::{InitRoot, KeyStore};
-use cryptnbd::server::{serve, Listener};
+use cryptnbd::server::peer::{resolve_group, set_socket_permissions};
+use cryptnbd::server::{
+    serve, AllowEntry, AllowList, Listener, TlsConfig, TlsFiles, TlsMode, UnixPeerPolicy,
+};
 
 use super::Global;
 
-/// The IANA port for NBD.
-const DEFAULT_PORT: u16 = 10809;
 const DEFAULT_VOLUME: &str = "disk0";
 const DEFAULT_KEY: &str = "alias/default";
 const DEFAULT_SIZE: u64 = 1 << 30;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Listen on this TCP address (repeatable). Default: 127.0.0.1:10809 plus a Unix socket
-    /// `nbd.sock` in the data directory; once any --listen or --socket is given, only those.
+    /// Listen on this TCP address (repeatable). Requires TLS (--tls-cert, --tls-key) unless
+    /// --insecure-no-tls. Default: no TCP, only the Unix socket `nbd.sock` in the data directory;
+    /// once any --listen or --socket is given, only those.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Vec<SocketAddr>,
 
     /// Listen on this Unix socket path (repeatable).
     #[arg(long, value_name = "PATH")]
     socket: Vec<PathBuf>,
+
+    /// Serve TCP listeners without TLS: anyone who reaches the port reads and writes the
+    /// decrypted disks. Only for trusted networks and benchmarks.
+    #[arg(long)]
+    insecure_no_tls: bool,
+
+    /// Server certificate chain (PEM) for NBD over TLS (STARTTLS). With it, TCP listeners
+    /// require TLS and Unix sockets offer it.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM): clients must present a certificate signed by one (mutual TLS).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+
+    /// CLIENT=EXPORT[,EXPORT]: the TLS client whose certificate has CN or SAN CLIENT may list
+    /// and open only these exports (`*` = all). Repeatable; once given, clients not named get no
+    /// export. Needs --tls-client-ca.
+    #[arg(long, value_name = "CLIENT=EXPORTS", requires = "tls_client_ca")]
+    allow: Vec<String>,
+
+    /// Unix sockets: let only this uid connect (repeatable; the server's own uid always may).
+    #[arg(long, value_name = "UID")]
+    allow_uid: Vec<u32>,
+
+    /// Unix sockets: let only peers whose primary group is this one connect (name or number;
+    /// repeatable).
+    #[arg(long, value_name = "GROUP")]
+    allow_gid: Vec<String>,
+
+    /// Permissions of the Unix socket files given with --socket, in octal (e.g. 660). Clients
+    /// need write permission to connect.
+    #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+    socket_mode: Option<u32>,
+
+    /// Group of the Unix socket files given with --socket (name or number).
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
 
     /// Export only this volume (repeatable; the first is the default export). Default: every
     /// volume in the data directory, including volumes created while the server runs.
@@ -56,6 +104,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2, value_name = "N")]
     workers: usize,
 
+    /// Request buffer memory (MiB) shared by all connections beyond the first MiB per worker;
+    /// large requests wait for it, so stalled clients cannot pin more.
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    buffer_budget: usize,
+
     /// Time a client has to finish the handshake (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     handshake_timeout: Duration,
@@ -65,8 +118,17 @@ pub struct ServeArgs {
     shutdown_grace: Duration,
 }
 
-/// The commands a user runs to attach `name` through each listener.
-pub fn attach_commands(name: &str, tcp: &[SocketAddr], unix: &[PathBuf]) -> String {
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("{s:?} is not an octal mode like 660"))
+}
+
+/// The commands a user runs to attach `name` through each listener (`tls`: the TCP listeners
+/// require TLS; the client files are then expected in `/etc/pki/libnbd` or a directory the
+/// user names).
+pub fn attach_commands(name: &str, tcp: &[SocketAddr], unix: &[PathBuf], tls: bool) -> String {
     let mut s = String::new();
     let mut line = |l: String| {
         s.push_str("  ");
@@ -90,6 +152,22 @@ pub fn attach_commands(name: &str, tcp: &[SocketAddr], unix: &[PathBuf]) -> Stri
     }
     for a in tcp {
         let (host, port) = (a.ip(), a.port());
+        if tls {
+            // CA + client certificate + key in DIR as ca-cert.pem, client-cert.pem,
+            // client-key.pem (libnbd and qemu use the same names; README "Security").
+            let uri = format!("nbds://{host}:{port}/{name}?tls-certificates=DIR");
+            line(format!(
+                "nbd-client -N {name} -b 4096 -cacertfile DIR/ca-cert.pem -certfile DIR/client-cert.pem -keyfile DIR/client-key.pem -tlshostname HOST {host} {port} /dev/nbd0"
+            ));
+            line(format!(
+                "qemu-system-x86_64 ... -object tls-creds-x509,id=tls0,dir=DIR,endpoint=client -blockdev driver=nbd,node-name={name},export={name},server.type=inet,server.host={host},server.port={port},tls-creds=tls0"
+            ));
+            line(format!(
+                "fio --name=test --ioengine=nbd --uri='nbds://{host}:{port}/{name}' --rw=randrw --bs=4k --size=1G   # files in ~/.pki/libnbd/"
+            ));
+            line(format!("nbdinfo '{uri}'"));
+            continue;
+        }
         let uri = format!("nbd://{host}:{port}/{name}");
         line(format!(
             "nbd-client -N {name} -b 4096 {host} {port} /dev/nbd0"
@@ -106,6 +184,25 @@ pub fn attach_commands(name: &str, tcp: &[SocketAddr], unix: &[PathBuf]) -> Stri
         line(format!("nbdinfo '{uri}'"));
     }
     s
+}
+
+/// The TLS configuration the arguments ask for, if any.
+fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<Arc<TlsConfig>>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let allow = args
+        .allow
+        .iter()
+        .map(|a| a.parse::<AllowEntry>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let files = TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+    };
+    let tls = TlsConfig::load(files, AllowList::new(allow)).context("loading the TLS files")?;
+    Ok(Some(Arc::new(tls)))
 }
 
 /// On a data directory without a key store: a key store with a generated root key, the CMK
@@ -139,6 +236,7 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         workers_per_connection: args.workers,
         handshake_timeout: args.handshake_timeout,
         shutdown_grace: args.shutdown_grace,
+        buffer_budget: args.buffer_budget.saturating_mul(1 << 20),
         ..ServerConfig::default()
     };
     config.validate()?;
@@ -168,23 +266,60 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         super::kms::open_keystore(global)?
     };
 
+    let tls = tls_config(&args)?;
+    if !args.listen.is_empty() && tls.is_none() && !args.insecure_no_tls {
+        anyhow::bail!(
+            "--listen serves disks over TCP, which needs TLS: give --tls-cert FILE --tls-key FILE \
+             (and --tls-client-ca FILE for client certificates), or --insecure-no-tls if every \
+             host that can reach the port may read and write the decrypted disks"
+        );
+    }
+    if args.insecure_no_tls && tls.is_none() && !args.listen.is_empty() {
+        warn!(
+            "--insecure-no-tls: TCP clients are neither authenticated nor encrypted; anyone who \
+             reaches {:?} reads and writes the decrypted disks",
+            args.listen
+        );
+    }
     let (tcp, unix) = if args.listen.is_empty() && args.socket.is_empty() {
-        (
-            vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))],
-            vec![dir.join("nbd.sock")],
-        )
+        (Vec::new(), vec![dir.join("nbd.sock")])
     } else {
         (args.listen.clone(), args.socket.clone())
     };
+    let peers = UnixPeerPolicy {
+        allow_uids: args.allow_uid.clone(),
+        allow_gids: args
+            .allow_gid
+            .iter()
+            .map(|g| resolve_group(g))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    let socket_gid = args
+        .socket_group
+        .as_deref()
+        .map(resolve_group)
+        .transpose()?;
     let mut listeners = Vec::new();
     let mut tcp_bound = Vec::new();
     for a in &tcp {
-        let l = Listener::bind_tcp(*a)?;
+        let mode = match &tls {
+            Some(t) => TlsMode::Required(t.clone()),
+            None => TlsMode::Off,
+        };
+        let l = Listener::bind_tcp(*a)?.with_tls(mode);
         tcp_bound.push(l.tcp_addr().unwrap_or(*a));
         listeners.push(l);
     }
     for p in &unix {
-        listeners.push(Listener::bind_unix(p)?);
+        let mode = match &tls {
+            Some(t) => TlsMode::Optional(t.clone()),
+            None => TlsMode::Off,
+        };
+        let l = Listener::bind_unix(p)?
+            .with_tls(mode)
+            .with_peer_policy(peers.clone());
+        set_socket_permissions(p, args.socket_mode, socket_gid)?;
+        listeners.push(l);
     }
 
     let mut only: Vec<String> = args.export.clone();
@@ -207,7 +342,7 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     if let Some(first) = attached.first().or(names.first()) {
         println!(
             "Attach {first} with:\n{}",
-            attach_commands(first, &tcp_bound, &unix)
+            attach_commands(first, &tcp_bound, &unix, tls.is_some())
         );
     }
 
@@ -222,6 +357,23 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         // Both streams exist before the first signal, so a quick second one is never missed.
         let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
         let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        // SIGHUP: new connections use the certificate files as they are now; a broken file
+        // keeps the old settings (and says why), so a botched rotation never stops the server.
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match &tls {
+                    Some(t) => match t.reload() {
+                        Ok(()) => info!("SIGHUP: TLS certificate, key and client CA reloaded"),
+                        Err(e) => warn!(
+                            "SIGHUP: keeping the previous TLS settings: {}",
+                            error_chain(&e)
+                        ),
+                    },
+                    None => info!("SIGHUP: no TLS configured, nothing to reload"),
+                }
+            }
+        });
         let shutdown = async move {
             tokio::select! {
                 _ = int.recv() => {}
@@ -242,4 +394,16 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
             .map_err(anyhow::Error::from)
     })?;
     Ok(())
+}
+
+/// An error and its sources on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -2,6 +2,12 @@
 //! picks an export (GO or EXPORT_NAME), aborts, or breaks a rule. Parsing and encoding live in
 //! [`crate::nbd::option`]; this file decides what to answer.
 //!
+//! Security (see [`super::peer`]): on a listener that requires TLS every option but STARTTLS
+//! (and ABORT) gets NBD_REP_ERR_TLS_REQD until TLS is up, so no export is listed or opened in
+//! the clear; STARTTLS upgrades the connection in place and forgets what was negotiated before
+//! it (as the protocol demands). After TLS the client's certificate names decide which exports
+//! it may list and open (`--allow`). A refused Unix peer gets NBD_REP_ERR_POLICY to every option.
+//!
 //! Caps (a client must not hold a thread or memory hostage): one deadline for the whole
 //! handshake (each read and write gets the remaining time as its socket timeout), a maximum
 //! number of options, and a maximum option payload that is checked before it is read.
@@ -12,8 +18,9 @@ use std::time::Instant;
 
 use tracing::debug;
 
-use super::export::{error_chain, AttachError, ExportProvider};
-use super::stream::Stream;
+use super::export::{error_chain, AttachError, ExportInfo, ExportProvider};
+use super::peer::Access;
+use super::transport::Conn;
 use crate::config::ServerConfig;
 use crate::nbd::option::{self as opt, InfoRequest, MetaContextRequest, OptionHeader};
 use crate::nbd::{consts::*, WireError};
@@ -64,6 +71,10 @@ pub enum HandshakeError {
     },
     #[error("NBD_OPT_EXPORT_NAME failed (the protocol can only close the connection)")]
     ExportName(#[source] AttachError),
+    #[error("NBD_OPT_EXPORT_NAME refused: {0}")]
+    Refused(String),
+    #[error("the TLS handshake failed")]
+    Tls(#[source] io::Error),
 }
 
 /// Transmission flags for `export`.
@@ -83,8 +94,13 @@ pub(crate) fn transmission_flags(export: &Volume, structured: bool) -> u16 {
     f
 }
 
+/// Asks the connection limit for a serving slot for this client (`Err`: why not).
+pub(crate) type Admit<'a> = &'a dyn Fn(Option<&str>) -> Result<(), String>;
+
 struct Driver<'a> {
-    stream: &'a mut Stream,
+    stream: &'a mut Conn,
+    access: &'a mut Access,
+    admit: Admit<'a>,
     deadline: Instant,
     cfg: &'a ServerConfig,
     provider: &'a dyn ExportProvider,
@@ -99,13 +115,17 @@ struct Driver<'a> {
 
 /// Runs the handshake on `stream`.
 pub(crate) fn run(
-    stream: &mut Stream,
+    stream: &mut Conn,
     cfg: &ServerConfig,
     provider: &dyn ExportProvider,
     peer: &str,
+    access: &mut Access,
+    admit: Admit<'_>,
 ) -> Result<HandshakeEnd, HandshakeError> {
     let mut d = Driver {
         stream,
+        access,
+        admit,
         deadline: Instant::now() + cfg.handshake_timeout,
         cfg,
         provider,
@@ -195,7 +215,10 @@ impl Driver<'_> {
         self.stream
             .set_write_timeout(Some(left))
             .map_err(|e| HandshakeError::Io { what, source: e })?;
-        let r = self.stream.write_all(&self.out);
+        let r = self
+            .stream
+            .write_all(&self.out)
+            .and_then(|()| self.stream.flush());
         self.out.clear();
         r.map_err(|e| self.io_err(what, e))
     }
@@ -212,11 +235,109 @@ impl Driver<'_> {
     }
 
     fn resolve(&self, name: &str) -> Option<String> {
-        if name.is_empty() {
-            self.provider.default_export()
-        } else {
-            Some(name.to_string())
+        if !name.is_empty() {
+            return Some(name.to_string());
         }
+        let default = self.provider.default_export();
+        match default {
+            Some(d) if self.access.exports.permits(&d) => Some(d),
+            // The default export is not this client's: its first permitted one stands in.
+            _ => self.visible().into_iter().next().map(|e| e.name),
+        }
+    }
+
+    /// The exports this client may see.
+    fn visible(&self) -> Vec<ExportInfo> {
+        let mut v = self.provider.list();
+        v.retain(|e| self.access.exports.permits(&e.name));
+        v
+    }
+
+    /// `Some(message)` when this client may not use `name` (whether or not it exists: a
+    /// refused client learns nothing about other clients' exports).
+    fn forbidden(&self, name: &str) -> Option<String> {
+        if self.access.exports.permits(name) {
+            return None;
+        }
+        tracing::warn!(
+            peer = %self.peer,
+            client = self.access.client.as_deref().unwrap_or("-"),
+            export = %name,
+            "export refused: not allowed for this client (--allow)"
+        );
+        Some(format!(
+            "export {name:?} is not available to this client ({})",
+            self.access
+                .client
+                .as_deref()
+                .unwrap_or("no client certificate")
+        ))
+    }
+
+    /// Refusals that come before what the option asks: a refused peer, or TLS still missing.
+    fn gate(&self, option: u32) -> Option<(u32, String)> {
+        if option == OPT_ABORT {
+            return None;
+        }
+        if let Some(why) = &self.access.refused {
+            return Some((REP_ERR_POLICY, why.clone()));
+        }
+        if option != OPT_STARTTLS && self.access.tls.is_required() && !self.stream.is_tls() {
+            return Some((
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first".into(),
+            ));
+        }
+        None
+    }
+
+    fn starttls(&mut self, option: u32, payload: &[u8]) -> Result<(), HandshakeError> {
+        if !payload.is_empty() {
+            return self.error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data");
+        }
+        if self.stream.is_tls() {
+            return self.error(option, REP_ERR_INVALID, "TLS is already running");
+        }
+        let Some(tls) = self.access.tls.config().cloned() else {
+            return self.error(
+                option,
+                REP_ERR_UNSUP,
+                "TLS is not configured on this server",
+            );
+        };
+        self.ack(option)?;
+        let left = self.remaining()?;
+        let timeouts = self
+            .stream
+            .set_read_timeout(Some(left))
+            .and_then(|()| self.stream.set_write_timeout(Some(left)));
+        timeouts.map_err(|e| HandshakeError::Io {
+            what: "starting TLS",
+            source: e,
+        })?;
+        self.stream
+            .start_tls(tls.current())
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    HandshakeError::Timeout(self.cfg.handshake_timeout)
+                }
+                _ => HandshakeError::Tls(e),
+            })?;
+        // What was negotiated in the clear does not carry over (NBD protocol, STARTTLS).
+        self.structured = false;
+        self.meta_for = None;
+        let names = self.stream.peer_names();
+        self.access.exports = tls.allow().access_for(&names);
+        self.access.client = names.first().cloned();
+        if let Some(n) = &self.access.client {
+            self.access.identity = Some(format!("cert:{n}"));
+        }
+        tracing::info!(
+            peer = %self.peer,
+            client = self.access.client.as_deref().unwrap_or("-"),
+            "TLS established"
+        );
+        Ok(())
     }
 
     /// Handles one option; `Some` ends the handshake.
@@ -225,6 +346,14 @@ impl Driver<'_> {
         option: u32,
         payload: &[u8],
     ) -> Result<Option<HandshakeEnd>, HandshakeError> {
+        if let Some((ty, why)) = self.gate(option) {
+            if option == OPT_EXPORT_NAME {
+                // No error reply exists for EXPORT_NAME: the protocol can only hang up.
+                return Err(HandshakeError::Refused(why));
+            }
+            self.error(option, ty, &why)?;
+            return Ok(None);
+        }
         match option {
             OPT_ABORT => {
                 // The client may already be gone; a failed ACK changes nothing.
@@ -236,22 +365,14 @@ impl Driver<'_> {
                     self.error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
                     return Ok(None);
                 }
-                for e in self.provider.list() {
+                for e in self.visible() {
                     opt::encode_rep_server(&mut self.out, &e.name, &e.description);
                 }
                 self.ack(option)?;
                 Ok(None)
             }
             OPT_STARTTLS => {
-                if !payload.is_empty() {
-                    self.error(option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")?;
-                } else {
-                    self.error(
-                        option,
-                        REP_ERR_UNSUP,
-                        "TLS is not configured on this server",
-                    )?;
-                }
+                self.starttls(option, payload)?;
                 Ok(None)
             }
             OPT_STRUCTURED_REPLY => {
@@ -304,6 +425,9 @@ impl Driver<'_> {
         let Some(name) = self.resolve(&req.name) else {
             return self.error(option, REP_ERR_UNKNOWN, "there is no default export");
         };
+        if let Some(why) = self.forbidden(&name) {
+            return self.error(option, REP_ERR_POLICY, &why);
+        }
         if !self.provider.exists(&name) {
             return self.error(
                 option,
@@ -351,6 +475,10 @@ impl Driver<'_> {
             self.error(option, REP_ERR_UNKNOWN, "there is no default export")?;
             return Ok(None);
         };
+        if let Some(why) = self.forbidden(&name) {
+            self.error(option, REP_ERR_POLICY, &why)?;
+            return Ok(None);
+        }
         let export = match self.attach(&name) {
             Ok(e) => e,
             Err(e) => {
@@ -367,6 +495,13 @@ impl Driver<'_> {
                 return Ok(None);
             }
         };
+        if option == OPT_GO {
+            if let Err(why) = (self.admit)(self.access.identity.as_deref()) {
+                tracing::warn!(peer = %self.peer, export = %name, "refusing GO: {why}");
+                self.error(option, REP_ERR_POLICY, &why)?;
+                return Ok(None);
+            }
+        }
         let flags = transmission_flags(&export, self.structured);
         opt::encode_info_export(&mut self.out, option, export.size(), flags);
         let min = export.sector_size().max(1);
@@ -419,7 +554,11 @@ impl Driver<'_> {
         let name = self
             .resolve(raw)
             .ok_or_else(|| HandshakeError::ExportName(AttachError::NotFound(String::new())))?;
+        if let Some(why) = self.forbidden(&name) {
+            return Err(HandshakeError::Refused(why));
+        }
         let export = self.attach(&name).map_err(HandshakeError::ExportName)?;
+        (self.admit)(self.access.identity.as_deref()).map_err(HandshakeError::Refused)?;
         let flags = transmission_flags(&export, self.structured);
         opt::encode_export_name_reply(&mut self.out, export.size(), flags, self.no_zeroes);
         self.send("sending the export information")?;

@@ -17,12 +17,16 @@
 //! `shutdown_grace`, e.g. a client that stopped reading replies), then flushes every export that
 //! was attached.
 
+mod budget;
+mod conns;
 pub mod export;
 mod handshake;
+pub mod peer;
 mod session;
 mod stream;
+pub mod tls;
+mod transport;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener as StdTcpListener};
@@ -36,15 +40,25 @@ use tracing::{error, info, warn};
 
 pub use export::{errno_for, error_chain, AttachError, ExportInfo, ExportProvider};
 pub use handshake::HandshakeError;
+pub use peer::{TlsMode, UnixPeerPolicy};
 pub use session::SessionError;
+pub use tls::{AllowEntry, AllowList, TlsConfig, TlsError, TlsFiles};
 
 use crate::config::{ConfigError, ServerConfig};
 use crate::volume::{Volume, VolumeError};
 use stream::Stream;
 
-/// A bound listening socket handed to [`serve`].
+/// A bound listening socket handed to [`serve`], with who may use it: its TLS mode and (Unix)
+/// which local users may connect. Built plain; add security with the `with_*` methods.
 #[derive(Debug)]
-pub enum Listener {
+pub struct Listener {
+    kind: ListenerKind,
+    tls: TlsMode,
+    peers: UnixPeerPolicy,
+}
+
+#[derive(Debug)]
+enum ListenerKind {
     Tcp(StdTcpListener),
     /// A Unix socket; the file is removed when the server stops.
     Unix {
@@ -54,10 +68,42 @@ pub enum Listener {
 }
 
 impl Listener {
+    /// Offers or requires TLS on this listener.
+    pub fn with_tls(mut self, tls: TlsMode) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Checks Unix peer credentials against `peers` (ignored on TCP listeners).
+    pub fn with_peer_policy(mut self, peers: UnixPeerPolicy) -> Self {
+        self.peers = peers;
+        self
+    }
+
+    pub fn tls(&self) -> &TlsMode {
+        &self.tls
+    }
+
+    /// The socket file, if this is a Unix listener.
+    pub fn unix_path(&self) -> Option<&Path> {
+        match &self.kind {
+            ListenerKind::Unix { path, .. } => Some(path),
+            ListenerKind::Tcp(_) => None,
+        }
+    }
+
+    fn plain(kind: ListenerKind) -> Self {
+        Self {
+            kind,
+            tls: TlsMode::Off,
+            peers: UnixPeerPolicy::default(),
+        }
+    }
+
     /// Binds a TCP listener (`127.0.0.1:0` picks a free port).
     pub fn bind_tcp(addr: SocketAddr) -> Result<Self, ServerError> {
         StdTcpListener::bind(addr)
-            .map(Listener::Tcp)
+            .map(|l| Listener::plain(ListenerKind::Tcp(l)))
             .map_err(|e| ServerError::Bind {
                 what: addr.to_string(),
                 source: e,
@@ -83,28 +129,33 @@ impl Listener {
             }
         }
         let listener = StdUnixListener::bind(path).map_err(err)?;
-        Ok(Listener::Unix {
+        Ok(Listener::plain(ListenerKind::Unix {
             listener,
             path: path.to_path_buf(),
-        })
+        }))
     }
 
     /// The TCP address, if this is a TCP listener.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
-        match self {
-            Listener::Tcp(l) => l.local_addr().ok(),
-            Listener::Unix { .. } => None,
+        match &self.kind {
+            ListenerKind::Tcp(l) => l.local_addr().ok(),
+            ListenerKind::Unix { .. } => None,
         }
     }
 
     /// Where clients connect, for logs and messages.
     pub fn describe(&self) -> String {
-        match self {
-            Listener::Tcp(l) => match l.local_addr() {
-                Ok(a) => format!("tcp {a}"),
-                Err(_) => "tcp (unknown address)".into(),
+        let tls = match &self.tls {
+            TlsMode::Off => "",
+            TlsMode::Optional(_) => " (TLS offered)",
+            TlsMode::Required(_) => " (TLS required)",
+        };
+        match &self.kind {
+            ListenerKind::Tcp(l) => match l.local_addr() {
+                Ok(a) => format!("tcp {a}{tls}"),
+                Err(_) => format!("tcp (unknown address){tls}"),
             },
-            Listener::Unix { path, .. } => format!("unix {}", path.display()),
+            ListenerKind::Unix { path, .. } => format!("unix {}{tls}", path.display()),
         }
     }
 }
@@ -137,16 +188,24 @@ pub enum ServerError {
     FlushPanicked { export: String },
 }
 
+/// TCP keepalive: first probe after this much silence, then every interval, given up after the
+/// retries (about 2 minutes in all for a vanished peer).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_RETRIES: u32 = 6;
+
 /// State shared by the accept loops and the connection threads.
 struct ServerState {
     config: ServerConfig,
     provider: Arc<dyn ExportProvider>,
-    /// Live connections (handshake or transmission), by id: a handle to shut each one down.
-    conns: Mutex<HashMap<u64, Stream>>,
+    /// Live connections (handshake or transmission), by id, and the connection limit.
+    conns: conns::Registry,
     next_id: AtomicU64,
     shutting_down: AtomicBool,
     /// Every export a connection attached (by name), to flush at shutdown.
     attached: Mutex<Vec<(String, Arc<Volume>)>>,
+    /// Request buffer memory shared by every connection.
+    budget: Arc<budget::Budget>,
 }
 
 impl ServerState {
@@ -158,13 +217,19 @@ impl ServerState {
     }
 
     fn live(&self) -> usize {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.conns.len()
     }
 }
 
 enum AsyncListener {
     Tcp(tokio::net::TcpListener),
     Unix(tokio::net::UnixListener, PathBuf),
+}
+
+/// What an accept loop hands every connection it accepts.
+struct ListenerPolicy {
+    tls: TlsMode,
+    peers: UnixPeerPolicy,
 }
 
 /// Serves NBD on `listeners` until `shutdown` resolves, then stops accepting, lets requests in
@@ -182,12 +247,13 @@ pub async fn serve(
         );
     }
     let state = Arc::new(ServerState {
-        config,
         provider,
-        conns: Mutex::new(HashMap::new()),
+        conns: conns::Registry::new(config.max_connections),
         next_id: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         attached: Mutex::new(Vec::new()),
+        budget: budget::Budget::new(config.buffer_budget),
+        config,
     });
     let mut socket_files = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -197,12 +263,22 @@ pub async fn serve(
             what: what.clone(),
             source,
         };
-        let al = match l {
-            Listener::Tcp(t) => {
+        let policy = Arc::new(ListenerPolicy {
+            tls: l.tls,
+            peers: l.peers,
+        });
+        if let (ListenerKind::Tcp(_), TlsMode::Off) = (&l.kind, &policy.tls) {
+            warn!(
+                "{what} serves without TLS: anyone who can reach it reads and writes the \
+                 decrypted disks"
+            );
+        }
+        let al = match l.kind {
+            ListenerKind::Tcp(t) => {
                 t.set_nonblocking(true).map_err(lerr)?;
                 AsyncListener::Tcp(tokio::net::TcpListener::from_std(t).map_err(lerr)?)
             }
-            Listener::Unix { listener, path } => {
+            ListenerKind::Unix { listener, path } => {
                 listener.set_nonblocking(true).map_err(lerr)?;
                 socket_files.push(path.clone());
                 AsyncListener::Unix(
@@ -212,7 +288,7 @@ pub async fn serve(
             }
         };
         info!("listening on {what}");
-        tasks.spawn(accept_loop(al, state.clone()));
+        tasks.spawn(accept_loop(al, policy, state.clone()));
     }
 
     shutdown.await;
@@ -220,26 +296,18 @@ pub async fn serve(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     state.shutting_down.store(true, Ordering::SeqCst);
-    {
-        let conns = state.conns.lock().unwrap_or_else(|p| p.into_inner());
-        for s in conns.values() {
-            let _ = s.shutdown(Shutdown::Read);
-        }
-    }
+    state.conns.shutdown_all(Shutdown::Read);
     let grace = tokio::time::Instant::now() + state.config.shutdown_grace;
     let mut cut = false;
     while state.live() > 0 {
         if !cut && tokio::time::Instant::now() >= grace {
             // A client that stopped reading replies would block its writer forever.
-            let conns = state.conns.lock().unwrap_or_else(|p| p.into_inner());
             warn!(
                 "{} connection(s) still busy after {:?}: closing them",
-                conns.len(),
+                state.conns.len(),
                 state.config.shutdown_grace
             );
-            for s in conns.values() {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+            state.conns.shutdown_all(Shutdown::Both);
             cut = true;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -272,22 +340,71 @@ pub async fn serve(
     }
 }
 
-async fn accept_loop(l: AsyncListener, state: Arc<ServerState>) {
+async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<ServerState>) {
+    let own_uid = nix::unistd::geteuid().as_raw();
     loop {
         let accepted = match &l {
             AsyncListener::Tcp(t) => t.accept().await.and_then(|(s, peer)| {
                 s.set_nodelay(true)?;
                 let s = s.into_std()?;
-                Ok((Stream::Tcp(s), peer.to_string()))
-            }),
-            AsyncListener::Unix(u, path) => u.accept().await.and_then(|(s, _)| {
+                // Dead peers (a host that vanished) are noticed within minutes, not hours,
+                // and their connection slot is freed.
+                let ka = socket2::TcpKeepalive::new()
+                    .with_time(KEEPALIVE_IDLE)
+                    .with_interval(KEEPALIVE_INTERVAL)
+                    .with_retries(KEEPALIVE_RETRIES);
+                socket2::SockRef::from(&s).set_tcp_keepalive(&ka)?;
                 Ok((
-                    Stream::Unix(s.into_std()?),
-                    format!("unix:{}", path.display()),
+                    Stream::Tcp(s),
+                    peer.to_string(),
+                    None,
+                    format!("ip:{}", peer.ip()),
                 ))
             }),
+            AsyncListener::Unix(u, path) => u.accept().await.and_then(|(s, _)| {
+                let refused = match s.peer_cred() {
+                    Ok(c) => policy
+                        .peers
+                        .check(
+                            Some(peer::PeerCred {
+                                uid: c.uid(),
+                                gid: c.gid(),
+                                pid: c.pid(),
+                            }),
+                            own_uid,
+                        )
+                        .err()
+                        .map(|why| {
+                            warn!(
+                                socket = %path.display(),
+                                uid = c.uid(),
+                                gid = c.gid(),
+                                pid = c.pid().unwrap_or(0),
+                                "refusing a Unix peer: {why}"
+                            );
+                            why
+                        }),
+                    Err(e) => policy.peers.check(None, own_uid).err().map(|why| {
+                        warn!(socket = %path.display(), "refusing a Unix peer: {why}: {e}");
+                        why
+                    }),
+                };
+                let (peer, who) = match s.peer_cred() {
+                    Ok(c) => (
+                        format!(
+                            "unix:{} uid={} pid={}",
+                            path.display(),
+                            c.uid(),
+                            c.pid().unwrap_or(0)
+                        ),
+                        format!("uid:{}", c.uid()),
+                    ),
+                    Err(_) => (format!("unix:{}", path.display()), "unix".into()),
+                };
+                Ok((Stream::Unix(s.into_std()?), peer, refused, who))
+            }),
         };
-        let (stream, peer) = match accepted {
+        let (stream, peer, refused, who) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off rather than spin.
@@ -299,7 +416,9 @@ async fn accept_loop(l: AsyncListener, state: Arc<ServerState>) {
         if state.shutting_down.load(Ordering::SeqCst) {
             continue;
         }
-        if let Err(e) = start_connection(&state, stream, peer.clone()) {
+        let mut access = peer::Access::new(policy.tls.clone(), refused);
+        access.identity = Some(who);
+        if let Err(e) = start_connection(&state, stream, peer.clone(), access) {
             warn!(peer = %peer, "could not start serving a connection: {e}");
         }
     }
@@ -313,15 +432,16 @@ struct ConnGuard {
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        self.state
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.id);
+        self.state.conns.remove(self.id);
     }
 }
 
-fn start_connection(state: &Arc<ServerState>, stream: Stream, peer: String) -> io::Result<()> {
+fn start_connection(
+    state: &Arc<ServerState>,
+    stream: Stream,
+    peer: String,
+    access: peer::Access,
+) -> io::Result<()> {
     // The async side hands over a non-blocking socket; the session uses blocking I/O.
     match &stream {
         Stream::Tcp(s) => s.set_nonblocking(false)?,
@@ -329,20 +449,14 @@ fn start_connection(state: &Arc<ServerState>, stream: Stream, peer: String) -> i
     }
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
     let handle = stream.try_clone()?;
-    {
-        // Check and register under one lock, so listeners cannot overshoot the limit together.
-        let mut conns = state.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if conns.len() >= state.config.max_connections {
-            warn!(
-                peer = %peer,
-                "refusing connection: {} connections already open (--max-connections {})",
-                conns.len(),
-                state.config.max_connections
-            );
-            let _ = stream.shutdown(Shutdown::Both);
-            return Ok(());
-        }
-        conns.insert(id, handle);
+    if let Err(n) = state.conns.register(id, handle) {
+        warn!(
+            peer = %peer,
+            "refusing connection: {n} connections are already in the handshake (--max-connections {})",
+            state.config.max_connections
+        );
+        let _ = stream.shutdown(Shutdown::Both);
+        return Ok(());
     }
     let guard = ConnGuard {
         state: state.clone(),
@@ -352,14 +466,23 @@ fn start_connection(state: &Arc<ServerState>, stream: Stream, peer: String) -> i
         .name(format!("nbd-conn-{id}"))
         .spawn(move || {
             let _guard = guard;
-            connection(&_guard.state, stream, &peer, id);
+            connection(&_guard.state, stream, &peer, id, access);
         })
         .map(|_| ())
 }
 
-fn connection(state: &ServerState, mut stream: Stream, peer: &str, id: u64) {
+fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut access: peer::Access) {
     info!(conn = id, peer = %peer, "client connected");
-    let neg = match handshake::run(&mut stream, &state.config, &*state.provider, peer) {
+    let mut conn = transport::Conn::Plain(stream);
+    let admit = |who: Option<&str>| state.conns.admit(id, who);
+    let neg = match handshake::run(
+        &mut conn,
+        &state.config,
+        &*state.provider,
+        peer,
+        &mut access,
+        &admit,
+    ) {
         Ok(handshake::HandshakeEnd::Transmission(n)) => n,
         Ok(handshake::HandshakeEnd::Aborted) => {
             info!(conn = id, peer = %peer, "client ended the handshake (NBD_OPT_ABORT)");
@@ -371,7 +494,7 @@ fn connection(state: &ServerState, mut stream: Stream, peer: &str, id: u64) {
         }
         Err(e) => {
             warn!(conn = id, peer = %peer, "handshake failed: {}", error_chain(&e));
-            let _ = stream.shutdown(Shutdown::Both);
+            let _ = conn.shutdown(Shutdown::Both);
             return;
         }
     };
@@ -382,10 +505,12 @@ fn connection(state: &ServerState, mut stream: Stream, peer: &str, id: u64) {
         peer = %peer,
         export = %export,
         structured = neg.structured,
+        tls = conn.is_tls(),
+        client = access.client.as_deref().unwrap_or("-"),
         flags = format_args!("{:#x}", neg.flags),
         "serving export"
     );
-    match session::run(stream, neg, &state.config) {
+    match session::run(conn, neg, &state.config, state.budget.clone()) {
         Ok(()) => info!(conn = id, peer = %peer, export = %export, "client disconnected"),
         Err(e) => {
             warn!(conn = id, peer = %peer, export = %export, "connection closed: {}", error_chain(&e))

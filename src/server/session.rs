@@ -18,6 +18,9 @@
 //! Every request is validated once, by [`validate::check`], before its payload is read; a
 //! volume error becomes an errno in one place, [`errno_for`].
 //!
+//! The socket under the session is a [`super::transport`] half: plain, or TLS (see there for how
+//! the reader and the writers share one TLS session).
+//!
 //! A request that is malformed beyond recovery (bad magic, truncated frame, a WRITE too long to
 //! discard) ends this connection only; everything else gets an error reply and the stream goes on.
 
@@ -28,9 +31,11 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 
 use tracing::{debug, warn};
 
+use super::budget::{Budget, WorkBuf, FREE_BYTES};
 use super::export::{errno_for, error_chain};
 use super::handshake::Negotiated;
 use super::stream::{read_exact_or_eof, write_all_vectored, Stream};
+use super::transport::{Conn, ReadHalf, WriteHalf};
 use crate::config::ServerConfig;
 use crate::nbd::request::{Request, REQUEST_LEN};
 use crate::nbd::validate::{self, Limits};
@@ -39,6 +44,8 @@ use crate::volume::{Volume, VolumeError};
 
 /// The shared reader is this large so many small requests cost one `read` syscall.
 const READ_BUFFER: usize = 64 * 1024;
+/// WRITE payloads are read (and their buffer grown) in steps of this size.
+const PAYLOAD_STEP: usize = 1 << 20;
 /// Discarded WRITE payloads are read in chunks of this size (a stack buffer, not the request's).
 const DISCARD_CHUNK: usize = 16 * 1024;
 /// Replies up to this size are copied into the worker's pending-reply buffer and sent together
@@ -64,14 +71,16 @@ pub enum SessionError {
 }
 
 struct Shared {
-    reader: Mutex<BufReader<Stream>>,
-    writer: Mutex<Stream>,
+    reader: Mutex<BufReader<ReadHalf>>,
+    writer: Mutex<WriteHalf>,
     /// A handle to shut the socket down from any thread.
     control: Stream,
     closing: AtomicBool,
     volume: Arc<Volume>,
     /// What every request is validated against.
     limits: Limits,
+    /// Server-wide memory for buffers beyond each worker's first MiB.
+    budget: Arc<Budget>,
     structured: bool,
     meta_context: Option<u32>,
     max_discard: u64,
@@ -84,7 +93,13 @@ impl Shared {
         let _ = self.control.shutdown(Shutdown::Read);
     }
 
-    fn lock_writer(&self) -> MutexGuard<'_, Stream> {
+    /// Whether a request waiting for buffer memory should give up: the connection is closing,
+    /// or the client hung up (nobody may be reading the socket to notice).
+    fn cancelled(&self) -> bool {
+        self.closing.load(Ordering::SeqCst) || self.control.peer_hung_up()
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, WriteHalf> {
         // A worker that panicked while writing leaves a frame half sent: nothing after it can be
         // trusted, but the lock itself is still usable to fail fast.
         self.writer.lock().unwrap_or_else(|e| e.into_inner())
@@ -111,20 +126,22 @@ impl From<validate::Verdict> for Verdict {
 }
 
 /// The reader, held by the worker that is leader.
-type ReaderGuard<'a> = MutexGuard<'a, BufReader<Stream>>;
+type ReaderGuard<'a> = MutexGuard<'a, BufReader<ReadHalf>>;
 
 /// Serves requests on `stream` until the client disconnects, the stream breaks, or the server
 /// shuts the socket's read side.
-pub(crate) fn run(stream: Stream, neg: Negotiated, cfg: &ServerConfig) -> Result<(), SessionError> {
+pub(crate) fn run(
+    conn: Conn,
+    neg: Negotiated,
+    cfg: &ServerConfig,
+    budget: Arc<Budget>,
+) -> Result<(), SessionError> {
     let io_err = |what| move |source| SessionError::Io { what, source };
-    let writer = stream.try_clone().map_err(io_err("cloning the socket"))?;
-    let control = stream.try_clone().map_err(io_err("cloning the socket"))?;
-    stream
-        .set_read_timeout(None)
+    conn.set_read_timeout(None)
         .map_err(io_err("clearing the handshake timeout"))?;
-    stream
-        .set_write_timeout(None)
+    conn.set_write_timeout(None)
         .map_err(io_err("clearing the handshake timeout"))?;
+    let (stream, writer, control) = conn.into_halves().map_err(io_err("cloning the socket"))?;
     let sh = Shared {
         reader: Mutex::new(BufReader::with_capacity(READ_BUFFER, stream)),
         writer: Mutex::new(writer),
@@ -138,6 +155,7 @@ pub(crate) fn run(stream: Stream, neg: Negotiated, cfg: &ServerConfig) -> Result
             max_payload: cfg.max_payload,
         },
         volume: neg.export,
+        budget,
         structured: neg.structured,
         meta_context: neg.meta_context,
         max_discard: cfg.max_discard,
@@ -172,7 +190,7 @@ pub(crate) fn run(stream: Stream, neg: Negotiated, cfg: &ServerConfig) -> Result
 }
 
 fn worker(sh: &Shared) -> Result<(), SessionError> {
-    let mut buf: Vec<u8> = Vec::new();
+    let mut buf = WorkBuf::new(sh.budget.clone());
     let mut out: Vec<u8> = Vec::new();
     let mut r = worker_loop(sh, &mut buf, &mut out);
     // Replies to requests already run are owed even when the stream ends.
@@ -189,7 +207,7 @@ fn worker(sh: &Shared) -> Result<(), SessionError> {
 /// Runs requests until the stream ends. Replies collect in `out` while further requests are
 /// already waiting in the read buffer, and go out in one write before the worker could block
 /// on the socket: a burst of 32 small requests costs one `read` and one `write`, not 64 calls.
-fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), SessionError> {
+fn worker_loop(sh: &Shared, buf: &mut WorkBuf, out: &mut Vec<u8>) -> Result<(), SessionError> {
     // The reader kept from the last request: a worker stays leader through a run of quick
     // requests, so the followers sleep instead of trading the lock (and the CPU) per request.
     let mut kept: Option<ReaderGuard<'_>> = None;
@@ -226,6 +244,7 @@ fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), 
         };
         // `execute` decides whether this worker keeps the reader; refusals are quick.
         let mut reader = Some(r);
+        let large = buf.len() > FREE_BYTES;
         match verdict {
             Verdict::Run => execute(sh, &req, buf, out, &mut reader)?,
             Verdict::Fail(errno, msg) => send_error(sh, &req, errno, &msg, out)?,
@@ -240,6 +259,10 @@ fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), 
             Verdict::Disconnect => return Ok(()),
         }
         kept = reader;
+        if large || buf.len() > FREE_BYTES {
+            // Memory beyond the worker's share goes back as soon as the request is done.
+            buf.shrink();
+        }
     }
 }
 
@@ -276,8 +299,8 @@ fn request_buffered(buffered: &[u8]) -> bool {
 /// Reads one request (and its payload) from the locked reader; `None` at a clean end of stream.
 fn take_request(
     sh: &Shared,
-    r: &mut BufReader<Stream>,
-    buf: &mut Vec<u8>,
+    r: &mut BufReader<ReadHalf>,
+    buf: &mut WorkBuf,
 ) -> Result<Option<(Request, Verdict)>, SessionError> {
     let mut hdr = [0u8; REQUEST_LEN];
     match read_exact_or_eof(r, &mut hdr) {
@@ -303,38 +326,61 @@ fn take_request(
 /// Reads a WRITE payload into `buf`, or skips it when the request was refused.
 fn read_payload(
     sh: &Shared,
-    r: &mut BufReader<Stream>,
+    r: &mut BufReader<ReadHalf>,
     req: &Request,
     verdict: Verdict,
-    buf: &mut Vec<u8>,
+    buf: &mut WorkBuf,
 ) -> Result<Verdict, SessionError> {
     let len = req.len as usize;
     let io_err = |source| SessionError::Io {
         what: "reading a WRITE payload",
         source,
     };
-    match verdict {
+    let verdict = match verdict {
         Verdict::Run => {
-            // len <= max_payload (checked): the buffer only ever grows to the advertised maximum.
-            if buf.len() < len {
-                buf.resize(len, 0);
+            // len <= max_payload (checked). The buffer grows as the payload arrives, so a
+            // header whose payload never comes pins no memory.
+            let mut have = 0;
+            let mut out_of_memory = false;
+            while have < len {
+                let n = (len - have).min(PAYLOAD_STEP);
+                if !buf.ensure(have + n, &|| sh.cancelled()) {
+                    out_of_memory = true;
+                    break;
+                }
+                r.read_exact(&mut buf[have..have + n]).map_err(io_err)?;
+                have += n;
             }
-            r.read_exact(&mut buf[..len]).map_err(io_err)?;
-            Ok(Verdict::Run)
+            if !out_of_memory {
+                return Ok(Verdict::Run);
+            }
+            // Skip the rest of the payload and refuse the request; the stream stays in sync.
+            let msg = format!("no buffer memory for a {len}-byte WRITE (server busy)");
+            discard(r, len - have).map_err(io_err)?;
+            return Ok(Verdict::Fail(ENOMEM, msg));
         }
+        v => v,
+    };
+    match verdict {
         Verdict::Fail(errno, msg) if u64::from(req.len) <= sh.max_discard => {
-            let mut left = len;
-            let mut chunk = [0u8; DISCARD_CHUNK];
-            while left > 0 {
-                let n = left.min(DISCARD_CHUNK);
-                r.read_exact(&mut chunk[..n]).map_err(io_err)?;
-                left -= n;
-            }
+            discard(r, len).map_err(io_err)?;
             Ok(Verdict::Fail(errno, msg))
         }
         Verdict::Fail(errno, msg) => Ok(Verdict::FailAndClose(errno, msg)),
         v => Ok(v),
     }
+}
+
+/// Reads and drops `len` payload bytes through a small stack buffer.
+fn discard(r: &mut impl Read, len: usize) -> io::Result<()> {
+    let mut left = len;
+    let mut chunk = [0u8; DISCARD_CHUNK];
+    while left > 0 {
+        let n = left.min(DISCARD_CHUNK);
+        r.read_exact(&mut chunk[..n])?;
+        left -= n;
+    }
+    Ok(())
 }
 
 /// Queues a reply in `out`, or (when it is large) sends what is queued and then the reply itself.
@@ -438,7 +484,7 @@ fn reply_result(
 fn execute<'a>(
     sh: &'a Shared,
     req: &Request,
-    buf: &mut Vec<u8>,
+    buf: &mut WorkBuf,
     out: &mut Vec<u8>,
     reader: &mut Option<ReaderGuard<'a>>,
 ) -> Result<(), SessionError> {
@@ -450,9 +496,15 @@ fn execute<'a>(
     }
     match req.command {
         CMD_READ => {
-            // len <= max_payload (validated): the buffer only grows to the advertised maximum.
-            if buf.len() < len {
-                buf.resize(len, 0);
+            if !is_small(req) {
+                // A large READ may wait for buffer memory and the device: not with the reader.
+                *reader = None;
+            }
+            // len <= max_payload (validated); small reads stay within the worker's own share
+            // and never wait for the budget.
+            if !buf.ensure(len, &|| sh.cancelled()) {
+                let msg = format!("no buffer memory for a {len}-byte READ (server busy)");
+                return send_error(sh, req, ENOMEM, &msg, out);
             }
             // The one place a READ starts: from cache, keeping the reader, when it is small and
             // cached; else from the device, after handing the reader over.

@@ -7,6 +7,8 @@
 //! would; nothing reaches into the library.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -261,7 +263,7 @@ impl DataDir {
 
     /// Starts `cryptnbd serve --socket DIR/nbd.sock --export NAME…` and waits until it accepts.
     pub fn serve(&self, exports: &[&str]) -> Server {
-        Server::start(self.path(), exports, None)
+        Server::start(self.path(), exports, None, &[])
     }
 
     /// Like [`DataDir::serve`], also listening on TCP 127.0.0.1 at a port that was free just now.
@@ -269,7 +271,18 @@ impl DataDir {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("find a free loopback port");
-        Server::start(self.path(), exports, Some(port))
+        Server::start(self.path(), exports, Some(port), &[])
+    }
+
+    /// `cryptnbd serve --socket DIR/nbd.sock [--listen 127.0.0.1:PORT] EXTRA…` (TLS and access
+    /// options go in `extra`).
+    pub fn serve_with(&self, tcp: bool, extra: &[&str]) -> Server {
+        let port = tcp.then(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("find a free loopback port")
+        });
+        Server::start(self.path(), &[], port, extra)
     }
 }
 
@@ -289,7 +302,12 @@ pub struct Server {
 }
 
 impl Server {
-    fn start(data_dir: &Path, exports: &[&str], tcp: Option<std::net::SocketAddr>) -> Server {
+    fn start(
+        data_dir: &Path,
+        exports: &[&str],
+        tcp: Option<std::net::SocketAddr>,
+        extra: &[&str],
+    ) -> Server {
         let socket = data_dir.join("nbd.sock");
         let _ = std::fs::remove_file(&socket);
         let log = data_dir.join(format!(
@@ -308,10 +326,14 @@ impl Server {
             .arg(&socket);
         if let Some(addr) = tcp {
             c.arg("--listen").arg(addr.to_string());
+            if !extra.contains(&"--tls-cert") {
+                c.arg("--insecure-no-tls");
+            }
         }
         for e in exports {
             c.arg("--export").arg(e);
         }
+        c.args(extra);
         c.env_remove("CRYPTNBD_PASSPHRASE")
             .env_remove("CRYPTNBD_DATA_DIR")
             .stdin(Stdio::null())

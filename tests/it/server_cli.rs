@@ -35,7 +35,11 @@ fn start(data: &Path, sock: &Path, port: u16) -> Served {
             "--socket",
             sock.to_str().unwrap(),
         ])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--insecure-no-tls",
+        ])
         .env_remove("CRYPTNBD_PASSPHRASE")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

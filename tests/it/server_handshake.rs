@@ -274,7 +274,7 @@ fn handshake_timeout_closes_a_silent_client() {
 }
 
 #[test]
-fn connection_limit_closes_extra_connections() {
+fn connection_limit_is_fair_to_a_reconnecting_client() {
     let (_, _, p) = provider();
     let srv = TestServer::start_with(
         ServerConfig {
@@ -287,20 +287,37 @@ fn connection_limit_closes_extra_connections() {
     a.connect_export("disk0", false);
     let mut b = RawClient::tcp(srv.tcp);
     b.connect_export("disk0", false);
-    let mut c = RawClient::unix(&srv.socket);
-    assert!(c.is_closed(), "third connection must be closed at once");
-    drop(a);
-    // Once a slot frees up, new clients are served again.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    // Serving is full. Handshakes have their own allowance of the same size...
+    let mut h1 = RawClient::tcp(srv.tcp);
+    h1.greeting();
+    let mut h2 = RawClient::tcp(srv.tcp);
+    h2.greeting();
+    let mut c = RawClient::tcp(srv.tcp);
+    assert!(
+        c.is_closed(),
+        "a third connection in the handshake must be closed at once"
+    );
+    drop((h1, h2));
+    // ...and the same client (uid of the Unix peer) reconnecting after, say, a network drop
+    // gets in: its own oldest connection is closed for it, nobody else's.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut d = loop {
         let mut d = RawClient::unix(&srv.socket);
         let mut g = [0u8; 18];
         use std::io::Read;
         if d.s.read_exact(&mut g).is_ok() {
-            break;
+            break d;
         }
-        assert!(Instant::now() < deadline, "slot never freed");
+        assert!(Instant::now() < deadline, "handshake slot never freed");
         std::thread::sleep(Duration::from_millis(20));
-    }
+    };
+    d.send(&3u32.to_be_bytes());
+    let r = d.info_go(cryptnbd::nbd::consts::OPT_GO, "disk0", &[]);
+    assert_eq!(
+        r.last().unwrap().h.reply_type,
+        cryptnbd::nbd::consts::REP_ACK
+    );
+    assert!(a.is_closed(), "the client's old connection was replaced");
+    assert_still_works(&mut d);
     assert_still_works(&mut b);
 }

@@ -1,0 +1,204 @@
+//! Who may talk to the server, decided per listener and per connection: the TLS mode of a
+//! listener, Unix peer credentials (SO_PEERCRED) against `--allow-uid`/`--allow-gid`, socket file
+//! permissions for sockets outside the data directory, and the exports one connection may use.
+//!
+//! A refused Unix peer is not simply hung up on: it gets the NBD greeting and an
+//! NBD_REP_ERR_POLICY reply naming the reason to every option, so `nbdinfo` and qemu print
+//! something a human understands, and it never reaches an export.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::tls::{ExportAccess, TlsConfig};
+
+/// Whether a listener offers or requires TLS (STARTTLS during option haggling).
+#[derive(Debug, Clone, Default)]
+pub enum TlsMode {
+    /// No TLS: STARTTLS is answered with NBD_REP_ERR_UNSUP.
+    #[default]
+    Off,
+    /// STARTTLS is accepted, but clients may also go on without it.
+    Optional(Arc<TlsConfig>),
+    /// Every option but STARTTLS gets NBD_REP_ERR_TLS_REQD until TLS is up.
+    Required(Arc<TlsConfig>),
+}
+
+impl TlsMode {
+    pub fn config(&self) -> Option<&Arc<TlsConfig>> {
+        match self {
+            TlsMode::Off => None,
+            TlsMode::Optional(c) | TlsMode::Required(c) => Some(c),
+        }
+    }
+
+    pub fn is_required(&self) -> bool {
+        matches!(self, TlsMode::Required(_))
+    }
+}
+
+/// Which local users may connect to a Unix socket. Empty lists mean anyone who can open the
+/// socket file (its permissions decide). The server's own user is always let in: it can read
+/// the data directory anyway.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnixPeerPolicy {
+    pub allow_uids: Vec<u32>,
+    /// Matched against the peer's primary group (what SO_PEERCRED reports).
+    pub allow_gids: Vec<u32>,
+}
+
+/// A Unix peer's credentials, as the kernel reported them at connect time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerCred {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+impl UnixPeerPolicy {
+    pub fn is_open(&self) -> bool {
+        self.allow_uids.is_empty() && self.allow_gids.is_empty()
+    }
+
+    /// `Err(reason)` when this peer must not get any export.
+    pub(crate) fn check(&self, cred: Option<PeerCred>, own_uid: u32) -> Result<(), String> {
+        if self.is_open() {
+            return Ok(());
+        }
+        let Some(c) = cred else {
+            return Err("the peer's credentials could not be read".into());
+        };
+        if c.uid == own_uid || self.allow_uids.contains(&c.uid) || self.allow_gids.contains(&c.gid)
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "uid {} (gid {}) is not allowed on this socket (--allow-uid/--allow-gid)",
+            c.uid, c.gid
+        ))
+    }
+}
+
+/// Why socket permissions could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    #[error("no group named {0:?}")]
+    UnknownGroup(String),
+    #[error("cannot look up group {name:?}")]
+    GroupLookup {
+        name: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot set {what} of socket {path}")]
+    Apply {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A group given by name or number.
+pub fn resolve_group(name: &str) -> Result<u32, PeerError> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(PeerError::UnknownGroup(name.to_string())),
+        Err(source) => Err(PeerError::GroupLookup {
+            name: name.to_string(),
+            source,
+        }),
+    }
+}
+
+/// Applies `--socket-mode` and `--socket-group` to a bound socket file. A new socket file is
+/// created with the umask (0755 usually: only its owner may connect), so widening happens here,
+/// before any client is accepted.
+pub fn set_socket_permissions(
+    path: &Path,
+    mode: Option<u32>,
+    gid: Option<u32>,
+) -> Result<(), PeerError> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |what| {
+        move |source| PeerError::Apply {
+            what,
+            path: path.display().to_string(),
+            source,
+        }
+    };
+    if let Some(g) = gid {
+        std::os::unix::fs::chown(path, None, Some(g)).map_err(err("the group"))?;
+    }
+    if let Some(m) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m & 0o777))
+            .map_err(err("the mode"))?;
+    }
+    Ok(())
+}
+
+/// What one connection may do, fixed by its listener and peer and updated by STARTTLS.
+#[derive(Debug, Clone)]
+pub(crate) struct Access {
+    pub tls: TlsMode,
+    /// Set when the peer was refused: every option gets this as an NBD_REP_ERR_POLICY message.
+    pub refused: Option<String>,
+    pub exports: ExportAccess,
+    /// The client's certificate names once TLS is up, for log lines.
+    pub client: Option<String>,
+    /// Who the client is for the connection limit (its certificate name after TLS, else its
+    /// Unix uid or TCP address): at the limit it may replace its own oldest connection.
+    pub identity: Option<String>,
+}
+
+impl Access {
+    pub(crate) fn new(tls: TlsMode, refused: Option<String>) -> Self {
+        Self {
+            tls,
+            refused,
+            exports: ExportAccess::All,
+            client: None,
+            identity: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_policy_lets_listed_users_and_the_owner_in() {
+        let p = UnixPeerPolicy {
+            allow_uids: vec![1000],
+            allow_gids: vec![50],
+        };
+        let c = |uid, gid| {
+            Some(PeerCred {
+                uid,
+                gid,
+                pid: Some(1),
+            })
+        };
+        assert!(p.check(c(1000, 1), 0).is_ok());
+        assert!(p.check(c(7, 50), 0).is_ok());
+        assert!(p.check(c(0, 0), 0).is_ok(), "the server's own uid");
+        let e = p.check(c(65534, 65534), 0).unwrap_err();
+        assert!(e.contains("uid 65534"), "{e}");
+        assert!(p.check(None, 0).is_err());
+        assert!(UnixPeerPolicy::default().check(None, 0).is_ok());
+    }
+
+    #[test]
+    fn groups_resolve_by_number_and_name() {
+        assert_eq!(resolve_group("42").unwrap(), 42);
+        assert_eq!(resolve_group("root").unwrap(), 0);
+        assert!(matches!(
+            resolve_group("no-such-group-xyz"),
+            Err(PeerError::UnknownGroup(_))
+        ));
+    }
+}
