@@ -1,10 +1,10 @@
 //! Backends for tests (unit, integration and benches): [`MemBackend`] (a `Vec<u8>`),
-//! [`FaultyBackend`] (a full disk after a byte budget) and [`CrashBackend`] (loses every write not
+//! [`FaultyBackend`] (a full disk after a byte budget, a sync that fails once) and [`CrashBackend`] (loses every write not
 //! yet synced when it "crashes", optionally tearing them). Each is a cheap handle: clones share
 //! the same storage, so a test can keep one while a volume owns another.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use super::Backend;
@@ -170,6 +170,8 @@ pub struct FaultyBackend {
     inner: MemBackend,
     budget: Arc<AtomicU64>,
     can_punch: bool,
+    /// The next sync fails with EIO (a lost write-back), once.
+    fail_sync: Arc<AtomicBool>,
 }
 
 impl FaultyBackend {
@@ -178,7 +180,14 @@ impl FaultyBackend {
             inner,
             budget: Arc::new(AtomicU64::new(budget)),
             can_punch: true,
+            fail_sync: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Makes the next [`Backend::sync`] fail with EIO, as `fdatasync` does once after the kernel
+    /// failed to write back dirty pages (later syncs succeed again, as on Linux).
+    pub fn fail_next_sync(&self) {
+        self.fail_sync.store(true, Ordering::SeqCst);
     }
 
     pub fn without_punch(mut self) -> Self {
@@ -211,6 +220,9 @@ impl Backend for FaultyBackend {
         self.inner.write_at(buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
+        if self.fail_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {

@@ -20,7 +20,7 @@ pub mod header;
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 pub use error::{errno, Op, VolumeError};
 pub use header::VolumeHeader;
@@ -59,6 +59,8 @@ pub struct Volume {
     read_only: bool,
     target: String,
     locks: Vec<Mutex<()>>,
+    /// The first failed sync, sticky: see [`Volume::flush`].
+    writeback_error: OnceLock<String>,
 }
 
 // The server shares one `Arc<Volume>` between connections and threads.
@@ -134,6 +136,7 @@ impl Volume {
             read_only,
             target,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            writeback_error: OnceLock::new(),
         })
     }
 
@@ -183,10 +186,25 @@ impl Volume {
 
     fn check_writable(&self, op: Op) -> Result<(), VolumeError> {
         if self.read_only {
-            Err(VolumeError::ReadOnly { op })
-        } else {
-            Ok(())
+            return Err(VolumeError::ReadOnly { op });
         }
+        self.check_writeback()
+    }
+
+    /// Fails once a sync has failed (see [`Volume::flush`]).
+    fn check_writeback(&self) -> Result<(), VolumeError> {
+        match self.writeback_error.get() {
+            Some(first) => Err(VolumeError::WriteBackFailed {
+                target: self.target.clone(),
+                first: first.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a sync of this volume has failed (writes and flushes fail until re-attach).
+    pub fn writeback_failed(&self) -> bool {
+        self.writeback_error.get().is_some()
     }
 
     fn io_err(&self, verb: &str, len: u64, offset: u64, e: io::Error) -> VolumeError {
@@ -339,10 +357,28 @@ impl Volume {
     }
 
     /// Makes every acknowledged write durable.
+    ///
+    /// The first failure is sticky. Every connection shares this volume's one open file, and
+    /// Linux reports a failed write-back to the first `fdatasync` after it only: a later sync by
+    /// another connection would succeed for data that never reached the disk. So once a sync has
+    /// failed, every later flush, FUA write and write fails too (EIO), until the volume is
+    /// detached and attached again; the failure is logged once, at error level.
     pub fn flush(&self) -> Result<(), VolumeError> {
-        self.backend
-            .sync()
-            .map_err(|e| VolumeError::io("flushing (fdatasync) the volume", &self.target, e))
+        self.check_writeback()?;
+        if let Err(e) = self.backend.sync() {
+            let first = format!("fdatasync failed: {e}");
+            if self.writeback_error.set(first).is_ok() {
+                tracing::error!(volume = %self.target, error = %e,
+                    "WRITE-BACK FAILED: data acknowledged to clients may not be on disk; every further write and flush of this volume fails with EIO until it is detached and attached again");
+            }
+            return Err(VolumeError::io(
+                "flushing (fdatasync) the volume",
+                &self.target,
+                e,
+            ));
+        }
+        // A sync that raced with another's failure must not report success either.
+        self.check_writeback()
     }
 
     /// Punches whole sectors; `Ok(false)` when the storage cannot.
