@@ -4,9 +4,11 @@
 //! (`decrypt-datakey` on the header's wrapped DEK), rekey (`re-encrypt`, header only), plus the
 //! header-only ones (info, resize, delete) and raw image import/export.
 //!
-//! A volume file is locked while in use: an attached volume holds a shared `flock`, and the
-//! operations that change or remove the file (resize, rekey, delete) take it exclusively, so they
-//! refuse to run on a volume a server has attached.
+//! A volume file is locked while in use: a read-write attach holds an exclusive `flock` (one
+//! writer per volume, across processes: their read-modify-write locks would not see each other),
+//! a read-only attach a shared one, and the operations that change or remove the file (resize,
+//! rekey, delete) take it exclusively, so they refuse to run on a volume a server has attached.
+//! New volumes (create, import) are built under a temporary name and appear complete.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -35,7 +37,7 @@ pub enum DataDirError {
     #[error("volume {name:?} already exists ({})", path.display())]
     AlreadyExists { name: String, path: PathBuf },
 
-    #[error("volume {name:?} is in use (attached by a running server or another command); detach it first")]
+    #[error("volume {name:?} is in use (attached read-write by a running server or another command, which excludes every other attach and change); detach it first")]
     InUse { name: String },
 
     #[error("volume {name:?}: {source}")]
@@ -269,6 +271,26 @@ impl DataDir {
         key: &str,
         opts: CreateOptions,
     ) -> Result<VolumeHeader, DataDirError> {
+        let new = self.build_new(ks, name, size, key, opts)?;
+        let header = new.volume.header().clone();
+        new.publish(self, name)?;
+        tracing::info!(volume = name, volume_id = %header.volume_id, key_id = %header.key_id,
+            key_version = header.key_version, size, "volume created");
+        Ok(header)
+    }
+
+    /// Creates a new volume under a temporary name (`volumes/.NAME.vol.PID.tmp`, exclusively
+    /// locked while it is built) and returns it open read-write; [`NewVolume::publish`] moves
+    /// it into place. A server never sees it before that, and a failure removes it. Stale
+    /// temporary files of `name` left by a crashed process (unlocked) are removed first.
+    pub(crate) fn build_new(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        size: u64,
+        key: &str,
+        opts: CreateOptions,
+    ) -> Result<NewVolume, DataDirError> {
         let path = self.volume_path(name)?;
         if path.exists() {
             return Err(DataDirError::AlreadyExists {
@@ -304,8 +326,7 @@ impl DataDir {
             .mode(0o700)
             .create(&dir)
             .map_err(io_err("creating the volumes directory", &dir))?;
-        // Build under a temporary name, then link into place (fails if the name was taken
-        // meanwhile): a crash never leaves a half-written volume under the real name.
+        remove_stale_temporaries(&dir, name);
         let tmp = dir.join(format!(".{name}.vol.{}.tmp", std::process::id()));
         let file = OpenOptions::new()
             .read(true)
@@ -314,32 +335,16 @@ impl DataDir {
             .mode(0o600)
             .open(&tmp)
             .map_err(io_err("creating volume file", &tmp))?;
-        let result = Volume::create(FileBackend::new(file, &tmp), &header, &xts)
-            .map_err(Self::vol_err(name))
-            .and_then(|_| match std::fs::hard_link(&tmp, &path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    Err(DataDirError::AlreadyExists {
-                        name: name.to_string(),
-                        path: path.clone(),
-                    })
-                }
-                // File systems without hard links: a plain rename (not atomic against a
-                // concurrent create of the same name, which the check above makes unlikely).
-                Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP)) =>
-                {
-                    std::fs::rename(&tmp, &path)
-                        .map_err(io_err("renaming the new volume file to", &path))
-                }
-                Err(e) => Err(io_err("linking the new volume file to", &path)(e)),
-            });
-        let _ = std::fs::remove_file(&tmp);
-        result?;
-        sync_dir(&dir)?;
-        tracing::info!(volume = name, volume_id = %header.volume_id, key_id = %header.key_id,
-            key_version = header.key_version, size, "volume created");
-        Ok(header)
+        let guard = TempFile(tmp.clone());
+        // Held by the open file until it is closed: tells cleaners this one is alive.
+        try_lock(&file, true, name, &tmp)?;
+        let volume = Volume::create(FileBackend::new(file, &tmp), &header, &xts)
+            .map_err(Self::vol_err(name))?;
+        Ok(NewVolume {
+            volume,
+            tmp: guard,
+            path,
+        })
     }
 
     /// Attaches a volume: reads its header and asks the key store to unwrap its DEK. A refusal
@@ -350,7 +355,9 @@ impl DataDir {
         name: &str,
         read_only: bool,
     ) -> Result<Volume, DataDirError> {
-        let backend = self.open_locked(name, !read_only, false)?;
+        // Read-write attaches are exclusive (two writers' read-modify-write locks would not see
+        // each other); read-only attaches share.
+        let backend = self.open_locked(name, !read_only, !read_only)?;
         let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
         let found = h.encryption_context.get("volume_id");
         if found != Some(&h.volume_id.to_string()) {
@@ -459,6 +466,87 @@ impl DataDir {
         sync_dir(&self.volumes_dir())?;
         tracing::info!(volume = name, "volume deleted");
         Ok(())
+    }
+}
+
+/// A volume being built under a temporary name (see [`DataDir::build_new`]).
+pub(crate) struct NewVolume {
+    /// Open read-write on the temporary file.
+    pub(crate) volume: Volume,
+    tmp: TempFile,
+    path: PathBuf,
+}
+
+impl NewVolume {
+    /// Syncs the volume and moves it to its real name (failing, and removing it, if that name
+    /// was taken meanwhile), then syncs the directory.
+    pub(crate) fn publish(self, dd: &DataDir, name: &str) -> Result<(), DataDirError> {
+        let NewVolume { volume, tmp, path } = self;
+        volume.flush().map_err(DataDir::vol_err(name))?;
+        // Closing the file drops its lock only after the real name exists (the link below),
+        // so a server can attach it the moment it appears.
+        let result = match std::fs::hard_link(&tmp.0, &path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                Err(DataDirError::AlreadyExists {
+                    name: name.to_string(),
+                    path: path.clone(),
+                })
+            }
+            // File systems without hard links: a plain rename (not atomic against a concurrent
+            // create of the same name, which the check in build_new makes unlikely).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP)) => {
+                std::fs::rename(&tmp.0, &path)
+                    .map_err(io_err("renaming the new volume file to", &path))
+            }
+            Err(e) => Err(io_err("linking the new volume file to", &path)(e)),
+        };
+        drop(tmp);
+        drop(volume);
+        result?;
+        sync_dir(&dd.volumes_dir())
+    }
+}
+
+/// Removes its path on drop (a temporary volume file that was linked into place, or abandoned).
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Removes `.NAME.vol.*.tmp` files of `dir` that no live process holds locked: what a create or
+/// import killed half-way left behind.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.vol.");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(s) = file_name.to_str() else {
+            continue;
+        };
+        let Some(rest) = s.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Some(pid) = rest.strip_suffix(".tmp") else {
+            continue;
+        };
+        if pid.is_empty() || !pid.bytes().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(f) = File::open(&path) else {
+            continue;
+        };
+        if f.try_lock().is_ok() {
+            tracing::warn!(volume = name, file = %path.display(),
+                "removing a partial volume file left by an interrupted create or import");
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
