@@ -1,7 +1,8 @@
 //! Backends for tests (unit, integration and benches): [`MemBackend`] (a `Vec<u8>`),
 //! [`FaultyBackend`] (a full disk after a byte budget, a sync that fails once) and [`CrashBackend`] (loses every write not
 //! yet synced when it "crashes", optionally tearing them). Each is a cheap handle: clones share
-//! the same storage, so a test can keep one while a volume owns another.
+//! the same storage, so a test can keep one while a volume owns another. [`PiecewiseBackend`]
+//! lands writes 16 bytes at a time, for read/write races.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -248,6 +249,54 @@ impl Backend for FaultyBackend {
     }
     fn describe(&self) -> String {
         "faulty memory".to_string()
+    }
+}
+
+/// A [`MemBackend`] whose writes land 16 bytes at a time, letting other threads run between the
+/// pieces: what a read racing a `pwrite` may see of the page cache, made likely. Reads see each
+/// piece as it lands.
+#[derive(Clone, Default)]
+pub struct PiecewiseBackend {
+    inner: MemBackend,
+}
+
+impl PiecewiseBackend {
+    pub fn new(inner: MemBackend) -> Self {
+        Self { inner }
+    }
+}
+
+impl Backend for PiecewiseBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        for (i, piece) in buf.chunks(16).enumerate() {
+            self.inner.write_at(piece, offset + (i * 16) as u64)?;
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.inner.seek_data(offset)
+    }
+    fn seek_hole(&self, offset: u64) -> io::Result<u64> {
+        self.inner.seek_hole(offset)
+    }
+    fn describe(&self) -> String {
+        "piecewise memory".to_string()
     }
 }
 

@@ -12,7 +12,9 @@
 //! overlapping write, whose outcome NBD leaves unspecified (as a disk does).
 //!
 //! An all-zero ciphertext sector means "never written or discarded" and reads as plaintext zeroes
-//! (encrypting real data gives an all-zero sector with probability 2^-4096 or less).
+//! (encrypting real data gives an all-zero sector with probability 2^-4096 or less). Zero-ness is
+//! decided per 16-byte XTS block, so a read racing the first write of a sector (or a trim) sees
+//! each byte's old or new value, never garbage (see `decrypt_read`).
 
 mod error;
 mod geometry;
@@ -27,7 +29,7 @@ pub use header::VolumeHeader;
 
 use crate::backend::Backend;
 use crate::crypto::{Xts, XtsKey};
-use geometry::{is_zero, span};
+use geometry::{has_zero_block, is_zero, rezero_blocks, span, zero_blocks};
 
 /// Number of RMW lock stripes (a power of two); unrelated sectors rarely share one.
 const LOCK_STRIPES: usize = 256;
@@ -84,6 +86,7 @@ impl std::fmt::Debug for Volume {
 
 thread_local! {
     static ZEROES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static ZERO_MASK: RefCell<Vec<bool>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Volume {
@@ -226,20 +229,36 @@ impl Volume {
 
     /// Decrypts whole sectors of ciphertext just read at `sector_off`, in place; all-zero
     /// sectors are holes and stay zero. Returns whether every sector was a hole.
+    ///
+    /// Zero-ness is decided per 16-byte XTS block, not per sector: a write turning a hole into
+    /// data (or a trim turning data into a hole) is not atomic against a concurrent read, which
+    /// can see some blocks of a sector still zero and others already new ciphertext. XTS
+    /// encrypts each block independently, so decrypting the new blocks and keeping the zero ones
+    /// zero gives, for every byte, its old or its new value — never garbage. (An encrypted block
+    /// is all zero with probability 2^-128.)
     fn decrypt_read(&self, buf: &mut [u8], sector_off: u64) -> bool {
         let ss = self.ss();
         let mut all_zero = true;
-        // Decrypt runs of non-zero sectors with one call each.
+        // Decrypt runs of sectors without zero blocks with one call each.
         let n = buf.len() / ss;
         let mut i = 0;
         while i < n {
-            if is_zero(&buf[i * ss..(i + 1) * ss]) {
+            let sector = &buf[i * ss..(i + 1) * ss];
+            if has_zero_block(sector) {
+                if !is_zero(sector) {
+                    all_zero = false;
+                    self.decrypt_mixed(
+                        &mut buf[i * ss..(i + 1) * ss],
+                        sector_off + (i * ss) as u64,
+                    );
+                }
                 i += 1;
                 continue;
             }
             all_zero = false;
             let start = i;
-            while i < n && !is_zero(&buf[i * ss..(i + 1) * ss]) {
+            i += 1;
+            while i < n && !has_zero_block(&buf[i * ss..(i + 1) * ss]) {
                 i += 1;
             }
             let unit = self.unit(sector_off + (start * ss) as u64);
@@ -247,6 +266,17 @@ impl Volume {
                 .decrypt_sectors(&mut buf[start * ss..i * ss], ss, unit);
         }
         all_zero
+    }
+
+    /// Decrypts one sector some of whose 16-byte blocks are all zero (see `decrypt_read`).
+    fn decrypt_mixed(&self, sector: &mut [u8], sector_off: u64) {
+        ZERO_MASK.with(|m| {
+            let mut mask = m.borrow_mut();
+            zero_blocks(sector, &mut mask);
+            self.xts
+                .decrypt_sectors(sector, sector.len(), self.unit(sector_off));
+            rezero_blocks(&mask, sector);
+        });
     }
 
     /// Like [`Volume::read`], but only if the ciphertext can be read without waiting for the
