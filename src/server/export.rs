@@ -74,6 +74,10 @@ pub enum AttachError {
     /// The export exists but cannot be served (disabled key, corrupt header...).
     #[error("export {name:?} cannot be attached: {reason}")]
     Refused { name: String, reason: String },
+    /// Refused again within the provider's log interval: the same message for the client, but
+    /// the provider has already logged this refusal (logged at debug level only).
+    #[error("export {name:?} cannot be attached: {reason}")]
+    RefusedQuietly { name: String, reason: String },
 }
 
 /// A name and a description for humans, as NBD_OPT_LIST shows them.

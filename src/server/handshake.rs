@@ -354,10 +354,18 @@ impl Driver<'_> {
             Err(e) => {
                 let ty = match e {
                     AttachError::NotFound(_) => REP_ERR_UNKNOWN,
-                    AttachError::Refused { .. } => REP_ERR_POLICY,
+                    AttachError::Refused { .. } | AttachError::RefusedQuietly { .. } => {
+                        REP_ERR_POLICY
+                    }
                 };
-                if matches!(e, AttachError::Refused { .. }) {
-                    tracing::warn!(peer = %self.peer, export = %name, "attach refused: {e}");
+                match e {
+                    AttachError::Refused { .. } => {
+                        tracing::warn!(peer = %self.peer, export = %name, "attach refused: {e}")
+                    }
+                    AttachError::RefusedQuietly { .. } => {
+                        tracing::debug!(peer = %self.peer, export = %name, "attach refused again: {e}")
+                    }
+                    AttachError::NotFound(_) => {}
                 }
                 self.error(option, ty, &e.to_string())?;
                 return Ok(None);

@@ -18,6 +18,7 @@
 pub mod export;
 mod handshake;
 pub mod mem;
+pub mod refusals;
 mod session;
 mod stream;
 pub mod volumes;

@@ -4,17 +4,21 @@
 //! every connection to an export shares one open volume (a FLUSH on one covers all).
 //!
 //! A refused attach (disabled or deleted CMK, corrupt header, volume in use) is logged at warn with
-//! its reason and returned to the client that asked; it is not cached, so re-enabling the key is
-//! enough for the next client to succeed. An attached volume keeps working until the server stops.
+//! its reason and returned to the client that asked; it is remembered for a few seconds (see
+//! [`super::refusals`]) so repeated requests cost neither an unwrap nor an audit record, and
+//! re-enabling the key is enough for a client shortly after. An attached volume keeps working
+//! until the server stops.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
 use super::export::{
     AttachError, Export, ExportError, ExportInfo, ExportProvider, Extent, ReadOutcome,
 };
+use super::refusals::{Refusal, RefusalCache};
 use crate::datadir::{DataDir, DataDirError};
 use crate::kms::KeyStore;
 use crate::volume::{Volume, VolumeError};
@@ -165,6 +169,35 @@ pub struct DataDirProvider {
     attached: RwLock<HashMap<String, Arc<VolumeExport>>>,
     /// Serializes attaches (unwrapping a DEK can be slow), so a volume is opened once.
     attaching: Mutex<()>,
+    /// Recent refusals, answered without touching the volume or the key store again.
+    refusals: RefusalCache,
+}
+
+/// How long a refused attach is answered from memory (and so how soon re-enabling a key helps).
+const REFUSAL_TTL: Duration = Duration::from_secs(5);
+/// A repeated refusal of one volume is logged at most this often.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The client-facing error of a refusal, quiet when the cache says it was logged recently.
+fn refusal(name: &str, r: Refusal) -> AttachError {
+    let name = name.to_string();
+    match r.log {
+        Some(0) => AttachError::Refused {
+            name,
+            reason: r.reason,
+        },
+        Some(n) => AttachError::Refused {
+            name,
+            reason: format!(
+                "{} (refused {n} more times since the last report)",
+                r.reason
+            ),
+        },
+        None => AttachError::RefusedQuietly {
+            name,
+            reason: r.reason,
+        },
+    }
 }
 
 /// An error and its sources on one line (for the message a client sees).
@@ -190,6 +223,7 @@ impl DataDirProvider {
             selection,
             attached: RwLock::new(HashMap::new()),
             attaching: Mutex::new(()),
+            refusals: RefusalCache::new(REFUSAL_TTL, REFUSAL_LOG_INTERVAL),
         }
     }
 
@@ -244,6 +278,9 @@ impl DataDirProvider {
         if let Some(v) = cached(name) {
             return Ok(v);
         }
+        if let Some(r) = self.refusals.cached(name) {
+            return Err(refusal(name, r));
+        }
         let _attaching = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
         // Another client may have attached it while we waited.
         if let Some(v) = cached(name) {
@@ -265,6 +302,7 @@ impl DataDirProvider {
                     read_only = ro,
                     "volume attached"
                 );
+                self.refusals.clear(name);
                 let v = Arc::new(VolumeExport::new(name, vol));
                 self.attached
                     .write()
@@ -278,11 +316,7 @@ impl DataDirProvider {
             }
             Err(e) => {
                 // Logged by the caller (with the client that asked, or at start).
-                let reason = chain(&e);
-                Err(AttachError::Refused {
-                    name: name.to_string(),
-                    reason,
-                })
+                Err(refusal(name, self.refusals.refused(name, &chain(&e))))
             }
         }
     }
