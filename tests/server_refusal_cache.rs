@@ -25,8 +25,8 @@ fn repeated_refusals_are_answered_from_memory_and_audited_once() {
     dd.create_volume(&ks, "vol", 1 << 20, "alias/off", CreateOptions::default())
         .unwrap();
     ks.disable_key("alias/off").unwrap();
-    let admin = KeyStore::open(dir.path(), RootSecret::KeyFile(dir.path().join("root.key")))
-        .unwrap();
+    let admin =
+        KeyStore::open(dir.path(), RootSecret::KeyFile(dir.path().join("root.key"))).unwrap();
     let audited = || admin.audit_tail(None).unwrap().len();
     let provider = DataDirProvider::new(dd.clone(), ks, ExportSelection::default());
     let srv = TestServer::start(Arc::new(provider));
@@ -61,7 +61,10 @@ fn repeated_refusals_are_answered_from_memory_and_audited_once() {
         if d.info_go(OPT_GO, "vol", &[]).last().unwrap().h.reply_type == REP_ACK {
             break;
         }
-        assert!(Instant::now() < deadline, "the volume never attached after enable");
+        assert!(
+            Instant::now() < deadline,
+            "the volume never attached after enable"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
