@@ -22,7 +22,10 @@ use crate::crypto::XtsKey;
 use crate::kms::{EncryptionContext, KeyStore, KmsError};
 use crate::volume::{Volume, VolumeError, VolumeHeader};
 
+mod check;
 mod transfer;
+
+pub use check::{CheckReport, Finding, Severity};
 
 const MAX_NAME_LEN: usize = 64;
 
