@@ -12,6 +12,7 @@ use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
 
 use super::keys::XtsKey;
+use super::locked::LockedValue;
 
 /// Bytes in one tweak unit: the tweak counts 512-byte units whatever the sector size.
 pub const UNIT: usize = 512;
@@ -76,8 +77,8 @@ pub struct Xts {
 enum Backend {
     #[cfg(target_arch = "x86_64")]
     AesNi(Box<super::xts_ni::NiKeys>),
-    // Boxed so that moving an `Xts` never leaves copies of the round keys behind on the stack.
-    Portable(Box<Portable>),
+    // On locked, non-dumpable pages, like the AES-NI schedules; moving an `Xts` moves a pointer.
+    Portable(LockedValue<Portable>),
 }
 
 // `Xts` is handed to many connection tasks by reference; keep that a compile-time fact.
@@ -126,7 +127,7 @@ impl Xts {
     /// An engine for `key` on the portable path, whatever the CPU (for tests and benchmarks).
     pub fn new_portable(key: &XtsKey) -> Self {
         Self {
-            backend: Backend::Portable(Box::new(Portable::new(key))),
+            backend: Backend::Portable(LockedValue::new_with(|| Portable::new(key))),
         }
     }
 
@@ -343,6 +344,21 @@ pub(crate) fn mul_alpha(t: [u8; 16]) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The portable path's round keys live on locked, non-dumpable pages (issue #10).
+    #[test]
+    fn portable_round_keys_are_on_non_dumpable_pages() {
+        let x = Xts::new_portable(&XtsKey::generate());
+        let Backend::Portable(p) = &x.backend else {
+            panic!("not portable");
+        };
+        let addr = &**p as *const Portable as usize;
+        let flags = crate::crypto::locked::vm_flags_of(addr).expect("mapping");
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+        if p.is_locked() {
+            assert!(flags.split_whitespace().any(|f| f == "lo"), "{flags}");
+        }
+    }
     use xts_mode::{get_tweak_default, Xts128};
 
     fn engines(key: &XtsKey) -> Vec<Xts> {

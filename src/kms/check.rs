@@ -167,3 +167,18 @@ mod tests {
         assert!(problems[0].contains("does not open under the root key"));
     }
 }
+
+#[cfg(test)]
+mod root_memory_tests {
+    use crate::kms::{InitRoot, KeyStore};
+
+    /// The root key is held on locked, non-dumpable pages for the store's lifetime (issue #10).
+    #[test]
+    fn the_root_key_is_on_non_dumpable_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = KeyStore::init(dir.path(), InitRoot::GenerateKeyFile).unwrap();
+        let addr = ks.root.dangerous_as_bytes().as_ptr() as usize;
+        let flags = crate::crypto::locked::vm_flags_of(addr).expect("mapping");
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+    }
+}
