@@ -167,6 +167,9 @@ impl<T> LockedValue<T> {
         let (ptr, layout, locked) = alloc_locked_pages::<T>();
         // SAFETY: ptr is a fresh allocation sized and aligned for T; writing initialises it.
         unsafe { ptr.as_ptr().write(make()) };
+        // `make` ran in stack frames below this one; whatever key bytes its callees left there
+        // (a value built before being moved out) are overwritten now.
+        scrub_stack();
         Self {
             ptr,
             layout,
@@ -197,6 +200,15 @@ impl<T> Drop for LockedValue<T> {
             free_locked_pages(self.ptr.as_ptr().cast(), self.layout, self.locked);
         }
     }
+}
+
+/// Overwrites the 16 KiB of stack below the caller's frame with zeroes (where the frames of
+/// functions it just called, and any key bytes they left, were).
+#[inline(never)]
+fn scrub_stack() {
+    let mut area = [0u8; 16 << 10];
+    // black_box: the writes must happen although nothing reads them.
+    std::hint::black_box(&mut area);
 }
 
 /// The `VmFlags` of the memory mapping holding `addr`, from `/proc/self/smaps` (`lo`: locked,
