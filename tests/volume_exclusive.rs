@@ -190,3 +190,80 @@ fn import_is_invisible_until_complete_and_cleans_up_a_stale_temporary() {
     assert!(matches!(e, DataDirError::AlreadyExists { .. }), "{e}");
     assert!(dd.attach(&ks, "vm", false).is_ok());
 }
+
+fn cli(data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cryptnbd"))
+        .arg("--data-dir")
+        .arg(data)
+        .args(args)
+        .env_remove("CRYPTNBD_PASSPHRASE")
+        .output()
+        .expect("run cryptnbd")
+}
+
+/// `volume import` beside a running server: the new volume appears complete and is served; an
+/// import over a served volume's name and an export of a volume served read-write are refused.
+#[test]
+fn import_beside_a_running_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let sock = tmp.path().join("s.sock");
+    let srv = serve(&data, &sock);
+    let mut a = RawClient::unix(&sock);
+    a.connect_export("disk0", false);
+
+    let img = tmp.path().join("vm.raw");
+    let content: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 241) as u8 | 2).collect();
+    std::fs::write(&img, &content).unwrap();
+    let img_s = img.to_str().unwrap();
+    let out = cli(
+        &data,
+        &[
+            "volume",
+            "import",
+            "vm",
+            "--from",
+            img_s,
+            "--key",
+            "alias/default",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut c = RawClient::unix(&sock);
+    c.connect_export("vm", false);
+    assert_eq!(c.read(1, 0, 65536).unwrap(), &content[..65536]);
+    assert_eq!(
+        c.read(2, (3 << 20) - 4096, 4096).unwrap(),
+        &content[(3 << 20) - 4096..]
+    );
+
+    let out = cli(
+        &data,
+        &[
+            "volume",
+            "import",
+            "disk0",
+            "--from",
+            img_s,
+            "--key",
+            "alias/default",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    let to = tmp.path().join("copy.raw");
+    let out = cli(
+        &data,
+        &["volume", "export", "disk0", "--to", to.to_str().unwrap()],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use"), "{err}");
+    drop(a);
+    drop(c);
+    drop(srv);
+}
