@@ -6,17 +6,20 @@
 //! that joins `server`, `datadir` and `kms`; the server itself knows neither of the latter two.
 //!
 //! A refused attach (disabled or deleted CMK, corrupt header, volume in use) is logged at warn with
-//! its reason and returned, typed, to the client that asked; it is not cached, so re-enabling the
-//! key is enough for the next client to succeed. An attached volume keeps working until the server
-//! stops.
+//! its reason and returned, typed, to the client that asked; it is remembered for a few seconds
+//! (see [`crate::server::refusals`]) so repeated requests cost neither an unwrap nor an audit
+//! record, and re-enabling the key is enough for a client shortly after. An attached volume keeps
+//! working until the server stops.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use tracing::{info, warn};
 
 use crate::datadir::{DataDir, DataDirError};
 use crate::kms::KeyProvider;
+use crate::server::refusals::{Refusal, RefusalCache, RememberedRefusal};
 use crate::server::{error_chain, AttachError, ExportInfo, ExportProvider};
 use crate::volume::Volume;
 
@@ -47,6 +50,39 @@ pub struct DataDirProvider {
     attached: RwLock<HashMap<String, Arc<Volume>>>,
     /// Serializes attaches (unwrapping a DEK can be slow), so a volume is opened once.
     attaching: Mutex<()>,
+    /// Recent refusals, answered without touching the volume or the key store again.
+    refusals: RefusalCache,
+}
+
+/// How long a refused attach is answered from memory (and so how soon re-enabling a key helps).
+const REFUSAL_TTL: Duration = Duration::from_secs(5);
+/// A repeated refusal of one volume is logged at most this often.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
+type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// The client-facing error of a refusal: typed when it was just found (`fresh`), quiet when the
+/// cache says it was logged recently, with a count when earlier repeats went unlogged.
+fn refusal(name: &str, r: Refusal, fresh: Option<Cause>) -> AttachError {
+    let name = name.to_string();
+    let remembered = |reason: String| -> Cause { Box::new(RememberedRefusal { reason }) };
+    match r.log {
+        Some(0) => AttachError::Refused {
+            name,
+            source: fresh.unwrap_or_else(|| remembered(r.reason)),
+        },
+        Some(n) => AttachError::Refused {
+            name,
+            source: remembered(format!(
+                "{} (refused {n} more times since the last report)",
+                r.reason
+            )),
+        },
+        None => AttachError::RefusedQuietly {
+            name,
+            source: fresh.unwrap_or_else(|| remembered(r.reason)),
+        },
+    }
 }
 
 impl DataDirProvider {
@@ -58,6 +94,7 @@ impl DataDirProvider {
             selection,
             attached: RwLock::new(HashMap::new()),
             attaching: Mutex::new(()),
+            refusals: RefusalCache::new(REFUSAL_TTL, REFUSAL_LOG_INTERVAL),
         }
     }
 
@@ -112,6 +149,9 @@ impl DataDirProvider {
         if let Some(v) = cached(name) {
             return Ok(v);
         }
+        if let Some(r) = self.refusals.cached(name) {
+            return Err(refusal(name, r, None));
+        }
         let _attaching = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
         // Another client may have attached it while we waited.
         if let Some(v) = cached(name) {
@@ -133,6 +173,7 @@ impl DataDirProvider {
                     read_only = ro,
                     "volume attached"
                 );
+                self.refusals.clear(name);
                 let v = Arc::new(vol);
                 self.attached
                     .write()
@@ -145,10 +186,10 @@ impl DataDirProvider {
                 Err(AttachError::NotFound(name.to_string()))
             }
             // Logged by the caller (with the client that asked, or at start).
-            Err(e) => Err(AttachError::Refused {
-                name: name.to_string(),
-                source: Box::new(e),
-            }),
+            Err(e) => {
+                let r = self.refusals.refused(name, &error_chain(&e));
+                Err(refusal(name, r, Some(Box::new(e))))
+            }
         }
     }
 }

@@ -61,6 +61,8 @@ enum Command {
     Volume(cli::volume::VolumeArgs),
     /// Serve volumes over NBD (TCP and Unix sockets) until SIGINT/SIGTERM.
     Serve(Box<cli::serve::ServeArgs>),
+    /// Verify the key store and volumes (header copies, key references, sizes, permissions).
+    Check(cli::check::CheckArgs),
 }
 
 fn init_tracing(verbose: u8, format: LogFormat) {
@@ -94,12 +96,13 @@ fn main() -> ExitCode {
         passphrase_file: cli.passphrase_file,
     };
     let result = match cli.command {
-        Command::Kms(args) => cli::kms::run(&global, args),
-        Command::Volume(args) => cli::volume::run(&global, args),
-        Command::Serve(args) => cli::serve::run(&global, *args),
+        Command::Kms(args) => cli::kms::run(&global, args).map(|()| ExitCode::SUCCESS),
+        Command::Volume(args) => cli::volume::run(&global, args).map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => cli::serve::run(&global, *args).map(|()| ExitCode::SUCCESS),
+        Command::Check(args) => cli::check::run(&global, args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE

@@ -1,7 +1,8 @@
 //! Backends for tests (unit and integration): [`MemBackend`] (a `Vec<u8>`), [`SlowBackend`] (a
 //! memory disk with one slow spot that also counts syncs), [`FaultyBackend`] (a full disk after a
-//! byte budget) and [`CrashBackend`] (loses every write not yet synced when it "crashes",
-//! optionally tearing them). Each is a cheap handle: clones share the same storage, so a test can
+//! byte budget, a sync that fails once), [`CrashBackend`] (loses every write not yet synced when
+//! it "crashes", optionally tearing them) and [`PiecewiseBackend`] (lands writes 16 bytes at a
+//! time, for read/write races). Each is a cheap handle: clones share the same storage, so a test can
 //! keep one while a volume owns another. A `Volume` over these is the test double of the server
 //! (there is no second implementation of disk semantics to drift from the real one).
 //!
@@ -9,7 +10,7 @@
 //! the integration tests enable through a dev-dependency on the crate itself.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -180,6 +181,8 @@ pub struct FaultyBackend {
     inner: MemBackend,
     budget: Arc<AtomicU64>,
     can_punch: bool,
+    /// The next sync fails with EIO (a lost write-back), once.
+    fail_sync: Arc<AtomicBool>,
 }
 
 impl FaultyBackend {
@@ -188,7 +191,14 @@ impl FaultyBackend {
             inner,
             budget: Arc::new(AtomicU64::new(budget)),
             can_punch: true,
+            fail_sync: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Makes the next [`Backend::sync`] fail with EIO, as `fdatasync` does once after the kernel
+    /// failed to write back dirty pages (later syncs succeed again, as on Linux).
+    pub fn fail_next_sync(&self) {
+        self.fail_sync.store(true, Ordering::SeqCst);
     }
 
     pub fn without_punch(mut self) -> Self {
@@ -221,6 +231,9 @@ impl Backend for FaultyBackend {
         self.inner.write_at(buf, offset)
     }
     fn sync(&self) -> io::Result<()> {
+        if self.fail_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         Ok(())
     }
     fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
@@ -329,6 +342,54 @@ impl Backend for SlowBackend {
     }
     fn describe(&self) -> String {
         "slow memory".to_string()
+    }
+}
+
+/// A [`MemBackend`] whose writes land 16 bytes at a time, letting other threads run between the
+/// pieces: what a read racing a `pwrite` may see of the page cache, made likely. Reads see each
+/// piece as it lands.
+#[derive(Clone, Default)]
+pub struct PiecewiseBackend {
+    inner: MemBackend,
+}
+
+impl PiecewiseBackend {
+    pub fn new(inner: MemBackend) -> Self {
+        Self { inner }
+    }
+}
+
+impl Backend for PiecewiseBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        for (i, piece) in buf.chunks(16).enumerate() {
+            self.inner.write_at(piece, offset + (i * 16) as u64)?;
+            std::thread::yield_now();
+        }
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.inner.sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.inner.seek_data(offset)
+    }
+    fn seek_hole(&self, offset: u64) -> io::Result<u64> {
+        self.inner.seek_hole(offset)
+    }
+    fn describe(&self) -> String {
+        "piecewise memory".to_string()
     }
 }
 

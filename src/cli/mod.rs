@@ -1,6 +1,7 @@
 //! Binary-only helpers shared by the subcommands: the global options and how they turn into a
 //! key store handle, plus small parsers (sizes, `k=v` contexts) and output helpers.
 
+pub mod check;
 pub mod kms;
 pub mod serve;
 pub mod volume;

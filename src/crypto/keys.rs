@@ -1,10 +1,13 @@
 //! Secret key types. Each zeroizes its bytes on drop, prints no bytes in `Debug`, and only hands the
 //! raw bytes out through a method whose name says the caller takes responsibility (`dangerous_*`).
+//! The fixed-size keys live on locked, non-dumpable pages (`super::locked`).
 
 use std::fmt;
 
 use subtle::ConstantTimeEq;
 use zeroize::{Zeroize, Zeroizing};
+
+use super::locked::LockedBox;
 
 /// Errors building a key from bytes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -20,29 +23,47 @@ pub enum KeyError {
     EqualXtsHalves,
 }
 
-/// A 256-bit symmetric key (root key, CMK version material, AEAD key).
-pub struct Key256(Zeroizing<[u8; 32]>);
+/// A 256-bit symmetric key (root key, CMK version material, AEAD key), on locked, non-dumpable
+/// pages of its own; the bytes are copied there directly, never through a stack array.
+pub struct Key256(LockedBox<[u8; 32]>);
 
 impl Key256 {
     pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
-        let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyError::WrongLength {
-            what: "256-bit key",
-            expected: 32,
-            got: bytes.len(),
-        })?;
-        Ok(Self(Zeroizing::new(arr)))
+        if bytes.len() != 32 {
+            return Err(KeyError::WrongLength {
+                what: "256-bit key",
+                expected: 32,
+                got: bytes.len(),
+            });
+        }
+        Ok(Self(LockedBox::new_with(|k: &mut [u8; 32]| {
+            k.copy_from_slice(bytes)
+        })))
     }
 
-    /// A fresh key from the OS CSPRNG.
+    /// A key whose bytes `fill` writes straight into its locked pages (a KDF's output, a file's
+    /// content); `fill`'s error is passed through (the partial key is wiped).
+    pub fn try_fill<E>(fill: impl FnOnce(&mut [u8; 32]) -> Result<(), E>) -> Result<Self, E> {
+        let mut result = Ok(());
+        let k = LockedBox::new_with(|k: &mut [u8; 32]| result = fill(k));
+        result.map(|()| Self(k))
+    }
+
+    /// A fresh key from the OS CSPRNG, drawn straight into its locked pages.
     pub fn generate() -> Self {
-        let mut k = Zeroizing::new([0u8; 32]);
-        getrandom::getrandom(&mut k[..]).expect("the OS random number generator failed");
-        Self(k)
+        Self(LockedBox::new_with(|k: &mut [u8; 32]| {
+            getrandom::getrandom(&mut k[..]).expect("the OS random number generator failed")
+        }))
     }
 
     /// The raw key bytes. The caller must not log, print or persist them unsealed.
     pub fn dangerous_as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// Whether the key's pages are locked in RAM (`mlock` can fail under a low RLIMIT_MEMLOCK).
+    pub fn is_locked(&self) -> bool {
+        self.0.is_locked()
     }
 }
 
@@ -59,29 +80,38 @@ impl PartialEq for Key256 {
 }
 impl Eq for Key256 {}
 
-/// A 512-bit AES-256-XTS key: K1 (data) then K2 (tweak), refused when the halves are equal.
-pub struct XtsKey(Zeroizing<[u8; 64]>);
+/// A 512-bit AES-256-XTS key: K1 (data) then K2 (tweak), refused when the halves are equal. On
+/// locked, non-dumpable pages of its own, like [`Key256`].
+pub struct XtsKey(LockedBox<[u8; 64]>);
 
 impl XtsKey {
     pub fn from_slice(bytes: &[u8]) -> Result<Self, KeyError> {
-        let arr: [u8; 64] = bytes.try_into().map_err(|_| KeyError::WrongLength {
-            what: "AES-256-XTS key",
-            expected: 64,
-            got: bytes.len(),
-        })?;
-        let key = Self(Zeroizing::new(arr));
-        if bool::from(key.0[..32].ct_eq(&key.0[32..])) {
-            return Err(KeyError::EqualXtsHalves);
+        if bytes.len() != 64 {
+            return Err(KeyError::WrongLength {
+                what: "AES-256-XTS key",
+                expected: 64,
+                got: bytes.len(),
+            });
         }
-        Ok(key)
+        Self::checked(LockedBox::new_with(|k: &mut [u8; 64]| {
+            k.copy_from_slice(bytes)
+        }))
     }
 
-    /// A fresh key from the OS CSPRNG.
+    fn checked(k: LockedBox<[u8; 64]>) -> Result<Self, KeyError> {
+        if bool::from(k[..32].ct_eq(&k[32..])) {
+            return Err(KeyError::EqualXtsHalves);
+        }
+        Ok(Self(k))
+    }
+
+    /// A fresh key from the OS CSPRNG, drawn straight into its locked pages.
     pub fn generate() -> Self {
         loop {
-            let mut k = Zeroizing::new([0u8; 64]);
-            getrandom::getrandom(&mut k[..]).expect("the OS random number generator failed");
-            if let Ok(key) = Self::from_slice(&k[..]) {
+            let k = LockedBox::new_with(|k: &mut [u8; 64]| {
+                getrandom::getrandom(&mut k[..]).expect("the OS random number generator failed")
+            });
+            if let Ok(key) = Self::checked(k) {
                 return key;
             }
         }
@@ -104,6 +134,11 @@ impl XtsKey {
     /// All 64 bytes (K1 || K2). The caller must not log, print or persist them unsealed.
     pub fn dangerous_as_bytes(&self) -> &[u8; 64] {
         &self.0
+    }
+
+    /// Whether the key's pages are locked in RAM (`mlock` can fail under a low RLIMIT_MEMLOCK).
+    pub fn is_locked(&self) -> bool {
+        self.0.is_locked()
     }
 }
 

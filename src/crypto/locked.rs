@@ -1,6 +1,7 @@
-//! Memory protection for key material: a heap box whose pages are locked in RAM (`mlock`, so they
-//! are never written to swap) and excluded from core dumps (`MADV_DONTDUMP`), zeroized before it is
-//! freed; and a process-wide switch that turns core dumps off.
+//! Memory protection for key material: heap boxes whose pages are locked in RAM (`mlock`, so they
+//! are never written to swap) and excluded from core dumps (`MADV_DONTDUMP`), zeroized before they
+//! are freed — [`LockedBox`] for plain byte arrays built in place, [`LockedValue`] for any type
+//! (a cipher's key schedule) — and a process-wide switch that turns core dumps off.
 //!
 //! Locking is best effort: an unprivileged process may have a small `RLIMIT_MEMLOCK`, and refusing
 //! to run would help nobody, so a failed `mlock` is logged once and the box still works.
@@ -50,30 +51,59 @@ fn page_size() -> usize {
     }
 }
 
+/// Allocates zeroed whole pages for a `T`, marks them non-dumpable and locks them (best effort).
+/// Returns the pointer, the layout (to free with) and whether the lock succeeded.
+fn alloc_locked_pages<T>() -> (NonNull<T>, Layout, bool) {
+    let page = page_size();
+    let size = std::mem::size_of::<T>().max(1).div_ceil(page) * page;
+    let align = page.max(std::mem::align_of::<T>());
+    let layout = Layout::from_size_align(size, align).expect("page-rounded layout is valid");
+    // SAFETY: layout has a non-zero size.
+    let raw = unsafe { alloc_zeroed(layout) } as *mut T;
+    let Some(ptr) = NonNull::new(raw) else {
+        std::alloc::handle_alloc_error(layout);
+    };
+    // SAFETY: the range [ptr, ptr+size) is our own allocation; mlock/madvise only change
+    // paging attributes of it.
+    let locked = unsafe {
+        libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTDUMP);
+        libc::mlock(ptr.as_ptr().cast(), size) == 0
+    };
+    if !locked && !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "could not lock key memory (mlock: {}); keys may be swapped out — raise RLIMIT_MEMLOCK to avoid this",
+            std::io::Error::last_os_error()
+        );
+    }
+    (ptr, layout, locked)
+}
+
+/// Wipes, unlocks and frees pages from [`alloc_locked_pages`] (the value in them already dropped).
+///
+/// # Safety
+/// `ptr` and `layout` come from one `alloc_locked_pages` call and are not used afterwards.
+unsafe fn free_locked_pages(ptr: *mut u8, layout: Layout, locked: bool) {
+    // SAFETY: the caller hands over the whole allocation (see `# Safety`), used by no one else.
+    unsafe {
+        // Volatile, so the wipe of memory about to be freed is not optimised away.
+        for i in 0..layout.size() {
+            std::ptr::write_volatile(ptr.add(i), 0);
+        }
+        if locked {
+            libc::munlock(ptr.cast(), layout.size());
+        }
+        // The allocator will reuse the (wiped) pages for ordinary data: make them dumpable again
+        // (this also lets the kernel merge the mapping back with its neighbours).
+        libc::madvise(ptr.cast(), layout.size(), libc::MADV_DODUMP);
+        dealloc(ptr, layout);
+    }
+}
+
 impl<T: Zeroize + Zeroable> LockedBox<T> {
     /// Allocates locked pages holding an all-zero `T`, then lets `init` fill in the secret there.
     pub fn new_with(init: impl FnOnce(&mut T)) -> Self {
-        let page = page_size();
-        let size = std::mem::size_of::<T>().max(1).div_ceil(page) * page;
-        let align = page.max(std::mem::align_of::<T>());
-        let layout = Layout::from_size_align(size, align).expect("page-rounded layout is valid");
-        // SAFETY: layout has a non-zero size; zeroed memory is a valid T (T: Zeroable).
-        let raw = unsafe { alloc_zeroed(layout) } as *mut T;
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout);
-        };
-        // SAFETY: the range [ptr, ptr+size) is our own allocation; mlock/madvise only change
-        // paging attributes of it.
-        let locked = unsafe {
-            libc::madvise(ptr.as_ptr().cast(), size, libc::MADV_DONTDUMP);
-            libc::mlock(ptr.as_ptr().cast(), size) == 0
-        };
-        if !locked && !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                "could not lock key memory (mlock: {}); keys may be swapped out — raise RLIMIT_MEMLOCK to avoid this",
-                std::io::Error::last_os_error()
-            );
-        }
+        // Zeroed memory is a valid T (T: Zeroable).
+        let (ptr, layout, locked) = alloc_locked_pages::<T>();
         let mut b = Self {
             ptr,
             layout,
@@ -111,12 +141,99 @@ impl<T: Zeroize + Zeroable> Drop for LockedBox<T> {
         unsafe {
             self.ptr.as_mut().zeroize();
             std::ptr::drop_in_place(self.ptr.as_ptr());
-            if self.locked {
-                libc::munlock(self.ptr.as_ptr().cast(), self.layout.size());
-            }
-            dealloc(self.ptr.as_ptr().cast(), self.layout);
+            free_locked_pages(self.ptr.as_ptr().cast(), self.layout, self.locked);
         }
     }
+}
+
+/// Any `T` (e.g. a cipher from another crate holding round keys) on its own locked,
+/// non-dumpable pages. Unlike [`LockedBox`] it needs no all-zero value: `make` builds the value,
+/// which is written straight into the pages (the compiler constructs a returned value in its
+/// destination when it can, so the round keys normally never sit on the stack). On drop the
+/// value is dropped in place (run its own zeroizing `Drop`) and every byte of the pages wiped.
+pub struct LockedValue<T> {
+    ptr: NonNull<T>,
+    layout: Layout,
+    locked: bool,
+}
+
+// SAFETY: LockedValue owns its T exclusively (like Box<T>).
+unsafe impl<T: Send> Send for LockedValue<T> {}
+// SAFETY: shared access only hands out &T, as Box<T> does.
+unsafe impl<T: Sync> Sync for LockedValue<T> {}
+
+impl<T> LockedValue<T> {
+    pub fn new_with(make: impl FnOnce() -> T) -> Self {
+        let (ptr, layout, locked) = alloc_locked_pages::<T>();
+        // SAFETY: ptr is a fresh allocation sized and aligned for T; writing initialises it.
+        unsafe { ptr.as_ptr().write(make()) };
+        // `make` ran in stack frames below this one; whatever key bytes its callees left there
+        // (a value built before being moved out) are overwritten now.
+        scrub_stack();
+        Self {
+            ptr,
+            layout,
+            locked,
+        }
+    }
+
+    /// Whether the pages are actually locked in RAM.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+}
+
+impl<T> Deref for LockedValue<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: ptr holds an initialised T for the value's whole life.
+        unsafe { self.ptr.as_ref() }
+    }
+}
+
+impl<T> Drop for LockedValue<T> {
+    fn drop(&mut self) {
+        // SAFETY: ptr holds an initialised T, dropped exactly once here; then the allocation
+        // made in new_with is wiped and freed with its own layout.
+        unsafe {
+            std::ptr::drop_in_place(self.ptr.as_ptr());
+            free_locked_pages(self.ptr.as_ptr().cast(), self.layout, self.locked);
+        }
+    }
+}
+
+/// Overwrites the 16 KiB of stack below the caller's frame with zeroes (where the frames of
+/// functions it just called, and any key bytes they left, were).
+#[inline(never)]
+fn scrub_stack() {
+    let mut area = [0u8; 16 << 10];
+    // black_box: the writes must happen although nothing reads them.
+    std::hint::black_box(&mut area);
+}
+
+/// The `VmFlags` of the memory mapping holding `addr`, from `/proc/self/smaps` (`lo`: locked,
+/// `dd`: not dumped). For tests that check where secrets live; `None` if not found.
+#[doc(hidden)]
+pub fn vm_flags_of(addr: usize) -> Option<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = (a..b).contains(&addr);
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(flags) = line.strip_prefix("VmFlags:") {
+                return Some(flags.trim().to_string());
+            }
+        }
+    }
+    None
 }
 
 /// Turns off core dumps for this process (`RLIMIT_CORE` = 0 and not dumpable), so a crash can

@@ -14,6 +14,7 @@ use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
 
 use super::keys::XtsKey;
+use super::locked::LockedValue;
 use super::xts_common::wipe;
 
 /// Bytes in one tweak unit: the tweak counts 512-byte units whatever the sector size.
@@ -82,8 +83,8 @@ enum Engine {
     AesNiVaes(Box<super::xts_common::AesKeys>),
     #[cfg(target_arch = "x86_64")]
     AesNi(Box<super::xts_common::AesKeys>),
-    // Boxed so that moving an `Xts` never leaves copies of the round keys behind on the stack.
-    Portable(Box<Portable>),
+    // On locked, non-dumpable pages, like the AES-NI schedules; moving an `Xts` moves a pointer.
+    Portable(LockedValue<Portable>),
 }
 
 // `Xts` is handed to many connection tasks by reference; keep that a compile-time fact.
@@ -136,7 +137,7 @@ impl Xts {
     /// An engine for `key` on the portable path, whatever the CPU (for tests and benchmarks).
     pub fn new_portable(key: &XtsKey) -> Self {
         Self {
-            engine: Engine::Portable(Box::new(Portable::new(key))),
+            engine: Engine::Portable(LockedValue::new_with(|| Portable::new(key))),
         }
     }
 
@@ -363,6 +364,21 @@ pub(crate) fn mul_alpha(t: [u8; 16]) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The portable path's round keys live on locked, non-dumpable pages (issue #10).
+    #[test]
+    fn portable_round_keys_are_on_non_dumpable_pages() {
+        let x = Xts::new_portable(&XtsKey::generate());
+        let Engine::Portable(p) = &x.engine else {
+            panic!("not portable");
+        };
+        let addr = &**p as *const Portable as usize;
+        let flags = crate::crypto::locked::vm_flags_of(addr).expect("mapping");
+        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
+        if p.is_locked() {
+            assert!(flags.split_whitespace().any(|f| f == "lo"), "{flags}");
+        }
+    }
     use xts_mode::{get_tweak_default, Xts128};
 
     fn engines(key: &XtsKey) -> Vec<Xts> {

@@ -5,13 +5,15 @@
 //! (`decrypt-datakey` on the header's wrapped DEK), rekey (`re-encrypt`, header only), plus the
 //! header-only ones (info, resize, delete) and raw image import/export.
 //!
-//! A volume file is locked while in use: an attached volume holds a shared `flock`, and the
-//! operations that change or remove the file (resize, rekey, delete) take it exclusively, so they
-//! refuse to run on a volume a server has attached.
+//! A volume file is locked while in use: a read-write attach holds an exclusive `flock` (one
+//! writer per volume, across processes: their read-modify-write locks would not see each other),
+//! a read-only attach a shared one, and the operations that change or remove the file (resize,
+//! rekey, delete) take it exclusively, so they refuse to run on a volume a server has attached.
+//! New volumes (create, import) are built under a temporary name and appear complete.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
@@ -21,7 +23,11 @@ use crate::crypto::{KeyError, XtsKey};
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use crate::volume::{Volume, VolumeError, VolumeHeader};
 
+mod check;
+mod create;
 mod transfer;
+
+pub use check::{CheckReport, Finding, Severity};
 
 const MAX_NAME_LEN: usize = 64;
 
@@ -37,7 +43,7 @@ pub enum DataDirError {
     #[error("volume {name:?} already exists ({})", path.display())]
     AlreadyExists { name: String, path: PathBuf },
 
-    #[error("volume {name:?} is in use (attached by a running server or another command); detach it first")]
+    #[error("volume {name:?} is in use (attached read-write by a running server or another command, which excludes every other attach and change); detach it first")]
     InUse { name: String },
 
     #[error("volume {name:?}")]
@@ -275,74 +281,9 @@ impl DataDir {
         key: &str,
         opts: CreateOptions,
     ) -> Result<VolumeHeader, DataDirError> {
-        let path = self.volume_path(name)?;
-        if path.exists() {
-            return Err(DataDirError::AlreadyExists {
-                name: name.to_string(),
-                path,
-            });
-        }
-        let mut header = VolumeHeader::new(Uuid::new_v4(), size, opts.sector_size);
-        header.discard = opts.discard;
-        header.validate().map_err(Self::vol_err(name))?;
-        let ctx = volume_context(header.volume_id);
-        let dk = keys
-            .create_data_key(key, &ctx, 512)
-            .map_err(|source| DataDirError::Kms {
-                name: name.to_string(),
-                action: "create",
-                source,
-            })?;
-        let xts = XtsKey::from_slice(dk.plain_text.dangerous_as_bytes()).map_err(|e| {
-            DataDirError::BadDataKey {
-                name: name.to_string(),
-                source: e,
-            }
-        })?;
-        header.key_id = dk.wrapped.key_id;
-        header.key_version = dk.wrapped.key_version;
-        header.wrapped_dek = dk.wrapped.cipher_text;
-        header.encryption_context = ctx;
-
-        let dir = self.volumes_dir();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io_err("creating the volumes directory", &dir))?;
-        // Build under a temporary name, then link into place (fails if the name was taken
-        // meanwhile): a crash never leaves a half-written volume under the real name.
-        let tmp = dir.join(format!(".{name}.vol.{}.tmp", std::process::id()));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err("creating volume file", &tmp))?;
-        let result = Volume::create(FileBackend::new(file, &tmp), &header, &xts)
-            .map_err(Self::vol_err(name))
-            .and_then(|_| match std::fs::hard_link(&tmp, &path) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    Err(DataDirError::AlreadyExists {
-                        name: name.to_string(),
-                        path: path.clone(),
-                    })
-                }
-                // File systems without hard links: a plain rename (not atomic against a
-                // concurrent create of the same name, which the check above makes unlikely).
-                Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EOPNOTSUPP)) =>
-                {
-                    std::fs::rename(&tmp, &path)
-                        .map_err(io_err("renaming the new volume file to", &path))
-                }
-                Err(e) => Err(io_err("linking the new volume file to", &path)(e)),
-            });
-        let _ = std::fs::remove_file(&tmp);
-        result?;
-        sync_dir(&dir)?;
+        let new = self.build_new(keys, name, size, key, opts)?;
+        let header = new.volume.header().clone();
+        new.publish(self, name)?;
         tracing::info!(volume = name, volume_id = %header.volume_id, key_id = %header.key_id,
             key_version = header.key_version, size, "volume created");
         Ok(header)
@@ -356,7 +297,9 @@ impl DataDir {
         name: &str,
         read_only: bool,
     ) -> Result<Volume, DataDirError> {
-        let backend = self.open_locked(name, !read_only, false)?;
+        // Read-write attaches are exclusive (two writers' read-modify-write locks would not see
+        // each other); read-only attaches share.
+        let backend = self.open_locked(name, !read_only, !read_only)?;
         let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
         let found = h.encryption_context.get("volume_id");
         if found != Some(&h.volume_id.to_string()) {

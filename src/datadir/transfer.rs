@@ -16,7 +16,8 @@ const COPY_CHUNK: usize = 1 << 20;
 impl DataDir {
     /// Encrypts the raw image `from` into a new volume of its size (rounded up to the sector
     /// size, zero-padded). All-zero chunks are skipped, so they stay holes. `progress(done, total)`
-    /// is called as bytes are copied. On failure the partial volume is removed.
+    /// is called as bytes are copied. The volume is built under a temporary name and moved into
+    /// place when complete; on failure it is removed.
     pub fn import(
         &self,
         keys: &dyn KeyProvider,
@@ -37,9 +38,12 @@ impl DataDir {
                 name: name.to_string(),
                 reason: format!("the image {} is empty", from.display()),
             })?;
-        let header = self.create_volume(keys, name, size, key, opts)?;
-        let copy = || -> Result<(), DataDirError> {
-            let vol = self.attach(keys, name, false)?;
+        // Built under a temporary name: a server never serves a half-imported volume, and a
+        // failure (or a crash) leaves no volume under the real name.
+        let new = self.build_new(keys, name, size, key, opts)?;
+        let header = new.volume.header().clone();
+        {
+            let vol = &new.volume;
             let src = FileBackend::new(src, from);
             let mut buf = vec![0u8; COPY_CHUNK];
             let mut done = 0u64;
@@ -57,12 +61,9 @@ impl DataDir {
                 done += n as u64;
                 progress(done.min(len), len);
             }
-            vol.flush().map_err(Self::vol_err(name))
-        };
-        if let Err(e) = copy() {
-            let _ = self.delete(name);
-            return Err(e);
         }
+        new.publish(self, name)?;
+        tracing::info!(volume = name, volume_id = %header.volume_id, size, "volume imported");
         Ok(header)
     }
 

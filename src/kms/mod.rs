@@ -14,6 +14,7 @@
 
 pub mod audit;
 pub mod blob;
+mod check;
 pub mod clock;
 mod envelope;
 mod error;
@@ -34,6 +35,7 @@ use zeroize::Zeroizing;
 use crate::crypto::{aead, Key256, SecretBytes};
 
 pub use audit::AuditRecord;
+pub use check::KeyReference;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::KmsError;
 pub use provider::KeyProvider;

@@ -18,9 +18,9 @@ use std::path::Path;
 
 use argon2::{Algorithm, Argon2, Params, Version};
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
 
 use super::KmsError;
+use crate::crypto::locked::LockedBox;
 use crate::crypto::Key256;
 
 /// Default Argon2id memory cost in KiB (19 MiB).
@@ -111,11 +111,12 @@ pub fn derive_from_passphrase(
     let params = Params::new(*m_cost_kib, *t_cost, *p_cost, Some(32))
         .map_err(|e| corrupt(format!("invalid Argon2 parameters: {e}")))?;
     let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
-    let mut out = Zeroizing::new([0u8; 32]);
-    argon
-        .hash_password_into(passphrase.as_bytes(), &salt, &mut out[..])
-        .map_err(|e| corrupt(format!("Argon2 failed: {e}")))?;
-    Ok(Key256::from_slice(&out[..]).expect("32-byte output"))
+    // Derived straight into the key's locked pages.
+    Key256::try_fill(|out| {
+        argon
+            .hash_password_into(passphrase.as_bytes(), &salt, &mut out[..])
+            .map_err(|e| corrupt(format!("Argon2 failed: {e}")))
+    })
 }
 
 /// Reads a root key file, refusing it when group or others can access it.
@@ -143,7 +144,8 @@ pub fn read_key_file(path: &Path) -> Result<Key256, KmsError> {
         });
     }
     let mut f = fs::File::open(path).map_err(|e| KmsError::io("opening key file", path, e))?;
-    let mut buf = Zeroizing::new([0u8; 33]);
+    // Read into locked pages, never into a stack buffer.
+    let mut buf = LockedBox::<[u8; 33]>::new_with(|_| {});
     let mut n = 0;
     // Read at most 33 bytes: a file that grew since the metadata check is refused, not buffered.
     loop {

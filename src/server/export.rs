@@ -24,6 +24,14 @@ pub enum AttachError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Refused again within the provider's log interval: the same message for the client, but
+    /// the provider has already logged this refusal (logged at debug level only).
+    #[error("export {name:?} cannot be attached")]
+    RefusedQuietly {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A name and a description for humans, as NBD_OPT_LIST shows them.

@@ -483,13 +483,19 @@ impl Driver<'_> {
             Ok(e) => e,
             Err(e) => {
                 let ty = match e {
-                    AttachError::Refused { .. } => REP_ERR_POLICY,
-                    _ => REP_ERR_UNKNOWN,
+                    AttachError::NotFound(_) => REP_ERR_UNKNOWN,
+                    _ => REP_ERR_POLICY,
                 };
                 // The client's message, made once from the whole typed chain.
                 let message = error_chain(&e);
-                if matches!(e, AttachError::Refused { .. }) {
-                    tracing::warn!(peer = %self.peer, export = %name, "attach refused: {message}");
+                match e {
+                    AttachError::Refused { .. } => {
+                        tracing::warn!(peer = %self.peer, export = %name, "attach refused: {message}")
+                    }
+                    AttachError::RefusedQuietly { .. } => {
+                        tracing::debug!(peer = %self.peer, export = %name, "attach refused again: {message}")
+                    }
+                    _ => {}
                 }
                 self.error(option, ty, &message)?;
                 return Ok(None);

@@ -22,6 +22,7 @@ mod conns;
 pub mod export;
 mod handshake;
 pub mod peer;
+pub mod refusals;
 mod session;
 mod stream;
 pub mod tls;

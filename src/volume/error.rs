@@ -100,6 +100,12 @@ pub enum VolumeError {
         needed: u64,
     },
 
+    /// An earlier sync of this volume failed: data acknowledged before it may not be on disk,
+    /// and Linux reports such an error to one `fdatasync` only, so it is remembered (sticky)
+    /// until the volume is detached and attached again.
+    #[error("{target}: an earlier write-back failed ({first}); acknowledged writes may be lost, so every flush and write fails until the volume is detached and attached again")]
+    WriteBackFailed { target: String, first: String },
+
     /// Bad creation parameters or header fields (size, sector size, oversized metadata).
     #[error("invalid volume parameters: {0}")]
     Invalid(String),

@@ -1,5 +1,6 @@
 //! Request geometry: splitting a byte range into an unaligned head, whole sectors and an
-//! unaligned tail, and spotting all-zero (never written or discarded) ciphertext sectors.
+//! unaligned tail, and spotting all-zero (never written or discarded) ciphertext sectors and
+//! 16-byte blocks.
 
 /// The parts of a request: an unaligned head inside one sector, whole sectors, an unaligned tail.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,6 +50,39 @@ pub(super) fn is_zero(b: &[u8]) -> bool {
         }
     }
     chunks.remainder().iter().all(|&x| x == 0)
+}
+
+/// Size of one XTS block: the unit whose ciphertext is independent of the others in a sector.
+pub(super) const XTS_BLOCK: usize = 16;
+
+fn block_is_zero(w: &[u8]) -> bool {
+    let a = u64::from_ne_bytes(w[..8].try_into().expect("8 bytes"));
+    let b = u64::from_ne_bytes(w[8..16].try_into().expect("8 bytes"));
+    a | b == 0
+}
+
+/// True if some 16-byte block of `b` (a whole number of blocks) is all zero. Branch-free over
+/// the whole slice, so the compiler can vectorize it: it runs on every sector read.
+pub(super) fn has_zero_block(b: &[u8]) -> bool {
+    b.chunks_exact(XTS_BLOCK)
+        .fold(false, |any, w| any | block_is_zero(w))
+}
+
+/// Zeroes, in `plain`, every 16-byte block whose ciphertext in `cipher` was all zero: those
+/// blocks have not been written (yet) — a write landing, or a hole being punched, while this
+/// read ran — and read as zeroes, like a never-written sector.
+pub(super) fn rezero_blocks(cipher_zero: &[bool], plain: &mut [u8]) {
+    for (z, w) in cipher_zero.iter().zip(plain.chunks_exact_mut(XTS_BLOCK)) {
+        if *z {
+            w.fill(0);
+        }
+    }
+}
+
+/// Which 16-byte blocks of `b` are all zero (`out` gets one entry per block).
+pub(super) fn zero_blocks(b: &[u8], out: &mut Vec<bool>) {
+    out.clear();
+    out.extend(b.chunks_exact(XTS_BLOCK).map(block_is_zero));
 }
 
 #[cfg(test)]

@@ -20,9 +20,11 @@
 //! The magic, version, length and checksum sit at fixed places in every version, so a copy is
 //! first checked whole (crc) and only then judged by its version: a flipped bit reads as
 //! "corrupt" (and the other copy is used), a genuinely newer format as "unsupported version".
-//! Open takes the valid copy with the highest generation; an update writes and syncs the primary,
-//! then the backup, each with the next generation, so a crash at any point leaves one valid copy
-//! of either the old or the new header.
+//! Open takes the valid copy with the highest generation; an update writes and syncs first the
+//! copy that is behind (older or unusable), then the other, each with the next generation, so a
+//! crash at any point leaves one valid copy of either the old or the new header — also when the
+//! previous update was interrupted too (writing the newest copy first would tear it and fall back
+//! to the older one).
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -253,38 +255,51 @@ impl VolumeHeader {
 
     /// Reads the newest valid copy from `backend`, checking the file is long enough for it.
     pub fn read_from(backend: &dyn Backend) -> Result<Self, VolumeError> {
+        Self::read_newest(backend).map(|(h, _)| h)
+    }
+
+    /// Decodes both copies as they are on `backend` (primary, backup), without judging them.
+    pub fn read_copies(backend: &dyn Backend) -> Result<[Result<Self, CopyError>; 2], VolumeError> {
         let target = backend.describe();
-        let io = |what: &str, e| VolumeError::io(what, &target, e);
+        let mut buf = vec![0u8; MAX_HEADER_LEN];
+        let mut read = |name: &str, off: u64| {
+            backend.read_at(&mut buf, off).map_err(|e| {
+                VolumeError::io(format!("reading the {name} volume header"), &target, e)
+            })?;
+            Ok::<_, VolumeError>(Self::decode(&buf))
+        };
+        let primary = read("primary", PRIMARY_OFFSET)?;
+        let backup = read("backup", BACKUP_OFFSET)?;
+        Ok([primary, backup])
+    }
+
+    /// The newest valid copy, and whether the other copy is behind it (older or unusable):
+    /// `Some(offset of the stale copy)`, `None` when both copies are the same generation.
+    fn read_newest(backend: &dyn Backend) -> Result<(Self, Option<u64>), VolumeError> {
+        let target = backend.describe();
         let len = backend
             .len()
-            .map_err(|e| io("reading the length of the volume file", e))?;
-        let mut buf = vec![0u8; MAX_HEADER_LEN];
-        let mut results = Vec::with_capacity(2);
-        for (name, off) in [("primary", PRIMARY_OFFSET), ("backup", BACKUP_OFFSET)] {
-            backend
-                .read_at(&mut buf, off)
-                .map_err(|e| io(&format!("reading the {name} volume header"), e))?;
-            results.push(Self::decode(&buf));
-        }
-        let backup = results.pop().expect("two copies");
-        let primary = results.pop().expect("two copies");
-        let header = match (primary, backup) {
+            .map_err(|e| VolumeError::io("reading the length of the volume file", &target, e))?;
+        let [primary, backup] = Self::read_copies(backend)?;
+        let (header, stale) = match (primary, backup) {
             (Ok(p), Ok(b)) => {
                 if b.generation > p.generation {
                     tracing::warn!(volume = %target, primary = p.generation, backup = b.generation,
                         "the backup volume header is newer than the primary (an update was interrupted); using the backup");
-                    b
+                    (b, Some(PRIMARY_OFFSET))
+                } else if p.generation > b.generation {
+                    (p, Some(BACKUP_OFFSET))
                 } else {
-                    p
+                    (p, None)
                 }
             }
             (Ok(p), Err(e)) => {
                 tracing::warn!(volume = %target, error = %e, "the backup volume header is unusable; using the primary");
-                p
+                (p, Some(BACKUP_OFFSET))
             }
             (Err(e), Ok(b)) => {
                 tracing::warn!(volume = %target, error = %e, "the primary volume header is unusable; recovered the volume from the backup header (it is not rewritten until the next header update)");
-                b
+                (b, Some(PRIMARY_OFFSET))
             }
             (Err(p), Err(b)) => {
                 if len < HEADER_REGION {
@@ -306,7 +321,28 @@ impl VolumeHeader {
                 needed,
             });
         }
-        Ok(header)
+        Ok((header, stale))
+    }
+
+    /// Rewrites a stale or damaged header copy from the newest valid one (same generation), then
+    /// syncs. Returns which copy was rewritten ("primary" or "backup"), or `None` when both
+    /// copies were already the same.
+    pub fn repair(backend: &dyn Backend) -> Result<Option<&'static str>, VolumeError> {
+        let (header, stale) = Self::read_newest(backend)?;
+        let Some(off) = stale else {
+            return Ok(None);
+        };
+        let target = backend.describe();
+        let name = copy_name(off);
+        let enc = header.encode()?;
+        backend.write_at(&enc, off).map_err(|e| {
+            VolumeError::io(format!("rewriting the {name} volume header"), &target, e)
+        })?;
+        backend.sync().map_err(|e| {
+            VolumeError::io(format!("syncing the {name} volume header"), &target, e)
+        })?;
+        tracing::info!(volume = %target, copy = name, generation = header.generation, "volume header copy repaired");
+        Ok(Some(name))
     }
 
     fn check_supported(&self, target: &str) -> Result<(), VolumeError> {
@@ -339,16 +375,24 @@ impl VolumeHeader {
             .map_err(|e| VolumeError::io("syncing the volume header", &target, e))
     }
 
-    /// Replaces the header on `backend` with `self` at the next generation, crash-safely: primary
-    /// then sync, backup then sync. Returns the header as written.
+    /// Replaces the header on `backend` with `self` at the next generation, crash-safely: the
+    /// copy that is behind (older or unusable) is written and synced first, then the other. Until
+    /// the second write is durable the newest valid copy still says the old header, so a crash at
+    /// any step — and a second crash during the next update — leaves the old or the new header,
+    /// never an older one. Returns the header as written.
     pub fn write_update(&self, backend: &dyn Backend) -> Result<VolumeHeader, VolumeError> {
-        let current = Self::read_from(backend)?;
+        let (current, stale) = Self::read_newest(backend)?;
         let mut next = self.clone();
         next.generation = current.generation + 1;
         next.validate()?;
         let target = backend.describe();
         let enc = next.encode()?;
-        for (name, off) in [("primary", PRIMARY_OFFSET), ("backup", BACKUP_OFFSET)] {
+        let order = match stale {
+            Some(BACKUP_OFFSET) => [BACKUP_OFFSET, PRIMARY_OFFSET],
+            _ => [PRIMARY_OFFSET, BACKUP_OFFSET],
+        };
+        for off in order {
+            let name = copy_name(off);
             backend.write_at(&enc, off).map_err(|e| {
                 VolumeError::io(format!("writing the {name} volume header"), &target, e)
             })?;
@@ -411,6 +455,14 @@ impl std::fmt::Display for CopyError {
             CopyError::Version(v) => write!(f, "unknown format version {v}"),
             CopyError::Flags(x) => write!(f, "unknown flags {x:#x}"),
         }
+    }
+}
+
+fn copy_name(off: u64) -> &'static str {
+    if off == PRIMARY_OFFSET {
+        "primary"
+    } else {
+        "backup"
     }
 }
 

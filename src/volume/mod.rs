@@ -12,7 +12,9 @@
 //! overlapping write, whose outcome NBD leaves unspecified (as a disk does).
 //!
 //! An all-zero ciphertext sector means "never written or discarded" and reads as plaintext zeroes
-//! (encrypting real data gives an all-zero sector with probability 2^-4096 or less).
+//! (encrypting real data gives an all-zero sector with probability 2^-4096 or less). Zero-ness is
+//! decided per 16-byte XTS block, so a read racing the first write of a sector (or a trim) sees
+//! each byte's old or new value, never garbage (see `decrypt_read`).
 
 mod error;
 mod geometry;
@@ -20,14 +22,14 @@ pub mod header;
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 pub use error::{Op, VolumeError};
 pub use header::VolumeHeader;
 
 use crate::backend::Backend;
 use crate::crypto::{Xts, XtsKey};
-use geometry::{is_zero, span};
+use geometry::{has_zero_block, is_zero, rezero_blocks, span, zero_blocks};
 
 /// Number of RMW lock stripes (a power of two); unrelated sectors rarely share one.
 const LOCK_STRIPES: usize = 256;
@@ -59,6 +61,8 @@ pub struct Volume {
     read_only: bool,
     target: String,
     locks: Vec<Mutex<()>>,
+    /// The first failed sync, sticky: see [`Volume::flush`].
+    writeback_error: OnceLock<String>,
 }
 
 // The server shares one `Arc<Volume>` between connections and threads.
@@ -82,6 +86,7 @@ impl std::fmt::Debug for Volume {
 
 thread_local! {
     static ZEROES: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static ZERO_MASK: RefCell<Vec<bool>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Volume {
@@ -134,6 +139,7 @@ impl Volume {
             read_only,
             target,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            writeback_error: OnceLock::new(),
         })
     }
 
@@ -183,10 +189,25 @@ impl Volume {
 
     fn check_writable(&self, op: Op) -> Result<(), VolumeError> {
         if self.read_only {
-            Err(VolumeError::ReadOnly { op })
-        } else {
-            Ok(())
+            return Err(VolumeError::ReadOnly { op });
         }
+        self.check_writeback()
+    }
+
+    /// Fails once a sync has failed (see [`Volume::flush`]).
+    fn check_writeback(&self) -> Result<(), VolumeError> {
+        match self.writeback_error.get() {
+            Some(first) => Err(VolumeError::WriteBackFailed {
+                target: self.target.clone(),
+                first: first.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether a sync of this volume has failed (writes and flushes fail until re-attach).
+    pub fn writeback_failed(&self) -> bool {
+        self.writeback_error.get().is_some()
     }
 
     fn io_err(&self, verb: &str, len: u64, offset: u64, e: io::Error) -> VolumeError {
@@ -208,20 +229,36 @@ impl Volume {
 
     /// Decrypts whole sectors of ciphertext just read at `sector_off`, in place; all-zero
     /// sectors are holes and stay zero. Returns whether every sector was a hole.
+    ///
+    /// Zero-ness is decided per 16-byte XTS block, not per sector: a write turning a hole into
+    /// data (or a trim turning data into a hole) is not atomic against a concurrent read, which
+    /// can see some blocks of a sector still zero and others already new ciphertext. XTS
+    /// encrypts each block independently, so decrypting the new blocks and keeping the zero ones
+    /// zero gives, for every byte, its old or its new value — never garbage. (An encrypted block
+    /// is all zero with probability 2^-128.)
     fn decrypt_read(&self, buf: &mut [u8], sector_off: u64) -> bool {
         let ss = self.ss();
         let mut all_zero = true;
-        // Decrypt runs of non-zero sectors with one call each.
+        // Decrypt runs of sectors without zero blocks with one call each.
         let n = buf.len() / ss;
         let mut i = 0;
         while i < n {
-            if is_zero(&buf[i * ss..(i + 1) * ss]) {
+            let sector = &buf[i * ss..(i + 1) * ss];
+            if has_zero_block(sector) {
+                if !is_zero(sector) {
+                    all_zero = false;
+                    self.decrypt_mixed(
+                        &mut buf[i * ss..(i + 1) * ss],
+                        sector_off + (i * ss) as u64,
+                    );
+                }
                 i += 1;
                 continue;
             }
             all_zero = false;
             let start = i;
-            while i < n && !is_zero(&buf[i * ss..(i + 1) * ss]) {
+            i += 1;
+            while i < n && !has_zero_block(&buf[i * ss..(i + 1) * ss]) {
                 i += 1;
             }
             let unit = self.unit(sector_off + (start * ss) as u64);
@@ -229,6 +266,17 @@ impl Volume {
                 .decrypt_sectors(&mut buf[start * ss..i * ss], ss, unit);
         }
         all_zero
+    }
+
+    /// Decrypts one sector some of whose 16-byte blocks are all zero (see `decrypt_read`).
+    fn decrypt_mixed(&self, sector: &mut [u8], sector_off: u64) {
+        ZERO_MASK.with(|m| {
+            let mut mask = m.borrow_mut();
+            zero_blocks(sector, &mut mask);
+            self.xts
+                .decrypt_sectors(sector, sector.len(), self.unit(sector_off));
+            rezero_blocks(&mask, sector);
+        });
     }
 
     /// Like [`Volume::read`], but only if the ciphertext can be read without waiting for the
@@ -339,10 +387,28 @@ impl Volume {
     }
 
     /// Makes every acknowledged write durable.
+    ///
+    /// The first failure is sticky. Every connection shares this volume's one open file, and
+    /// Linux reports a failed write-back to the first `fdatasync` after it only: a later sync by
+    /// another connection would succeed for data that never reached the disk. So once a sync has
+    /// failed, every later flush, FUA write and write fails too (EIO), until the volume is
+    /// detached and attached again; the failure is logged once, at error level.
     pub fn flush(&self) -> Result<(), VolumeError> {
-        self.backend
-            .sync()
-            .map_err(|e| VolumeError::io("flushing (fdatasync) the volume", &self.target, e))
+        self.check_writeback()?;
+        if let Err(e) = self.backend.sync() {
+            let first = format!("fdatasync failed: {e}");
+            if self.writeback_error.set(first).is_ok() {
+                tracing::error!(volume = %self.target, error = %e,
+                    "WRITE-BACK FAILED: data acknowledged to clients may not be on disk; every further write and flush of this volume fails with EIO until it is detached and attached again");
+            }
+            return Err(VolumeError::io(
+                "flushing (fdatasync) the volume",
+                &self.target,
+                e,
+            ));
+        }
+        // A sync that raced with another's failure must not report success either.
+        self.check_writeback()
     }
 
     /// Punches whole sectors; `Ok(false)` when the storage cannot.

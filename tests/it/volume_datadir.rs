@@ -110,9 +110,11 @@ fn attach_refused_when_key_disabled_but_attached_volume_keeps_working() {
     let (_t, dd, ks, _) = setup();
     dd.create_volume(&ks, "d", MIB, "vol", CreateOptions::default())
         .unwrap();
+    dd.create_volume(&ks, "e", MIB, "vol", CreateOptions::default())
+        .unwrap();
     let attached = dd.attach(&ks, "d", false).unwrap();
     ks.disable_key("vol").unwrap();
-    let e = dd.attach(&ks, "d", false).unwrap_err();
+    let e = dd.attach(&ks, "e", false).unwrap_err();
     assert!(
         matches!(
             &e,
@@ -123,7 +125,7 @@ fn attach_refused_when_key_disabled_but_attached_volume_keeps_working() {
         ),
         "{e}"
     );
-    assert_refusal(&e, &["\"d\"", "disabled"]);
+    assert_refusal(&e, &["\"e\"", "disabled"]);
     attached.write(0, &mut pattern(4096, 9), true).unwrap();
     ks.enable_key("vol").unwrap();
     drop(attached);
@@ -260,7 +262,23 @@ fn changes_and_delete_are_refused_while_attached() {
     dd.create_volume(&ks, "d", MIB, "vol", CreateOptions::default())
         .unwrap();
     let v = dd.attach(&ks, "d", false).unwrap();
+    // A read-write attach is exclusive: no second attach, read-only or not.
+    assert!(matches!(
+        dd.attach(&ks, "d", true),
+        Err(DataDirError::InUse { .. })
+    ));
+    assert!(matches!(
+        dd.attach(&ks, "d", false),
+        Err(DataDirError::InUse { .. })
+    ));
+    drop(v);
+    // Read-only attaches share, and still keep changes out.
+    let v = dd.attach(&ks, "d", true).unwrap();
     let _second = dd.attach(&ks, "d", true).unwrap();
+    assert!(matches!(
+        dd.attach(&ks, "d", false),
+        Err(DataDirError::InUse { .. })
+    ));
     assert!(matches!(dd.delete("d"), Err(DataDirError::InUse { .. })));
     assert!(matches!(
         dd.resize("d", 2 * MIB),
