@@ -299,11 +299,17 @@ impl DataDir {
         header.encryption_context = ctx;
 
         let dir = self.volumes_dir();
+        let first = !dir.exists();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
             .map_err(io_err("creating the volumes directory", &dir))?;
+        if first {
+            // The new `volumes` entry is durable only once the data directory is synced: without
+            // this a power loss after the first `volume create` loses the volume (lazyfs test).
+            sync_dir(&self.root)?;
+        }
         // Build under a temporary name, then link into place (fails if the name was taken
         // meanwhile): a crash never leaves a half-written volume under the real name.
         let tmp = dir.join(format!(".{name}.vol.{}.tmp", std::process::id()));

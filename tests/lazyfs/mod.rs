@@ -1,0 +1,765 @@
+//! A FUSE file system that forgets everything not yet fsynced when told to: the power-loss model
+//! for `tests/durability_powerloss.rs` (LazyFS, the FUSE file system Jepsen uses, was the model;
+//! nothing of it is copied).
+//!
+//! Everything lives in memory. Each file has two versions of its contents — what programs see now,
+//! and what is durable — and each directory two versions of its entries. `fsync`/`fdatasync` of a
+//! file makes its contents and size durable; `fsync` of a directory makes its entries durable
+//! (creates, renames, unlinks in it). So a new file, or a rename over an old one, survives a
+//! "power loss" only once its directory was fsynced: the strictest POSIX reading, harsher than
+//! ext4. [`LazyFs::power_loss`] puts every file and directory back to its durable version and
+//! forgets files no durable entry names. Metadata other than size (mode, owner, times) is kept
+//! as is: the code under test never relies on it surviving a crash.
+//!
+//! The kernel must not cache what the file system may forget: files are opened with direct I/O
+//! (no page cache) and attributes and entries have a zero time to live. Test-only; it is mounted
+//! inside the test process with `fuser` (pure-Rust mount through `fusermount3`).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    FileAttr, FileType, Filesystem, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+};
+
+const BLOCK: u64 = 4096;
+const TTL: Duration = Duration::ZERO;
+const ROOT: u64 = 1;
+/// FOPEN_DIRECT_IO: bypass the kernel's page cache, so nothing forgotten is still served from it.
+const FOPEN_DIRECT_IO: u32 = 1;
+
+type Block = Arc<[u8; BLOCK as usize]>;
+
+/// File contents: sparse 4 KiB blocks (absent = zeroes) and a size. Cloning shares the blocks,
+/// so making a version durable costs one map copy, not a data copy.
+#[derive(Clone, Default)]
+struct Data {
+    blocks: BTreeMap<u64, Block>,
+    size: u64,
+}
+
+impl Data {
+    fn read(&self, off: u64, len: u64) -> Vec<u8> {
+        let end = (off + len).min(self.size);
+        let mut out = vec![0u8; end.saturating_sub(off) as usize];
+        let mut pos = off;
+        while pos < end {
+            let (b, o) = (pos / BLOCK, pos % BLOCK);
+            let n = (BLOCK - o).min(end - pos);
+            if let Some(blk) = self.blocks.get(&b) {
+                let dst = (pos - off) as usize;
+                out[dst..dst + n as usize].copy_from_slice(&blk[o as usize..(o + n) as usize]);
+            }
+            pos += n;
+        }
+        out
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) {
+        let mut pos = off;
+        let mut src = data;
+        while !src.is_empty() {
+            let (b, o) = (pos / BLOCK, pos % BLOCK);
+            let n = ((BLOCK - o) as usize).min(src.len());
+            let blk = self
+                .blocks
+                .entry(b)
+                .or_insert_with(|| Arc::new([0; BLOCK as usize]));
+            Arc::make_mut(blk)[o as usize..o as usize + n].copy_from_slice(&src[..n]);
+            pos += n as u64;
+            src = &src[n..];
+        }
+        self.size = self.size.max(off + data.len() as u64);
+    }
+
+    /// Zeroes `[off, off+len)`, dropping whole blocks (a hole), without changing the size.
+    fn zero(&mut self, off: u64, len: u64) {
+        let end = off + len;
+        let mut pos = off;
+        while pos < end {
+            let (b, o) = (pos / BLOCK, pos % BLOCK);
+            let n = (BLOCK - o).min(end - pos);
+            if o == 0 && n == BLOCK {
+                self.blocks.remove(&b);
+            } else if let Some(blk) = self.blocks.get_mut(&b) {
+                Arc::make_mut(blk)[o as usize..(o + n) as usize].fill(0);
+            }
+            pos += n;
+        }
+    }
+
+    fn set_len(&mut self, len: u64) {
+        if len < self.size {
+            // Zero the tail of the last kept block so a later extension reads zeroes.
+            let keep = len.div_ceil(BLOCK);
+            self.blocks.split_off(&keep);
+            if !len.is_multiple_of(BLOCK) {
+                self.zero(len, BLOCK - len % BLOCK);
+            }
+        }
+        self.size = len;
+    }
+
+    fn allocated(&self) -> u64 {
+        self.blocks.len() as u64 * BLOCK
+    }
+}
+
+enum Kind {
+    File {
+        now: Data,
+        durable: Data,
+    },
+    Dir {
+        now: BTreeMap<OsString, u64>,
+        durable: BTreeMap<OsString, u64>,
+    },
+}
+
+struct Node {
+    kind: Kind,
+    perm: u16,
+    uid: u32,
+    gid: u32,
+    mtime: SystemTime,
+}
+
+/// Counters a test reports: how much was forgotten over all power losses.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Stats {
+    pub power_losses: u64,
+    pub files_forgotten: u64,
+    pub files_rolled_back: u64,
+    pub dirs_rolled_back: u64,
+    pub fsyncs: u64,
+}
+
+struct Inner {
+    nodes: HashMap<u64, Node>,
+    next_ino: u64,
+    stats: Stats,
+}
+
+/// The file system's state, shared between the FUSE session thread and the test.
+#[derive(Clone)]
+pub struct LazyFs(Arc<Mutex<Inner>>);
+
+/// A mounted [`LazyFs`]; unmounts on drop.
+pub struct Mounted {
+    pub fs: LazyFs,
+    session: Option<fuser::BackgroundSession>,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        drop(self.session.take());
+    }
+}
+
+impl LazyFs {
+    pub fn new() -> LazyFs {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT,
+            Node {
+                kind: Kind::Dir {
+                    now: BTreeMap::new(),
+                    durable: BTreeMap::new(),
+                },
+                perm: 0o700,
+                // Replaced by the mount point's owner in `mount`.
+                uid: 0,
+                gid: 0,
+                mtime: SystemTime::now(),
+            },
+        );
+        LazyFs(Arc::new(Mutex::new(Inner {
+            nodes,
+            next_ino: ROOT + 1,
+            stats: Stats::default(),
+        })))
+    }
+
+    /// Mounts a new, empty file system on `dir` (served by a background thread).
+    pub fn mount(dir: &Path) -> std::io::Result<Mounted> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir)?;
+        let fs = LazyFs::new();
+        if let Some(root) = fs.lock().nodes.get_mut(&ROOT) {
+            root.uid = meta.uid();
+            root.gid = meta.gid();
+        }
+        let opts = [
+            MountOption::FSName("cryptnbd-lazyfs".into()),
+            MountOption::DefaultPermissions,
+        ];
+        let session = fuser::spawn_mount2(Handler(fs.clone()), dir, &opts)?;
+        Ok(Mounted {
+            fs,
+            session: Some(session),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pulls the plug: every file and directory goes back to what was last fsynced, and files
+    /// that no durable directory entry names are gone. Call it with no process using the mount.
+    pub fn power_loss(&self) {
+        let mut g = self.lock();
+        let mut st = g.stats;
+        st.power_losses += 1;
+        for node in g.nodes.values_mut() {
+            match &mut node.kind {
+                Kind::File { now, durable } => {
+                    if now.size != durable.size || now.blocks != durable.blocks {
+                        st.files_rolled_back += 1;
+                    }
+                    *now = durable.clone();
+                }
+                Kind::Dir { now, durable } => {
+                    if now != durable {
+                        st.dirs_rolled_back += 1;
+                    }
+                    *now = durable.clone();
+                }
+            }
+        }
+        // Keep only what the durable tree reaches from the root.
+        let mut reach = vec![ROOT];
+        let mut keep = std::collections::HashSet::new();
+        while let Some(ino) = reach.pop() {
+            if !keep.insert(ino) {
+                continue;
+            }
+            if let Some(Node {
+                kind: Kind::Dir { now, .. },
+                ..
+            }) = g.nodes.get(&ino)
+            {
+                reach.extend(now.values().copied());
+            }
+        }
+        let before = g.nodes.len();
+        g.nodes.retain(|ino, _| keep.contains(ino));
+        st.files_forgotten += (before - g.nodes.len()) as u64;
+        g.stats = st;
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.lock().stats
+    }
+}
+
+impl Default for LazyFs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inner {
+    fn attr(&self, ino: u64) -> Option<FileAttr> {
+        let n = self.nodes.get(&ino)?;
+        let (kind, size, alloc, nlink) = match &n.kind {
+            Kind::File { now, .. } => {
+                // Hard links (volume create links its temporary file into place): count names.
+                let links = self
+                    .nodes
+                    .values()
+                    .filter_map(|n| match &n.kind {
+                        Kind::Dir { now, .. } => Some(now.values().filter(|&&i| i == ino).count()),
+                        Kind::File { .. } => None,
+                    })
+                    .sum::<usize>() as u32;
+                (FileType::RegularFile, now.size, now.allocated(), links)
+            }
+            Kind::Dir { now, .. } => (FileType::Directory, 4096, 4096, 2 + now.len() as u32),
+        };
+        Some(FileAttr {
+            ino,
+            size,
+            blocks: alloc / 512,
+            atime: n.mtime,
+            mtime: n.mtime,
+            ctime: n.mtime,
+            crtime: n.mtime,
+            kind,
+            perm: n.perm,
+            nlink,
+            uid: n.uid,
+            gid: n.gid,
+            rdev: 0,
+            blksize: BLOCK as u32,
+            flags: 0,
+        })
+    }
+
+    fn dir(&mut self, ino: u64) -> Result<&mut BTreeMap<OsString, u64>, i32> {
+        match self.nodes.get_mut(&ino).map(|n| &mut n.kind) {
+            Some(Kind::Dir { now, .. }) => Ok(now),
+            Some(_) => Err(libc::ENOTDIR),
+            None => Err(libc::ENOENT),
+        }
+    }
+
+    fn file(&mut self, ino: u64) -> Result<&mut Data, i32> {
+        match self.nodes.get_mut(&ino).map(|n| &mut n.kind) {
+            Some(Kind::File { now, .. }) => Ok(now),
+            Some(_) => Err(libc::EISDIR),
+            None => Err(libc::ENOENT),
+        }
+    }
+
+    fn add(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        kind: Kind,
+        req: &Request<'_>,
+        mode: u32,
+    ) -> Result<u64, i32> {
+        let dir = self.dir(parent)?;
+        if dir.contains_key(name) {
+            return Err(libc::EEXIST);
+        }
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.dir(parent)?.insert(name.to_owned(), ino);
+        self.nodes.insert(
+            ino,
+            Node {
+                kind,
+                perm: (mode & 0o7777) as u16,
+                uid: req.uid(),
+                gid: req.gid(),
+                mtime: SystemTime::now(),
+            },
+        );
+        Ok(ino)
+    }
+
+    fn is_empty_dir(&self, ino: u64) -> bool {
+        matches!(self.nodes.get(&ino).map(|n| &n.kind), Some(Kind::Dir { now, .. }) if now.is_empty())
+    }
+}
+
+/// The FUSE side: every call locks the state, does its work and replies.
+struct Handler(LazyFs);
+
+fn time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+impl Filesystem for Handler {
+    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+        let mut g = self.0.lock();
+        let ino = match g.dir(parent) {
+            Ok(d) => d.get(name).copied(),
+            Err(e) => return reply.error(e),
+        };
+        match ino.and_then(|i| g.attr(i)) {
+            Some(a) => reply.entry(&TTL, &a, 0),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
+        match self.0.lock().attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        let mut g = self.0.lock();
+        if let Some(len) = size {
+            match g.file(ino) {
+                Ok(d) => d.set_len(len),
+                Err(e) => return reply.error(e),
+            }
+        }
+        let Some(n) = g.nodes.get_mut(&ino) else {
+            return reply.error(libc::ENOENT);
+        };
+        if let Some(m) = mode {
+            n.perm = (m & 0o7777) as u16;
+        }
+        if let Some(u) = uid {
+            n.uid = u;
+        }
+        if let Some(gi) = gid {
+            n.gid = gi;
+        }
+        if let Some(t) = mtime {
+            n.mtime = time(t);
+        }
+        match g.attr(ino) {
+            Some(a) => reply.attr(&TTL, &a),
+            None => reply.error(libc::ENOENT),
+        }
+    }
+
+    fn mkdir(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut g = self.0.lock();
+        let kind = Kind::Dir {
+            now: BTreeMap::new(),
+            durable: BTreeMap::new(),
+        };
+        match g.add(parent, name, kind, req, mode & !umask) {
+            Ok(ino) => reply.entry(&TTL, &g.attr(ino).expect("just added"), 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &mut self,
+        req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mut g = self.0.lock();
+        let kind = Kind::File {
+            now: Data::default(),
+            durable: Data::default(),
+        };
+        match g.add(parent, name, kind, req, mode & !umask) {
+            Ok(ino) => reply.created(
+                &TTL,
+                &g.attr(ino).expect("just added"),
+                0,
+                0,
+                FOPEN_DIRECT_IO,
+            ),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let mut g = self.0.lock();
+        if !matches!(g.nodes.get(&ino).map(|n| &n.kind), Some(Kind::File { .. })) {
+            return reply.error(libc::EPERM);
+        }
+        match g.dir(newparent) {
+            Ok(d) if d.contains_key(newname) => return reply.error(libc::EEXIST),
+            Ok(d) => {
+                d.insert(newname.to_owned(), ino);
+            }
+            Err(e) => return reply.error(e),
+        }
+        reply.entry(&TTL, &g.attr(ino).expect("linked"), 0)
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let mut g = self.0.lock();
+        match g.dir(parent) {
+            Ok(d) => match d.remove(name) {
+                Some(_) => reply.ok(),
+                None => reply.error(libc::ENOENT),
+            },
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        let mut g = self.0.lock();
+        let ino = match g.dir(parent) {
+            Ok(d) => d.get(name).copied(),
+            Err(e) => return reply.error(e),
+        };
+        match ino {
+            None => reply.error(libc::ENOENT),
+            Some(i) if !g.is_empty_dir(i) => reply.error(libc::ENOTEMPTY),
+            Some(_) => {
+                let _ = g.dir(parent).map(|d| d.remove(name));
+                reply.ok()
+            }
+        }
+    }
+
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        _flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mut g = self.0.lock();
+        let ino = match g.dir(parent) {
+            Ok(d) => d.get(name).copied(),
+            Err(e) => return reply.error(e),
+        };
+        let Some(ino) = ino else {
+            return reply.error(libc::ENOENT);
+        };
+        let target = match g.dir(newparent) {
+            Ok(d) => d.get(newname).copied(),
+            Err(e) => return reply.error(e),
+        };
+        if let Some(t) = target {
+            if matches!(g.nodes.get(&t).map(|n| &n.kind), Some(Kind::Dir { .. }))
+                && !g.is_empty_dir(t)
+            {
+                return reply.error(libc::ENOTEMPTY);
+            }
+        }
+        let _ = g.dir(parent).map(|d| d.remove(name));
+        let _ = g.dir(newparent).map(|d| d.insert(newname.to_owned(), ino));
+        reply.ok()
+    }
+
+    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
+        let mut g = self.0.lock();
+        match g.file(ino) {
+            Ok(d) => {
+                if flags & libc::O_TRUNC != 0 {
+                    d.set_len(0);
+                }
+                reply.opened(0, FOPEN_DIRECT_IO)
+            }
+            Err(libc::EISDIR) => reply.opened(0, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        size: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyData,
+    ) {
+        let mut g = self.0.lock();
+        match g.file(ino) {
+            Ok(d) => reply.data(&d.read(offset.max(0) as u64, size as u64)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        let mut g = self.0.lock();
+        match g.file(ino) {
+            Ok(d) => {
+                d.write(offset.max(0) as u64, data);
+                reply.written(data.len() as u32)
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsync(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let mut g = self.0.lock();
+        g.stats.fsyncs += 1;
+        match g.nodes.get_mut(&ino).map(|n| &mut n.kind) {
+            Some(Kind::File { now, durable }) => *durable = now.clone(),
+            Some(Kind::Dir { now, durable }) => *durable = now.clone(),
+            None => return reply.error(libc::ENOENT),
+        }
+        reply.ok()
+    }
+
+    fn fsyncdir(
+        &mut self,
+        req: &Request<'_>,
+        ino: u64,
+        fh: u64,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fsync(req, ino, fh, datasync, reply)
+    }
+
+    fn opendir(&mut self, _req: &Request<'_>, ino: u64, _flags: i32, reply: ReplyOpen) {
+        match self.0.lock().dir(ino) {
+            Ok(_) => reply.opened(0, 0),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        mut reply: ReplyDirectory,
+    ) {
+        let g = &mut *self.0.lock();
+        let entries: Vec<(u64, FileType, OsString)> = match g.dir(ino) {
+            Ok(d) => d
+                .iter()
+                .map(|(n, i)| (*i, FileType::RegularFile, n.clone()))
+                .collect(),
+            Err(e) => return reply.error(e),
+        };
+        let mut all = vec![
+            (ino, FileType::Directory, ".".into()),
+            (ino, FileType::Directory, "..".into()),
+        ];
+        for (i, _, n) in entries {
+            let kind = match g.nodes.get(&i).map(|n| &n.kind) {
+                Some(Kind::Dir { .. }) => FileType::Directory,
+                _ => FileType::RegularFile,
+            };
+            all.push((i, kind, n));
+        }
+        for (k, (i, kind, n)) in all.into_iter().enumerate().skip(offset.max(0) as usize) {
+            if reply.add(i, k as i64 + 1, kind, n) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+        reply.statfs(
+            1 << 22,
+            1 << 21,
+            1 << 21,
+            1 << 20,
+            1 << 19,
+            BLOCK as u32,
+            255,
+            BLOCK as u32,
+        )
+    }
+
+    fn fallocate(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        length: i64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let mut g = self.0.lock();
+        let d = match g.file(ino) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        let (off, len) = (offset.max(0) as u64, length.max(0) as u64);
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            let end = (off + len).min(d.size);
+            if end > off {
+                d.zero(off, end - off);
+            }
+        } else if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && off + len > d.size {
+            d.size = off + len;
+        }
+        reply.ok()
+    }
+
+    fn lseek(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let mut g = self.0.lock();
+        let d = match g.file(ino) {
+            Ok(d) => d,
+            Err(e) => return reply.error(e),
+        };
+        let off = offset.max(0) as u64;
+        if off >= d.size {
+            return reply.error(libc::ENXIO);
+        }
+        let first_block = off / BLOCK;
+        let found = match whence {
+            libc::SEEK_DATA => d
+                .blocks
+                .range(first_block..)
+                .next()
+                .map(|(b, _)| (b * BLOCK).max(off)),
+            libc::SEEK_HOLE => {
+                let mut b = first_block;
+                while d.blocks.contains_key(&b) {
+                    b += 1;
+                }
+                Some((b * BLOCK).max(off).min(d.size))
+            }
+            _ => return reply.error(libc::EINVAL),
+        };
+        match found {
+            Some(o) if o < d.size || whence == libc::SEEK_HOLE => reply.offset(o as i64),
+            _ => reply.error(libc::ENXIO),
+        }
+    }
+}
