@@ -159,13 +159,13 @@ fn stop(server: &mut Child) {
     }
 }
 
-fn mount() -> Option<Rig> {
+fn mount(test: &str) -> Option<Rig> {
     if !Path::new("/dev/fuse").exists() {
-        skip_environment(TEST, "no /dev/fuse");
+        skip_environment(test, "no /dev/fuse");
         return None;
     }
     if find_tool("fusermount3").is_none() {
-        report_missing(TEST, "fusermount3 (Debian package fuse3)");
+        report_missing(test, "fusermount3 (Debian package fuse3)");
         return None;
     }
     let mnt = tempfile::Builder::new()
@@ -176,7 +176,7 @@ fn mount() -> Option<Rig> {
     let mounted = match lazyfs::LazyFs::mount(mnt.path()) {
         Ok(m) => m,
         Err(e) => {
-            skip_environment(TEST, &format!("cannot mount a FUSE file system: {e}"));
+            skip_environment(test, &format!("cannot mount a FUSE file system: {e}"));
             return None;
         }
     };
@@ -204,7 +204,7 @@ fn powerloss_leaves_old_or_new_state() {
     if !have_python_nbd(TEST) {
         return;
     }
-    let Some(rig) = mount() else {
+    let Some(rig) = mount(TEST) else {
         return;
     };
     let rounds: usize = std::env::var("CRYPTNBD_POWERLOSS_ROUNDS")
@@ -376,4 +376,57 @@ fn powerloss_leaves_old_or_new_state() {
         st.dirs_rolled_back
     );
     assert!(n.acked > 0 && n.durable > 0, "no write was acknowledged");
+}
+
+/// The model itself: lazyfs forgets exactly what POSIX allows a power loss to forget.
+#[test]
+fn lazyfs_forgets_only_what_was_not_synced() {
+    let Some(rig) = mount("lazyfs_forgets_only_what_was_not_synced") else {
+        return;
+    };
+    let root = rig._mnt.path();
+    let sync = |p: &Path| {
+        std::fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .unwrap_or_else(|e| panic!("fsync {}: {e}", p.display()))
+    };
+    let read = |p: &Path| std::fs::read(p).ok();
+    let d = root.join("d");
+    std::fs::create_dir(&d).expect("mkdir");
+    sync(root);
+    // Written and fsynced, entry synced: survives whole.
+    std::fs::write(d.join("kept"), b"kept").expect("write");
+    sync(&d.join("kept"));
+    // Entry synced but data never fsynced: survives empty.
+    std::fs::write(d.join("empty"), b"lost data").expect("write");
+    sync(&d);
+    // Data fsynced but its directory entry never: gone.
+    std::fs::write(d.join("unlinked"), b"x").expect("write");
+    sync(&d.join("unlinked"));
+    // Renamed over `kept` without syncing the directory: `kept` keeps its old content.
+    std::fs::write(d.join("new"), b"new").expect("write");
+    sync(&d.join("new"));
+    std::fs::rename(d.join("new"), d.join("kept")).expect("rename");
+    // Appended after the last fsync: the tail is forgotten.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(d.join("empty"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"more"))
+        .expect("append");
+    assert_eq!(read(&d.join("kept")).as_deref(), Some(&b"new"[..]));
+    rig.mounted.fs.power_loss();
+    assert_eq!(read(&d.join("kept")).as_deref(), Some(&b"kept"[..]));
+    assert_eq!(read(&d.join("empty")).as_deref(), Some(&b""[..]));
+    assert_eq!(read(&d.join("unlinked")), None);
+    assert_eq!(read(&d.join("new")), None);
+    // And once the directory is synced, the rename sticks.
+    std::fs::write(d.join("new"), b"new").expect("write");
+    sync(&d.join("new"));
+    std::fs::rename(d.join("new"), d.join("kept")).expect("rename");
+    sync(&d);
+    rig.mounted.fs.power_loss();
+    assert_eq!(read(&d.join("kept")).as_deref(), Some(&b"new"[..]));
+    assert_eq!(read(&d.join("new")), None);
+    let st = rig.mounted.fs.stats();
+    assert!(st.power_losses == 2 && st.files_forgotten >= 2, "{st:?}");
 }
