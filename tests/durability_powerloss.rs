@@ -3,9 +3,11 @@
 //! plug". Each round either drives NBD writes (as `durability_kill9.rs` does) or runs one CLI
 //! command that changes a volume header or the key store (`volume create/resize/rekey`,
 //! `kms create-key/rotate-key/disable-key`), kills every process at a random moment
-//! and drops all unsynced state. Afterwards the key store and every volume must be in the old or
+//! and drops all unsynced state (every other round, a random part of it survives instead: a torn
+//! write-back, at 4 KiB granularity). Afterwards the key store and every volume must be in the old or
 //! the new state — readable, attachable, their data as the durability model allows — and a
-//! command that had finished before the plug was pulled must have left the new state.
+//! command that had finished before the plug was pulled must have left the new state, and what a
+//! command does not change (another volume field) must not have changed.
 //!
 //! `CRYPTNBD_POWERLOSS_ROUNDS=N` runs more rounds (`tools/crash-loop --power-loss N`).
 
@@ -113,10 +115,14 @@ impl Rig {
     }
 
     /// Kills `victim` (SIGKILL) and drops every unsynced change: the plug is pulled.
-    fn pull_plug(&self, victim: &mut Child) {
+    fn pull_plug(&self, victim: &mut Child, torn: bool) {
         let _ = victim.kill();
         let _ = wait_bounded(victim, Duration::from_secs(30));
-        self.mounted.fs.power_loss();
+        if torn {
+            self.mounted.fs.power_loss_torn(&mut rand::thread_rng());
+        } else {
+            self.mounted.fs.power_loss();
+        }
     }
 
     /// Serves `export` and lets the client check it against its model in `model_dir`.
@@ -191,6 +197,7 @@ fn mount(test: &str) -> Option<Rig> {
 #[derive(Default)]
 struct Counts {
     plug_pulls: u64,
+    torn: u64,
     during_writes: u64,
     cli_interrupted: u64,
     cli_completed: u64,
@@ -211,6 +218,9 @@ fn powerloss_leaves_old_or_new_state() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(32);
+    // Every other round (every round with CRYPTNBD_POWERLOSS_TORN=1), unsynced writes may also
+    // have landed in part (lazyfs::power_loss_torn) rather than not at all.
+    let all_torn = std::env::var("CRYPTNBD_POWERLOSS_TORN").is_ok_and(|v| v == "1");
     let mut rng = rand::thread_rng();
     let mut n = Counts::default();
     // Per kind of round: how long its command took when it last ran to the end.
@@ -240,13 +250,15 @@ fn powerloss_leaves_old_or_new_state() {
 
     for round in 0..rounds {
         let op = round % 8;
+        let torn = all_torn || round % 2 == 1;
+        n.torn += u64::from(torn);
         if op == 0 || op == 4 {
             // NBD writes, plug pulled at a random moment.
             let mut server = rig.serve(&["v"]);
             let mut client = Round::start(&rig.uri("v"), &model, 30.0, false);
             client.wait_writing(Duration::from_secs(120));
             std::thread::sleep(Duration::from_millis(rng.gen_range(200..2000)));
-            rig.pull_plug(&mut server);
+            rig.pull_plug(&mut server, torn);
             let (ok, v) = client.finish(Duration::from_secs(120));
             assert_clean(ok, &v, &format!("round {round}"));
             n.acked += v["acked"].as_u64().unwrap_or(0);
@@ -286,7 +298,7 @@ fn powerloss_leaves_old_or_new_state() {
             if !completed && delay > est.mul_f64(0.9) {
                 took[op] = est.mul_f64(1.3); // it takes longer than we thought
             }
-            rig.pull_plug(&mut child);
+            rig.pull_plug(&mut child, torn);
             n.plug_pulls += 1;
             if completed {
                 n.cli_completed += 1;
@@ -298,6 +310,15 @@ fn powerloss_leaves_old_or_new_state() {
 
             let key = rig.key(KEY).expect("alias/pl lost after a power loss");
             let vol = rig.json(&["volume", "info", "v", "--json"]);
+            // What the command does not change must not change.
+            for (field, changed_by) in [("size", 3), ("key_version", 2), ("volume_id", 99)] {
+                assert!(
+                    op == changed_by || vol[field] == before_vol[field],
+                    "{args:?} changed volume v's {field}: {} became {}",
+                    before_vol[field],
+                    vol[field]
+                );
+            }
             match op {
                 1 => {
                     let (b, a) = (&before_key["version_count"], &key["version_count"]);
@@ -360,10 +381,11 @@ fn powerloss_leaves_old_or_new_state() {
     }
     let st = rig.mounted.fs.stats();
     println!(
-        "power loss x{}: {} during NBD writes (writes acknowledged {}, durable {}), {} during a \
+        "power loss x{} ({} torn): {} during NBD writes (writes acknowledged {}, durable {}), {} during a \
          CLI command (interrupted {}, finished just before {}); 512-byte pieces verified {}, \
          lost 0, garbage 0; lazyfs forgot {} files, rolled back {} files and {} directories",
         n.plug_pulls,
+        n.torn,
         n.during_writes,
         n.acked,
         n.durable,
@@ -429,4 +451,33 @@ fn lazyfs_forgets_only_what_was_not_synced() {
     assert_eq!(read(&d.join("new")), None);
     let st = rig.mounted.fs.stats();
     assert!(st.power_losses == 2 && st.files_forgotten >= 2, "{st:?}");
+
+    // Torn: each unsynced 4 KiB block is the old or the new one, never anything else, and over
+    // a few tries both happen.
+    let f = d.join("torn");
+    std::fs::write(&f, [b'o'; 8192]).expect("write");
+    sync(&f);
+    sync(&d);
+    let mut seen = std::collections::HashSet::new();
+    let mut rng = rand::thread_rng();
+    for _ in 0..20 {
+        std::fs::write(&f, [b'n'; 8192]).expect("write");
+        rig.mounted.fs.power_loss_torn(&mut rng);
+        let got = read(&f).expect("the synced file is still there");
+        assert_eq!(got.len(), 8192);
+        for block in got.chunks(4096) {
+            assert!(
+                block.iter().all(|&b| b == block[0]) && (block[0] == b'o' || block[0] == b'n'),
+                "a torn power loss left a block that is neither old nor new"
+            );
+            seen.insert(block[0]);
+        }
+        std::fs::write(&f, [b'o'; 8192]).expect("write");
+        sync(&f);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "20 torn power losses kept always or never the new block"
+    );
 }

@@ -104,9 +104,38 @@ impl Data {
         self.size = len;
     }
 
+    /// Some of `now`'s unsynced blocks on top of `durable` (see [`LazyFs::power_loss_torn`]).
+    fn torn(now: &Data, durable: &Data, rng: &mut dyn rand::RngCore) -> Data {
+        let mut out = durable.clone();
+        let keys: std::collections::BTreeSet<u64> = now
+            .blocks
+            .keys()
+            .chain(durable.blocks.keys())
+            .copied()
+            .collect();
+        for b in keys {
+            let (n, d) = (now.blocks.get(&b), durable.blocks.get(&b));
+            if n != d && coin(rng) {
+                match n {
+                    Some(blk) => out.blocks.insert(b, blk.clone()),
+                    None => out.blocks.remove(&b),
+                };
+            }
+        }
+        let size = if coin(rng) { now.size } else { durable.size };
+        out.size = now.size.max(durable.size);
+        out.set_len(size);
+        out
+    }
+
     fn allocated(&self) -> u64 {
         self.blocks.len() as u64 * BLOCK
     }
+}
+
+/// A fair coin for the torn power loss.
+fn coin(rng: &mut dyn rand::RngCore) -> bool {
+    rng.next_u32() & 1 == 1
 }
 
 enum Kind {
@@ -211,6 +240,17 @@ impl LazyFs {
     /// Pulls the plug: every file and directory goes back to what was last fsynced, and files
     /// that no durable directory entry names are gone. Call it with no process using the mount.
     pub fn power_loss(&self) {
+        self.pull_plug(None)
+    }
+
+    /// A harsher power loss: of the 4 KiB blocks written since a file's last fsync, each one
+    /// independently reached the disk or not (a torn, reordered write-back), and each file's size
+    /// and each directory's entries are the new or the durable ones. Only fsynced state is sure.
+    pub fn power_loss_torn(&self, rng: &mut impl rand::Rng) {
+        self.pull_plug(Some(rng))
+    }
+
+    fn pull_plug(&self, mut torn: Option<&mut dyn rand::RngCore>) {
         let mut g = self.lock();
         let mut st = g.stats;
         st.power_losses += 1;
@@ -220,13 +260,22 @@ impl LazyFs {
                     if now.size != durable.size || now.blocks != durable.blocks {
                         st.files_rolled_back += 1;
                     }
-                    *now = durable.clone();
+                    *now = match torn.as_deref_mut() {
+                        Some(rng) => Data::torn(now, durable, rng),
+                        None => durable.clone(),
+                    };
+                    // What is on the disk now is all there is.
+                    *durable = now.clone();
                 }
                 Kind::Dir { now, durable } => {
                     if now != durable {
                         st.dirs_rolled_back += 1;
                     }
-                    *now = durable.clone();
+                    // Torn: the directory's new entries reached the disk, or none did.
+                    if !torn.as_deref_mut().is_some_and(|r| coin(&mut *r)) {
+                        *now = durable.clone();
+                    }
+                    *durable = now.clone();
                 }
             }
         }
