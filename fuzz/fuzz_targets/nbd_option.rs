@@ -1,5 +1,5 @@
 //! Fuzzes the handshake parsers: option headers, INFO/GO and META_CONTEXT payloads, client flags.
-//! Run: `cargo +nightly fuzz run nbd_option` from the repository root.
+//! Run: `tools/fuzz nbd_option` (libFuzzer on the stable toolchain, see `tools/fuzz`).
 #![no_main]
 
 use cryptnbd::nbd::option::{

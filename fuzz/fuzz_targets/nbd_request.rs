@@ -1,5 +1,5 @@
 //! Fuzzes the transmission parsers: request headers and reply headers.
-//! Run: `cargo +nightly fuzz run nbd_request` from the repository root.
+//! Run: `tools/fuzz nbd_request` (libFuzzer on the stable toolchain, see `tools/fuzz`).
 #![no_main]
 
 use cryptnbd::nbd::reply::ReplyHeader;

@@ -209,11 +209,18 @@ fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<Arc<TlsConfig>>> {
 /// `alias/default` and a 1 GiB volume `disk0`.
 fn setup_default(dir: &Path) -> anyhow::Result<KeyStore> {
     // The directory holds the root key and the key store: owner only.
+    let fresh = !dir.exists();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    if let Some(parent) = dir.parent().filter(|p| fresh && !p.as_os_str().is_empty()) {
+        // Its entry survives a power loss only once the parent directory is synced.
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing the directory {}", parent.display()))?;
+    }
     let ks = KeyStore::init(dir, InitRoot::GenerateKeyFile)
         .with_context(|| format!("creating a key store in {}", dir.display()))?;
     ks.create_key(DEFAULT_KEY, "default CMK created by `cryptnbd serve`")

@@ -60,11 +60,17 @@ impl DataDir {
         header.encryption_context = ctx;
 
         let dir = self.volumes_dir();
+        let first = !dir.exists();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&dir)
             .map_err(io_err("creating the volumes directory", &dir))?;
+        if first {
+            // The new `volumes` entry is durable only once the data directory is synced: without
+            // this a power loss after the first `volume create` loses the volume (lazyfs test).
+            sync_dir(&self.root)?;
+        }
         remove_stale_temporaries(&dir, name);
         let tmp = dir.join(format!(".{name}.vol.{}.tmp", std::process::id()));
         let file = OpenOptions::new()

@@ -255,11 +255,18 @@ impl KeyStore {
         clock: Arc<dyn Clock>,
     ) -> Result<KeyStore, KmsError> {
         use std::os::unix::fs::DirBuilderExt;
+        let fresh = !dir.exists();
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|e| KmsError::io("creating key store directory", dir, e))?;
+        if fresh {
+            // A directory we just made exists after a power loss only once its parent is synced.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                store::sync_dir(parent)?;
+            }
+        }
         let _lock = store::lock_exclusive(dir)?;
         let store_path = store::store_path(dir);
         if store_path.exists() {

@@ -6,6 +6,10 @@
 mod clients_common;
 #[path = "../common/mod.rs"]
 mod common;
+#[path = "../durability_common/mod.rs"]
+mod durability_common;
+#[path = "../lazyfs/mod.rs"]
+mod lazyfs;
 
 mod cli_check;
 mod cli_kms;
@@ -17,6 +21,8 @@ mod clients_fio;
 mod clients_nbdcopy;
 mod clients_nbdsh;
 mod clients_qemu;
+mod durability_kill9;
+mod durability_powerloss;
 mod gcm_kat;
 mod kms_aead_kat;
 mod kms_api;
