@@ -29,8 +29,10 @@ def connect():
     return h
 
 h = connect()
-assert h.get_block_size(nbd.SIZE_MINIMUM) == 4096, \
-    "minimum block size advertised: %d, expected the 4096-byte sector" % h.get_block_size(nbd.SIZE_MINIMUM)
+assert h.get_block_size(nbd.SIZE_MINIMUM) == 1, \
+    "minimum block size advertised: %d, expected 1 (any alignment)" % h.get_block_size(nbd.SIZE_MINIMUM)
+assert h.get_block_size(nbd.SIZE_PREFERRED) == 4096, \
+    "preferred block size advertised: %d, expected the 4096-byte sector" % h.get_block_size(nbd.SIZE_PREFERRED)
 assert h.can_multi_conn(), "several connections to one export must share one volume"
 
 def piece(t, k, s):

@@ -32,7 +32,8 @@ pub trait Export: Send + Sync {
     fn name(&self) -> &str;
     fn description(&self) -> String;
     fn size(&self) -> u64;
-    /// The smallest unit the export stores (512 or 4096): advertised as the minimum block size.
+    /// The smallest unit the export stores (512 or 4096): advertised as the preferred block
+    /// size. The minimum advertised is 1: smaller or unaligned I/O must be served too.
     fn sector_size(&self) -> u32;
     fn is_read_only(&self) -> bool;
     /// Fills `buf` from `offset`.

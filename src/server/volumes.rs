@@ -43,9 +43,12 @@ fn export_err(e: VolumeError) -> ExportError {
     ExportError::new(e.nbd_errno(), e.to_string())
 }
 
-fn describe(size: u64, sector: u32, key: &str) -> String {
+/// The description every client sees through NBD_OPT_LIST and NBD_INFO_DESCRIPTION. It names no
+/// key: which CMK wraps a volume's DEK is for the operator (`volume info`), not for anyone who can
+/// list exports.
+fn describe(size: u64, sector: u32) -> String {
     format!(
-        "AES-256-XTS encrypted volume, {}, {sector}-byte sectors, CMK {key}",
+        "AES-256-XTS encrypted volume, {}, {sector}-byte sectors",
         human_size(size)
     )
 }
@@ -66,12 +69,7 @@ impl Export for VolumeExport {
     }
 
     fn description(&self) -> String {
-        let h = self.volume.header();
-        describe(
-            self.volume.size(),
-            self.volume.sector_size(),
-            &format!("{} v{}", h.key_id, h.key_version),
-        )
+        describe(self.volume.size(), self.volume.sector_size())
     }
 
     fn size(&self) -> u64 {
@@ -294,11 +292,7 @@ impl ExportProvider for DataDirProvider {
             .into_iter()
             .map(|name| {
                 let description = match self.dir.info(&name) {
-                    Ok(i) => describe(
-                        i.header.size,
-                        i.header.sector_size,
-                        &format!("{} v{}", i.header.key_id, i.header.key_version),
-                    ),
+                    Ok(i) => describe(i.header.size, i.header.sector_size),
                     Err(e) => format!("unreadable volume: {}", chain(&e)),
                 };
                 ExportInfo { name, description }
@@ -330,6 +324,9 @@ mod tests {
         assert_eq!(human_size(3 << 20), "3 MiB");
         assert_eq!(human_size(1536 << 20), "1536 MiB");
         assert_eq!(human_size(4097), "4097 bytes");
-        assert!(describe(1 << 30, 4096, "k v1").contains("1 GiB, 4096-byte sectors, CMK k v1"));
+        assert_eq!(
+            describe(1 << 30, 4096),
+            "AES-256-XTS encrypted volume, 1 GiB, 4096-byte sectors"
+        );
     }
 }
