@@ -181,13 +181,15 @@ fi
 step multi-conn-4
 if want mc; then
   attach /dev/nbd2 mc -b 4096 -connections 4
-  echo "GUEST-INFO connections to the server: $(ls /sys/block/nbd2/pid 2>/dev/null && cat /sys/block/nbd2/pid)"
   /gnu/mkfs.ext4 -q -F /dev/nbd2 || fail "mkfs.ext4 over 4 connections"
   mount -t ext4 /dev/nbd2 /mnt || fail mount
+  # Four writers at once; wait for them by pid (a bare `wait` would wait for the server too).
+  pids=
   for i in 1 2 3 4; do
     dd if=/dev/urandom of=/mnt/mc$i.bin bs=64k count=64 2>/dev/null &
+    pids="$pids $!"
   done
-  wait
+  for p in $pids; do wait $p || fail "writer $p"; done
   sync
   (cd /mnt && sha256sum mc1.bin mc2.bin mc3.bin mc4.bin >/tmp/mcsums) || fail sha256sum
   umount /mnt || fail umount
