@@ -28,7 +28,7 @@ fail() {
 }
 # step NAME: starts a step; ok: ends it.
 step() { current="$1"; }
-ok() { echo "GUEST-STEP $current ok"; }
+ok() { echo "GUEST-STEP $current ok (uptime $(cut -d' ' -f1 /proc/uptime)s)"; }
 cn() { /usr/bin/cryptnbd --data-dir $D "$@"; }
 
 # A watchdog: a hung step must end the run with a diagnosis rather than the host's timeout.
@@ -115,9 +115,9 @@ if want fs; then
   step files
   mkdir -p /mnt/sub/dir
   echo "cryptnbd in a guest" >/mnt/hello.txt
-  dd if=/dev/urandom of=/mnt/big.bin bs=1M count=12 2>/dev/null || fail "write big.bin"
+  dd if=/dev/urandom of=/mnt/big.bin bs=1M count=4 2>/dev/null || fail "write big.bin"
   dd if=/dev/urandom of=/mnt/sub/dir/odd.bin bs=1 count=123457 2>/dev/null || fail "write odd.bin"
-  dd if=/dev/urandom of=/mnt/doomed.bin bs=1M count=16 2>/dev/null || fail "write doomed.bin"
+  dd if=/dev/urandom of=/mnt/doomed.bin bs=1M count=6 2>/dev/null || fail "write doomed.bin"
   (cd /mnt && sha256sum hello.txt big.bin sub/dir/odd.bin >/tmp/sums) || fail sha256sum
   ok
 
@@ -186,7 +186,7 @@ if want mc; then
   # Four writers at once; wait for them by pid (a bare `wait` would wait for the server too).
   pids=
   for i in 1 2 3 4; do
-    dd if=/dev/urandom of=/mnt/mc$i.bin bs=64k count=64 2>/dev/null &
+    dd if=/dev/urandom of=/mnt/mc$i.bin bs=64k count=24 2>/dev/null &
     pids="$pids $!"
   done
   for p in $pids; do wait $p || fail "writer $p"; done
