@@ -376,3 +376,40 @@ fn plain_losetup_ext4_on_4096_sector_volume() {
     }
     srv.stop();
 }
+
+/// What every client sees through NBD_OPT_LIST and NBD_INFO_DESCRIPTION names no key: neither the
+/// CMK's id nor its alias (those are for the operator's `volume info`).
+#[test]
+fn list_and_info_descriptions_name_no_cmk() {
+    if !have_tools("list_and_info_descriptions_name_no_cmk", &["nbdinfo"]) {
+        return;
+    }
+    let d = DataDir::new();
+    d.create_volume("disk", 4 * MIB, 4096);
+    let key_id = d.volume_info("disk")["key_id"]
+        .as_str()
+        .expect("key_id")
+        .to_string();
+    let srv = d.serve(&[]);
+    for args in [
+        vec!["--list".to_string(), "--json".into(), srv.uri("")],
+        vec!["--json".to_string(), srv.uri("disk")],
+    ] {
+        let out = run_ok(Command::new("nbdinfo").args(&args));
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("nbdinfo JSON: {e}: {out}"));
+        let exports = v["exports"].as_array().expect("exports");
+        assert!(!exports.is_empty(), "{out}");
+        for e in exports {
+            let desc = e["description"].as_str().unwrap_or_default();
+            assert!(desc.contains("AES-256-XTS"), "description: {desc:?}");
+            for secret in [key_id.as_str(), "alias/", "clients", "CMK"] {
+                assert!(
+                    !desc.contains(secret),
+                    "the description {desc:?} names the key ({secret:?})"
+                );
+            }
+        }
+    }
+    srv.stop();
+}

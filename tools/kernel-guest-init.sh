@@ -82,7 +82,8 @@ stop_server() {
 attach() {
   dev=$1 exp=$2
   shift 2
-  nbd-client $SOCK -unix $dev -N $exp "$@" >>/tmp/nbd-client.log 2>&1 || {
+  # The argument order the README and `cryptnbd serve` show.
+  nbd-client -N $exp "$@" -unix $SOCK $dev >>/tmp/nbd-client.log 2>&1 || {
     cat /tmp/nbd-client.log
     fail "nbd-client $exp $*"
   }
