@@ -22,7 +22,8 @@ pub struct ServerConfig {
     pub max_option_len: u32,
     /// Largest READ/WRITE length advertised and accepted (NBD_INFO_BLOCK_SIZE maximum).
     pub max_payload: u32,
-    /// Preferred block size advertised (at least the export's sector size).
+    /// Preferred block size advertised (raised to the export's encryption sector size when that
+    /// is larger). The minimum advertised is always 1 byte.
     pub preferred_block_size: u32,
     /// A rejected WRITE whose payload is at most this long is read and discarded so the
     /// connection survives; a longer one closes the connection after the error reply.

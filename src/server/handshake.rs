@@ -26,6 +26,14 @@ use crate::nbd::option::{self as opt, InfoRequest, MetaContextRequest, OptionHea
 use crate::nbd::{consts::*, WireError};
 use crate::volume::Volume;
 
+/// The minimum block size advertised for every export: 1, i.e. any byte offset and length.
+/// Exports serve unaligned I/O themselves (the encrypted volume by read-modify-write of the edge
+/// sectors under a per-sector lock), so a larger minimum would only make strict clients (libnbd:
+/// nbdfuse, nbdcopy, fio) refuse the 512-byte or odd-sized requests that the kernel's loop device,
+/// ext4's journal or an image's tail send, while the kernel's own client, which never asks,
+/// sends 512-byte I/O anyway. With a minimum of 1 there is no smaller request to refuse.
+pub(crate) const MIN_BLOCK_SIZE: u32 = 1;
+
 /// The id of `base:allocation` when selected with SET_META_CONTEXT.
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 
@@ -510,9 +518,16 @@ impl Driver<'_> {
         }
         let flags = transmission_flags(&export, self.structured);
         opt::encode_info_export(&mut self.out, option, export.size(), flags);
-        let min = export.sector_size().max(1);
-        let pref = self.cfg.preferred_block_size.max(min);
-        opt::encode_info_block_size(&mut self.out, option, min, pref, self.cfg.max_payload);
+        // Preferred: the encryption sector (or the configured size if larger), the size that
+        // needs no read-modify-write. Minimum: see `MIN_BLOCK_SIZE`.
+        let pref = self.cfg.preferred_block_size.max(export.sector_size());
+        opt::encode_info_block_size(
+            &mut self.out,
+            option,
+            MIN_BLOCK_SIZE,
+            pref,
+            self.cfg.max_payload,
+        );
         if req.requests.contains(&INFO_NAME) {
             opt::encode_info_string(&mut self.out, option, INFO_NAME, &name);
         }

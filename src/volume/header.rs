@@ -545,14 +545,15 @@ fn take_str(b: &[u8], pos: &mut usize) -> Result<String, CopyError> {
 
 /// Describing a volume to people (NBD_OPT_LIST and NBD_INFO_DESCRIPTION show this).
 impl VolumeHeader {
-    /// `AES-256-XTS encrypted volume, 1 GiB, 4096-byte sectors, CMK KEY_ID vVERSION`.
+    /// `AES-256-XTS encrypted volume, 1 GiB, 4096-byte sectors`.
+    ///
+    /// It names no key: which CMK wraps a volume's DEK is for the operator (`volume info`), not
+    /// for anyone who can list exports.
     pub fn describe(&self) -> String {
         format!(
-            "AES-256-XTS encrypted volume, {}, {}-byte sectors, CMK {} v{}",
+            "AES-256-XTS encrypted volume, {}, {}-byte sectors",
             human_size(self.size),
             self.sector_size,
-            self.key_id,
-            self.key_version
         )
     }
 }
@@ -608,6 +609,9 @@ mod tests {
         assert_eq!(human_size(1536 << 20), "1536 MiB");
         assert_eq!(human_size(4097), "4097 bytes");
         let h = VolumeHeader::new(uuid::Uuid::nil(), 1 << 30, 4096);
-        assert!(h.describe().contains("1 GiB, 4096-byte sectors, CMK "));
+        assert_eq!(
+            h.describe(),
+            "AES-256-XTS encrypted volume, 1 GiB, 4096-byte sectors"
+        );
     }
 }

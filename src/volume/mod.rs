@@ -313,7 +313,7 @@ impl Volume {
         let mut pos = 0usize;
         let mut scratch = [0u8; 4096];
         if let Some((s, in_off, n)) = sp.head {
-            all_zero &= self.read_sectors(&mut scratch[..ss], s)?;
+            all_zero &= self.read_edge(&mut scratch[..ss], s)?;
             buf[..n].copy_from_slice(&scratch[in_off..in_off + n]);
             pos = n;
         }
@@ -323,10 +323,25 @@ impl Volume {
             pos += mid_len;
         }
         if let Some((s, _, n)) = sp.tail {
-            all_zero &= self.read_sectors(&mut scratch[..ss], s)?;
+            all_zero &= self.read_edge(&mut scratch[..ss], s)?;
             buf[pos..pos + n].copy_from_slice(&scratch[..n]);
         }
         Ok(ReadOutcome { all_zero })
+    }
+
+    /// The stripe lock that serializes read-modify-writes of `sector` (a byte offset).
+    fn stripe(&self, sector: u64) -> std::sync::MutexGuard<'_, ()> {
+        let stripe = (sector / self.ss() as u64) as usize % LOCK_STRIPES;
+        self.locks[stripe].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads one sector for a partial (sub-sector) read, under its stripe lock: a file read racing
+    /// a read-modify-write's `pwrite` may see part of the new ciphertext, and a torn 16-byte XTS
+    /// block would decrypt to garbage even in bytes the writer did not touch. The lock costs one
+    /// uncontended mutex per edge sector; sub-sector reads are already the slow path.
+    fn read_edge(&self, scratch: &mut [u8], sector: u64) -> Result<bool, VolumeError> {
+        let _guard = self.stripe(sector);
+        self.read_sectors(scratch, sector)
     }
 
     /// Read-modify-write of part of one sector under its stripe lock. `data = None` writes zeroes.
@@ -338,8 +353,7 @@ impl Volume {
         data: Option<&[u8]>,
     ) -> Result<(), VolumeError> {
         let ss = self.ss();
-        let stripe = (sector / ss as u64) as usize % LOCK_STRIPES;
-        let _guard = self.locks[stripe].lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.stripe(sector);
         let mut scratch = [0u8; 4096];
         let s = &mut scratch[..ss];
         self.read_sectors(s, sector)?;

@@ -49,10 +49,9 @@ struct Attached {
 }
 
 impl Attached {
-    /// `loop_sector` is the loop device's logical block size: it must be at least the volume's
-    /// encryption sector, because nbdfuse's libnbd refuses (client-side, EINVAL) requests below
-    /// the export's advertised minimum block size, and the loop device passes the kernel's
-    /// 512-byte-aligned I/O through the FUSE file unchanged.
+    /// `loop_sector` is the loop device's logical block size (here: the volume's encryption
+    /// sector). A plain `losetup` with 512-byte blocks works too, since the server advertises a
+    /// minimum block size of 1: see `clients_align.rs`.
     fn new(base: &Path, uri: &str, loop_sector: u32) -> Attached {
         let fuse_dir = base.join("fuse");
         let fs_dir = base.join("fs");

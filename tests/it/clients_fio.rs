@@ -71,9 +71,8 @@ fn fio_randwrite_verify_crc32c_four_connections() {
     srv.stop();
 }
 
-/// Mixed request sizes from 512 bytes to 64 KiB on a 512-byte-sector volume. (On a 4096-byte
-/// volume libnbd itself refuses requests below the advertised minimum block size, so sub-sector
-/// writes there are covered by `clients_nbdsh.rs`, which turns that client-side check off.)
+/// Mixed request sizes from 512 bytes to 64 KiB on a 512-byte-sector volume. (Sub-sector writes
+/// on a 4096-byte volume: `clients_align.rs`.)
 #[test]
 fn fio_randwrite_mixed_sizes_verify_512_sector_volume() {
     if !have_tools(

@@ -17,9 +17,8 @@ fn nbdcopy_random_file_round_trips() {
     }
     let d = DataDir::new();
     d.create_volume("disk", 48 * MIB, 4096);
-    // Not a multiple of nbdcopy's request size, so the last request is a short one. (It must
-    // stay a multiple of the 4096-byte sector: libnbd refuses requests below the export's
-    // advertised minimum block size on the client side, before they reach the server.)
+    // Not a multiple of nbdcopy's request size, so the last request is a short one. (An image
+    // that is not a multiple of the sector: `clients_align.rs`.)
     let len = 40 * MIB as usize + 3 * 4096;
     let data = pseudo_random(len, 0x5eed);
     let input = d.path().join("in.bin");

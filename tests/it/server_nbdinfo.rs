@@ -32,7 +32,7 @@ fn check_disk0(e: &serde_json::Value) {
     assert_eq!(e["export-name"], "disk0");
     assert_eq!(e["export-size"], 64u64 << 20);
     assert_eq!(e["description"], "first test disk");
-    assert_eq!(e["block_size_minimum"], 4096);
+    assert_eq!(e["block_size_minimum"], 1);
     assert_eq!(e["block_size_preferred"], 4096);
     assert_eq!(e["block_size_maximum"], 32 << 20);
     assert_eq!(e["is_read_only"], false);
@@ -67,7 +67,8 @@ fn nbdinfo_json_shows_export_size_block_sizes_flags_and_contexts() {
     let v = nbdinfo(&["--json", &srv.tcp_uri("ro512")]);
     let e = &v["exports"][0];
     assert_eq!(e["is_read_only"], true);
-    assert_eq!(e["block_size_minimum"], 512);
+    assert_eq!(e["block_size_minimum"], 1);
+    assert_eq!(e["block_size_preferred"], 4096);
     assert_eq!(e["can_trim"], false);
 }
 

@@ -17,14 +17,6 @@ use cryptnbd::datadir::{CreateOptions, DataDir, DataDirError};
 use cryptnbd::kms::{InitRoot, KeyStore};
 use cryptnbd::nbd::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the server (SIGTERM, then SIGKILL) when dropped.
 struct Served(Child);
 
@@ -47,11 +39,9 @@ impl Drop for Served {
 /// Starts `cryptnbd serve` and waits (bounded) until it printed its attach commands and the
 /// socket exists.
 fn serve(data: &Path, sock: &Path) -> Served {
-    let port = free_port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_cryptnbd"))
         .args(["--data-dir", data.to_str().unwrap(), "serve", "--socket"])
         .arg(sock)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
         .env_remove("CRYPTNBD_PASSPHRASE")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
