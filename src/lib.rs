@@ -10,6 +10,7 @@ pub mod config;
 pub mod crypto;
 pub mod datadir;
 pub mod kms;
+pub mod kms_http;
 pub mod nbd;
 pub mod server;
 pub mod volume;

@@ -2,6 +2,7 @@
 //! key store handle, plus small parsers (sizes, `k=v` contexts) and output helpers.
 
 pub mod kms;
+pub mod kms_serve;
 pub mod serve;
 pub mod volume;
 

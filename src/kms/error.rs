@@ -7,8 +7,9 @@ use uuid::Uuid;
 
 use super::KeyState;
 
-/// Key store errors.
+/// Key store errors (of the embedded store or of a remote KMS).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KmsError {
     /// No key store file in the directory.
     #[error("no key store in {}: run `cryptnbd kms init`", dir.display())]
@@ -90,6 +91,26 @@ pub enum KmsError {
         path: PathBuf,
         format: String,
         version: u32,
+    },
+
+    /// A remote KMS could not be reached (connection refused, TLS failure, timeout), after retries.
+    #[error("cannot reach the KMS at {url} for {operation} (tried {attempts} times)")]
+    Unreachable {
+        url: String,
+        operation: &'static str,
+        attempts: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A remote KMS answered with an error: its HTTP status, its error code and its own reason.
+    #[error("the KMS at {url} refused {operation}: {code} (HTTP {status}): {message}")]
+    RemoteRefused {
+        url: String,
+        operation: &'static str,
+        status: u16,
+        code: String,
+        message: String,
     },
 
     /// An I/O operation failed.

@@ -15,9 +15,11 @@
 pub mod audit;
 pub mod blob;
 pub mod clock;
+pub mod credentials;
 mod envelope;
 mod error;
 mod lifecycle;
+pub mod provider;
 pub mod root;
 pub mod store;
 
@@ -34,7 +36,9 @@ use crate::crypto::{aead, Key256, SecretBytes};
 
 pub use audit::AuditRecord;
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use credentials::{CredentialKind, CredentialRecord, CredentialScope, NewSecret};
 pub use error::KmsError;
+pub use provider::KeyProvider;
 use root::RootParams;
 use store::{StoreFile, ROOT_KEY_FILE};
 
@@ -361,6 +365,7 @@ impl KeyStore {
                     encryption_context: EncryptionContext::new(),
                     outcome: "error".into(),
                     error: Some(err.to_string()),
+                    credential: None,
                 },
             );
             return Err(err);
@@ -408,6 +413,7 @@ impl KeyStore {
                 encryption_context: context.clone(),
                 outcome: if error.is_some() { "error" } else { "success" }.into(),
                 error: error.map(|e| e.to_string()),
+                credential: None,
             },
         )
     }
