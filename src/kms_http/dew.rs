@@ -159,7 +159,7 @@ pub(super) fn dispatch(
     let domain = ks.store_id().simple().to_string();
     // Every operation but a few names its key in key_id: check it against the scope first.
     let key = match op {
-        "create-key" | "list-keys" | "gen-random" | "decrypt-data" => None,
+        "create-key" | "list-keys" | "gen-random" | "decrypt-data" | "re-encrypt" => None,
         _ => {
             let k = body.str_req("key_id")?;
             outcome.key = Some(k.to_string());
@@ -299,6 +299,7 @@ pub(super) fn dispatch(
             }
             json!({"data_key": hex::encode(dek), "datakey_length": dek.len().to_string(), "datakey_dgst": hex::encode(Sha256::digest(dek))})
         }
+        "re-encrypt" => re_encrypt(ks, caller, body, outcome)?,
         "encrypt-data" => {
             let plain = body.str_req("plain_text")?;
             if plain.is_empty() || plain.len() > 4096 {
@@ -405,6 +406,72 @@ pub(super) fn dispatch(
             ))
         }
     })
+}
+
+/// Re-wraps a data key from `source_key_id` to `destination_key_id` without exposing it.
+fn re_encrypt(
+    ks: &KeyStore,
+    caller: &Caller,
+    body: &Body<'_>,
+    outcome: &mut Outcome,
+) -> Result<Value, ApiError> {
+    let source = body.str_req("source_key_id")?;
+    let dest = body.str_opt("destination_key_id")?.unwrap_or(source);
+    outcome.key = Some(source.to_string());
+    caller.check_key(ks, API, source)?;
+    caller.check_key(ks, API, dest)?;
+    let ct = hex::decode(body.str_req("cipher_text")?).map_err(|_| {
+        ApiError::bad_request(
+            API,
+            "KMS.2201",
+            "the parameter cipher_text must be hexadecimal",
+        )
+    })?;
+    let aad = |f: &str| -> Result<EncryptionContext, ApiError> {
+        let mut c = EncryptionContext::new();
+        if let Some(a) = body.str_opt(f)? {
+            if a.len() > MAX_AAD_BYTES {
+                return Err(bad_param(f, "must be at most 128 bytes"));
+            }
+            c.insert("additional_authenticated_data".into(), a.into());
+        }
+        Ok(c)
+    };
+    // The blob names its key: it must be the source key the caller named.
+    let source_id = ks
+        .resolve_key_id(source)
+        .map_err(|e| ApiError::from_kms(API, &e, false))?;
+    match blob::parse(&ct) {
+        Ok(p) if p.key_id == source_id => {}
+        Ok(p) => {
+            return Err(ApiError::bad_request(
+                API,
+                "KMS.2202",
+                format!(
+                    "the ciphertext was made under key {}, not under source_key_id {source}",
+                    p.key_id
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                API,
+                "KMS.2202",
+                format!("cannot decrypt data key: {e}"),
+            ))
+        }
+    }
+    let w = ks
+        .re_encrypt(
+            &ct,
+            &aad("source_additional_authenticated_data")?,
+            Some(dest),
+            &aad("destination_additional_authenticated_data")?,
+        )
+        .map_err(|e| ApiError::from_kms(API, &e, true))?;
+    Ok(
+        json!({"key_id": w.key_id.to_string(), "source_key_id": source_id.to_string(), "cipher_text": hex::encode(&w.cipher_text)}),
+    )
 }
 
 /// `datakey_length` in bits (8..=512, a multiple of 8), or `key_spec` AES_256/AES_128; 256 by default.
