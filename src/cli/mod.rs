@@ -3,6 +3,7 @@
 
 pub mod kms;
 pub mod kms_serve;
+pub mod remote;
 pub mod serve;
 pub mod volume;
 

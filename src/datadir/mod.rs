@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::backend::FileBackend;
 use crate::crypto::XtsKey;
-use crate::kms::{EncryptionContext, KeyStore, KmsError};
+use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use crate::volume::{Volume, VolumeError, VolumeHeader};
 
 mod transfer;
@@ -263,7 +263,7 @@ impl DataDir {
     /// key from `key` (a CMK id or alias). The file appears complete or not at all.
     pub fn create_volume(
         &self,
-        ks: &KeyStore,
+        ks: &dyn KeyProvider,
         name: &str,
         size: u64,
         key: &str,
@@ -346,7 +346,7 @@ impl DataDir {
     /// (disabled, pending deletion or deleted key, wrong context) names the volume and the reason.
     pub fn attach(
         &self,
-        ks: &KeyStore,
+        ks: &dyn KeyProvider,
         name: &str,
         read_only: bool,
     ) -> Result<Volume, DataDirError> {
@@ -423,7 +423,7 @@ impl DataDir {
     /// header changes (crash-safe), the data is untouched.
     pub fn rekey(
         &self,
-        ks: &KeyStore,
+        ks: &dyn KeyProvider,
         name: &str,
         key: Option<&str>,
     ) -> Result<VolumeHeader, DataDirError> {

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::{io_err, round_up, CreateOptions, DataDir, DataDirError};
 use crate::backend::{Backend, FileBackend};
-use crate::kms::KeyStore;
+use crate::kms::KeyProvider;
 use crate::volume::VolumeHeader;
 
 /// Bytes copied per step.
@@ -19,7 +19,7 @@ impl DataDir {
     /// is called as bytes are copied. On failure the partial volume is removed.
     pub fn import(
         &self,
-        ks: &KeyStore,
+        ks: &dyn KeyProvider,
         name: &str,
         from: &Path,
         key: &str,
@@ -70,7 +70,7 @@ impl DataDir {
     /// stay holes in the image (and all-zero chunks are not written). `progress(done, total)`.
     pub fn export(
         &self,
-        ks: &KeyStore,
+        ks: &dyn KeyProvider,
         name: &str,
         to: &Path,
         mut progress: impl FnMut(u64, u64),

@@ -427,13 +427,29 @@ fn re_encrypt(
             "the parameter cipher_text must be hexadecimal",
         )
     })?;
-    let aad = |f: &str| -> Result<EncryptionContext, ApiError> {
+    // `{source,destination}_additional_authenticated_data`, and (as `encryption_context` for the
+    // other operations) `{source,destination}_encryption_context` objects.
+    let aad = |side: &str| -> Result<EncryptionContext, ApiError> {
         let mut c = EncryptionContext::new();
-        if let Some(a) = body.str_opt(f)? {
+        let f = format!("{side}_additional_authenticated_data");
+        if let Some(a) = body.str_opt(&f)? {
             if a.len() > MAX_AAD_BYTES {
-                return Err(bad_param(f, "must be at most 128 bytes"));
+                return Err(bad_param(&f, "must be at most 128 bytes"));
             }
             c.insert("additional_authenticated_data".into(), a.into());
+        }
+        let f = format!("{side}_encryption_context");
+        match body.0.get(&f) {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    let v = v
+                        .as_str()
+                        .ok_or_else(|| bad_param(&f, "must map names to strings"))?;
+                    c.insert(k.clone(), v.into());
+                }
+            }
+            Some(_) => return Err(bad_param(&f, "must be an object")),
         }
         Ok(c)
     };

@@ -7,6 +7,7 @@
 //! log), so each request's work runs on tokio's blocking pool; the async side only moves bytes.
 //! Every request, refused or not, leaves one audit line naming its credential (`creds.rs`).
 
+pub mod client;
 pub mod creds;
 pub mod dew;
 pub mod errors;

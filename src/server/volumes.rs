@@ -16,7 +16,7 @@ use super::export::{
     AttachError, Export, ExportError, ExportInfo, ExportProvider, Extent, ReadOutcome,
 };
 use crate::datadir::{DataDir, DataDirError};
-use crate::kms::KeyStore;
+use crate::kms::KeyProvider;
 use crate::volume::{Volume, VolumeError};
 
 /// An attached volume under its export name.
@@ -159,7 +159,7 @@ impl ExportSelection {
 /// Serves the volumes of a data directory.
 pub struct DataDirProvider {
     dir: DataDir,
-    keystore: KeyStore,
+    keys: Arc<dyn KeyProvider>,
     selection: ExportSelection,
     /// Attached volumes; looked up by every handshake, so never held during an attach.
     attached: RwLock<HashMap<String, Arc<VolumeExport>>>,
@@ -183,10 +183,19 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 impl DataDirProvider {
-    pub fn new(dir: DataDir, keystore: KeyStore, selection: ExportSelection) -> Self {
+    /// `keys` is the embedded key store or a remote KMS client (any [`KeyProvider`]).
+    pub fn new(dir: DataDir, keys: impl KeyProvider + 'static, selection: ExportSelection) -> Self {
+        Self::with_provider(dir, Arc::new(keys), selection)
+    }
+
+    pub fn with_provider(
+        dir: DataDir,
+        keys: Arc<dyn KeyProvider>,
+        selection: ExportSelection,
+    ) -> Self {
         Self {
             dir,
-            keystore,
+            keys,
             selection,
             attached: RwLock::new(HashMap::new()),
             attaching: Mutex::new(()),
@@ -253,7 +262,7 @@ impl DataDirProvider {
             return Err(AttachError::NotFound(name.to_string()));
         }
         let ro = self.selection.read_only.contains(name);
-        match self.dir.attach(&self.keystore, name, ro) {
+        match self.dir.attach(self.keys.as_ref(), name, ro) {
             Ok(vol) => {
                 let h = vol.header();
                 info!(
