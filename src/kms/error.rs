@@ -104,14 +104,8 @@ pub enum KmsError {
     },
 
     /// A remote KMS answered with an error: its HTTP status, its error code and its own reason.
-    #[error("the KMS at {url} refused {operation}: {code} (HTTP {status}): {message}")]
-    RemoteRefused {
-        url: String,
-        operation: &'static str,
-        status: u16,
-        code: String,
-        message: String,
-    },
+    #[error("{0}")]
+    RemoteRefused(Box<RemoteRefusal>),
 
     /// An I/O operation failed.
     /// (The cause is the error's `source()`; print with `{:#}` / a chain to see it.)
@@ -122,6 +116,20 @@ pub enum KmsError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What a remote KMS said when it refused a request (boxed in [`KmsError::RemoteRefused`] so
+/// the error stays small).
+#[derive(Debug, thiserror::Error)]
+#[error("the KMS at {url} refused {operation}: {code} (HTTP {status}): {message}")]
+pub struct RemoteRefusal {
+    pub url: String,
+    pub operation: &'static str,
+    pub status: u16,
+    /// The KMS's error code, e.g. `KMS.0209` (key disabled).
+    pub code: String,
+    /// The KMS's own reason.
+    pub message: String,
 }
 
 impl KmsError {

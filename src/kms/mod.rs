@@ -37,7 +37,7 @@ use crate::crypto::{aead, Key256, SecretBytes};
 pub use audit::AuditRecord;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use credentials::{CredentialKind, CredentialRecord, CredentialScope, NewSecret};
-pub use error::KmsError;
+pub use error::{KmsError, RemoteRefusal};
 pub use provider::KeyProvider;
 use root::RootParams;
 use store::{StoreFile, ROOT_KEY_FILE};

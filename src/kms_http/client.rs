@@ -20,7 +20,8 @@ use zeroize::Zeroizing;
 use super::sign;
 use crate::crypto::SecretBytes;
 use crate::kms::{
-    blob, DataKey, EncryptionContext, KeyProvider, KmsError, UnwrappedDataKey, WrappedDataKey,
+    blob, DataKey, EncryptionContext, KeyProvider, KmsError, RemoteRefusal, UnwrappedDataKey,
+    WrappedDataKey,
 };
 
 /// Attempts per call when the KMS cannot be reached (backoff 0.25 s, 0.5 s, 1 s between them).
@@ -183,7 +184,7 @@ impl RemoteKms {
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
-            match self.send(&path, &body) {
+            match self.send(&path, &body).map_err(|e| *e) {
                 Ok(r) => return self.answer(operation, r),
                 Err(ureq::Error::Status(_, r)) => return self.answer(operation, r),
                 Err(ureq::Error::Transport(t)) => {
@@ -204,7 +205,7 @@ impl RemoteKms {
         }
     }
 
-    fn send(&self, path: &str, body: &[u8]) -> Result<ureq::Response, ureq::Error> {
+    fn send(&self, path: &str, body: &[u8]) -> Result<ureq::Response, Box<ureq::Error>> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -236,7 +237,9 @@ impl RemoteKms {
         for (n, v) in &headers {
             r = r.set(n, v);
         }
-        r.set("authorization", &auth).send_bytes(body)
+        r.set("authorization", &auth)
+            .send_bytes(body)
+            .map_err(Box::new)
     }
 
     /// Turns a response into its JSON body, or the KMS's refusal into [`KmsError::RemoteRefused`].
@@ -258,23 +261,23 @@ impl RemoteKms {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| text.chars().take(300).collect());
-        Err(KmsError::RemoteRefused {
+        Err(KmsError::RemoteRefused(Box::new(RemoteRefusal {
             url: self.url.clone(),
             operation,
             status,
             code,
             message,
-        })
+        })))
     }
 
     fn bad_answer(&self, operation: &'static str, what: &str) -> KmsError {
-        KmsError::RemoteRefused {
+        KmsError::RemoteRefused(Box::new(RemoteRefusal {
             url: self.url.clone(),
             operation,
             status: 200,
             code: "bad-response".into(),
             message: format!("the answer has no valid {what}"),
-        }
+        }))
     }
 
     fn hex_field(&self, v: &Value, operation: &'static str, f: &str) -> Result<Vec<u8>, KmsError> {
