@@ -123,6 +123,32 @@ fn key_details(m: &KeyMetadata, domain: &str) -> Value {
     })
 }
 
+/// Every operation served (others get 404 before anything else is checked).
+const KNOWN: &[&str] = &[
+    "create-key",
+    "describe-key",
+    "list-keys",
+    "enable-key",
+    "disable-key",
+    "schedule-key-deletion",
+    "cancel-key-deletion",
+    "create-datakey",
+    "create-datakey-without-plaintext",
+    "encrypt-datakey",
+    "decrypt-datakey",
+    "re-encrypt",
+    "encrypt-data",
+    "decrypt-data",
+    "gen-random",
+    "enable-key-rotation",
+    "disable-key-rotation",
+    "get-key-rotation-status",
+    "update-key-rotation-interval",
+    "rotate-on-demand",
+    "update-key-alias",
+    "update-key-description",
+];
+
 /// Operations that change a key (refused to read-only credentials).
 fn changes_keys(op: &str) -> bool {
     matches!(
@@ -149,6 +175,17 @@ pub(super) fn dispatch(
     body: &Body<'_>,
     outcome: &mut Outcome,
 ) -> Result<Value, ApiError> {
+    if !KNOWN.contains(&op) {
+        return Err(ApiError::new(
+            API,
+            axum::http::StatusCode::NOT_FOUND,
+            "KMS.0201",
+            format!(
+                "unknown operation {:?}",
+                op.chars().take(64).collect::<String>()
+            ),
+        ));
+    }
     if caller.read_only && changes_keys(op) {
         return Err(ApiError::forbidden(
             API,
