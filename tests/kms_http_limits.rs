@@ -12,7 +12,7 @@ use std::process::Command;
 
 use cryptnbd::kms_http::sign;
 use kms_http_support::*;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 fn now() -> i64 {
     std::time::SystemTime::now()
