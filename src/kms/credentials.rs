@@ -103,14 +103,19 @@ fn path(dir: &Path) -> PathBuf {
     dir.join(CREDENTIALS_FILE)
 }
 
-fn random_text(bytes: usize, alphabet: &[u8]) -> Zeroizing<String> {
-    let raw = SecretBytes::random(bytes);
-    Zeroizing::new(
-        raw.dangerous_as_bytes()
-            .iter()
-            .map(|b| alphabet[*b as usize % alphabet.len()] as char)
-            .collect(),
-    )
+/// `len` characters drawn uniformly from `alphabet` (rejection sampling: no modulo bias).
+fn random_text(len: usize, alphabet: &[u8]) -> Zeroizing<String> {
+    let limit = 256 - 256 % alphabet.len();
+    let mut out = Zeroizing::new(String::with_capacity(len));
+    while out.len() < len {
+        let raw = SecretBytes::random(len * 2);
+        for b in raw.dangerous_as_bytes() {
+            if (*b as usize) < limit && out.len() < len {
+                out.push(alphabet[*b as usize % alphabet.len()] as char);
+            }
+        }
+    }
+    out
 }
 
 fn load(dir: &Path) -> Result<CredentialsFile, KmsError> {

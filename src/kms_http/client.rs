@@ -177,6 +177,12 @@ impl RemoteKms {
         })
     }
 
+    /// Calls any DEW KMS operation (`create-key`, `encrypt-data`, …) with a JSON body and returns
+    /// the JSON answer: a general signed DEW client for programs (see `examples/`).
+    pub fn call_json(&self, operation: &'static str, body: &Value) -> Result<Value, KmsError> {
+        self.call(operation, body)
+    }
+
     /// Calls one DEW operation, retrying connection failures with backoff.
     fn call(&self, operation: &'static str, body: &Value) -> Result<Value, KmsError> {
         let path = format!("/v1.0/{}/kms/{operation}", self.project);
