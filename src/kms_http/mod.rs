@@ -268,12 +268,43 @@ async fn vault_handler(State(st): State<Arc<AppState>>, req: Request) -> Respons
     run_request(st, Api::Vault, req, vault::work).await
 }
 
+/// Any other path: 404, audited like every request.
+fn unknown_work(
+    _: &KeyStore,
+    _: &limits::RateLimiter,
+    raw: &RawRequest,
+    outcome: &mut Outcome,
+) -> Result<Response, ApiError> {
+    outcome.operation = "unknown path".into();
+    let api = if raw.path.starts_with("/v1/") {
+        Api::Vault
+    } else {
+        Api::Dew
+    };
+    Err(ApiError::new(
+        api,
+        StatusCode::NOT_FOUND,
+        "KMS.0201",
+        "unknown path",
+    ))
+}
+
+async fn fallback_handler(State(st): State<Arc<AppState>>, req: Request) -> Response {
+    run_request(st, Api::Dew, req, unknown_work).await
+}
+
 fn router(st: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1.0/{project}/kms/{*op}", any(dew_handler))
         .route("/v1/transit/{*rest}", any(vault_handler))
+        .fallback(fallback_handler)
         .with_state(st)
 }
+
+/// Connections open at once (each idle one costs a task and a socket); more wait to be accepted.
+const MAX_CONNECTIONS: usize = 1024;
+/// Time a client has to send a request's headers (bounds slow or idle connections).
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, KmsHttpError> {
     use rustls_pki_types::pem::PemObject;
@@ -374,7 +405,12 @@ impl KmsHttpServer {
     /// Serves until `shutdown` completes; connections in progress are dropped then.
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let conns = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let permit = tokio::select! {
+                _ = &mut shutdown => return,
+                p = conns.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            };
             let accepted: std::io::Result<Box<dyn Conn>> = tokio::select! {
                 _ = &mut shutdown => return,
                 a = accept(&self.bound) => a,
@@ -390,11 +426,15 @@ impl KmsHttpServer {
             let router = self.router.clone();
             let tls = self.tls.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tls {
-                    Some(acc) => match acc.accept(stream).await {
-                        Ok(s) => serve_conn(s, router).await,
-                        Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    },
+                    Some(acc) => {
+                        match tokio::time::timeout(HEADER_TIMEOUT, acc.accept(stream)).await {
+                            Ok(Ok(s)) => serve_conn(s, router).await,
+                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!("TLS handshake timed out"),
+                        }
+                    }
                     None => serve_conn(stream, router).await,
                 }
             });
@@ -424,6 +464,8 @@ async fn serve_conn<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Se
         router.clone().oneshot(req.map(axum::body::Body::new))
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
         .await
     {
