@@ -10,6 +10,7 @@
 pub mod client;
 pub mod creds;
 pub mod dew;
+mod dew_fields;
 pub mod errors;
 pub mod limits;
 pub mod sign;
