@@ -290,8 +290,8 @@ mod tests {
     #[test]
     fn dates_round_trip() {
         assert_eq!(parse_sdk_date("19700101T000000Z"), Some(0));
-        assert_eq!(parse_sdk_date("20261201T120000Z"), Some(1_795_176_000));
-        assert_eq!(format_sdk_date(1_795_176_000), "20261201T120000Z");
+        assert_eq!(parse_sdk_date("20261201T120000Z"), Some(1_796_126_400));
+        assert_eq!(format_sdk_date(1_796_126_400), "20261201T120000Z");
         for bad in [
             "2026-12-01T12:00:00Z",
             "20261301T120000Z",
