@@ -77,7 +77,12 @@ fn main() -> anyhow::Result<()> {
         }
         "decrypt" => {
             let data = std::fs::read(file).with_context(|| format!("reading {file}"))?;
-            let (aad, wrapped, nonce, sealed) = parse(&data).context("not a dew_envelope file")?;
+            let Parts {
+                aad,
+                wrapped,
+                nonce,
+                sealed,
+            } = parse(&data).context("not a dew_envelope file")?;
             let dk = kms.call_json(
                 "decrypt-datakey",
                 &json!({"key_id": key, "cipher_text": hex::encode(wrapped),
@@ -107,12 +112,25 @@ fn take(r: &[u8]) -> Option<(usize, &[u8])> {
     Some((n, r.get(2..)?))
 }
 
-fn parse(d: &[u8]) -> Option<(String, &[u8], &[u8], &[u8])> {
+/// The parts of a `.enc` file: the bound file name, the wrapped key, the nonce, the sealed data.
+struct Parts<'a> {
+    aad: String,
+    wrapped: &'a [u8],
+    nonce: &'a [u8],
+    sealed: &'a [u8],
+}
+
+fn parse(d: &[u8]) -> Option<Parts<'_>> {
     let rest = d.strip_prefix(MAGIC)?;
     let (n, rest) = take(rest)?;
     let aad = String::from_utf8(rest.get(..n)?.to_vec()).ok()?;
     let (m, rest) = take(rest.get(n..)?)?;
     let wrapped = rest.get(..m)?;
     let rest = rest.get(m..)?;
-    Some((aad, wrapped, rest.get(..12)?, rest.get(12..)?))
+    Some(Parts {
+        aad,
+        wrapped,
+        nonce: rest.get(..12)?,
+        sealed: rest.get(12..)?,
+    })
 }
