@@ -251,9 +251,10 @@ impl RemoteKms {
     /// Turns a response into its JSON body, or the KMS's refusal into [`KmsError::RemoteRefused`].
     fn answer(&self, operation: &'static str, r: ureq::Response) -> Result<Value, KmsError> {
         let status = r.status();
-        let mut text = String::new();
+        // The body may hold a plaintext data key (hex): wipe it when done.
+        let mut text = Zeroizing::new(String::new());
         use std::io::Read;
-        let read = r.into_reader().take(1 << 20).read_to_string(&mut text);
+        let read = r.into_reader().take(1 << 20).read_to_string(&mut *text);
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if status < 400 && read.is_ok() {
             return Ok(v);
@@ -376,5 +377,54 @@ impl KeyProvider for RemoteKms {
             }),
         )?;
         self.wrapped(OP, self.hex_field(&v, OP, "cipher_text")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred_file(dir: &Path, mode: u32) -> PathBuf {
+        let p = dir.join(format!("c{mode:o}"));
+        std::fs::write(
+            &p,
+            r#"{"access_key":"AK","secret_key":"SK","project_id":"p"}"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    fn new(url: &str, cred: &Path) -> Result<RemoteKms, KmsError> {
+        RemoteKms::new(&RemoteKmsConfig {
+            url: url.into(),
+            credential_file: cred.to_path_buf(),
+            ca_file: None,
+        })
+    }
+
+    #[test]
+    fn urls_and_credential_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = cred_file(dir.path(), 0o600);
+        let kms = new("http://127.0.0.1:8200/", &good).unwrap();
+        assert_eq!(kms.describe(), "remote KMS http://127.0.0.1:8200");
+        assert!(new("https://kms.example:8443", &good).is_ok());
+        assert!(new("http://[::1]:8200", &good).is_ok());
+        for bad in [
+            "http://10.0.0.1:8200",
+            "ftp://127.0.0.1",
+            "127.0.0.1:8200",
+            "https://",
+        ] {
+            assert!(new(bad, &good).is_err(), "{bad}");
+        }
+        let open = cred_file(dir.path(), 0o644);
+        assert!(matches!(
+            new("https://kms.example:8443", &open),
+            Err(KmsError::KeyFilePermissions { mode: 0o644, .. })
+        ));
+        let debug = format!("{kms:?}");
+        assert!(!debug.contains("SK\""), "{debug}");
     }
 }
