@@ -254,7 +254,7 @@ impl RemoteKms {
         // The body may hold a plaintext data key (hex): wipe it when done.
         let mut text = Zeroizing::new(String::new());
         use std::io::Read;
-        let read = r.into_reader().take(1 << 20).read_to_string(&mut *text);
+        let read = r.into_reader().take(1 << 20).read_to_string(&mut text);
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if status < 400 && read.is_ok() {
             return Ok(v);
