@@ -44,7 +44,7 @@ impl ExportSelection {
 /// Serves the volumes of a data directory, with data keys from a key provider.
 pub struct DataDirProvider {
     dir: DataDir,
-    keys: Box<dyn KeyProvider>,
+    keys: Arc<dyn KeyProvider>,
     selection: ExportSelection,
     /// Attached volumes; looked up by every handshake, so never held during an attach.
     attached: RwLock<HashMap<String, Arc<Volume>>>,
@@ -88,9 +88,19 @@ fn refusal(name: &str, r: Refusal, fresh: Option<Cause>) -> AttachError {
 impl DataDirProvider {
     /// `keys` unwraps the volumes' data keys at attach (e.g. a `KeyStore`).
     pub fn new(dir: DataDir, keys: impl KeyProvider + 'static, selection: ExportSelection) -> Self {
+        Self::with_provider(dir, Arc::new(keys), selection)
+    }
+
+    /// [`DataDirProvider::new`] with a shared provider (the embedded key store or a remote KMS
+    /// client, chosen at run time).
+    pub fn with_provider(
+        dir: DataDir,
+        keys: Arc<dyn KeyProvider>,
+        selection: ExportSelection,
+    ) -> Self {
         Self {
             dir,
-            keys: Box::new(keys),
+            keys,
             selection,
             attached: RwLock::new(HashMap::new()),
             attaching: Mutex::new(()),

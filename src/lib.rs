@@ -27,6 +27,7 @@ pub mod crypto;
 pub mod datadir;
 pub mod exports;
 pub mod kms;
+pub mod kms_http;
 pub mod nbd;
 pub mod server;
 pub mod volume;

@@ -211,6 +211,14 @@ enum KmsCommand {
         #[command(flatten)]
         out: JsonFlag,
     },
+    /// Serve the key store over HTTPS: the DEW KMS API and the Vault Transit API.
+    Serve(super::kms_serve::ServeArgs),
+    /// Access keys (AK/SK) for the DEW KMS API.
+    #[command(subcommand)]
+    Credential(super::kms_serve::CredentialCommand),
+    /// Tokens for the Vault Transit API.
+    #[command(subcommand)]
+    Token(super::kms_serve::TokenCommand),
     /// Show the audit log (one line per key operation; never any key material).
     Audit {
         /// Only the last N entries.
@@ -459,6 +467,9 @@ pub fn run(global: &Global, args: KmsArgs) -> anyhow::Result<()> {
     let ks = open_keystore(global)?;
     match cmd {
         C::Init { .. } => unreachable!("handled above"),
+        C::Serve(a) => super::kms_serve::serve(ks, a),
+        C::Credential(c) => super::kms_serve::credential(&ks, c),
+        C::Token(c) => super::kms_serve::token(&ks, c),
         C::CreateKey {
             alias,
             description,

@@ -3,6 +3,8 @@
 
 pub mod check;
 pub mod kms;
+pub mod kms_serve;
+pub mod remote;
 pub mod serve;
 pub mod volume;
 

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use cryptnbd::config::ServerConfig;
 use cryptnbd::datadir::{CreateOptions, DataDir};
 use cryptnbd::exports::{DataDirProvider, ExportSelection};
-use cryptnbd::kms::{InitRoot, KeyStore};
+use cryptnbd::kms::{InitRoot, KeyProvider, KeyStore};
 use cryptnbd::server::peer::{resolve_group, set_socket_permissions};
 use cryptnbd::server::{
     serve, AllowEntry, AllowList, Listener, TlsConfig, TlsFiles, TlsMode, UnixPeerPolicy,
@@ -108,6 +108,9 @@ pub struct ServeArgs {
     /// large requests wait for it, so stalled clients cannot pin more.
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     buffer_budget: usize,
+
+    #[command(flatten)]
+    remote: super::remote::RemoteKmsArgs,
 
     /// Time a client has to finish the handshake (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -248,8 +251,27 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     };
     config.validate()?;
     let dir = &global.data_dir;
+    let keys: Arc<dyn KeyProvider> = if args.remote.is_remote() {
+        // A storage host: volumes and wrapped DEKs here, CMKs on the KMS host.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating the data directory {}", dir.display()))?;
+        let p = super::remote::key_provider(global, &args.remote)?;
+        println!("Data keys come from the {}.", p.describe());
+        Arc::from(p)
+    } else {
+        Arc::new(local_keystore(global)?)
+    };
+    run_with(args, config, keys, dir)
+}
+
+/// The embedded key store, set up with defaults on a fresh data directory.
+fn local_keystore(global: &Global) -> anyhow::Result<KeyStore> {
+    let dir = &global.data_dir;
     let fresh = !KeyStore::exists(dir);
-    let keystore = if fresh {
+    Ok(if fresh {
         if global.passphrase_file.is_some()
             || std::env::var_os(super::kms::PASSPHRASE_ENV).is_some()
         {
@@ -271,8 +293,15 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         ks
     } else {
         super::kms::open_keystore(global)?
-    };
+    })
+}
 
+fn run_with(
+    args: ServeArgs,
+    config: ServerConfig,
+    keys: Arc<dyn KeyProvider>,
+    dir: &Path,
+) -> anyhow::Result<()> {
     let tls = tls_config(&args)?;
     if !args.listen.is_empty() && tls.is_none() && !args.insecure_no_tls {
         anyhow::bail!(
@@ -339,7 +368,11 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         only: (!only.is_empty()).then_some(only),
         read_only: args.read_only.iter().cloned().collect::<HashSet<_>>(),
     };
-    let provider = Arc::new(DataDirProvider::new(DataDir::new(dir), keystore, selection));
+    let provider = Arc::new(DataDirProvider::with_provider(
+        DataDir::new(dir),
+        keys,
+        selection,
+    ));
     let attached = provider.attach_all();
     let names = provider.names();
     if names.is_empty() {

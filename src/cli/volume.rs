@@ -13,7 +13,6 @@ use cryptnbd::volume::VolumeHeader;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-use super::kms::open_keystore;
 use super::{print_fields, print_json, Global};
 
 const VOLUME_AFTER_HELP: &str = "\
@@ -32,6 +31,8 @@ Examples:
 pub struct VolumeArgs {
     #[command(subcommand)]
     command: VolumeCommand,
+    #[command(flatten)]
+    remote: super::remote::RemoteKmsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -228,8 +229,8 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             format,
             out,
         } => {
-            let ks = open_keystore(global)?;
-            let h = dd.create_volume(&ks, &name, size, &key, format.options())?;
+            let ks = super::remote::key_provider(global, &args.remote)?;
+            let h = dd.create_volume(ks.as_ref(), &name, size, &key, format.options())?;
             if out.json {
                 return print_json(&header_json(&name, &h));
             }
@@ -297,8 +298,8 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             Ok(())
         }
         C::Rekey { name, key } => {
-            let ks = open_keystore(global)?;
-            let h = dd.rekey(&ks, &name, key.as_deref())?;
+            let ks = super::remote::key_provider(global, &args.remote)?;
+            let h = dd.rekey(ks.as_ref(), &name, key.as_deref())?;
             println!(
                 "volume {name}: data key now wrapped by key {} version {} (data unchanged)",
                 h.key_id, h.key_version
@@ -321,13 +322,20 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             key,
             format,
         } => {
-            let ks = open_keystore(global)?;
+            let ks = super::remote::key_provider(global, &args.remote)?;
             let bar = progress_bar(&format!("importing {name}"));
             let h = dd
-                .import(&ks, &name, &from, &key, format.options(), |done, total| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                })
+                .import(
+                    ks.as_ref(),
+                    &name,
+                    &from,
+                    &key,
+                    format.options(),
+                    |done, total| {
+                        bar.set_length(total);
+                        bar.set_position(done);
+                    },
+                )
                 .with_context(|| format!("importing {} into volume {name}", from.display()))?;
             bar.finish_and_clear();
             println!(
@@ -338,10 +346,10 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             Ok(())
         }
         C::Export { name, to } => {
-            let ks = open_keystore(global)?;
+            let ks = super::remote::key_provider(global, &args.remote)?;
             let bar = progress_bar(&format!("exporting {name}"));
             let size = dd
-                .export(&ks, &name, &to, |done, total| {
+                .export(ks.as_ref(), &name, &to, |done, total| {
                     bar.set_length(total);
                     bar.set_position(done);
                 })

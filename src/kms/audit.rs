@@ -37,6 +37,10 @@ pub struct AuditRecord {
     pub outcome: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The name of the network credential (access key or token) that made the request; absent
+    /// for local (CLI, attach) operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 /// Appends one record and fsyncs it.
@@ -92,6 +96,7 @@ mod tests {
             encryption_context: EncryptionContext::new(),
             outcome: "success".into(),
             error: None,
+            credential: None,
         }
     }
 

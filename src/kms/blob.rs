@@ -29,10 +29,17 @@ pub const HEADER_LEN: usize = 4 + 1 + 16 + 4;
 pub const MAX_PLAINTEXT: usize = 64;
 /// Largest blob we accept: anything longer is not one of ours, refuse before touching it.
 pub const MAX_BLOB: usize = HEADER_LEN + aead::OVERHEAD + MAX_PLAINTEXT;
+/// Largest plaintext `encrypt-data` seals (the DEW KMS limit is 4096 bytes; Vault's transit
+/// `encrypt` carries the same limit here).
+pub const MAX_DATA_PLAINTEXT: usize = 32 * 1024;
+/// Largest `encrypt-data` blob.
+pub const MAX_DATA_BLOB: usize = HEADER_LEN + aead::OVERHEAD + MAX_DATA_PLAINTEXT;
 
 const DATAKEY_DOMAIN: &[u8] = b"cryptnbd/kms/datakey/v1";
 const MATERIAL_DOMAIN: &[u8] = b"cryptnbd/kms/cmk-material/v1";
 const VERIFIER_DOMAIN: &[u8] = b"cryptnbd/kms/root-verifier/v1";
+const DATA_DOMAIN: &[u8] = b"cryptnbd/kms/data/v1";
+const CREDENTIAL_DOMAIN: &[u8] = b"cryptnbd/kms/credential-secret/v1";
 
 /// The parsed header of a wrapped data key; `sealed` borrows the AEAD part.
 #[derive(Debug, PartialEq, Eq)]
@@ -55,6 +62,11 @@ pub fn encode(key_id: Uuid, key_version: u32, sealed: &[u8]) -> Vec<u8> {
 
 /// Parses a wrapped data key; the error string says what is wrong (never any data).
 pub fn parse(blob: &[u8]) -> Result<ParsedBlob<'_>, String> {
+    parse_bounded(blob, MAX_BLOB)
+}
+
+/// Parses a blob of at most `max_blob` bytes (data keys: [`MAX_BLOB`]; data: [`MAX_DATA_BLOB`]).
+pub fn parse_bounded(blob: &[u8], max_blob: usize) -> Result<ParsedBlob<'_>, String> {
     if blob.len() < HEADER_LEN + aead::OVERHEAD + 1 {
         return Err(format!(
             "the ciphertext is {} bytes, too short to be a wrapped data key (at least {})",
@@ -62,9 +74,9 @@ pub fn parse(blob: &[u8]) -> Result<ParsedBlob<'_>, String> {
             HEADER_LEN + aead::OVERHEAD + 1
         ));
     }
-    if blob.len() > MAX_BLOB {
+    if blob.len() > max_blob {
         return Err(format!(
-            "the ciphertext is {} bytes, too long to be a wrapped data key (at most {MAX_BLOB})",
+            "the ciphertext is {} bytes, too long (at most {max_blob})",
             blob.len()
         ));
     }
@@ -103,8 +115,38 @@ pub fn datakey_aad(
     key_version: u32,
     context: &EncryptionContext,
 ) -> Vec<u8> {
+    context_aad(DATAKEY_DOMAIN, store_id, key_id, key_version, context)
+}
+
+/// The associated data of an `encrypt-data` blob: like [`datakey_aad`] under another domain, so
+/// a data blob is never accepted as a wrapped data key (nor the other way round).
+pub fn data_aad(
+    store_id: Uuid,
+    key_id: Uuid,
+    key_version: u32,
+    context: &EncryptionContext,
+) -> Vec<u8> {
+    context_aad(DATA_DOMAIN, store_id, key_id, key_version, context)
+}
+
+/// The associated data of a credential's sealed secret key, bound to its access key id.
+pub fn credential_aad(store_id: Uuid, access_key: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    put_bytes(&mut out, CREDENTIAL_DOMAIN);
+    out.extend_from_slice(store_id.as_bytes());
+    put_bytes(&mut out, access_key.as_bytes());
+    out
+}
+
+fn context_aad(
+    domain: &[u8],
+    store_id: Uuid,
+    key_id: Uuid,
+    key_version: u32,
+    context: &EncryptionContext,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    put_bytes(&mut out, DATAKEY_DOMAIN);
+    put_bytes(&mut out, domain);
     out.extend_from_slice(store_id.as_bytes());
     out.extend_from_slice(key_id.as_bytes());
     out.extend_from_slice(&key_version.to_be_bytes());

@@ -50,6 +50,36 @@ fn fresh_data_key(length_bits: u32) -> Result<SecretBytes, KmsError> {
     }
 }
 
+/// What a blob holds: a data key (≤ 64 bytes) or caller data (`encrypt-data`, Vault `encrypt`).
+/// The two are sealed under different associated data, so neither passes for the other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    DataKey,
+    Data,
+}
+
+impl Kind {
+    fn aad(
+        self,
+        file: &StoreFile,
+        k: &KeyRecord,
+        version: u32,
+        context: &EncryptionContext,
+    ) -> Vec<u8> {
+        match self {
+            Kind::DataKey => blob::datakey_aad(file.store_id, k.key_id, version, context),
+            Kind::Data => blob::data_aad(file.store_id, k.key_id, version, context),
+        }
+    }
+
+    fn max_blob(self) -> usize {
+        match self {
+            Kind::DataKey => blob::MAX_BLOB,
+            Kind::Data => blob::MAX_DATA_BLOB,
+        }
+    }
+}
+
 impl KeyStore {
     /// Wraps `plain` under the newest version of `k`.
     fn wrap(
@@ -59,9 +89,20 @@ impl KeyStore {
         plain: &[u8],
         context: &EncryptionContext,
     ) -> Result<WrappedDataKey, KmsError> {
+        self.wrap_kind(file, k, plain, context, Kind::DataKey)
+    }
+
+    fn wrap_kind(
+        &self,
+        file: &StoreFile,
+        k: &KeyRecord,
+        plain: &[u8],
+        context: &EncryptionContext,
+        kind: Kind,
+    ) -> Result<WrappedDataKey, KmsError> {
         let version = k.current_version().map(|v| v.version).unwrap_or(0);
         let material = self.material(file, k, version)?;
-        let aad = blob::datakey_aad(file.store_id, k.key_id, version, context);
+        let aad = kind.aad(file, k, version, context);
         let sealed = aead::seal(&material, &aad, plain);
         Ok(WrappedDataKey {
             key_id: k.key_id,
@@ -78,7 +119,19 @@ impl KeyStore {
         cipher_text: &[u8],
         context: &EncryptionContext,
     ) -> Result<UnwrappedDataKey, KmsError> {
-        let parsed = blob::parse(cipher_text).map_err(KmsError::cannot_decrypt)?;
+        self.unwrap_kind(file, expected, cipher_text, context, Kind::DataKey)
+    }
+
+    fn unwrap_kind(
+        &self,
+        file: &StoreFile,
+        expected: Option<usize>,
+        cipher_text: &[u8],
+        context: &EncryptionContext,
+        kind: Kind,
+    ) -> Result<UnwrappedDataKey, KmsError> {
+        let parsed =
+            blob::parse_bounded(cipher_text, kind.max_blob()).map_err(KmsError::cannot_decrypt)?;
         let i = match expected {
             Some(i) if file.keys[i].key_id != parsed.key_id => {
                 return Err(KmsError::cannot_decrypt(format!(
@@ -98,7 +151,7 @@ impl KeyStore {
         let k = &file.keys[i];
         require_enabled(k)?;
         let material = self.material(file, k, parsed.key_version)?;
-        let aad = blob::datakey_aad(file.store_id, k.key_id, parsed.key_version, context);
+        let aad = kind.aad(file, k, parsed.key_version, context);
         let plain = aead::open(&material, &aad, parsed.sealed).map_err(|_| {
             KmsError::cannot_decrypt(
                 "wrong encryption context, another key store, or the ciphertext was altered",
@@ -227,6 +280,79 @@ impl KeyStore {
             .map(|p| format!("{} (version {})", p.key_id, p.key_version))
             .unwrap_or_else(|_| "unreadable ciphertext".into());
         self.finish("re-encrypt", Some(&source), dest_context, r, |w| {
+            (Some(w.key_id), Some(w.key_version))
+        })
+    }
+
+    /// Seals caller data (1 byte to [`blob::MAX_DATA_PLAINTEXT`]) under the newest version of
+    /// `key` (DEW `encrypt-data`, Vault transit `encrypt`). The blob names its key and version.
+    pub fn encrypt_data(
+        &self,
+        key: &str,
+        plain_text: &SecretBytes,
+        context: &EncryptionContext,
+    ) -> Result<WrappedDataKey, KmsError> {
+        let r = if plain_text.is_empty() || plain_text.len() > blob::MAX_DATA_PLAINTEXT {
+            Err(KmsError::InvalidArgument(format!(
+                "the plaintext must be 1 to {} bytes, not {}",
+                blob::MAX_DATA_PLAINTEXT,
+                plain_text.len()
+            )))
+        } else {
+            check_context(context).and_then(|_| {
+                let file = self.snapshot()?;
+                let k = &file.keys[find_index(&file, key)?];
+                require_enabled(k)?;
+                self.wrap_kind(
+                    &file,
+                    k,
+                    plain_text.dangerous_as_bytes(),
+                    context,
+                    Kind::Data,
+                )
+            })
+        };
+        self.finish("encrypt-data", Some(key), context, r, |w| {
+            (Some(w.key_id), Some(w.key_version))
+        })
+    }
+
+    /// Opens an [`KeyStore::encrypt_data`] blob; `key`, when given, must be the key it names.
+    pub fn decrypt_data(
+        &self,
+        key: Option<&str>,
+        cipher_text: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<UnwrappedDataKey, KmsError> {
+        let r = self.snapshot().and_then(|file| {
+            let expected = key.map(|k| find_index(&file, k)).transpose()?;
+            self.unwrap_kind(&file, expected, cipher_text, context, Kind::Data)
+        });
+        self.finish("decrypt-data", key, context, r, |u| {
+            (Some(u.key_id), Some(u.key_version))
+        })
+    }
+
+    /// Re-seals an [`KeyStore::encrypt_data`] blob under the newest version of its key (Vault
+    /// transit `rewrap`), without handing the plaintext to the caller.
+    pub fn rewrap_data(
+        &self,
+        key: &str,
+        cipher_text: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<WrappedDataKey, KmsError> {
+        let r = self.snapshot().and_then(|file| {
+            let i = find_index(&file, key)?;
+            let plain = self.unwrap_kind(&file, Some(i), cipher_text, context, Kind::Data)?;
+            self.wrap_kind(
+                &file,
+                &file.keys[i],
+                plain.plain_text.dangerous_as_bytes(),
+                context,
+                Kind::Data,
+            )
+        });
+        self.finish("rewrap-data", Some(key), context, r, |w| {
             (Some(w.key_id), Some(w.key_version))
         })
     }

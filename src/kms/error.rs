@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use super::KeyState;
 
-/// Key store errors.
+/// Key store errors (of the embedded store or of a remote KMS).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KmsError {
@@ -93,6 +93,20 @@ pub enum KmsError {
         version: u32,
     },
 
+    /// A remote KMS could not be reached (connection refused, TLS failure, timeout), after retries.
+    #[error("cannot reach the KMS at {url} for {operation} (tried {attempts} times)")]
+    Unreachable {
+        url: String,
+        operation: &'static str,
+        attempts: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
+    /// A remote KMS answered with an error: its HTTP status, its error code and its own reason.
+    #[error("{0}")]
+    RemoteRefused(Box<RemoteRefusal>),
+
     /// An I/O operation failed.
     /// (The cause is the error's `source()`; print with `{:#}` / a chain to see it.)
     #[error("{what} {}", path.display())]
@@ -102,6 +116,20 @@ pub enum KmsError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What a remote KMS said when it refused a request (boxed in [`KmsError::RemoteRefused`] so
+/// the error stays small).
+#[derive(Debug, thiserror::Error)]
+#[error("the KMS at {url} refused {operation}: {code} (HTTP {status}): {message}")]
+pub struct RemoteRefusal {
+    pub url: String,
+    pub operation: &'static str,
+    pub status: u16,
+    /// The KMS's error code, e.g. `KMS.0209` (key disabled).
+    pub code: String,
+    /// The KMS's own reason.
+    pub message: String,
 }
 
 impl KmsError {

@@ -271,6 +271,13 @@ impl KeyStore {
         )
     }
 
+    /// The id of the key named by `key` (id or alias), without an audit line: for checking a
+    /// credential's key scope before the operation (which is audited) runs.
+    pub fn resolve_key_id(&self, key: &str) -> Result<Uuid, KmsError> {
+        let f = self.snapshot()?;
+        find_index(&f, key).map(|i| f.keys[i].key_id)
+    }
+
     /// All keys that are not deleted, in creation order.
     pub fn list_keys(&self) -> Result<Vec<KeyMetadata>, KmsError> {
         let f = self.snapshot()?;
@@ -447,6 +454,29 @@ impl KeyStore {
         self.change_key("disable-key-rotation", key, |k, _, _| {
             require_enabled(k)?;
             k.rotation_interval_days = None;
+            Ok(())
+        })
+    }
+
+    /// Replaces the key's description. Refused while pending deletion (as DEW KMS does).
+    pub fn update_description(
+        &self,
+        key: &str,
+        description: &str,
+    ) -> Result<KeyMetadata, KmsError> {
+        self.change_key("update-key-description", key, |k, _, _| {
+            if description.len() > MAX_DESCRIPTION_LEN {
+                return Err(KmsError::InvalidArgument(format!(
+                    "the description is longer than {MAX_DESCRIPTION_LEN} bytes"
+                )));
+            }
+            if k.state() == KeyState::PendingDeletion {
+                return Err(KmsError::KeyNotUsable {
+                    key_id: k.key_id,
+                    state: k.state(),
+                });
+            }
+            k.key_description = description.to_string();
             Ok(())
         })
     }

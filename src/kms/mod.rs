@@ -16,10 +16,11 @@ pub mod audit;
 pub mod blob;
 mod check;
 pub mod clock;
+pub mod credentials;
 mod envelope;
 mod error;
 mod lifecycle;
-mod provider;
+pub mod provider;
 pub mod root;
 pub mod store;
 
@@ -37,7 +38,8 @@ use crate::crypto::{aead, Key256, SecretBytes};
 pub use audit::AuditRecord;
 pub use check::KeyReference;
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use error::KmsError;
+pub use credentials::{CredentialKind, CredentialRecord, CredentialScope, NewSecret};
+pub use error::{KmsError, RemoteRefusal};
 pub use provider::KeyProvider;
 use root::RootParams;
 use store::{StoreFile, ROOT_KEY_FILE};
@@ -372,6 +374,7 @@ impl KeyStore {
                     encryption_context: EncryptionContext::new(),
                     outcome: "error".into(),
                     error: Some(err.to_string()),
+                    credential: None,
                 },
             );
             return Err(err);
@@ -419,6 +422,7 @@ impl KeyStore {
                 encryption_context: context.clone(),
                 outcome: if error.is_some() { "error" } else { "success" }.into(),
                 error: error.map(|e| e.to_string()),
+                credential: None,
             },
         )
     }

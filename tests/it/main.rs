@@ -8,6 +8,8 @@ mod clients_common;
 mod common;
 #[path = "../durability_common/mod.rs"]
 mod durability_common;
+#[path = "../kms_http_support/mod.rs"]
+mod kms_http_support;
 #[path = "../lazyfs/mod.rs"]
 mod lazyfs;
 
@@ -29,6 +31,10 @@ mod kernel_guest;
 mod kms_aead_kat;
 mod kms_api;
 mod kms_golden;
+mod kms_http_dew_sdk;
+mod kms_http_limits;
+mod kms_http_remote;
+mod kms_http_vault;
 mod kms_props;
 mod kms_python_oracle;
 mod nbd_wire;

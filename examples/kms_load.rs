@@ -1,0 +1,92 @@
+//! A bounded load generator for `cryptnbd kms serve` (used by `tools/kms-load`): N client threads
+//! call create-datakey (then decrypt-datakey on the result) through the signed DEW API for a
+//! fixed time, and it prints requests/s and p50/p99 latency per operation.
+//!
+//! `kms_load URL CREDENTIAL_FILE KEY [CLIENTS=16] [SECONDS=10]`
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use cryptnbd::kms_http::client::{RemoteKms, RemoteKmsConfig};
+use serde_json::json;
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() < 3 {
+        bail!("usage: kms_load URL CREDENTIAL_FILE KEY [CLIENTS] [SECONDS]");
+    }
+    let clients: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(16);
+    let secs: u64 = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(10);
+    let kms = Arc::new(
+        RemoteKms::new(&RemoteKmsConfig {
+            url: args[0].clone(),
+            credential_file: args[1].clone().into(),
+            ca_file: None,
+        })
+        .context("KMS client")?,
+    );
+    let key = args[2].clone();
+    let create = Arc::new(Mutex::new(Vec::new()));
+    let decrypt = Arc::new(Mutex::new(Vec::new()));
+    let errors = Arc::new(Mutex::new(0u64));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let (kms, key, create, decrypt, errors) =
+                (kms.clone(), key.clone(), create.clone(), decrypt.clone(), errors.clone());
+            std::thread::spawn(move || {
+                let (mut c, mut d, mut e) = (Vec::new(), Vec::new(), 0u64);
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    let r = kms.call_json("create-datakey", &json!({"key_id": key, "datakey_length": "256"}));
+                    c.push(t.elapsed());
+                    let Ok(v) = r else {
+                        e += 1;
+                        continue;
+                    };
+                    let t = Instant::now();
+                    let r = kms.call_json(
+                        "decrypt-datakey",
+                        &json!({"key_id": key, "cipher_text": v["cipher_text"], "datakey_cipher_length": "32"}),
+                    );
+                    d.push(t.elapsed());
+                    if r.is_err() {
+                        e += 1;
+                    }
+                }
+                create.lock().unwrap().extend(c);
+                decrypt.lock().unwrap().extend(d);
+                *errors.lock().unwrap() += e;
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    for (name, lat) in [("create-datakey", create), ("decrypt-datakey", decrypt)] {
+        let mut l = lat.lock().unwrap().clone();
+        l.sort();
+        println!(
+            "{name:<16} {:>7} requests  {:>8.0} req/s  p50 {:>6.2} ms  p99 {:>6.2} ms",
+            l.len(),
+            l.len() as f64 / elapsed,
+            pct(&l, 0.50).as_secs_f64() * 1e3,
+            pct(&l, 0.99).as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "clients {clients}, {elapsed:.1} s, errors {}",
+        errors.lock().unwrap()
+    );
+    Ok(())
+}

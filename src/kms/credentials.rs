@@ -1,0 +1,388 @@
+//! Credentials for the key store's network APIs: DEW-style access keys (AK/SK, for the signed
+//! KMS API) and Vault-style tokens. They live in `credentials.json` beside `keystore.json`, so the
+//! key store file format (and its golden files) stay as they are.
+//!
+//! A secret key is needed in plaintext to verify a signature (HMAC), so it is stored sealed under
+//! the root key (AES-256-GCM, bound to the store id and the access key id) and unsealed per
+//! request; a token only has to be recognised, so only its SHA-256 is stored (tokens are 256-bit
+//! random, so a plain hash is not open to guessing). Both are shown once, at creation.
+//!
+//! The file is written like the store: under the store's exclusive lock, to a temp file that is
+//! fsynced and renamed over the old one, then the directory is fsynced.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use super::{blob, clock, store, KeyStore, KmsError};
+use crate::crypto::{aead, SecretBytes};
+
+pub const CREDENTIALS_FILE: &str = "credentials.json";
+const TEMP_PREFIX: &str = ".credentials.json.tmp.";
+const FORMAT_NAME: &str = "cryptnbd-credentials";
+const FORMAT_VERSION: u32 = 1;
+const MAX_FILE_BYTES: u64 = 16 << 20;
+/// Prefix of every token, so a leaked one is recognisable in a secret scanner.
+const TOKEN_PREFIX: &str = "cnt.";
+
+/// What kind of secret a credential holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    AccessKey,
+    Token,
+}
+
+/// One credential as stored (never a plaintext secret).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub name: String,
+    pub kind: CredentialKind,
+    /// The access key id (AK); for a token, the first characters of its hash (to name it).
+    pub id: String,
+    /// The project id the credential signs for (DEW API path `/v1.0/{project_id}/kms/…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    /// The keys (ids or aliases) it may use; `None` = all keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<String>>,
+    #[serde(default)]
+    pub read_only: bool,
+    pub creation_date: u64,
+    /// Access key: hex of the secret key sealed under the root key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_secret: Option<String>,
+    /// Token: hex SHA-256 of the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CredentialsFile {
+    format: String,
+    version: u32,
+    credentials: Vec<CredentialRecord>,
+}
+
+/// What a new credential may do.
+#[derive(Debug, Clone, Default)]
+pub struct CredentialScope {
+    pub project_id: Option<String>,
+    pub keys: Option<Vec<String>>,
+    pub read_only: bool,
+}
+
+/// A freshly created credential's secret, shown once (zeroized on drop, no byte-printing Debug).
+pub struct NewSecret {
+    pub record: CredentialRecord,
+    secret: Zeroizing<String>,
+}
+
+impl NewSecret {
+    /// The secret key or token. The caller shows it once and must not log or store it.
+    pub fn dangerous_secret(&self) -> &str {
+        &self.secret
+    }
+}
+
+impl std::fmt::Debug for NewSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewSecret")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
+fn path(dir: &Path) -> PathBuf {
+    dir.join(CREDENTIALS_FILE)
+}
+
+/// `len` characters drawn uniformly from `alphabet` (rejection sampling: no modulo bias).
+fn random_text(len: usize, alphabet: &[u8]) -> Zeroizing<String> {
+    let limit = 256 - 256 % alphabet.len();
+    let mut out = Zeroizing::new(String::with_capacity(len));
+    while out.len() < len {
+        let raw = SecretBytes::random(len * 2);
+        for b in raw.dangerous_as_bytes() {
+            if (*b as usize) < limit && out.len() < len {
+                out.push(alphabet[*b as usize % alphabet.len()] as char);
+            }
+        }
+    }
+    out
+}
+
+fn load(dir: &Path) -> Result<CredentialsFile, KmsError> {
+    let p = path(dir);
+    let mut f = match File::open(&p) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(CredentialsFile {
+                format: FORMAT_NAME.into(),
+                version: FORMAT_VERSION,
+                credentials: Vec::new(),
+            })
+        }
+        Err(e) => return Err(KmsError::io("opening credentials file", p, e)),
+    };
+    let mut buf = Vec::new();
+    Read::by_ref(&mut f)
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| KmsError::io("reading credentials file", &p, e))?;
+    let corrupt = |reason: String| KmsError::Corrupt {
+        path: p.clone(),
+        reason,
+    };
+    if buf.len() as u64 > MAX_FILE_BYTES {
+        return Err(corrupt(format!("it is larger than {MAX_FILE_BYTES} bytes")));
+    }
+    let file: CredentialsFile = serde_json::from_slice(&buf).map_err(|e| corrupt(e.to_string()))?;
+    if file.format != FORMAT_NAME || file.version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "format {:?} version {} (this program reads {FORMAT_NAME} version {FORMAT_VERSION})",
+            file.format, file.version
+        )));
+    }
+    Ok(file)
+}
+
+fn save(dir: &Path, file: &CredentialsFile) -> Result<(), KmsError> {
+    let p = path(dir);
+    let mut bytes = serde_json::to_vec_pretty(file).expect("the credentials file serializes");
+    bytes.push(b'\n');
+    let mut rnd = [0u8; 8];
+    getrandom::getrandom(&mut rnd).expect("the OS random number generator failed");
+    let tmp = dir.join(format!("{TEMP_PREFIX}{}", hex::encode(rnd)));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| KmsError::io("creating temporary credentials file", &tmp, e))?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| KmsError::io("writing temporary credentials file", &tmp, e))?;
+        fs::rename(&tmp, &p).map_err(|e| KmsError::io("replacing credentials file", &p, e))?;
+        store::sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+impl KeyStore {
+    /// Creates a named credential. Names are unique across both kinds.
+    pub fn create_credential(
+        &self,
+        name: &str,
+        kind: CredentialKind,
+        scope: CredentialScope,
+    ) -> Result<NewSecret, KmsError> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(KmsError::InvalidArgument(format!(
+                "credential name {name:?} must be 1 to 64 letters, digits, '-', '_' or '.'"
+            )));
+        }
+        // Check the keys exist now, so a typo is found at creation, not at the first request.
+        if let Some(keys) = &scope.keys {
+            for k in keys {
+                self.describe_key(k)?;
+            }
+        }
+        const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+        const MIXED: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+        let now = self.clock.now_unix();
+        let (id, secret, sealed, hash) = match kind {
+            CredentialKind::AccessKey => {
+                let ak = random_text(20, UPPER);
+                let sk = random_text(40, MIXED);
+                let sealed = aead::seal(
+                    &self.root,
+                    &blob::credential_aad(self.store_id, &ak),
+                    sk.as_bytes(),
+                );
+                (ak.to_string(), sk, Some(hex::encode(sealed)), None)
+            }
+            CredentialKind::Token => {
+                let body = random_text(32, MIXED);
+                let token = Zeroizing::new(format!("{TOKEN_PREFIX}{}", body.as_str()));
+                let hash = token_hash(&token);
+                (hash[..12].to_string(), token, None, Some(hash))
+            }
+        };
+        let record = CredentialRecord {
+            name: name.into(),
+            kind,
+            id,
+            project_id: scope.project_id,
+            keys: scope.keys,
+            read_only: scope.read_only,
+            creation_date: now,
+            sealed_secret: sealed,
+            token_sha256: hash,
+        };
+        {
+            let _lock = store::lock_exclusive(&self.dir)?;
+            let mut file = load(&self.dir)?;
+            if file.credentials.iter().any(|c| c.name == name) {
+                return Err(KmsError::InvalidArgument(format!(
+                    "a credential named {name:?} already exists"
+                )));
+            }
+            file.credentials.push(record.clone());
+            save(&self.dir, &file)?;
+        }
+        let none = super::EncryptionContext::new();
+        self.audit("create-credential", Some(name), None, None, &none, None)?;
+        Ok(NewSecret { record, secret })
+    }
+
+    /// All credentials (no secrets: sealed keys and hashes only).
+    pub fn list_credentials(&self) -> Result<Vec<CredentialRecord>, KmsError> {
+        let _lock = store::lock_shared(&self.dir)?;
+        Ok(load(&self.dir)?.credentials)
+    }
+
+    /// Removes a credential by name; later requests signed with it are refused.
+    pub fn delete_credential(&self, name: &str) -> Result<(), KmsError> {
+        {
+            let _lock = store::lock_exclusive(&self.dir)?;
+            let mut file = load(&self.dir)?;
+            let before = file.credentials.len();
+            file.credentials.retain(|c| c.name != name);
+            if file.credentials.len() == before {
+                return Err(KmsError::InvalidArgument(format!(
+                    "no credential named {name:?}"
+                )));
+            }
+            save(&self.dir, &file)?;
+        }
+        let none = super::EncryptionContext::new();
+        self.audit("delete-credential", Some(name), None, None, &none, None)
+    }
+
+    /// The credential with access key id `ak` and its unsealed secret key, if there is one.
+    pub fn access_key(
+        &self,
+        ak: &str,
+    ) -> Result<Option<(CredentialRecord, SecretBytes)>, KmsError> {
+        let file = {
+            let _lock = store::lock_shared(&self.dir)?;
+            load(&self.dir)?
+        };
+        let Some(c) = file
+            .credentials
+            .into_iter()
+            .find(|c| c.kind == CredentialKind::AccessKey && c.id == ak)
+        else {
+            return Ok(None);
+        };
+        let corrupt = |reason: &str| KmsError::Corrupt {
+            path: path(&self.dir),
+            reason: format!("credential {:?}: {reason}", c.name),
+        };
+        let sealed = hex::decode(c.sealed_secret.as_deref().unwrap_or_default())
+            .map_err(|_| corrupt("the sealed secret key is not hex"))?;
+        let sk = aead::open(
+            &self.root,
+            &blob::credential_aad(self.store_id, ak),
+            &sealed,
+        )
+        .map_err(|_| corrupt("the secret key does not open under the root key"))?;
+        Ok(Some((c, sk)))
+    }
+
+    /// The token credential whose hash matches `token`, if any (compared in constant time).
+    pub fn token(&self, token: &str) -> Result<Option<CredentialRecord>, KmsError> {
+        let file = {
+            let _lock = store::lock_shared(&self.dir)?;
+            load(&self.dir)?
+        };
+        let want = token_hash(token);
+        Ok(file.credentials.into_iter().find(|c| {
+            c.kind == CredentialKind::Token
+                && c.token_sha256
+                    .as_deref()
+                    .is_some_and(|h| bool::from(h.as_bytes().ct_eq(want.as_bytes())))
+        }))
+    }
+
+    /// Records one network request in the audit log: which credential (by name, never its
+    /// secret), which operation on which key, and how it ended.
+    pub fn audit_request(
+        &self,
+        credential: Option<&str>,
+        operation: &str,
+        key: Option<&str>,
+        status: u16,
+        error: Option<&str>,
+    ) -> Result<(), KmsError> {
+        super::audit::append(
+            &self.dir,
+            &super::AuditRecord {
+                time: clock::rfc3339(self.clock.now_unix()),
+                operation: format!("http {operation}"),
+                key: key.map(str::to_string),
+                key_id: None,
+                key_version: None,
+                encryption_context: super::EncryptionContext::new(),
+                outcome: if status < 400 { "success" } else { "error" }.into(),
+                error: error.map(|e| format!("{status}: {e}")),
+                credential: Some(credential.unwrap_or("(none)").to_string()),
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kms::InitRoot;
+
+    #[test]
+    fn access_keys_and_tokens_round_trip_without_plaintext_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = KeyStore::init(dir.path(), InitRoot::GenerateKeyFile).unwrap();
+        let ak = ks
+            .create_credential("app", CredentialKind::AccessKey, CredentialScope::default())
+            .unwrap();
+        let tok = ks
+            .create_credential("rgw", CredentialKind::Token, CredentialScope::default())
+            .unwrap();
+        let on_disk = fs::read_to_string(dir.path().join(CREDENTIALS_FILE)).unwrap();
+        assert!(!on_disk.contains(ak.dangerous_secret()));
+        assert!(!on_disk.contains(tok.dangerous_secret()));
+        let (rec, sk) = ks.access_key(&ak.record.id).unwrap().unwrap();
+        assert_eq!(rec.name, "app");
+        assert_eq!(sk.dangerous_as_bytes(), ak.dangerous_secret().as_bytes());
+        assert_eq!(
+            ks.token(tok.dangerous_secret()).unwrap().unwrap().name,
+            "rgw"
+        );
+        assert!(ks.token("cnt.nope").unwrap().is_none());
+        assert!(ks.access_key("NOPE").unwrap().is_none());
+        assert!(ks
+            .create_credential("app", CredentialKind::Token, CredentialScope::default())
+            .is_err());
+        ks.delete_credential("app").unwrap();
+        assert!(ks.access_key(&ak.record.id).unwrap().is_none());
+    }
+}

@@ -1,0 +1,430 @@
+//! A remote KMS as a [`KeyProvider`]: a blocking DEW KMS API client (ureq + rustls) that signs
+//! each request with SDK-HMAC-SHA256 (`sign.rs`), for storage hosts that hold wrapped DEKs and
+//! volumes but no CMK and no root key (`serve --kms-url … --kms-credential FILE`).
+//!
+//! Blocking on purpose: attach already runs on a blocking path, and ureq needs no runtime, so it
+//! can be called from anywhere. Connection failures are retried with backoff (the KMS may be
+//! restarting); an answer from the KMS — a disabled key, an unknown key — is final and carries the
+//! KMS's own code and reason. Timeouts bound every call, so a hung KMS delays only the attach that
+//! asked, never a volume that is already attached.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use super::sign;
+use crate::crypto::SecretBytes;
+use crate::kms::{
+    blob, DataKey, EncryptionContext, KeyProvider, KmsError, RemoteRefusal, UnwrappedDataKey,
+    WrappedDataKey,
+};
+
+/// Attempts per call when the KMS cannot be reached (backoff 0.25 s, 0.5 s, 1 s between them).
+const ATTEMPTS: u32 = 4;
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The `--kms-credential` file: `{"access_key", "secret_key", "project_id"}` (mode 0600), as
+/// written by `cryptnbd kms credential create NAME --project ID --output FILE`.
+#[derive(Deserialize)]
+struct CredentialFile {
+    access_key: String,
+    secret_key: Zeroizing<String>,
+    project_id: Option<String>,
+}
+
+/// Where and how to reach the KMS.
+#[derive(Debug, Clone)]
+pub struct RemoteKmsConfig {
+    /// `https://host:port` (or `http://` on loopback only).
+    pub url: String,
+    pub credential_file: PathBuf,
+    /// A PEM CA bundle to trust instead of the system's web roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A DEW KMS API client implementing [`KeyProvider`].
+pub struct RemoteKms {
+    url: String,
+    host: String,
+    access_key: String,
+    secret_key: SecretBytes,
+    project: String,
+    agent: ureq::Agent,
+}
+
+impl std::fmt::Debug for RemoteKms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteKms")
+            .field("url", &self.url)
+            .field("access_key", &self.access_key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(msg: String) -> KmsError {
+    KmsError::InvalidArgument(msg)
+}
+
+fn read_credential(path: &Path) -> Result<CredentialFile, KmsError> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| KmsError::io("reading KMS credential file", path, e))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(KmsError::KeyFilePermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    if meta.len() > 64 * 1024 {
+        return Err(invalid(format!(
+            "KMS credential file {} is too large",
+            path.display()
+        )));
+    }
+    let bytes = Zeroizing::new(
+        std::fs::read(path).map_err(|e| KmsError::io("reading KMS credential file", path, e))?,
+    );
+    serde_json::from_slice(&bytes).map_err(|e| {
+        invalid(format!(
+            "KMS credential file {} is not {{\"access_key\", \"secret_key\", \"project_id\"}} JSON: line {} column {}",
+            path.display(),
+            e.line(),
+            e.column()
+        ))
+    })
+}
+
+fn tls_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, KmsError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(p) => {
+            let pem = std::fs::read(p).map_err(|e| KmsError::io("reading KMS CA file", p, e))?;
+            for c in CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok) {
+                roots
+                    .add(c)
+                    .map_err(|e| invalid(format!("CA file {}: {e}", p.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(invalid(format!(
+                    "CA file {} holds no certificate",
+                    p.display()
+                )));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| invalid(format!("TLS setup: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+impl RemoteKms {
+    pub fn new(config: &RemoteKmsConfig) -> Result<Self, KmsError> {
+        let url = config.url.trim_end_matches('/').to_string();
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            invalid(format!(
+                "KMS URL {url:?} has no scheme (use https://HOST:PORT)"
+            ))
+        })?;
+        let host = rest.split('/').next().unwrap_or_default().to_string();
+        let hostname = host
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(&host)
+            .trim_matches(['[', ']']);
+        let loopback = hostname == "localhost"
+            || hostname
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        match scheme {
+            "https" => {}
+            "http" if loopback => {}
+            "http" => {
+                return Err(invalid(format!(
+                    "KMS URL {url}: plain http is only allowed to a loopback address (use https)"
+                )))
+            }
+            s => return Err(invalid(format!("KMS URL {url}: unknown scheme {s:?}"))),
+        }
+        if host.is_empty() {
+            return Err(invalid(format!("KMS URL {url:?} has no host")));
+        }
+        let cred = read_credential(&config.credential_file)?;
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30))
+            .tls_config(tls_config(config.ca_file.as_deref())?)
+            .build();
+        Ok(RemoteKms {
+            url,
+            host,
+            access_key: cred.access_key,
+            secret_key: SecretBytes::new(cred.secret_key.as_bytes().to_vec()),
+            project: cred.project_id.unwrap_or_else(|| "default".into()),
+            agent,
+        })
+    }
+
+    /// Calls any DEW KMS operation (`create-key`, `encrypt-data`, …) with a JSON body and returns
+    /// the JSON answer: a general signed DEW client for programs (see `examples/`).
+    pub fn call_json(&self, operation: &'static str, body: &Value) -> Result<Value, KmsError> {
+        self.call(operation, body)
+    }
+
+    /// Calls one DEW operation, retrying connection failures with backoff.
+    fn call(&self, operation: &'static str, body: &Value) -> Result<Value, KmsError> {
+        let path = format!("/v1.0/{}/kms/{operation}", self.project);
+        let body = serde_json::to_vec(body).expect("a JSON value serializes");
+        let mut backoff = FIRST_BACKOFF;
+        let mut attempt = 1;
+        loop {
+            match self.send(&path, &body).map_err(|e| *e) {
+                Ok(r) => return self.answer(operation, r),
+                Err(ureq::Error::Status(_, r)) => return self.answer(operation, r),
+                Err(ureq::Error::Transport(t)) => {
+                    if attempt >= ATTEMPTS {
+                        return Err(KmsError::Unreachable {
+                            url: self.url.clone(),
+                            operation,
+                            attempts: attempt,
+                            source: Box::new(t),
+                        });
+                    }
+                    tracing::warn!(url = %self.url, operation, attempt, error = %t, "KMS unreachable, retrying");
+                    std::thread::sleep(backoff);
+                    backoff *= 2;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn send(&self, path: &str, body: &[u8]) -> Result<ureq::Response, Box<ureq::Error>> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let date = sign::format_sdk_date(now);
+        let headers = vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("host".to_string(), self.host.clone()),
+            ("x-project-id".to_string(), self.project.clone()),
+            ("x-sdk-date".to_string(), date.clone()),
+        ];
+        let signed: Vec<String> = headers.iter().map(|(n, _)| n.clone()).collect();
+        let req = sign::Request {
+            method: "POST",
+            path,
+            query: None,
+            headers: &headers,
+            body,
+        };
+        let sts = sign::string_to_sign(&req, &signed, &date).expect("every signed header is set");
+        let auth = format!(
+            "{} Access={}, SignedHeaders={}, Signature={}",
+            sign::ALGORITHM,
+            self.access_key,
+            signed.join(";"),
+            sign::signature(self.secret_key.dangerous_as_bytes(), &sts)
+        );
+        let mut r = self.agent.post(&format!("{}{path}", self.url));
+        for (n, v) in &headers {
+            r = r.set(n, v);
+        }
+        r.set("authorization", &auth)
+            .send_bytes(body)
+            .map_err(Box::new)
+    }
+
+    /// Turns a response into its JSON body, or the KMS's refusal into [`KmsError::RemoteRefused`].
+    fn answer(&self, operation: &'static str, r: ureq::Response) -> Result<Value, KmsError> {
+        let status = r.status();
+        // The body may hold a plaintext data key (hex): wipe it when done.
+        let mut text = Zeroizing::new(String::new());
+        use std::io::Read;
+        let read = r.into_reader().take(1 << 20).read_to_string(&mut text);
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status < 400 && read.is_ok() {
+            return Ok(v);
+        }
+        let e = v.get("error").unwrap_or(&v);
+        let code = e["error_code"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| status.to_string());
+        let message = e["error_msg"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| text.chars().take(300).collect());
+        Err(KmsError::RemoteRefused(Box::new(RemoteRefusal {
+            url: self.url.clone(),
+            operation,
+            status,
+            code,
+            message,
+        })))
+    }
+
+    fn bad_answer(&self, operation: &'static str, what: &str) -> KmsError {
+        KmsError::RemoteRefused(Box::new(RemoteRefusal {
+            url: self.url.clone(),
+            operation,
+            status: 200,
+            code: "bad-response".into(),
+            message: format!("the answer has no valid {what}"),
+        }))
+    }
+
+    fn hex_field(&self, v: &Value, operation: &'static str, f: &str) -> Result<Vec<u8>, KmsError> {
+        v[f].as_str()
+            .and_then(|s| hex::decode(s).ok())
+            .ok_or_else(|| self.bad_answer(operation, f))
+    }
+
+    /// A wrapped key as the KMS returned it; its id and version come from the blob's header.
+    fn wrapped(
+        &self,
+        operation: &'static str,
+        cipher_text: Vec<u8>,
+    ) -> Result<WrappedDataKey, KmsError> {
+        let p = blob::parse(&cipher_text).map_err(|_| self.bad_answer(operation, "cipher_text"))?;
+        Ok(WrappedDataKey {
+            key_id: p.key_id,
+            key_version: p.key_version,
+            cipher_text,
+        })
+    }
+}
+
+impl KeyProvider for RemoteKms {
+    fn describe(&self) -> String {
+        format!("remote KMS {}", self.url)
+    }
+
+    fn create_data_key(
+        &self,
+        key: &str,
+        context: &EncryptionContext,
+        length_bits: u32,
+    ) -> Result<DataKey, KmsError> {
+        const OP: &str = "create-datakey";
+        let v = self.call(
+            OP,
+            &json!({"key_id": key, "datakey_length": length_bits.to_string(), "encryption_context": context}),
+        )?;
+        let plain = SecretBytes::new(self.hex_field(&v, OP, "plain_text")?);
+        if plain.len() * 8 != length_bits as usize {
+            return Err(self.bad_answer(OP, "plain_text length"));
+        }
+        let wrapped = self.wrapped(OP, self.hex_field(&v, OP, "cipher_text")?)?;
+        Ok(DataKey {
+            plain_text: plain,
+            wrapped,
+        })
+    }
+
+    fn decrypt_data_key(
+        &self,
+        key: &str,
+        cipher_text: &[u8],
+        context: &EncryptionContext,
+    ) -> Result<UnwrappedDataKey, KmsError> {
+        const OP: &str = "decrypt-datakey";
+        let p = blob::parse(cipher_text).map_err(KmsError::cannot_decrypt)?;
+        let (key_id, key_version) = (p.key_id, p.key_version);
+        let v = self.call(
+            OP,
+            &json!({"key_id": key, "cipher_text": hex::encode(cipher_text), "encryption_context": context}),
+        )?;
+        let plain = SecretBytes::new(self.hex_field(&v, OP, "data_key")?);
+        Ok(UnwrappedDataKey {
+            key_id,
+            key_version,
+            plain_text: plain,
+        })
+    }
+
+    fn re_encrypt(
+        &self,
+        cipher_text: &[u8],
+        source_context: &EncryptionContext,
+        dest_key: Option<&str>,
+        dest_context: &EncryptionContext,
+    ) -> Result<WrappedDataKey, KmsError> {
+        const OP: &str = "re-encrypt";
+        let p = blob::parse(cipher_text).map_err(KmsError::cannot_decrypt)?;
+        let source = p.key_id.to_string();
+        let v = self.call(
+            OP,
+            &json!({
+                "source_key_id": source,
+                "destination_key_id": dest_key.unwrap_or(&source),
+                "cipher_text": hex::encode(cipher_text),
+                "source_encryption_context": source_context,
+                "destination_encryption_context": dest_context,
+            }),
+        )?;
+        self.wrapped(OP, self.hex_field(&v, OP, "cipher_text")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cred_file(dir: &Path, mode: u32) -> PathBuf {
+        let p = dir.join(format!("c{mode:o}"));
+        std::fs::write(
+            &p,
+            r#"{"access_key":"AK","secret_key":"SK","project_id":"p"}"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+
+    fn new(url: &str, cred: &Path) -> Result<RemoteKms, KmsError> {
+        RemoteKms::new(&RemoteKmsConfig {
+            url: url.into(),
+            credential_file: cred.to_path_buf(),
+            ca_file: None,
+        })
+    }
+
+    #[test]
+    fn urls_and_credential_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = cred_file(dir.path(), 0o600);
+        let kms = new("http://127.0.0.1:8200/", &good).unwrap();
+        assert_eq!(kms.describe(), "remote KMS http://127.0.0.1:8200");
+        assert!(new("https://kms.example:8443", &good).is_ok());
+        assert!(new("http://[::1]:8200", &good).is_ok());
+        for bad in [
+            "http://10.0.0.1:8200",
+            "ftp://127.0.0.1",
+            "127.0.0.1:8200",
+            "https://",
+        ] {
+            assert!(new(bad, &good).is_err(), "{bad}");
+        }
+        let open = cred_file(dir.path(), 0o644);
+        assert!(matches!(
+            new("https://kms.example:8443", &open),
+            Err(KmsError::KeyFilePermissions { mode: 0o644, .. })
+        ));
+        let debug = format!("{kms:?}");
+        assert!(!debug.contains("SK\""), "{debug}");
+    }
+}

@@ -1,0 +1,169 @@
+//! Remote keys for `serve`: two data directories on loopback — a KMS host (`kms serve`, the CMK
+//! and the root key) and a storage host (volumes and wrapped DEKs only, `--kms-url`). A volume is
+//! created through the remote KMS, served, written and read with nbdcopy; disabling the CMK on
+//! the KMS host refuses the next attach with the KMS's reason while the attached volume keeps
+//! working; with the KMS down, the next attach fails with a clear error naming the KMS URL.
+
+use crate::common;
+use crate::kms_http_support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kms_http_support::*;
+
+struct Serve {
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn remote_args<'a>(url: &'a str, cred: &'a Path) -> Vec<&'a str> {
+    vec!["--kms-url", url, "--kms-credential", cred.to_str().unwrap()]
+}
+
+fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> Serve {
+    let log = data.parent().unwrap().join("serve.log");
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data)
+        .args(["serve", "--socket", sock.to_str().unwrap()])
+        .args(remote_args(url, cred))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start serve");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let l = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("serve prints its exports");
+        if l.starts_with("Serving") {
+            break;
+        }
+    }
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Serve { child, log }
+}
+
+fn uri(sock: &Path, name: &str) -> String {
+    format!("nbd+unix:///{name}?socket={}", sock.display())
+}
+
+/// Writes fresh random data through NBD and reads it back.
+fn round_trip(sock: &Path, name: &str, tmp: &Path) {
+    let src = tmp.join("src.bin");
+    let back = tmp.join("back.bin");
+    let _ = std::fs::remove_file(&back);
+    let mut data = vec![0u8; 4 << 20];
+    getrandom::getrandom(&mut data).unwrap();
+    std::fs::write(&src, &data).unwrap();
+    let (ok, out, err) = common::run_bounded(
+        Command::new("nbdcopy").arg(&src).arg(uri(sock, name)),
+        Duration::from_secs(120),
+    );
+    assert!(ok, "nbdcopy write failed: {out}{err}");
+    let (ok, out, err) = common::run_bounded(
+        Command::new("nbdcopy").arg(uri(sock, name)).arg(&back),
+        Duration::from_secs(120),
+    );
+    assert!(ok, "nbdcopy read failed: {out}{err}");
+    let got = std::fs::read(&back).unwrap();
+    assert_eq!(&got[..data.len()], &data[..], "data read back differs");
+}
+
+/// nbdinfo on an export that must be refused; returns its output plus the server's log.
+fn refused(sock: &Path, name: &str, serve: &Serve) -> String {
+    let (ok, out, err) = common::run_bounded(
+        Command::new("nbdinfo").arg(uri(sock, name)),
+        Duration::from_secs(120),
+    );
+    assert!(!ok, "attach of {name} should be refused: {out}");
+    format!("{out}{err}{}", std::fs::read_to_string(&serve.log).unwrap())
+}
+
+#[test]
+fn storage_host_without_cmks_serves_through_remote_kms() {
+    if !common::require_tool("/usr/bin/nbdcopy") || !common::require_tool("/usr/bin/nbdinfo") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let kms_dir = tmp.path().join("kms-host");
+    let store = tmp.path().join("storage-host");
+    let cred = tmp.path().join("storage.cred");
+    cli(&kms_dir, &["kms", "init"]);
+    cli(&kms_dir, &["kms", "create-key", "--alias", "vols"]);
+    let c = cred.to_str().unwrap();
+    cli(
+        &kms_dir,
+        &[
+            "kms",
+            "credential",
+            "create",
+            "storage-1",
+            "--project",
+            "p1",
+            "--keys",
+            "vols",
+            "--output",
+            c,
+        ],
+    );
+    let kms = KmsServer::start(&kms_dir, &[]);
+    let url = kms.url.clone();
+
+    let mut create = vec!["volume", "create", "v1", "--size", "8M", "--key", "vols"];
+    create.extend(remote_args(&url, &cred));
+    cli(&store, &create);
+    assert!(!store.join("keystore.json").exists() && !store.join("root.key").exists());
+
+    let sock = tmp.path().join("nbd.sock");
+    let serve = start_serve(&store, &sock, &url, &cred);
+    round_trip(&sock, "v1", tmp.path());
+
+    // A second volume, created while the server runs, then the CMK is disabled on the KMS host.
+    create[2] = "v2";
+    cli(&store, &create);
+    create[2] = "v3";
+    cli(&store, &create);
+    cli(&kms_dir, &["kms", "disable-key", "vols"]);
+    let text = refused(&sock, "v2", &serve);
+    assert!(
+        text.contains("KMS.0209") && text.contains("disabled"),
+        "{text}"
+    );
+    round_trip(&sock, "v1", tmp.path());
+
+    // The KMS goes down: the next attach fails naming the KMS; v1 keeps working.
+    cli(&kms_dir, &["kms", "enable-key", "vols"]);
+    drop(kms);
+    let text = refused(&sock, "v3", &serve);
+    assert!(
+        text.contains(&format!("cannot reach the KMS at {url}")),
+        "{text}"
+    );
+    round_trip(&sock, "v1", tmp.path());
+
+    let audit = audit_text(&kms_dir);
+    assert!(audit.contains(r#""credential":"storage-1""#), "{audit}");
+}

@@ -1,0 +1,170 @@
+//! Shared helpers for the KMS HTTP service tests: a key store in a temp dir, `cryptnbd kms serve`
+//! started as a real process on 127.0.0.1:0 (plain HTTP on loopback), credentials made with the
+//! real CLI, and the Python venv (`target/pyvenv`, made by `tools/test`) that holds the official
+//! clients. Without the venv a test FAILS when `CI=true`, else it is skipped loudly.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cryptnbd");
+
+/// The venv's interpreter, if the venv has the packages the tests need.
+pub fn venv_python(modules: &[&str]) -> Option<PathBuf> {
+    let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyvenv/bin/python");
+    let ok = py.exists()
+        && Command::new(&py)
+            .arg("-c")
+            .arg(format!("import {}", modules.join(", ")))
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    if ok {
+        return Some(py);
+    }
+    if std::env::var("CI").map(|v| v == "true").unwrap_or(false) {
+        panic!(
+            "{} with {modules:?} is required (CI=true) but missing: run tools/test",
+            py.display()
+        );
+    }
+    eprintln!(
+        "SKIPPING: {} lacks {modules:?} (run tools/test to make it)",
+        py.display()
+    );
+    None
+}
+
+/// Runs the CLI against `dir`; panics with its stderr on failure; returns stdout.
+pub fn cli(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("run cryptnbd");
+    assert!(
+        out.status.success(),
+        "cryptnbd {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// An access key made with `kms credential create --json`.
+pub struct AccessKey {
+    pub ak: String,
+    pub sk: String,
+    pub project: String,
+}
+
+pub fn access_key(dir: &Path, name: &str, extra: &[&str]) -> AccessKey {
+    let mut args = vec![
+        "kms",
+        "credential",
+        "create",
+        name,
+        "--project",
+        "proj1",
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let v: serde_json::Value = serde_json::from_str(&cli(dir, &args)).expect("json");
+    AccessKey {
+        ak: v["access_key"].as_str().unwrap().into(),
+        sk: v["secret_key"].as_str().unwrap().into(),
+        project: "proj1".into(),
+    }
+}
+
+/// `cryptnbd kms serve` on 127.0.0.1:0; killed on drop.
+pub struct KmsServer {
+    pub child: Child,
+    pub url: String,
+}
+
+impl KmsServer {
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["kms", "serve", "--listen", "127.0.0.1:0", "--insecure-http"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start kms serve");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("kms serve printed its address");
+        let url = line
+            .trim()
+            .strip_prefix("kms listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        KmsServer { child, url }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for KmsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a script from `tests/python/` with `py`, bounded in time; panics with its output on failure.
+pub fn run_python(py: &Path, script: &str, env: &[(&str, String)], limit: Duration) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let mut child = Command::new(py)
+        .arg(&path)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("PYTHONUNBUFFERED", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start python");
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait python") {
+            let out = child.wait_with_output().expect("python output");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(status.success(), "{script} failed:\n{text}");
+            return text;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("python output");
+            panic!(
+                "{script} did not finish in {limit:?}:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The audit log's text.
+pub fn audit_text(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("audit.log")).unwrap_or_default()
+}
