@@ -1,6 +1,8 @@
 //! The `cryptnbd` command line: parses arguments with clap, sets up tracing, turns arguments into the
 //! library's typed values and calls it. No protocol or storage logic lives here.
 
+#![deny(unsafe_code)]
+
 mod cli;
 
 use std::io::IsTerminal;

@@ -2,8 +2,10 @@
 //! ([`FileBackend`]: pread/pwrite, `fallocate(PUNCH_HOLE)`, `lseek(SEEK_DATA/SEEK_HOLE)`,
 //! `fdatasync`). Backends move opaque bytes: they never see plaintext, tweaks or keys.
 //!
-//! [`testing`] holds the memory, faulty and crashing backends the tests use.
+//! `testing` (feature `test-utils`, and this crate's unit tests) holds the memory, slow, faulty
+//! and crashing backends the tests use. This trait is the one place a new store plugs in.
 
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 use std::fs::File;
@@ -84,6 +86,8 @@ const NOWAIT_NEVER: u8 = 2;
 
 /// Whether `file` is on a memory filesystem, whose pages are never read from a device (tmpfs
 /// does not implement `RWF_NOWAIT`, so it has to be recognised instead).
+// fstatfs(2) through libc.
+#[allow(unsafe_code)]
 fn in_memory_fs(file: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
@@ -138,6 +142,9 @@ fn to_off(offset: u64) -> io::Result<libc::off_t> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset does not fit in off_t"))
 }
 
+// The positional syscalls std has no wrapper for (preadv2, fallocate, lseek SEEK_DATA/HOLE,
+// posix_fadvise), through libc.
+#[allow(unsafe_code)]
 impl Backend for FileBackend {
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())

@@ -1,11 +1,17 @@
-//! Backends for tests (unit, integration and benches): [`MemBackend`] (a `Vec<u8>`),
-//! [`FaultyBackend`] (a full disk after a byte budget) and [`CrashBackend`] (loses every write not
-//! yet synced when it "crashes", optionally tearing them). Each is a cheap handle: clones share
-//! the same storage, so a test can keep one while a volume owns another.
+//! Backends for tests (unit and integration): [`MemBackend`] (a `Vec<u8>`), [`SlowBackend`] (a
+//! memory disk with one slow spot that also counts syncs), [`FaultyBackend`] (a full disk after a
+//! byte budget) and [`CrashBackend`] (loses every write not yet synced when it "crashes",
+//! optionally tearing them). Each is a cheap handle: clones share the same storage, so a test can
+//! keep one while a volume owns another. A `Volume` over these is the test double of the server
+//! (there is no second implementation of disk semantics to drift from the real one).
+//!
+//! Compiled only for tests: in this crate's unit tests, and with the `test-utils` feature, which
+//! the integration tests enable through a dev-dependency on the crate itself.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
 
 use super::Backend;
 
@@ -120,6 +126,10 @@ impl Backend for MemBackend {
             offset,
         );
         Ok(())
+    }
+    /// Memory never waits for a device: every read is "cached".
+    fn try_read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.read_at(buf, offset).map(|()| true)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         write_into(
@@ -236,6 +246,89 @@ impl Backend for FaultyBackend {
     }
     fn describe(&self) -> String {
         "faulty memory".to_string()
+    }
+}
+
+/// A [`MemBackend`] where reads touching one chosen byte take a while (and are never "cached",
+/// so a server hands them to another thread), and which counts syncs. For tests of out-of-order
+/// replies, of shutdown with requests in flight, and of FLUSH reaching the storage.
+#[derive(Clone, Default)]
+pub struct SlowBackend {
+    inner: MemBackend,
+    /// Storage offset of the slow byte (`u64::MAX`: none) and the delay in milliseconds.
+    slow_offset: Arc<AtomicU64>,
+    slow_ms: Arc<AtomicU64>,
+    syncs: Arc<AtomicU64>,
+}
+
+impl SlowBackend {
+    pub fn new(inner: MemBackend) -> Self {
+        Self {
+            inner,
+            slow_offset: Arc::new(AtomicU64::new(u64::MAX)),
+            ..Self::default()
+        }
+    }
+
+    /// Makes every read whose range holds storage offset `offset` take `delay`.
+    pub fn set_slow_read(&self, offset: u64, delay: Duration) {
+        self.slow_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+        self.slow_offset.store(offset, Ordering::SeqCst);
+    }
+
+    /// How many times [`Backend::sync`] ran.
+    pub fn sync_count(&self) -> u64 {
+        self.syncs.load(Ordering::SeqCst)
+    }
+
+    pub fn inner(&self) -> &MemBackend {
+        &self.inner
+    }
+
+    fn is_slow(&self, buf: &[u8], offset: u64) -> bool {
+        let slow = self.slow_offset.load(Ordering::SeqCst);
+        offset <= slow && slow - offset < buf.len() as u64
+    }
+}
+
+impl Backend for SlowBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if self.is_slow(buf, offset) {
+            std::thread::sleep(Duration::from_millis(self.slow_ms.load(Ordering::SeqCst)));
+        }
+        self.inner.read_at(buf, offset)
+    }
+    fn try_read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        if self.is_slow(buf, offset) {
+            return Ok(false);
+        }
+        self.inner.try_read_at_nowait(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.syncs.fetch_add(1, Ordering::SeqCst);
+        self.inner.sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.inner.seek_data(offset)
+    }
+    fn seek_hole(&self, offset: u64) -> io::Result<u64> {
+        self.inner.seek_hole(offset)
+    }
+    fn describe(&self) -> String {
+        "slow memory".to_string()
     }
 }
 
@@ -413,6 +506,21 @@ mod tests {
         let e = b.write_at(&[2; 8], 8).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(b.inner().snapshot(), vec![1; 8]);
+    }
+
+    #[test]
+    fn slow_backend_delays_one_spot_and_counts_syncs() {
+        let b = SlowBackend::new(MemBackend::new());
+        b.write_at(&[5; 64], 0).unwrap();
+        b.set_slow_read(40, Duration::from_millis(1));
+        let mut buf = [0u8; 16];
+        assert!(b.try_read_at_nowait(&mut buf, 0).unwrap());
+        assert!(!b.try_read_at_nowait(&mut buf, 32).unwrap());
+        b.read_at(&mut buf, 32).unwrap();
+        assert_eq!(buf, [5; 16]);
+        assert_eq!(b.sync_count(), 0);
+        b.sync().unwrap();
+        assert_eq!(b.sync_count(), 1);
     }
 
     #[test]

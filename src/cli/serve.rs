@@ -20,9 +20,9 @@ use tracing::{info, warn};
 
 use cryptnbd::config::ServerConfig;
 use cryptnbd::datadir::{CreateOptions, DataDir};
+use cryptnbd::exports::{DataDirProvider, ExportSelection};
 use cryptnbd::kms::{InitRoot, KeyStore};
 use cryptnbd::server::peer::{resolve_group, set_socket_permissions};
-use cryptnbd::server::volumes::{DataDirProvider, ExportSelection};
 use cryptnbd::server::{
     serve, AllowEntry, AllowList, Listener, TlsConfig, TlsFiles, TlsMode, UnixPeerPolicy,
 };

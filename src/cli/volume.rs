@@ -278,7 +278,7 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
                         i.header.key_id,
                         i.header.key_version
                     ),
-                    Err(e) => println!("{n:<20} error: {e}"),
+                    Err(e) => println!("{n:<20} error: {:#}", anyhow::Error::new(e)),
                 }
             }
             Ok(())

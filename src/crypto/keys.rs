@@ -8,6 +8,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// Errors building a key from bytes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KeyError {
     #[error("a {what} must be {expected} bytes, got {got}")]
     WrongLength {

@@ -1,14 +1,26 @@
 //! Cryptographic primitives: the AES-256-XTS sector engine, the AEAD that wraps keys, and the secret
 //! key types. Nothing here knows about files, sockets or async.
+//!
+//! The XTS engine is four files: `xts` chooses the kernel (and holds the portable one), `xts_ni`
+//! and `xts_vaes` are the AES-NI kernels, and `xts_common` is the leaf they share (key
+//! schedules, tweak helpers); no cycle between them. `unsafe` is allowed only in those kernels,
+//! `xts_common`, `locked`, and the one dispatch function of `xts`.
 
 pub mod aead;
 pub mod keys;
+// mlock/madvise and raw allocation of locked pages.
+#[allow(unsafe_code)]
 pub mod locked;
 pub mod xts;
+// AES-NI intrinsics and inline assembly.
+#[allow(unsafe_code)]
+mod xts_common;
+#[allow(unsafe_code)]
 #[cfg(target_arch = "x86_64")]
 mod xts_ni;
+#[allow(unsafe_code)]
 #[cfg(target_arch = "x86_64")]
 mod xts_vaes;
 
-pub use keys::{Key256, SecretBytes, XtsKey};
+pub use keys::{Key256, KeyError, SecretBytes, XtsKey};
 pub use xts::{Kernel, Xts};

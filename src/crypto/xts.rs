@@ -4,7 +4,9 @@
 //!
 //! Three kernels give identical bytes (see [`Kernel`]): on x86_64 two AES-NI kernels chosen at run
 //! time (`xts_vaes`, 16 blocks in flight with AVX2 + VAES, and `xts_ni`, 8 blocks in flight with
-//! SSE), and a portable path built on the `aes` crate that runs on any target.
+//! SSE), and a portable path built on the `aes` crate that runs on any target. This file is the
+//! one place a kernel is chosen; the kernels and the leaf `xts_common` (key schedules, tweak
+//! helpers) never import it, nor each other.
 //! The engine allocates nothing per call and holds no mutable state, so one `Xts` is shared by
 //! `&` between threads.
 
@@ -12,6 +14,7 @@ use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::{Aes256, Block};
 
 use super::keys::XtsKey;
+use super::xts_common::wipe;
 
 /// Bytes in one tweak unit: the tweak counts 512-byte units whatever the sector size.
 pub const UNIT: usize = 512;
@@ -52,9 +55,9 @@ impl Kernel {
     pub fn is_available(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            Kernel::AesNiVaes => super::xts_ni::NiKernel::Vaes16.available(),
+            Kernel::AesNiVaes => super::xts_vaes::available(),
             #[cfg(target_arch = "x86_64")]
-            Kernel::AesNi => super::xts_ni::NiKernel::Sse8.available(),
+            Kernel::AesNi => super::xts_ni::available(),
             #[cfg(not(target_arch = "x86_64"))]
             Kernel::AesNiVaes | Kernel::AesNi => false,
             Kernel::Portable => true,
@@ -70,12 +73,15 @@ impl Kernel {
 /// A keyed XTS engine. Cheap to share between threads (`&self` methods, no interior state).
 /// Its key schedules are zeroized when it is dropped.
 pub struct Xts {
-    backend: Backend,
+    engine: Engine,
 }
 
-enum Backend {
+/// The kernel an engine runs, with its keys.
+enum Engine {
     #[cfg(target_arch = "x86_64")]
-    AesNi(Box<super::xts_ni::NiKeys>),
+    AesNiVaes(Box<super::xts_common::AesKeys>),
+    #[cfg(target_arch = "x86_64")]
+    AesNi(Box<super::xts_common::AesKeys>),
     // Boxed so that moving an `Xts` never leaves copies of the round keys behind on the stack.
     Portable(Box<Portable>),
 }
@@ -107,15 +113,19 @@ impl Xts {
     pub fn with_kernel(key: &XtsKey, kernel: Kernel) -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
-            use super::xts_ni::{NiKernel, NiKeys};
-            let ni = match kernel {
-                Kernel::AesNiVaes => NiKernel::Vaes16,
-                Kernel::AesNi => NiKernel::Sse8,
-                Kernel::Portable => return Some(Self::new_portable(key)),
+            use super::xts_common::AesKeys;
+            if kernel == Kernel::Portable {
+                return Some(Self::new_portable(key));
+            }
+            if !kernel.is_available() {
+                return None;
+            }
+            let keys = AesKeys::new(key.dangerous_k1(), key.dangerous_k2())?;
+            let engine = match kernel {
+                Kernel::AesNiVaes => Engine::AesNiVaes(keys),
+                _ => Engine::AesNi(keys),
             };
-            NiKeys::new(key.dangerous_k1(), key.dangerous_k2(), ni).map(|keys| Self {
-                backend: Backend::AesNi(keys),
-            })
+            Some(Self { engine })
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -126,7 +136,7 @@ impl Xts {
     /// An engine for `key` on the portable path, whatever the CPU (for tests and benchmarks).
     pub fn new_portable(key: &XtsKey) -> Self {
         Self {
-            backend: Backend::Portable(Box::new(Portable::new(key))),
+            engine: Engine::Portable(Box::new(Portable::new(key))),
         }
     }
 
@@ -140,22 +150,21 @@ impl Xts {
 
     /// `"aes-ni"` (either AES-NI kernel) or `"portable"`: which backend this engine runs on.
     pub fn backend_name(&self) -> &'static str {
-        match self.backend {
+        match self.engine {
             #[cfg(target_arch = "x86_64")]
-            Backend::AesNi(_) => "aes-ni",
-            Backend::Portable(_) => "portable",
+            Engine::AesNiVaes(_) | Engine::AesNi(_) => "aes-ni",
+            Engine::Portable(_) => "portable",
         }
     }
 
     /// The exact kernel this engine runs on.
     pub fn kernel(&self) -> Kernel {
-        match &self.backend {
+        match &self.engine {
             #[cfg(target_arch = "x86_64")]
-            Backend::AesNi(keys) => match keys.kernel() {
-                super::xts_ni::NiKernel::Vaes16 => Kernel::AesNiVaes,
-                super::xts_ni::NiKernel::Sse8 => Kernel::AesNi,
-            },
-            Backend::Portable(_) => Kernel::Portable,
+            Engine::AesNiVaes(_) => Kernel::AesNiVaes,
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNi(_) => Kernel::AesNi,
+            Engine::Portable(_) => Kernel::Portable,
         }
     }
 
@@ -215,6 +224,8 @@ impl Xts {
     }
 
     /// `src: None` means in place (read from `dst`). Lengths are already checked.
+    // Calling the AES-NI kernels (`unsafe fn`s: CPU features and pointer contract).
+    #[allow(unsafe_code)]
     fn run<const ENC: bool>(
         &self,
         src: Option<&[u8]>,
@@ -222,19 +233,38 @@ impl Xts {
         sector_size: usize,
         first_unit: u64,
     ) {
-        match &self.backend {
+        #[cfg(target_arch = "x86_64")]
+        let (len, d) = (dst.len(), dst.as_mut_ptr());
+        #[cfg(target_arch = "x86_64")]
+        let s = src.map_or(d.cast_const(), <[u8]>::as_ptr);
+        match &self.engine {
             #[cfg(target_arch = "x86_64")]
-            Backend::AesNi(keys) => {
-                let len = dst.len();
-                let d = dst.as_mut_ptr();
-                let s = src.map_or(d.cast_const(), <[u8]>::as_ptr);
-                // SAFETY: `s` and `d` are valid for `len` bytes (`check` and the length assert
-                // ran); they are equal (in place) or disjoint (a `&[u8]` and a `&mut [u8]`
-                // cannot overlap); `len` is a multiple of `sector_size`, itself 512 or 4096 —
-                // multiples of the kernels' 128- and 256-byte groups and of the 512-byte unit.
-                unsafe { keys.crypt::<ENC>(s, d, len, sector_size, first_unit) }
+            Engine::AesNiVaes(keys) => {
+                // SAFETY: the engine exists only if this kernel's `available()` said yes at
+                // construction. `s` and `d` are valid for `len` bytes (`check` and the length
+                // assert ran); they are equal (in place) or disjoint (a `&[u8]` and a
+                // `&mut [u8]` cannot overlap); `len` is a multiple of `sector_size`, itself 512
+                // or 4096: multiples of the kernel's 256-byte group and of the 512-byte unit.
+                unsafe {
+                    super::xts_vaes::crypt_sectors::<ENC>(
+                        keys.data::<ENC>(),
+                        &keys.enc2,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                    )
+                }
             }
-            Backend::Portable(p) => p.run::<ENC>(src, dst, sector_size, first_unit),
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNi(keys) => {
+                // SAFETY: as for `AesNiVaes`, with this kernel's 128-byte group.
+                unsafe {
+                    super::xts_ni::crypt_sectors::<ENC>(keys, s, d, len, sector_size, first_unit)
+                }
+            }
+            Engine::Portable(p) => p.run::<ENC>(src, dst, sector_size, first_unit),
         }
     }
 }
@@ -319,16 +349,6 @@ impl Portable {
             wipe(b.as_mut_slice());
         }
     }
-}
-
-/// Overwrites scratch memory that held tweaks or plaintext with zeroes, on every call of the hot
-/// path. `zeroize` would write byte by byte (volatile), ≈1 cycle a byte — as much as the AES work
-/// on a 512-byte sector. A plain `fill` compiles to wide stores, and `black_box` makes the
-/// compiler treat the zeroes as read afterwards, so the stores are not dropped as dead.
-#[inline]
-pub(crate) fn wipe(bytes: &mut [u8]) {
-    bytes.fill(0);
-    std::hint::black_box(bytes);
 }
 
 /// Multiplies a tweak by α in GF(2^128) (little-endian convention of IEEE 1619).

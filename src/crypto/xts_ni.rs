@@ -1,7 +1,6 @@
-//! The AES-NI fast path of the XTS engine (x86_64 only): the AES-256 key schedules (shared with
-//! the wide VAES kernel in [`super::xts_vaes`]) and the 8-block SSE kernel. Together with
-//! `xts_vaes` it holds every `unsafe` block of the XTS engine; [`super::xts`] only calls in after
-//! the kernel's `available()` said yes.
+//! The 8-block SSE AES-NI kernel of the XTS engine (x86_64 only). It and `xts_vaes` hold every
+//! `unsafe` block of the XTS engine; the key schedules and tweak helpers they share are in the
+//! leaf `xts_common`, and `xts` (the kernel choice) only calls in after [`available`] said yes.
 //!
 //! Why it is shaped like this:
 //! - `aesenc` has a latency of about 4 cycles but a throughput of 2 per cycle, so one block at a
@@ -18,263 +17,11 @@
 
 use core::arch::x86_64::*;
 
-use zeroize::Zeroize;
-
-use super::locked::{LockedBox, Zeroable};
-
-/// AES-256 has 14 rounds, hence 15 round keys.
-const ROUNDS: usize = 14;
-/// Blocks kept in flight by the kernel; sectors are multiples of 8 blocks (128 bytes).
-pub(super) const LANES: usize = 8;
-pub(super) const BLOCK: usize = 16;
+use super::xts_common::{aes_available, encrypt_tweaks, mul_alpha, wipe, AesKeys, BLOCK, LANES};
 
 /// True when this CPU has the instructions the kernel needs.
 pub(crate) fn available() -> bool {
-    is_x86_feature_detected!("aes")
-        && is_x86_feature_detected!("sse2")
-        && is_x86_feature_detected!("pclmulqdq")
-}
-
-/// Which AES-NI kernel runs the data blocks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum NiKernel {
-    /// SSE, 8 blocks in flight (this file).
-    Sse8,
-    /// AVX2 + VAES, 16 blocks in flight (`xts_vaes`).
-    Vaes16,
-}
-
-impl NiKernel {
-    pub(crate) fn available(self) -> bool {
-        match self {
-            NiKernel::Sse8 => available(),
-            NiKernel::Vaes16 => super::xts_vaes::available(),
-        }
-    }
-}
-
-/// 15 round keys, 16-byte aligned so they can be loaded with aligned loads. Deliberately not
-/// `Copy`/`Clone`: key material should exist once, in its zeroize-on-drop owner.
-#[repr(C, align(16))]
-pub(crate) struct RoundKeys(pub(crate) [[u8; BLOCK]; ROUNDS + 1]);
-
-/// The three schedules of one XTS key: K1 for encryption and for decryption (the equivalent
-/// inverse cipher's schedule), K2 for the tweak.
-#[repr(C)]
-pub(crate) struct Schedules {
-    pub(crate) enc1: RoundKeys,
-    pub(crate) dec1: RoundKeys,
-    pub(crate) enc2: RoundKeys,
-}
-
-// SAFETY: three arrays of bytes: all zeroes is a valid value and nothing is owned.
-unsafe impl Zeroable for Schedules {}
-
-impl Zeroize for Schedules {
-    fn zeroize(&mut self) {
-        self.enc1.0.zeroize();
-        self.dec1.0.zeroize();
-        self.enc2.0.zeroize();
-    }
-}
-
-/// The expanded keys of one XTS key, on locked, non-dumpable pages that are zeroized when the
-/// engine is dropped (these are key material), plus the kernel that uses them.
-pub(crate) struct NiKeys {
-    schedules: LockedBox<Schedules>,
-    kernel: NiKernel,
-}
-
-impl std::ops::Deref for NiKeys {
-    type Target = Schedules;
-    fn deref(&self) -> &Schedules {
-        &self.schedules
-    }
-}
-
-impl NiKeys {
-    /// Expands K1 and K2 for `kernel`. Returns `None` when the CPU lacks what it needs.
-    pub(crate) fn new(k1: &[u8; 32], k2: &[u8; 32], kernel: NiKernel) -> Option<Box<Self>> {
-        if !available() || !kernel.available() {
-            return None;
-        }
-        // The schedules are written once, in place, in their locked pages: never copied around
-        // the stack by moves of the owner.
-        let schedules = LockedBox::<Schedules>::new_with(|s| {
-            // SAFETY: `available()` confirmed the `aes` and `sse2` features these functions enable.
-            unsafe {
-                expand_key(k1, &mut s.enc1);
-                invert_key(&s.enc1, &mut s.dec1);
-                expand_key(k2, &mut s.enc2);
-            }
-        });
-        Some(Box::new(Self { schedules, kernel }))
-    }
-
-    /// Encrypts (`ENC`) or decrypts whole sectors from `src` into `dst`.
-    ///
-    /// The caller guarantees: `src` and `dst` are valid for `len` bytes and either identical or
-    /// non-overlapping, `len` is a multiple of `sector_size`, and `sector_size` is 512 or 4096
-    /// (a multiple of both kernels' groups, 128 and 256 bytes, and of the 512-byte tweak unit).
-    ///
-    /// # Safety
-    /// The pointer contract above must hold.
-    pub(crate) unsafe fn crypt<const ENC: bool>(
-        &self,
-        src: *const u8,
-        dst: *mut u8,
-        len: usize,
-        sector_size: usize,
-        first_unit: u64,
-    ) {
-        let rks = if ENC { &self.enc1 } else { &self.dec1 };
-        // SAFETY: `self` exists only if its kernel's `available()` returned true at construction;
-        // the pointer contract is forwarded from our caller.
-        unsafe {
-            match self.kernel {
-                NiKernel::Sse8 => {
-                    crypt_sectors::<ENC>(self, src, dst, len, sector_size, first_unit)
-                }
-                NiKernel::Vaes16 => super::xts_vaes::crypt_sectors::<ENC>(
-                    rks,
-                    &self.enc2,
-                    src,
-                    dst,
-                    len,
-                    sector_size,
-                    first_unit,
-                ),
-            }
-        }
-    }
-
-    pub(crate) fn kernel(&self) -> NiKernel {
-        self.kernel
-    }
-}
-
-/// Round key `i` (panics on `i > 14`, which the constant loop bounds rule out at compile time).
-#[inline]
-#[target_feature(enable = "aes,sse2")]
-fn load_rk(rk: &RoundKeys, i: usize) -> __m128i {
-    let k: &[u8; BLOCK] = &rk.0[i];
-    // SAFETY: `k` is a reference to 16 readable bytes, 16-byte aligned because `RoundKeys` is
-    // `align(16)` and its elements are 16 bytes apart.
-    unsafe { _mm_load_si128(k.as_ptr().cast()) }
-}
-
-#[inline]
-#[target_feature(enable = "aes,sse2")]
-fn store_rk(rk: &mut RoundKeys, i: usize, v: __m128i) {
-    let k: &mut [u8; BLOCK] = &mut rk.0[i];
-    // SAFETY: as in `load_rk`, 16 writable, aligned bytes.
-    unsafe { _mm_store_si128(k.as_mut_ptr().cast(), v) }
-}
-
-/// One step of the AES-256 key expansion for an even round key: `a` is the key two positions
-/// back, `assist` the `aeskeygenassist` of the previous key (its RotWord/SubWord/Rcon word).
-#[inline]
-#[target_feature(enable = "aes,sse2")]
-fn expand_even(a: __m128i, assist: __m128i) -> __m128i {
-    let assist = _mm_shuffle_epi32::<0xff>(assist);
-    let mut a = a;
-    a = _mm_xor_si128(a, _mm_slli_si128::<4>(a));
-    a = _mm_xor_si128(a, _mm_slli_si128::<4>(a));
-    a = _mm_xor_si128(a, _mm_slli_si128::<4>(a));
-    _mm_xor_si128(a, assist)
-}
-
-/// One step of the AES-256 key expansion for an odd round key (SubWord without RotWord/Rcon).
-#[inline]
-#[target_feature(enable = "aes,sse2")]
-fn expand_odd(prev_even: __m128i, b: __m128i) -> __m128i {
-    let t = _mm_shuffle_epi32::<0xaa>(_mm_aeskeygenassist_si128::<0>(prev_even));
-    let mut b = b;
-    b = _mm_xor_si128(b, _mm_slli_si128::<4>(b));
-    b = _mm_xor_si128(b, _mm_slli_si128::<4>(b));
-    b = _mm_xor_si128(b, _mm_slli_si128::<4>(b));
-    _mm_xor_si128(b, t)
-}
-
-/// The AES-256 encryption key schedule (FIPS-197 §5.2) with `aeskeygenassist`.
-#[target_feature(enable = "aes,sse2")]
-fn expand_key(key: &[u8; 32], out: &mut RoundKeys) {
-    let (lo, hi) = key.split_at(16);
-    // SAFETY: `lo` and `hi` are 16 readable bytes each; unaligned loads.
-    let (mut a, mut b) = unsafe {
-        (
-            _mm_loadu_si128(lo.as_ptr().cast()),
-            _mm_loadu_si128(hi.as_ptr().cast()),
-        )
-    };
-    store_rk(out, 0, a);
-    store_rk(out, 1, b);
-    macro_rules! step {
-        ($rcon:literal, $i:literal) => {
-            a = expand_even(a, _mm_aeskeygenassist_si128::<$rcon>(b));
-            store_rk(out, $i, a);
-            if $i < ROUNDS {
-                b = expand_odd(a, b);
-                store_rk(out, $i + 1, b);
-            }
-        };
-    }
-    step!(0x01, 2);
-    step!(0x02, 4);
-    step!(0x04, 6);
-    step!(0x08, 8);
-    step!(0x10, 10);
-    step!(0x20, 12);
-    step!(0x40, 14);
-    // Best effort: clear the register copies of the key so no spill slot keeps them.
-    a = _mm_setzero_si128();
-    b = _mm_setzero_si128();
-    core::hint::black_box((a, b));
-}
-
-/// The decryption schedule of the equivalent inverse cipher: reversed, with InvMixColumns
-/// (`aesimc`) applied to the inner round keys.
-#[target_feature(enable = "aes,sse2")]
-fn invert_key(enc: &RoundKeys, dec: &mut RoundKeys) {
-    store_rk(dec, 0, load_rk(enc, ROUNDS));
-    for i in 1..ROUNDS {
-        store_rk(dec, i, _mm_aesimc_si128(load_rk(enc, ROUNDS - i)));
-    }
-    store_rk(dec, ROUNDS, load_rk(enc, 0));
-}
-
-/// Multiplies a tweak by α in GF(2^128) (IEEE 1619 little-endian convention); the same trick as
-/// the kernel's `whiten` below.
-#[inline]
-#[target_feature(enable = "aes,sse2")]
-pub(super) fn mul_alpha(t: __m128i) -> __m128i {
-    let carries = _mm_and_si128(
-        _mm_srai_epi32::<31>(_mm_shuffle_epi32::<0x13>(t)),
-        _mm_set_epi32(0, 1, 0, 0x87),
-    );
-    _mm_xor_si128(_mm_add_epi64(t, t), carries)
-}
-
-/// Encrypts the 16-byte tweak block of each of the first `n <= LANES` units under K2.
-#[inline]
-#[target_feature(enable = "aes,sse2")]
-pub(super) fn encrypt_tweaks(k2: &RoundKeys, units: &[u64; LANES], n: usize) -> [__m128i; LANES] {
-    let mut t = [_mm_setzero_si128(); LANES];
-    let rk0 = load_rk(k2, 0);
-    for (x, &u) in t.iter_mut().zip(units).take(n) {
-        *x = _mm_xor_si128(_mm_set_epi64x(0, u as i64), rk0);
-    }
-    for r in 1..ROUNDS {
-        let rk = load_rk(k2, r);
-        for x in t.iter_mut().take(n) {
-            *x = _mm_aesenc_si128(*x, rk);
-        }
-    }
-    let rk = load_rk(k2, ROUNDS);
-    for x in t.iter_mut().take(n) {
-        *x = _mm_aesenclast_si128(*x, rk);
-    }
-    t
+    aes_available()
 }
 
 // The kernel is written in assembly because LLVM's scheduler, short of registers, reordered the
@@ -428,16 +175,22 @@ impl TweakScratch {
     }
 }
 
+/// Encrypts (`ENC`) or decrypts whole sectors from `src` into `dst`.
+///
+/// # Safety
+/// The CPU must have what [`available`] checks. `src` and `dst` must be valid for `len` bytes and
+/// equal or disjoint; `len` a multiple of `sector_size`, itself 512 or 4096 (a multiple of the
+/// 128-byte group and of the 512-byte tweak unit).
 #[target_feature(enable = "aes,sse2,pclmulqdq")]
-unsafe fn crypt_sectors<const ENC: bool>(
-    keys: &NiKeys,
+pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
+    keys: &AesKeys,
     src: *const u8,
     dst: *mut u8,
     len: usize,
     sector_size: usize,
     first_unit: u64,
 ) {
-    let rks = if ENC { &keys.enc1 } else { &keys.dec1 };
+    let rks = keys.data::<ENC>();
     let units_per_sector = (sector_size / 512) as u64;
     let groups_per_sector = sector_size / (LANES * BLOCK);
     let sectors = len / sector_size;
@@ -482,5 +235,5 @@ unsafe fn crypt_sectors<const ENC: bool>(
         done += n;
     }
     // The tweaks are derived from K2; don't leave them on the stack.
-    super::xts::wipe(&mut scratch.0);
+    wipe(&mut scratch.0);
 }

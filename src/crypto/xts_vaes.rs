@@ -1,21 +1,22 @@
 //! The wide variant of the AES-NI XTS kernel (x86_64 with AVX2 and VAES): the same algorithm as
-//! the 8-block SSE kernel in [`super::xts_ni`], but each `vaesenc` works on two blocks in a 256-bit
+//! the 8-block SSE kernel in `xts_ni`, but each `vaesenc` works on two blocks in a 256-bit
 //! register, so 16 blocks are in flight. On CPUs whose AES units accept 256-bit operands at full
 //! rate (AMD Zen 3 and later, Intel Ice Lake and later) that doubles the AES work per instruction.
 //! Only 256-bit (`ymm`) registers are used, no AVX-512 (DESIGN.md reports the AVX-512 code that
-//! `target-cpu=native` produced as slower here). Key schedules come from [`super::xts_ni`].
-//! Measured: ≈2× the SSE kernel, ≈2× OpenSSL 3.0 (see `Kernel` in [`super::xts`]).
+//! `target-cpu=native` produced as slower here). Key schedules and tweak helpers come from the
+//! leaf `xts_common`.
+//! Measured: ≈2× the SSE kernel, ≈2× OpenSSL 3.0 (see `Kernel` in `xts`).
 
 use core::arch::x86_64::*;
 
-use super::xts_ni::{encrypt_tweaks, mul_alpha, RoundKeys, BLOCK, LANES};
+use super::xts_common::{aes_available, encrypt_tweaks, mul_alpha, wipe, RoundKeys, BLOCK, LANES};
 
 /// Blocks per group: 8 registers of 2 blocks.
 const GROUP: usize = 16;
 
 /// True when this CPU has the instructions the wide kernel needs.
 pub(crate) fn available() -> bool {
-    is_x86_feature_detected!("aes")
+    aes_available()
         && is_x86_feature_detected!("avx2")
         && is_x86_feature_detected!("vaes")
         && is_x86_feature_detected!("vpclmulqdq")
@@ -219,7 +220,7 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
         done += n;
     }
     // The tweaks are derived from K2; don't leave them on the stack.
-    super::xts::wipe(&mut scratch.0);
+    wipe(&mut scratch.0);
     // Leave the upper register halves clean for any legacy-SSE code that runs next (Intel
     // charges a transition penalty otherwise).
     _mm256_zeroupper();

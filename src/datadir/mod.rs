@@ -1,6 +1,7 @@
-//! The data directory: the glue between the key store and the volumes. It owns the layout
+//! The data directory: the glue between a key provider and the volumes. It owns the layout
 //! (`volumes/NAME.vol` beside the key store files), volume names, and the operations that need
-//! both a volume file and the key store: create (a fresh DEK from `create-datakey`), attach
+//! both a volume file and data keys, which it asks of a [`KeyProvider`] (the key seam: the
+//! embedded key store or a remote KMS; this module does not care which): create (a fresh DEK from `create-datakey`), attach
 //! (`decrypt-datakey` on the header's wrapped DEK), rekey (`re-encrypt`, header only), plus the
 //! header-only ones (info, resize, delete) and raw image import/export.
 //!
@@ -16,8 +17,8 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::backend::FileBackend;
-use crate::crypto::XtsKey;
-use crate::kms::{EncryptionContext, KeyStore, KmsError};
+use crate::crypto::{KeyError, XtsKey};
+use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use crate::volume::{Volume, VolumeError, VolumeHeader};
 
 mod transfer;
@@ -25,6 +26,7 @@ mod transfer;
 const MAX_NAME_LEN: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DataDirError {
     #[error("invalid volume name {name:?}: {reason}")]
     InvalidName { name: String, reason: &'static str },
@@ -38,7 +40,7 @@ pub enum DataDirError {
     #[error("volume {name:?} is in use (attached by a running server or another command); detach it first")]
     InUse { name: String },
 
-    #[error("volume {name:?}: {source}")]
+    #[error("volume {name:?}")]
     Volume {
         name: String,
         #[source]
@@ -46,7 +48,7 @@ pub enum DataDirError {
     },
 
     /// The key store refused (disabled, pending deletion or deleted key, wrong context…).
-    #[error("cannot {action} volume {name:?}: the key store refused: {source}")]
+    #[error("cannot {action} volume {name:?}: the key provider refused")]
     Kms {
         name: String,
         action: &'static str,
@@ -63,8 +65,12 @@ pub enum DataDirError {
         found: Option<String>,
     },
 
-    #[error("volume {name:?}: the key store returned an unusable data key: {reason}")]
-    BadDataKey { name: String, reason: String },
+    #[error("volume {name:?}: the key provider returned an unusable data key")]
+    BadDataKey {
+        name: String,
+        #[source]
+        source: KeyError,
+    },
 
     #[error("cannot shrink volume {name:?} from {current} to {requested} bytes: only growing is supported (shrinking would destroy data)")]
     Shrink {
@@ -76,7 +82,7 @@ pub enum DataDirError {
     #[error("invalid request for volume {name:?}: {reason}")]
     Invalid { name: String, reason: String },
 
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}", path.display())]
     Io {
         what: String,
         path: PathBuf,
@@ -263,7 +269,7 @@ impl DataDir {
     /// key from `key` (a CMK id or alias). The file appears complete or not at all.
     pub fn create_volume(
         &self,
-        ks: &KeyStore,
+        keys: &dyn KeyProvider,
         name: &str,
         size: u64,
         key: &str,
@@ -280,7 +286,7 @@ impl DataDir {
         header.discard = opts.discard;
         header.validate().map_err(Self::vol_err(name))?;
         let ctx = volume_context(header.volume_id);
-        let dk = ks
+        let dk = keys
             .create_data_key(key, &ctx, 512)
             .map_err(|source| DataDirError::Kms {
                 name: name.to_string(),
@@ -290,7 +296,7 @@ impl DataDir {
         let xts = XtsKey::from_slice(dk.plain_text.dangerous_as_bytes()).map_err(|e| {
             DataDirError::BadDataKey {
                 name: name.to_string(),
-                reason: e.to_string(),
+                source: e,
             }
         })?;
         header.key_id = dk.wrapped.key_id;
@@ -346,7 +352,7 @@ impl DataDir {
     /// (disabled, pending deletion or deleted key, wrong context) names the volume and the reason.
     pub fn attach(
         &self,
-        ks: &KeyStore,
+        keys: &dyn KeyProvider,
         name: &str,
         read_only: bool,
     ) -> Result<Volume, DataDirError> {
@@ -360,7 +366,7 @@ impl DataDir {
                 found: found.cloned(),
             });
         }
-        let uk = ks
+        let uk = keys
             .decrypt_data_key(&h.key_id.to_string(), &h.wrapped_dek, &h.encryption_context)
             .map_err(|source| DataDirError::Kms {
                 name: name.to_string(),
@@ -370,7 +376,7 @@ impl DataDir {
         let key = XtsKey::from_slice(uk.plain_text.dangerous_as_bytes()).map_err(|e| {
             DataDirError::BadDataKey {
                 name: name.to_string(),
-                reason: e.to_string(),
+                source: e,
             }
         })?;
         Volume::with_key(Box::new(backend), h, &key, read_only).map_err(Self::vol_err(name))
@@ -423,13 +429,13 @@ impl DataDir {
     /// header changes (crash-safe), the data is untouched.
     pub fn rekey(
         &self,
-        ks: &KeyStore,
+        keys: &dyn KeyProvider,
         name: &str,
         key: Option<&str>,
     ) -> Result<VolumeHeader, DataDirError> {
         let backend = self.open_locked(name, true, true)?;
         let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
-        let w = ks
+        let w = keys
             .re_encrypt(
                 &header.wrapped_dek,
                 &header.encryption_context,

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::{io_err, round_up, CreateOptions, DataDir, DataDirError};
 use crate::backend::{Backend, FileBackend};
-use crate::kms::KeyStore;
+use crate::kms::KeyProvider;
 use crate::volume::VolumeHeader;
 
 /// Bytes copied per step.
@@ -19,7 +19,7 @@ impl DataDir {
     /// is called as bytes are copied. On failure the partial volume is removed.
     pub fn import(
         &self,
-        ks: &KeyStore,
+        keys: &dyn KeyProvider,
         name: &str,
         from: &Path,
         key: &str,
@@ -37,9 +37,9 @@ impl DataDir {
                 name: name.to_string(),
                 reason: format!("the image {} is empty", from.display()),
             })?;
-        let header = self.create_volume(ks, name, size, key, opts)?;
+        let header = self.create_volume(keys, name, size, key, opts)?;
         let copy = || -> Result<(), DataDirError> {
-            let vol = self.attach(ks, name, false)?;
+            let vol = self.attach(keys, name, false)?;
             let src = FileBackend::new(src, from);
             let mut buf = vec![0u8; COPY_CHUNK];
             let mut done = 0u64;
@@ -70,12 +70,12 @@ impl DataDir {
     /// stay holes in the image (and all-zero chunks are not written). `progress(done, total)`.
     pub fn export(
         &self,
-        ks: &KeyStore,
+        keys: &dyn KeyProvider,
         name: &str,
         to: &Path,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<u64, DataDirError> {
-        let vol = self.attach(ks, name, true)?;
+        let vol = self.attach(keys, name, true)?;
         let out = OpenOptions::new()
             .write(true)
             .create_new(true)

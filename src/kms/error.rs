@@ -9,6 +9,7 @@ use super::KeyState;
 
 /// Key store errors.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KmsError {
     /// No key store file in the directory.
     #[error("no key store in {}: run `cryptnbd kms init`", dir.display())]

@@ -9,7 +9,7 @@
 //!
 //! Layout of this module: this file holds the public types and opening/creating a store; the CMK
 //! lifecycle (create/enable/disable/delete/rotate/alias) is in `lifecycle.rs`, the envelope
-//! operations on data keys in `envelope.rs`, the wrapped-key format and AADs in [`blob`], errors
+//! operations on data keys in `envelope.rs`, the key seam ([`KeyProvider`]) in `provider.rs`, the wrapped-key format and AADs in [`blob`], errors
 //! in `error.rs`, the injectable time source in [`clock`].
 
 pub mod audit;
@@ -18,6 +18,7 @@ pub mod clock;
 mod envelope;
 mod error;
 mod lifecycle;
+mod provider;
 pub mod root;
 pub mod store;
 
@@ -35,6 +36,7 @@ use crate::crypto::{aead, Key256, SecretBytes};
 pub use audit::AuditRecord;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::KmsError;
+pub use provider::KeyProvider;
 use root::RootParams;
 use store::{StoreFile, ROOT_KEY_FILE};
 

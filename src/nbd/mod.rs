@@ -1,5 +1,6 @@
 //! The NBD wire format: protocol constants, the fixed-newstyle handshake (greeting, client flags,
-//! option requests and replies), transmission request headers and reply encoding.
+//! option requests and replies), transmission request headers, request validation against the
+//! negotiated export ([`validate`]: every refusal's errno is chosen there) and reply encoding.
 //!
 //! Everything here works on byte slices and owned buffers: no sockets, no I/O, no volumes. Every
 //! length read from the wire is checked against the bytes present and a cap before anything is
@@ -11,11 +12,13 @@ pub mod consts;
 pub mod option;
 pub mod reply;
 pub mod request;
+pub mod validate;
 
 pub use consts::*;
 
 /// Why bytes from the wire were refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum WireError {
     #[error("truncated {what}: need {need} bytes, got {got}")]
     Truncated {

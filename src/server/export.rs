@@ -1,79 +1,29 @@
-//! What the server serves: the [`Export`] trait (one attached disk, all `&self`, shared by every
-//! connection to it) and the [`ExportProvider`] that lists and attaches exports by name. The server
-//! knows nothing else about storage, so it is tested against [`super::mem::MemExport`].
+//! The storage seam as the server sees it: it serves [`Volume`]s directly (one shared
+//! `Arc<Volume>` per export, so a FLUSH on one connection covers all), found by name through an
+//! [`ExportProvider`]. Which volumes exist and how they are attached (data directory, key
+//! provider) is decided above the server (see `crate::exports`); the server only turns a volume
+//! error into the errno of an NBD reply, here, in [`errno_for`].
 
 use std::sync::Arc;
 
-// The server speaks the volume's own read/extent types: one definition, no conversions.
-pub use crate::volume::{Extent, ReadOutcome};
+use crate::nbd::{self, validate::out_of_range_errno};
+use crate::volume::{Op, Volume, VolumeError};
 
-/// An I/O error to report to the client: a POSIX errno (as NBD numbers them) and a message for a
-/// human that names what was done to what (never data or keys).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ExportError {
-    pub errno: u32,
-    pub message: String,
-}
-
-impl ExportError {
-    pub fn new(errno: u32, message: impl Into<String>) -> Self {
-        Self {
-            errno,
-            message: message.into(),
-        }
-    }
-}
-
-/// One attached disk. Offsets and lengths are already checked against [`Export::size`] by the
-/// server; implementations may still refuse them. Unaligned I/O is the export's business (the
-/// encrypted volume does read-modify-write).
-pub trait Export: Send + Sync {
-    fn name(&self) -> &str;
-    fn description(&self) -> String;
-    fn size(&self) -> u64;
-    /// The smallest unit the export stores (512 or 4096): advertised as the minimum block size.
-    fn sector_size(&self) -> u32;
-    fn is_read_only(&self) -> bool;
-    /// Fills `buf` from `offset`.
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<ReadOutcome, ExportError>;
-    /// [`Export::read`] if it can be done without waiting for a device (cached data), else
-    /// `None`: the session then lets another worker read the next request meanwhile.
-    fn try_read_cached(
-        &self,
-        _offset: u64,
-        _buf: &mut [u8],
-    ) -> Option<Result<ReadOutcome, ExportError>> {
-        None
-    }
-    /// Writes `data` at `offset`. `data` is scratch: the export may transform it in place
-    /// (encrypt) to avoid a copy.
-    fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), ExportError>;
-    /// Makes every completed write durable (on every connection: they share this export).
-    fn flush(&self) -> Result<(), ExportError>;
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError>;
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_punch: bool,
-        fua: bool,
-    ) -> Result<(), ExportError>;
-    /// Whether zeroing is faster than writing zeroes (NBD_CMD_FLAG_FAST_ZERO).
-    fn zeroing_is_fast(&self, may_punch: bool) -> bool;
-    fn cache(&self, offset: u64, len: u64) -> Result<(), ExportError>;
-    /// Allocation status from `offset`, covering at least one byte of `[offset, offset+len)`.
-    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, ExportError>;
-}
-
-/// Why an export could not be attached; the message goes to the client and the log.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an export could not be attached. The source stays typed (e.g. the data directory's error,
+/// which in turn holds the key provider's refusal); the message a client sees is built once from
+/// the whole chain, by the handshake.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AttachError {
     #[error("no export named {0:?}")]
     NotFound(String),
     /// The export exists but cannot be served (disabled key, corrupt header...).
-    #[error("export {name:?} cannot be attached: {reason}")]
-    Refused { name: String, reason: String },
+    #[error("export {name:?} cannot be attached")]
+    Refused {
+        name: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A name and a description for humans, as NBD_OPT_LIST shows them.
@@ -95,5 +45,99 @@ pub trait ExportProvider: Send + Sync {
     fn exists(&self, name: &str) -> bool {
         self.list().iter().any(|e| e.name == name)
     }
-    fn attach(&self, name: &str) -> Result<Arc<dyn Export>, AttachError>;
+    fn attach(&self, name: &str) -> Result<Arc<Volume>, AttachError>;
+    /// What NBD_INFO_DESCRIPTION says about the attached export `name`.
+    fn description(&self, _name: &str, volume: &Volume) -> String {
+        volume.header().describe()
+    }
+}
+
+/// The errno an NBD reply carries for a volume error: the one mapping from volume errors to the
+/// wire. Requests are validated first ([`nbd::validate::check`]), so range and read-only errors
+/// only come from a volume that changed under the server; they still get the protocol's errno.
+pub fn errno_for(e: &VolumeError) -> u32 {
+    match e {
+        VolumeError::OutOfRange { op, .. } => out_of_range_errno(match op {
+            Op::Write => nbd::CMD_WRITE,
+            Op::WriteZeroes => nbd::CMD_WRITE_ZEROES,
+            _ => nbd::CMD_READ,
+        }),
+        VolumeError::ReadOnly { .. } => nbd::EPERM,
+        VolumeError::Io { cause, .. } => match cause.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => nbd::ENOSPC,
+            Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => nbd::EPERM,
+            Some(libc::ENOMEM) => nbd::ENOMEM,
+            Some(libc::EINVAL) => nbd::EINVAL,
+            Some(libc::EOPNOTSUPP) => nbd::ENOTSUP,
+            _ if cause.kind() == std::io::ErrorKind::Unsupported => nbd::ENOTSUP,
+            _ => nbd::EIO,
+        },
+        VolumeError::Invalid(_) => nbd::EINVAL,
+        _ => nbd::EIO,
+    }
+}
+
+/// An error and its sources on one line, leaving out a source whose text the line already holds:
+/// the message a client (or a log line) gets.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    fn io(errno: i32) -> VolumeError {
+        VolumeError::Io {
+            what: "writing".into(),
+            target: "memory".into(),
+            cause: io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    #[test]
+    fn volume_errors_map_to_protocol_errnos() {
+        let range = |op| VolumeError::OutOfRange {
+            op,
+            offset: 10,
+            len: 10,
+            size: 12,
+        };
+        assert_eq!(errno_for(&range(Op::Read)), nbd::EINVAL);
+        assert_eq!(errno_for(&range(Op::Write)), nbd::ENOSPC);
+        assert_eq!(errno_for(&range(Op::WriteZeroes)), nbd::ENOSPC);
+        assert_eq!(errno_for(&range(Op::Trim)), nbd::EINVAL);
+        assert_eq!(
+            errno_for(&VolumeError::ReadOnly { op: Op::Trim }),
+            nbd::EPERM
+        );
+        assert_eq!(errno_for(&io(libc::ENOSPC)), nbd::ENOSPC);
+        assert_eq!(errno_for(&io(libc::EDQUOT)), nbd::ENOSPC);
+        assert_eq!(errno_for(&io(libc::EROFS)), nbd::EPERM);
+        assert_eq!(errno_for(&io(libc::EOPNOTSUPP)), nbd::ENOTSUP);
+        assert_eq!(errno_for(&io(libc::EBADF)), nbd::EIO);
+        assert_eq!(errno_for(&VolumeError::Invalid("x".into())), nbd::EINVAL);
+    }
+
+    #[test]
+    fn chains_print_each_cause_once() {
+        let e = AttachError::Refused {
+            name: "v".into(),
+            source: Box::new(io(libc::EIO)),
+        };
+        let line = error_chain(&e);
+        assert!(line.starts_with("export \"v\" cannot be attached: writing of memory"));
+        assert_eq!(line.matches("writing").count(), 1);
+    }
 }

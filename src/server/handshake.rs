@@ -18,19 +18,20 @@ use std::time::Instant;
 
 use tracing::debug;
 
-use super::export::{AttachError, Export, ExportInfo, ExportProvider};
+use super::export::{error_chain, AttachError, ExportInfo, ExportProvider};
 use super::peer::Access;
 use super::transport::Conn;
 use crate::config::ServerConfig;
 use crate::nbd::option::{self as opt, InfoRequest, MetaContextRequest, OptionHeader};
 use crate::nbd::{consts::*, WireError};
+use crate::volume::Volume;
 
 /// The id of `base:allocation` when selected with SET_META_CONTEXT.
 pub(crate) const BASE_ALLOCATION_ID: u32 = 1;
 
 /// What the transmission phase needs from a successful handshake.
 pub(crate) struct Negotiated {
-    pub export: Arc<dyn Export>,
+    pub export: Arc<Volume>,
     pub name: String,
     pub structured: bool,
     /// Set when `base:allocation` was selected for this export.
@@ -46,6 +47,7 @@ pub(crate) enum HandshakeEnd {
 
 /// Why a handshake ended without an export being served.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum HandshakeError {
     #[error("the client closed the connection during the handshake")]
     ClientClosed,
@@ -76,7 +78,7 @@ pub enum HandshakeError {
 }
 
 /// Transmission flags for `export`.
-pub(crate) fn transmission_flags(export: &dyn Export, structured: bool) -> u16 {
+pub(crate) fn transmission_flags(export: &Volume, structured: bool) -> u16 {
     let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
     // Every connection to an export shares one open volume, so a FLUSH on one covers all.
     f |= FLAG_CAN_MULTI_CONN;
@@ -453,7 +455,7 @@ impl Driver<'_> {
         self.ack(option)
     }
 
-    fn attach(&self, name: &str) -> Result<Arc<dyn Export>, AttachError> {
+    fn attach(&self, name: &str) -> Result<Arc<Volume>, AttachError> {
         self.provider.attach(name)
     }
 
@@ -481,13 +483,15 @@ impl Driver<'_> {
             Ok(e) => e,
             Err(e) => {
                 let ty = match e {
-                    AttachError::NotFound(_) => REP_ERR_UNKNOWN,
                     AttachError::Refused { .. } => REP_ERR_POLICY,
+                    _ => REP_ERR_UNKNOWN,
                 };
+                // The client's message, made once from the whole typed chain.
+                let message = error_chain(&e);
                 if matches!(e, AttachError::Refused { .. }) {
-                    tracing::warn!(peer = %self.peer, export = %name, "attach refused: {e}");
+                    tracing::warn!(peer = %self.peer, export = %name, "attach refused: {message}");
                 }
-                self.error(option, ty, &e.to_string())?;
+                self.error(option, ty, &message)?;
                 return Ok(None);
             }
         };
@@ -498,7 +502,7 @@ impl Driver<'_> {
                 return Ok(None);
             }
         }
-        let flags = transmission_flags(&*export, self.structured);
+        let flags = transmission_flags(&export, self.structured);
         opt::encode_info_export(&mut self.out, option, export.size(), flags);
         let min = export.sector_size().max(1);
         let pref = self.cfg.preferred_block_size.max(min);
@@ -511,7 +515,7 @@ impl Driver<'_> {
                 &mut self.out,
                 option,
                 INFO_DESCRIPTION,
-                &export.description(),
+                &self.provider.description(&name, &export),
             );
         }
         self.ack(option)?;
@@ -521,7 +525,7 @@ impl Driver<'_> {
         Ok(Some(self.negotiated(export, name, flags)))
     }
 
-    fn negotiated(&self, export: Arc<dyn Export>, name: String, flags: u16) -> HandshakeEnd {
+    fn negotiated(&self, export: Arc<Volume>, name: String, flags: u16) -> HandshakeEnd {
         let meta_context = match &self.meta_for {
             Some(n) if *n == name && self.structured => Some(BASE_ALLOCATION_ID),
             _ => None,
@@ -555,7 +559,7 @@ impl Driver<'_> {
         }
         let export = self.attach(&name).map_err(HandshakeError::ExportName)?;
         (self.admit)(self.access.identity.as_deref()).map_err(HandshakeError::Refused)?;
-        let flags = transmission_flags(&*export, self.structured);
+        let flags = transmission_flags(&export, self.structured);
         opt::encode_export_name_reply(&mut self.out, export.size(), flags, self.no_zeroes);
         self.send("sending the export information")?;
         Ok(self.negotiated(export, name, flags))

@@ -1,11 +1,13 @@
 //! The NBD server: listeners (TCP and Unix), the connection limit, the handshake driver, the
-//! per-connection transmission session, and graceful shutdown. It serves any [`Export`] from an
-//! [`ExportProvider`]; payload crypto and keys live behind that trait, never here.
+//! per-connection transmission session, and graceful shutdown. It serves [`Volume`]s found by name
+//! through an [`ExportProvider`] (the storage seam, see [`export`]); requests are validated by
+//! [`crate::nbd::validate`] before they reach a volume. Which volumes and which key provider is
+//! decided above the server (`crate::exports`): this module knows neither `kms` nor `datadir`.
 //!
 //! Threading (decided from measurements, see DESIGN.md "Performance"): tokio is used only to
 //! accept connections and to wait for the shutdown signal. Each accepted socket (TCP_NODELAY set)
 //! becomes a blocking std socket served on its own OS threads: the handshake under one deadline,
-//! then `workers_per_connection` workers in a leader/follower pattern (see [`session`]), so a
+//! then `workers_per_connection` workers in a leader/follower pattern (see `session`), so a
 //! request is read, executed (decrypted/encrypted) and answered on one thread, with no queue in
 //! between.
 //!
@@ -19,13 +21,11 @@ mod budget;
 mod conns;
 pub mod export;
 mod handshake;
-pub mod mem;
 pub mod peer;
 mod session;
 mod stream;
 pub mod tls;
 mod transport;
-pub mod volumes;
 
 use std::future::Future;
 use std::io;
@@ -38,15 +38,14 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
-pub use export::{
-    AttachError, Export, ExportError, ExportInfo, ExportProvider, Extent, ReadOutcome,
-};
+pub use export::{errno_for, error_chain, AttachError, ExportInfo, ExportProvider};
 pub use handshake::HandshakeError;
 pub use peer::{TlsMode, UnixPeerPolicy};
 pub use session::SessionError;
 pub use tls::{AllowEntry, AllowList, TlsConfig, TlsError, TlsFiles};
 
 use crate::config::{ConfigError, ServerConfig};
+use crate::volume::{Volume, VolumeError};
 use stream::Stream;
 
 /// A bound listening socket handed to [`serve`], with who may use it: its TLS mode and (Unix)
@@ -163,6 +162,7 @@ impl Listener {
 
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -182,8 +182,10 @@ pub enum ServerError {
     Flush {
         export: String,
         #[source]
-        source: ExportError,
+        source: VolumeError,
     },
+    #[error("flushing export {export:?} at shutdown did not finish (the flush thread panicked)")]
+    FlushPanicked { export: String },
 }
 
 /// TCP keepalive: first probe after this much silence, then every interval, given up after the
@@ -200,17 +202,17 @@ struct ServerState {
     conns: conns::Registry,
     next_id: AtomicU64,
     shutting_down: AtomicBool,
-    /// Every export a connection attached, to flush at shutdown.
-    attached: Mutex<Vec<Arc<dyn Export>>>,
+    /// Every export a connection attached (by name), to flush at shutdown.
+    attached: Mutex<Vec<(String, Arc<Volume>)>>,
     /// Request buffer memory shared by every connection.
     budget: Arc<budget::Budget>,
 }
 
 impl ServerState {
-    fn remember(&self, e: &Arc<dyn Export>) {
+    fn remember(&self, name: &str, e: &Arc<Volume>) {
         let mut v = self.attached.lock().unwrap_or_else(|p| p.into_inner());
-        if !v.iter().any(|x| Arc::ptr_eq(x, e)) {
-            v.push(e.clone());
+        if !v.iter().any(|(_, x)| Arc::ptr_eq(x, e)) {
+            v.push((name.to_string(), e.clone()));
         }
     }
 
@@ -315,19 +317,19 @@ pub async fn serve(
     }
     let attached = std::mem::take(&mut *state.attached.lock().unwrap_or_else(|p| p.into_inner()));
     let mut first_err = None;
-    for e in attached {
-        let name = e.name().to_string();
-        let r = tokio::task::spawn_blocking(move || e.flush())
-            .await
-            .unwrap_or_else(|_| Err(ExportError::new(crate::nbd::EIO, "flush panicked")));
-        match r {
-            Ok(()) => info!(export = %name, "flushed"),
-            Err(source) => {
-                error!(export = %name, "flush at shutdown failed: {source}");
+    for (name, e) in attached {
+        match tokio::task::spawn_blocking(move || e.flush()).await {
+            Ok(Ok(())) => info!(export = %name, "flushed"),
+            Ok(Err(source)) => {
+                error!(export = %name, "flush at shutdown failed: {}", error_chain(&source));
                 first_err.get_or_insert(ServerError::Flush {
                     export: name,
                     source,
                 });
+            }
+            Err(_) => {
+                error!(export = %name, "flush at shutdown panicked");
+                first_err.get_or_insert(ServerError::FlushPanicked { export: name });
             }
         }
     }
@@ -496,7 +498,7 @@ fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut acce
             return;
         }
     };
-    state.remember(&neg.export);
+    state.remember(&neg.name, &neg.export);
     let export = neg.name.clone();
     info!(
         conn = id,
@@ -514,16 +516,4 @@ fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut acce
             warn!(conn = id, peer = %peer, export = %export, "connection closed: {}", error_chain(&e))
         }
     }
-}
-
-/// An error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -2,7 +2,7 @@
 //!
 //! The leader holds the reader, reads one request header and (for WRITE) its payload into its own
 //! reused buffer and runs it inline (the crypto happens on this thread while the data is in its
-//! cache). A quick request — a small READ whose data is cached (`Export::try_read_cached`), a
+//! cache). A quick request — a small READ whose data is cached (`Volume::try_read_cached`), a
 //! small aligned WRITE — runs while the leader keeps the reader, so followers sleep instead of
 //! trading the lock and the CPU per request; anything that may wait (a read from the device, a
 //! long transfer, FLUSH, FUA) hands the reader to a follower first, which reads and runs the next
@@ -14,6 +14,9 @@
 //! connection from ~50 k to ~170 k IOPS, and keeping the reader took two connections from ~90 k to
 //! ~240 k. (DESIGN.md "Performance": Cloudflare's dm-crypt work showed queue hops costing about
 //! half the throughput.)
+//!
+//! Every request is validated once, by [`validate::check`], before its payload is read; a
+//! volume error becomes an errno in one place, [`errno_for`].
 //!
 //! The socket under the session is a [`super::transport`] half: plain, or TLS (see there for how
 //! the reader and the writers share one TLS session).
@@ -29,14 +32,15 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use tracing::{debug, warn};
 
 use super::budget::{Budget, WorkBuf, FREE_BYTES};
-use super::export::{Export, ExportError, ReadOutcome};
+use super::export::{errno_for, error_chain};
 use super::handshake::Negotiated;
 use super::stream::{read_exact_or_eof, write_all_vectored, Stream};
 use super::transport::{Conn, ReadHalf, WriteHalf};
 use crate::config::ServerConfig;
-use crate::nbd::reply;
 use crate::nbd::request::{Request, REQUEST_LEN};
-use crate::nbd::{consts::*, WireError};
+use crate::nbd::validate::{self, Limits};
+use crate::nbd::{consts::*, reply, WireError};
+use crate::volume::{Volume, VolumeError};
 
 /// The shared reader is this large so many small requests cost one `read` syscall.
 const READ_BUFFER: usize = 64 * 1024;
@@ -52,6 +56,7 @@ const PENDING_FLUSH: usize = 256 * 1024;
 
 /// Why a connection ended abnormally.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SessionError {
     #[error("socket error while {what}")]
     Io {
@@ -71,14 +76,13 @@ struct Shared {
     /// A handle to shut the socket down from any thread.
     control: Stream,
     closing: AtomicBool,
+    volume: Arc<Volume>,
+    /// What every request is validated against.
+    limits: Limits,
     /// Server-wide memory for buffers beyond each worker's first MiB.
     budget: Arc<Budget>,
-    export: Arc<dyn Export>,
-    size: u64,
-    read_only: bool,
     structured: bool,
     meta_context: Option<u32>,
-    max_payload: u32,
     max_discard: u64,
 }
 
@@ -111,6 +115,19 @@ enum Verdict {
     Disconnect,
 }
 
+impl From<validate::Verdict> for Verdict {
+    fn from(v: validate::Verdict) -> Self {
+        match v {
+            validate::Verdict::Run => Verdict::Run,
+            validate::Verdict::Refuse { errno, message } => Verdict::Fail(errno, message),
+            validate::Verdict::Disconnect => Verdict::Disconnect,
+        }
+    }
+}
+
+/// The reader, held by the worker that is leader.
+type ReaderGuard<'a> = MutexGuard<'a, BufReader<ReadHalf>>;
+
 /// Serves requests on `stream` until the client disconnects, the stream breaks, or the server
 /// shuts the socket's read side.
 pub(crate) fn run(
@@ -130,13 +147,17 @@ pub(crate) fn run(
         writer: Mutex::new(writer),
         control,
         closing: AtomicBool::new(false),
+        limits: Limits {
+            size: neg.export.size(),
+            read_only: neg.export.is_read_only(),
+            structured: neg.structured,
+            meta_context: neg.meta_context.is_some(),
+            max_payload: cfg.max_payload,
+        },
+        volume: neg.export,
         budget,
-        size: neg.export.size(),
-        read_only: neg.export.is_read_only(),
-        export: neg.export,
         structured: neg.structured,
         meta_context: neg.meta_context,
-        max_payload: cfg.max_payload,
         max_discard: cfg.max_discard,
     };
     let workers = cfg.workers_per_connection.max(1);
@@ -189,64 +210,43 @@ fn worker(sh: &Shared) -> Result<(), SessionError> {
 fn worker_loop(sh: &Shared, buf: &mut WorkBuf, out: &mut Vec<u8>) -> Result<(), SessionError> {
     // The reader kept from the last request: a worker stays leader through a run of quick
     // requests, so the followers sleep instead of trading the lock (and the CPU) per request.
-    let mut kept: Option<MutexGuard<'_, BufReader<ReadHalf>>> = None;
+    let mut kept: Option<ReaderGuard<'_>> = None;
     loop {
-        let taken = {
-            let mut r = match kept.take() {
-                Some(r) => r,
-                // Never wait for the reader while holding replies: the worker inside may be
-                // blocked on a client that waits for exactly those replies.
-                None => match sh.reader.try_lock() {
-                    Ok(r) => r,
-                    Err(TryLockError::Poisoned(e)) => e.into_inner(),
-                    Err(TryLockError::WouldBlock) => {
-                        flush(sh, out)?;
-                        sh.reader.lock().unwrap_or_else(|e| e.into_inner())
-                    }
-                },
-            };
-            if sh.closing.load(Ordering::SeqCst) {
-                return Ok(());
-            }
-            if !out.is_empty() && !request_buffered(r.buffer()) {
-                flush(sh, out)?;
-            }
-            let taken = take_request(sh, &mut r, buf);
-            // Decide about closing while still holding the reader: once the stream is out of
-            // sync (bad frame, unskippable payload, DISC), no other worker may parse another
-            // "request" from it.
-            match &taken {
-                Ok(Some((_, Verdict::Run | Verdict::Fail(..)))) => {}
-                _ => sh.close(),
-            }
-            // A small READ whose data is cached runs right here; one that would wait for the
-            // device, a long transfer or a FLUSH hands the reader to a follower, which reads
-            // the next request meanwhile: that is where a second thread pays off.
-            let (pre, keep) = match &taken {
-                Ok(Some((req, Verdict::Run))) if req.command == CMD_READ && is_small(req) => {
-                    let len = req.len as usize;
-                    // Small: within the worker's own share, never waits for the budget.
-                    if buf.ensure(len, &|| sh.cancelled()) {
-                        let pre = sh.export.try_read_cached(req.offset, &mut buf[..len]);
-                        let cached = pre.is_some();
-                        (pre, cached)
-                    } else {
-                        (None, false)
-                    }
+        let mut r = match kept.take() {
+            Some(r) => r,
+            // Never wait for the reader while holding replies: the worker inside may be
+            // blocked on a client that waits for exactly those replies.
+            None => match sh.reader.try_lock() {
+                Ok(r) => r,
+                Err(TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    flush(sh, out)?;
+                    sh.reader.lock().unwrap_or_else(|e| e.into_inner())
                 }
-                Ok(Some((req, Verdict::Run))) => (None, is_quick_write(req)),
-                _ => (None, true),
-            };
-            (taken, pre, keep.then_some(r))
+            },
         };
-        let (taken, pre, keep) = taken;
-        kept = keep;
+        if sh.closing.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if !out.is_empty() && !request_buffered(r.buffer()) {
+            flush(sh, out)?;
+        }
+        let taken = take_request(sh, &mut r, buf);
+        // Decide about closing while still holding the reader: once the stream is out of
+        // sync (bad frame, unskippable payload, DISC), no other worker may parse another
+        // "request" from it.
+        match &taken {
+            Ok(Some((_, Verdict::Run | Verdict::Fail(..)))) => {}
+            _ => sh.close(),
+        }
         let Some((req, verdict)) = taken? else {
             return Ok(());
         };
+        // `execute` decides whether this worker keeps the reader; refusals are quick.
+        let mut reader = Some(r);
         let large = buf.len() > FREE_BYTES;
         match verdict {
-            Verdict::Run => execute(sh, &req, buf, out, pre)?,
+            Verdict::Run => execute(sh, &req, buf, out, &mut reader)?,
             Verdict::Fail(errno, msg) => send_error(sh, &req, errno, &msg, out)?,
             Verdict::FailAndClose(errno, msg) => {
                 send_error(sh, &req, errno, &msg, out)?;
@@ -258,6 +258,7 @@ fn worker_loop(sh: &Shared, buf: &mut WorkBuf, out: &mut Vec<u8>) -> Result<(), 
             // Requests already taken by other workers still get their replies.
             Verdict::Disconnect => return Ok(()),
         }
+        kept = reader;
         if large || buf.len() > FREE_BYTES {
             // Memory beyond the worker's share goes back as soon as the request is done.
             buf.shrink();
@@ -313,75 +314,13 @@ fn take_request(
         }
     }
     let req = Request::parse(&hdr)?;
-    let verdict = check(sh, &req);
+    let verdict = Verdict::from(validate::check(&req, &sh.limits));
     let verdict = if req.has_payload() {
         read_payload(sh, r, &req, verdict, buf)?
     } else {
         verdict
     };
     Ok(Some((req, verdict)))
-}
-
-/// Validates a request against the negotiated state, before any payload is read.
-fn check(sh: &Shared, req: &Request) -> Verdict {
-    let cmd = req.command;
-    let name = command_name(cmd);
-    if cmd > CMD_BLOCK_STATUS {
-        return Verdict::Fail(EINVAL, format!("unknown command {cmd}"));
-    }
-    if cmd == CMD_DISC {
-        return Verdict::Disconnect;
-    }
-    if !req.flags_valid(sh.structured) {
-        return Verdict::Fail(
-            EINVAL,
-            format!("flags {:#x} are not valid for {name}", req.flags),
-        );
-    }
-    if cmd == CMD_FLUSH {
-        return Verdict::Run;
-    }
-    if matches!(cmd, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES) && sh.read_only {
-        return Verdict::Fail(EPERM, format!("{name} on a read-only export"));
-    }
-    if matches!(cmd, CMD_READ | CMD_WRITE) && req.len > sh.max_payload {
-        return Verdict::Fail(
-            EINVAL,
-            format!(
-                "{name} of {} bytes is over the maximum of {}",
-                req.len, sh.max_payload
-            ),
-        );
-    }
-    if req.len == 0 {
-        return Verdict::Fail(EINVAL, format!("{name} of zero bytes"));
-    }
-    let in_range = req
-        .offset
-        .checked_add(u64::from(req.len))
-        .is_some_and(|end| end <= sh.size);
-    if !in_range {
-        let errno = if matches!(cmd, CMD_WRITE | CMD_WRITE_ZEROES) {
-            ENOSPC
-        } else {
-            EINVAL
-        };
-        return Verdict::Fail(
-            errno,
-            format!(
-                "{name} at {}+{} is beyond the end of the export ({} bytes)",
-                req.offset, req.len, sh.size
-            ),
-        );
-    }
-    if cmd == CMD_BLOCK_STATUS && sh.meta_context.is_none() {
-        return Verdict::Fail(
-            EINVAL,
-            "BLOCK_STATUS without a metadata context selected (SET_META_CONTEXT base:allocation)"
-                .into(),
-        );
-    }
-    Verdict::Run
 }
 
 /// Reads a WRITE payload into `buf`, or skips it when the request was refused.
@@ -514,38 +453,72 @@ fn send_error(
     queued(sh, out)
 }
 
+/// Replies with a volume error: its errno from [`errno_for`], its message (which names the
+/// operation and range, never data or keys).
+fn send_volume_error(
+    sh: &Shared,
+    req: &Request,
+    e: &VolumeError,
+    out: &mut Vec<u8>,
+) -> Result<(), SessionError> {
+    send_error(sh, req, errno_for(e), &error_chain(e), out)
+}
+
 fn reply_result(
     sh: &Shared,
     req: &Request,
-    r: Result<(), ExportError>,
+    r: Result<(), VolumeError>,
     out: &mut Vec<u8>,
 ) -> Result<(), SessionError> {
     match r {
         Ok(()) => send_ok(sh, req, out),
-        Err(e) => send_error(sh, req, e.errno, &e.message, out),
+        Err(e) => send_volume_error(sh, req, &e, out),
     }
 }
 
-fn execute(
-    sh: &Shared,
+/// Runs a validated request and queues its reply. `reader` is the reader this worker holds:
+/// a quick request (a small READ served from cache, a small aligned WRITE) runs with it kept, so
+/// this worker also reads the next request; anything that may wait (a device read, a long
+/// transfer, FLUSH, FUA) first hands it to a follower (dropping it here), which reads and runs
+/// the next request meanwhile: that is where a second thread pays off.
+fn execute<'a>(
+    sh: &'a Shared,
     req: &Request,
     buf: &mut WorkBuf,
     out: &mut Vec<u8>,
-    pre: Option<Result<ReadOutcome, ExportError>>,
+    reader: &mut Option<ReaderGuard<'a>>,
 ) -> Result<(), SessionError> {
-    let ex = &*sh.export;
+    let ex = &*sh.volume;
     let len = req.len as usize;
     let fua = req.fua();
+    if req.command != CMD_READ && !is_quick_write(req) {
+        *reader = None;
+    }
     match req.command {
         CMD_READ => {
+            if !is_small(req) {
+                // A large READ may wait for buffer memory and the device: not with the reader.
+                *reader = None;
+            }
+            // len <= max_payload (validated); small reads stay within the worker's own share
+            // and never wait for the budget.
             if !buf.ensure(len, &|| sh.cancelled()) {
                 let msg = format!("no buffer memory for a {len}-byte READ (server busy)");
                 return send_error(sh, req, ENOMEM, &msg, out);
             }
-            // `pre`: the read already done from cache while the reader was held.
-            let done = match pre {
-                Some(done) => done,
-                None => ex.read(req.offset, &mut buf[..len]),
+            // The one place a READ starts: from cache, keeping the reader, when it is small and
+            // cached; else from the device, after handing the reader over.
+            let cached = match reader {
+                Some(_) if is_small(req) => ex.try_read_cached(req.offset, &mut buf[..len]),
+                _ => Ok(None),
+            };
+            let done = match cached {
+                Ok(Some(outcome)) => Ok(outcome),
+                Ok(None) => {
+                    *reader = None;
+                    ex.read(req.offset, &mut buf[..len])
+                }
+                Err(e) => Err(e),
             };
             match done {
                 Ok(r) if sh.structured && r.all_zero => {
@@ -560,7 +533,7 @@ fn execute(
                     let h = reply::simple(0, req.cookie);
                     send(sh, out, &mut [IoSlice::new(&h), IoSlice::new(&buf[..len])])
                 }
-                Err(e) => send_error(sh, req, e.errno, &e.message, out),
+                Err(e) => send_volume_error(sh, req, &e, out),
             }
         }
         CMD_WRITE => {
@@ -591,7 +564,7 @@ fn execute(
             reply_result(sh, req, r, out)
         }
         CMD_BLOCK_STATUS => block_status(sh, req, out),
-        // `check` lets no other command through.
+        // `validate::check` lets no other command through.
         other => send_error(sh, req, EINVAL, &format!("unknown command {other}"), out),
     }
 }
@@ -600,9 +573,9 @@ fn block_status(sh: &Shared, req: &Request, out: &mut Vec<u8>) -> Result<(), Ses
     let Some(ctx) = sh.meta_context else {
         return send_error(sh, req, EINVAL, "no metadata context selected", out);
     };
-    let extents = match sh.export.block_status(req.offset, u64::from(req.len)) {
+    let extents = match sh.volume.block_status(req.offset, u64::from(req.len)) {
         Ok(x) => x,
-        Err(e) => return send_error(sh, req, e.errno, &e.message, out),
+        Err(e) => return send_volume_error(sh, req, &e, out),
     };
     let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
     let mut left = u64::from(req.len);

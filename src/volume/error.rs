@@ -1,10 +1,11 @@
-//! The volume layer's one error type, and how each error maps to the errno an NBD reply carries.
+//! The volume layer's one error type. Which errno an NBD reply carries for each is the server's
+//! business (`crate::server::errno_for`): this layer knows nothing of NBD.
 
 use std::fmt;
 use std::io;
 
-/// The operation an error happened in: decides the errno of an out-of-range request (reads say
-/// EINVAL, writes say ENOSPC, as the NBD protocol asks).
+/// The operation an error happened in (a caller may answer an out-of-range read and write
+/// differently: NBD asks for EINVAL and ENOSPC).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
     Read,
@@ -36,18 +37,8 @@ impl fmt::Display for Op {
     }
 }
 
-/// NBD errno values (POSIX numbering, as the NBD protocol defines them).
-pub mod errno {
-    pub const EPERM: u32 = 1;
-    pub const EIO: u32 = 5;
-    pub const ENOMEM: u32 = 12;
-    pub const EINVAL: u32 = 22;
-    pub const ENOSPC: u32 = 28;
-    pub const EOVERFLOW: u32 = 75;
-    pub const ENOTSUP: u32 = 95;
-}
-
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VolumeError {
     /// The request reaches past the end of the volume (or its offset+length overflows).
     #[error("{op} of {len} bytes at offset {offset} is outside the volume ({size} bytes)")]
@@ -62,11 +53,12 @@ pub enum VolumeError {
     ReadOnly { op: Op },
 
     /// An I/O error of the backing storage; `what` says what was done ("writing 4096 bytes at
-    /// volume offset 0"). The OS error is kept in `cause` and also shown.
-    #[error("{what} of {target}: {cause}")]
+    /// volume offset 0"). The OS error is its source.
+    #[error("{what} of {target}")]
     Io {
         what: String,
         target: String,
+        #[source]
         cause: io::Error,
     },
 
@@ -119,28 +111,6 @@ impl VolumeError {
             what: what.into(),
             target: target.to_string(),
             cause,
-        }
-    }
-
-    /// The errno for an NBD error reply.
-    pub fn nbd_errno(&self) -> u32 {
-        match self {
-            VolumeError::OutOfRange { op, .. } => match op {
-                Op::Write | Op::WriteZeroes => errno::ENOSPC,
-                _ => errno::EINVAL,
-            },
-            VolumeError::ReadOnly { .. } => errno::EPERM,
-            VolumeError::Io { cause, .. } => match cause.raw_os_error() {
-                Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => errno::ENOSPC,
-                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => errno::EPERM,
-                Some(libc::ENOMEM) => errno::ENOMEM,
-                Some(libc::EINVAL) => errno::EINVAL,
-                Some(libc::EOPNOTSUPP) => errno::ENOTSUP,
-                _ if cause.kind() == io::ErrorKind::Unsupported => errno::ENOTSUP,
-                _ => errno::EIO,
-            },
-            VolumeError::Invalid(_) => errno::EINVAL,
-            _ => errno::EIO,
         }
     }
 

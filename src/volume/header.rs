@@ -395,6 +395,7 @@ impl VolumeHeader {
 
 /// Why one header copy was rejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CopyError {
     NoMagic,
     Corrupt(String),
@@ -490,6 +491,30 @@ fn take_str(b: &[u8], pos: &mut usize) -> Result<String, CopyError> {
         .map_err(|_| CopyError::Corrupt("non-UTF-8 encryption context".into()))
 }
 
+/// Describing a volume to people (NBD_OPT_LIST and NBD_INFO_DESCRIPTION show this).
+impl VolumeHeader {
+    /// `AES-256-XTS encrypted volume, 1 GiB, 4096-byte sectors, CMK KEY_ID vVERSION`.
+    pub fn describe(&self) -> String {
+        format!(
+            "AES-256-XTS encrypted volume, {}, {}-byte sectors, CMK {} v{}",
+            human_size(self.size),
+            self.sector_size,
+            self.key_id,
+            self.key_version
+        )
+    }
+}
+
+/// `1 GiB`, `512 MiB`, or exact bytes when not a whole binary unit.
+fn human_size(n: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n.is_multiple_of(1 << shift) {
+            return format!("{} {unit}", n >> shift);
+        }
+    }
+    format!("{n} bytes")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,5 +547,15 @@ mod tests {
             c[i] ^= 0x10;
             assert!(VolumeHeader::decode(&c).is_err(), "flip at {i}");
         }
+    }
+
+    #[test]
+    fn sizes_for_humans() {
+        assert_eq!(human_size(1 << 30), "1 GiB");
+        assert_eq!(human_size(3 << 20), "3 MiB");
+        assert_eq!(human_size(1536 << 20), "1536 MiB");
+        assert_eq!(human_size(4097), "4097 bytes");
+        let h = VolumeHeader::new(uuid::Uuid::nil(), 1 << 30, 4096);
+        assert!(h.describe().contains("1 GiB, 4096-byte sectors, CMK "));
     }
 }

@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::io;
 use std::sync::Mutex;
 
-pub use error::{errno, Op, VolumeError};
+pub use error::{Op, VolumeError};
 pub use header::VolumeHeader;
 
 use crate::backend::Backend;

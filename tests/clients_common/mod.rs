@@ -7,6 +7,8 @@
 //! would; nothing reaches into the library.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

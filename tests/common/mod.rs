@@ -1,9 +1,12 @@
-//! Shared helpers for the server integration tests: start the real server in-process (library
-//! `serve` on a temp Unix socket and on 127.0.0.1:0), a raw NBD client that can send anything
-//! (for the malformed-input cases), and the "external tool missing" policy.
+//! Shared helpers for the integration tests: start the real server in-process (library `serve`
+//! on a temp Unix socket and on 127.0.0.1:0), the in-memory volumes it serves ([`fixture`]), the
+//! key store + clock + data directory fixture ([`keys`]), a raw NBD client that can send anything
+//! (for the malformed-input cases), the one assertion for refusals ([`assert_refusal`]), and the
+//! "external tool missing" policy.
 #![allow(dead_code)]
 
 pub mod fixture;
+pub mod keys;
 pub mod raw;
 
 use std::net::SocketAddr;
@@ -102,6 +105,26 @@ impl Drop for TestServer {
             let _ = self.stop_inner();
         }
     }
+}
+
+/// Asserts that the refusal `e`, with its sources, says every one of `needles`, and that each
+/// cause is printed once (no message repeats its source's text). Returns the one-line message a
+/// user or client sees.
+pub fn assert_refusal(e: &(dyn std::error::Error + 'static), needles: &[&str]) -> String {
+    let mut cur: &(dyn std::error::Error + 'static) = e;
+    while let Some(src) = cur.source() {
+        let (outer, inner) = (cur.to_string(), src.to_string());
+        assert!(
+            !outer.contains(&inner),
+            "the cause is printed twice: {outer:?} repeats its source {inner:?}"
+        );
+        cur = src;
+    }
+    let line = cryptnbd::server::error_chain(e);
+    for n in needles {
+        assert!(line.contains(n), "refusal {line:?} does not say {n:?}");
+    }
+    line
 }
 
 /// Finds an external tool; without it the test FAILS when `CI=true`, else is skipped loudly.

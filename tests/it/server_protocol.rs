@@ -2,7 +2,7 @@
 //! out-of-order replies, shutdown, and every malformed request (each must end in an error reply or
 //! in closing that one connection, never a crash).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ fn simple_replies_write_then_read_unaligned() {
     let data = pattern(10_000, 1);
     assert_eq!(c.write(1, 777, &data, CMD_FLAG_FUA).error(), 0);
     assert_eq!(c.read(2, 777, 10_000).unwrap(), data);
-    assert_eq!(rw.snapshot(777, 10_000), data);
+    assert_eq!(rw.read(777, 10_000), data);
     // FLUSH, CACHE: simple success.
     c.request(CMD_FLUSH, 0, 3, 0, 0);
     assert_eq!(c.reply(0).error(), 0);
@@ -164,7 +164,7 @@ fn write_zeroes_fast_zero_and_no_hole() {
         4096,
     );
     assert_eq!(c.reply(0).error(), 0);
-    assert!(rw.snapshot(0, 8192).iter().all(|b| *b == 0));
+    assert!(rw.read(0, 8192).iter().all(|b| *b == 0));
 }
 
 #[test]
@@ -232,7 +232,7 @@ fn write_on_read_only_is_eperm_and_payload_is_consumed() {
     c.request(CMD_WRITE_ZEROES, 0, 3, 0, 512);
     assert_eq!(c.reply(0).error(), EPERM);
     assert_eq!(c.read(4, 0, 512).unwrap(), vec![0u8; 512]);
-    assert!(ro.snapshot(0, 8192).iter().all(|b| *b == 0));
+    assert!(ro.read(0, 8192).iter().all(|b| *b == 0));
 }
 
 #[test]
@@ -260,7 +260,7 @@ fn oversized_write_within_discard_limit_keeps_the_stream_in_sync() {
     let payload = vec![0x5Au8; len as usize];
     c.send(&payload);
     assert_eq!(c.reply(0).error(), EINVAL);
-    assert!(rw.snapshot(0, 4096).iter().all(|b| *b == 0));
+    assert!(rw.read(0, 4096).iter().all(|b| *b == 0));
     assert_still_works(&mut c);
 }
 
@@ -461,7 +461,7 @@ fn bytes_after_an_unskippable_write_are_never_run_as_requests() {
         assert!(c.is_closed());
     }
     assert!(
-        rw.snapshot(0, 4096).iter().all(|b| *b == 0),
+        rw.read(0, 4096).iter().all(|b| *b == 0),
         "payload bytes were executed as requests"
     );
 }

@@ -9,7 +9,9 @@ use aes::Aes256;
 use cryptnbd::backend::testing::{FaultyBackend, MemBackend};
 use cryptnbd::backend::{Backend, FileBackend};
 use cryptnbd::crypto::XtsKey;
-use cryptnbd::volume::{errno, Extent, Volume, VolumeError, VolumeHeader};
+use cryptnbd::nbd as errno;
+use cryptnbd::server::errno_for;
+use cryptnbd::volume::{Extent, Volume, VolumeError, VolumeHeader};
 use uuid::Uuid;
 
 const MIB: u64 = 1 << 20;
@@ -125,24 +127,22 @@ fn out_of_range_maps_to_einval_for_reads_and_enospc_for_writes() {
     let mut buf = [0u8; 10];
     let e = v.read(MIB - 5, &mut buf).unwrap_err();
     assert!(matches!(e, VolumeError::OutOfRange { .. }));
-    assert_eq!(e.nbd_errno(), errno::EINVAL);
+    assert_eq!(errno_for(&e), errno::EINVAL);
     assert_eq!(
-        v.write(MIB, &mut buf, false).unwrap_err().nbd_errno(),
+        errno_for(&v.write(MIB, &mut buf, false).unwrap_err()),
         errno::ENOSPC
     );
     assert_eq!(
-        v.write_zeroes(u64::MAX, 2, true, false)
-            .unwrap_err()
-            .nbd_errno(),
+        errno_for(&v.write_zeroes(u64::MAX, 2, true, false).unwrap_err()),
         errno::ENOSPC
     );
     assert_eq!(
-        v.trim(MIB, 1, false).unwrap_err().nbd_errno(),
+        errno_for(&v.trim(MIB, 1, false).unwrap_err()),
         errno::EINVAL
     );
-    assert_eq!(v.cache(MIB, 1).unwrap_err().nbd_errno(), errno::EINVAL);
+    assert_eq!(errno_for(&v.cache(MIB, 1).unwrap_err()), errno::EINVAL);
     assert_eq!(
-        v.block_status(0, MIB + 1).unwrap_err().nbd_errno(),
+        errno_for(&v.block_status(0, MIB + 1).unwrap_err()),
         errno::EINVAL
     );
 }
@@ -163,7 +163,7 @@ fn read_only_volume_refuses_writes_with_eperm() {
         ro.write_zeroes(0, 4096, true, false).unwrap_err(),
     ] {
         assert!(matches!(e, VolumeError::ReadOnly { .. }), "{e}");
-        assert_eq!(e.nbd_errno(), errno::EPERM);
+        assert_eq!(errno_for(&e), errno::EPERM);
     }
     ro.read(0, &mut d).unwrap();
 }
@@ -247,7 +247,7 @@ fn full_disk_write_fails_with_enospc_and_leaves_other_sectors_intact() {
     v.write(0, &mut pattern(16384, 7), true).unwrap();
     b.set_budget(4096);
     let e = v.write(8192, &mut pattern(32768, 8), false).unwrap_err();
-    assert_eq!(e.nbd_errno(), errno::ENOSPC);
+    assert_eq!(errno_for(&e), errno::ENOSPC);
     let msg = e.to_string();
     assert!(
         msg.contains("writing 32768 bytes at volume offset 8192"),
@@ -260,7 +260,7 @@ fn full_disk_write_fails_with_enospc_and_leaves_other_sectors_intact() {
     assert_eq!(back, pattern(16384, 7));
     b.set_budget(0);
     assert_eq!(
-        v.write(100, &mut [1u8; 10], false).unwrap_err().nbd_errno(),
+        errno_for(&v.write(100, &mut [1u8; 10], false).unwrap_err()),
         errno::ENOSPC
     );
     v.read(0, &mut back).unwrap();
@@ -407,7 +407,9 @@ fn try_read_cached_agrees_with_read() {
             "out of range"
         );
     }
-    let (_, v, _) = mem_volume(1 << 20, 4096);
+    // A backend that cannot tell whether a read would wait never claims one is cached.
+    let b = FaultyBackend::new(MemBackend::new(), u64::MAX);
+    let v = Volume::create(b, &header(1 << 20, 4096), &XtsKey::generate()).unwrap();
     assert!(v
         .try_read_cached(0, &mut vec![0u8; 4096])
         .unwrap()

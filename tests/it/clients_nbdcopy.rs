@@ -2,7 +2,7 @@
 //! identical (over several connections), and a sparse input stays sparse: its holes are holes in
 //! the export's `base:allocation` map (`nbdinfo --map`) and in the volume file itself.
 
-mod clients_common;
+use crate::clients_common;
 
 use std::process::Command;
 

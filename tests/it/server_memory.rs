@@ -4,8 +4,8 @@
 //! (256 MiB by default) plus each worker's first MiB, instead of 64 × 2 × 32 MiB = 4 GiB; and
 //! once those clients go, the server still serves. Prints the figure.
 
-mod clients_common;
-mod common;
+use crate::clients_common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

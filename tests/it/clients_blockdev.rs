@@ -7,7 +7,7 @@
 //! container), the test is skipped with the exact reason, also in CI: that is an environment
 //! limit, not a missing tool.
 
-mod clients_common;
+use crate::clients_common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

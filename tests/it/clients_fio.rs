@@ -1,7 +1,7 @@
 //! fio's `nbd` engine as a client: random writes with `verify=crc32c` from several jobs, each job
 //! its own NBD connection to the same export (so they share one open volume), then a verify pass.
 
-mod clients_common;
+use crate::clients_common;
 
 use std::path::Path;
 use std::process::Command;

@@ -5,16 +5,14 @@
 //! client certificate from another CA, an expired one, an export the client is not allowed, and
 //! `--listen` without TLS. Also SIGHUP certificate reload, good and bad.
 
-#[path = "clients_common/certs.rs"]
-mod certs;
-mod clients_common;
+use crate::clients_common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use certs::{client_dir, Ca};
+use crate::clients_common::certs::{client_dir, Ca};
 use clients_common::*;
 
 const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;

@@ -6,7 +6,7 @@
 //! read-modify-write), so these tests check what a QEMU guest sees; the server's read-modify-write
 //! of sub-sector requests is driven directly by `clients_nbdsh.rs`.
 
-mod clients_common;
+use crate::clients_common;
 
 use std::process::Command;
 

@@ -2,28 +2,25 @@
 //! stored in plaintext, survives a restart, all connections share one attached volume, and a
 //! refused attach (disabled CMK) reaches the client with its reason while other exports work.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 
+use common::keys::KeyFixture;
 use common::raw::RawClient;
 use common::TestServer;
 use cryptnbd::datadir::{CreateOptions, DataDir};
-use cryptnbd::kms::{InitRoot, KeyStore};
+use cryptnbd::exports::{DataDirProvider, ExportSelection};
+use cryptnbd::kms::KeyStore;
 use cryptnbd::nbd::*;
-use cryptnbd::server::volumes::{DataDirProvider, ExportSelection};
 
 const SIZE: u64 = 16 << 20;
 const MARKER: &[u8] = b"CRYPTNBD-PLAINTEXT-MARKER-0123456789";
 
 fn setup() -> (tempfile::TempDir, KeyStore, DataDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let ks = KeyStore::init(dir.path(), InitRoot::GenerateKeyFile).unwrap();
-    ks.create_key("alias/default", "test").unwrap();
-    let dd = DataDir::new(dir.path());
-    dd.create_volume(&ks, "vol", SIZE, "alias/default", CreateOptions::default())
-        .unwrap();
-    (dir, ks, dd)
+    let f = KeyFixture::new().with_key("alias/default");
+    f.volume("vol", SIZE, "alias/default");
+    (f.dir, f.ks, f.dd)
 }
 
 fn provider(ks: KeyStore, dd: &DataDir) -> Arc<DataDirProvider> {

@@ -1,7 +1,7 @@
 //! Handshake tests against our raw client: fixed newstyle only, every option, the caps (option
 //! length, option count, handshake time, connections) and refused attaches with their reason.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

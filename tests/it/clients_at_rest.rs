@@ -5,7 +5,7 @@
 //! written. Tweak = number of the 512-byte unit from the data area start (dm-crypt plain64), so a
 //! 4096-byte sector n uses tweak 8·n; an all-zero ciphertext sector is a never-written one.
 
-mod clients_common;
+use crate::clients_common;
 
 use std::io::Write;
 use std::path::Path;

@@ -2,13 +2,15 @@
 //! error variant.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use cryptnbd::crypto::SecretBytes;
 use cryptnbd::kms::{
     EncryptionContext, InitRoot, KeyState, KeyStore, KmsError, ManualClock, RootSecret,
 };
 use zeroize::Zeroizing;
+
+use crate::common;
+use common::keys::KeyFixture;
 
 fn ctx(pairs: &[(&str, &str)]) -> EncryptionContext {
     pairs
@@ -283,14 +285,7 @@ fn pending_deletion_refuses_and_cancel_returns_to_disabled() {
 
 #[test]
 fn deleted_key_after_its_date_is_shredded() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(1_800_000_000);
-    let ks = KeyStore::init_with_clock(
-        dir.path(),
-        InitRoot::GenerateKeyFile,
-        Arc::new(clock.clone()),
-    )
-    .unwrap();
+    let KeyFixture { dir, ks, clock, .. } = KeyFixture::at(ManualClock::new(1_800_000_000));
     let k = ks.create_key("doomed", "").unwrap();
     let c = ctx(&[("volume_id", "v")]);
     let dk = ks.create_data_key("doomed", &c, 512).unwrap();
@@ -364,14 +359,12 @@ fn rotation_keeps_old_versions_decrypting() {
 
 #[test]
 fn automatic_rotation_is_applied_lazily() {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::new(1_800_000_000);
-    let ks = KeyStore::init_with_clock(
-        dir.path(),
-        InitRoot::GenerateKeyFile,
-        Arc::new(clock.clone()),
-    )
-    .unwrap();
+    let KeyFixture {
+        dir: _dir,
+        ks,
+        clock,
+        ..
+    } = KeyFixture::at(ManualClock::new(1_800_000_000));
     ks.create_key("r", "").unwrap();
     assert!(matches!(
         ks.enable_key_rotation("r", 10),

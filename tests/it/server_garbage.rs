@@ -2,7 +2,7 @@
 //! well-framed) requests during transmission. Whatever arrives, the server answers or closes that
 //! connection; it never crashes, hangs or stops serving other clients.
 
-mod common;
+use crate::common;
 
 use std::io::Read;
 use std::time::{Duration, Instant};

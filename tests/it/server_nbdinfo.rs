@@ -1,25 +1,24 @@
 //! `nbdinfo` (libnbd) against the in-process server: exports, sizes, block sizes, flags and the
 //! `base:allocation` context, over a Unix socket and over TCP.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::fixture::{TestProvider, TestVolume};
 use common::{require_tool, run_bounded, TestServer};
-use cryptnbd::server::mem::{MemExport, MemProvider};
 
 const NBDINFO: &str = "/usr/bin/nbdinfo";
 
 fn server() -> TestServer {
-    let p = MemProvider::new()
-        .with_export(Arc::new(
-            MemExport::new("disk0", 64 << 20, 4096).with_description("first test disk"),
-        ))
-        .with_export(Arc::new(
-            MemExport::new("ro512", 1 << 20, 512).read_only(true),
-        ));
+    let p = TestProvider::new()
+        .with(
+            "disk0",
+            &TestVolume::new(64 << 20, 4096).with_description("first test disk"),
+        )
+        .with("ro512", &TestVolume::read_only(1 << 20, 512));
     TestServer::start(Arc::new(p))
 }
 
@@ -104,8 +103,8 @@ fn nbdinfo_shows_the_refusal_reason() {
     if !require_tool(NBDINFO) {
         return;
     }
-    let p = MemProvider::new()
-        .with_export(Arc::new(MemExport::new("disk0", 1 << 20, 4096)))
+    let p = TestProvider::new()
+        .with("disk0", &TestVolume::new(1 << 20, 4096))
         .with_refused("locked", "CMK alias/locked is disabled");
     let srv = TestServer::start(Arc::new(p));
     // libnbd shows the server's message only in its debug output.
@@ -134,10 +133,9 @@ fn nbdinfo_map_shows_holes_and_data() {
     if !require_tool(NBDINFO) {
         return;
     }
-    let disk = Arc::new(MemExport::new("disk0", 1 << 20, 4096));
-    use cryptnbd::server::Export;
-    disk.write(64 * 1024, &mut [1u8; 8192], false).unwrap();
-    let srv = TestServer::start(Arc::new(MemProvider::new().with_export(disk)));
+    let disk = TestVolume::new(1 << 20, 4096);
+    disk.write(64 * 1024, &[1u8; 8192]);
+    let srv = TestServer::start(Arc::new(TestProvider::new().with("disk0", &disk)));
     let v = nbdinfo(&["--map", "--json", &srv.uri("disk0")]);
     let map = v.as_array().expect("map array");
     let data: Vec<_> = map.iter().filter(|m| m["type"] == 0).collect();

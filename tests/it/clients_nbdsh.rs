@@ -3,7 +3,7 @@
 //! off, so the server itself must do the read-modify-write, and four connections writing different
 //! 512-byte parts of the same sectors at once must not tear each other's data (the per-sector lock).
 
-mod clients_common;
+use crate::clients_common;
 
 use std::process::Command;
 

@@ -4,29 +4,22 @@
 //! locking, import/export with holes.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::sync::Arc;
 
 use aes::cipher::KeyInit;
 use aes::Aes256;
 use cryptnbd::backend::FileBackend;
 use cryptnbd::datadir::{CreateOptions, DataDir, DataDirError};
-use cryptnbd::kms::{InitRoot, KeyStore, KmsError, ManualClock};
+use cryptnbd::kms::{KeyStore, KmsError, ManualClock};
 use cryptnbd::volume::VolumeHeader;
+
+use crate::common;
+use common::{assert_refusal, keys::KeyFixture};
 
 const MIB: u64 = 1 << 20;
 
 fn setup() -> (tempfile::TempDir, DataDir, KeyStore, ManualClock) {
-    let dir = tempfile::tempdir().unwrap();
-    let clock = ManualClock::starting_now();
-    let ks = KeyStore::init_with_clock(
-        dir.path(),
-        InitRoot::GenerateKeyFile,
-        Arc::new(clock.clone()),
-    )
-    .unwrap();
-    ks.create_key("vol", "volume keys").unwrap();
-    let dd = DataDir::new(dir.path().to_path_buf());
-    (dir, dd, ks, clock)
+    let f = KeyFixture::new().with_key("vol");
+    (f.dir, f.dd, f.ks, f.clock)
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -130,8 +123,7 @@ fn attach_refused_when_key_disabled_but_attached_volume_keeps_working() {
         ),
         "{e}"
     );
-    let msg = e.to_string();
-    assert!(msg.contains("\"d\"") && msg.contains("disabled"), "{msg}");
+    assert_refusal(&e, &["\"d\"", "disabled"]);
     attached.write(0, &mut pattern(4096, 9), true).unwrap();
     ks.enable_key("vol").unwrap();
     drop(attached);
@@ -158,7 +150,7 @@ fn attach_refused_when_key_pending_deletion_and_after_deletion() {
         ),
         "{e}"
     );
-    assert!(e.to_string().contains("pending deletion"), "{e}");
+    assert_refusal(&e, &["pending deletion"]);
     clock.advance_days(8);
     let e = dd.attach(&ks, "d", false).unwrap_err();
     assert!(

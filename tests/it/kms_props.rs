@@ -28,7 +28,7 @@ proptest! {
     }
 }
 
-const GOLDEN: &str = include_str!("data/keystore-v1/keystore.json");
+const GOLDEN: &str = include_str!("../data/keystore-v1/keystore.json");
 
 #[test]
 fn random_ciphertexts_only_ever_fail_to_decrypt() {

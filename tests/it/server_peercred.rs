@@ -3,7 +3,7 @@
 //! A refused local user (run as `nobody` through `setpriv`) gets an NBD error, never the disk,
 //! and the server logs its uid and pid; the server's own user and allowed users get in.
 
-mod clients_common;
+use crate::clients_common;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;

@@ -2,14 +2,14 @@
 //! holes, block status, trim, zero, flush, FUA, many concurrent requests on one connection, and
 //! several connections to one export (multi-conn).
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::fixture::{TestProvider, TestVolume};
 use common::{require_python_nbd, run_bounded, TestServer};
-use cryptnbd::server::mem::{MemExport, MemProvider};
 
 /// Runs a Python script with `uri` as argv[1]; the script asserts and prints "OK".
 fn run_python(script: &str, uri: &str) {
@@ -23,9 +23,9 @@ fn run_python(script: &str, uri: &str) {
     );
 }
 
-fn server() -> (TestServer, Arc<MemExport>) {
-    let disk = Arc::new(MemExport::new("disk0", 32 << 20, 4096));
-    let srv = TestServer::start(Arc::new(MemProvider::new().with_export(disk.clone())));
+fn server() -> (TestServer, TestVolume) {
+    let disk = TestVolume::new(32 << 20, 4096);
+    let srv = TestServer::start(Arc::new(TestProvider::new().with("disk0", &disk)));
     (srv, disk)
 }
 

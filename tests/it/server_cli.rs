@@ -2,7 +2,7 @@
 //! store with a generated root key, CMK `alias/default`, 1 GiB volume `disk0`), prints the attach
 //! commands, serves, stops cleanly on SIGTERM, and serves the same data after a restart.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -1,0 +1,182 @@
+//! Composition: which key provider, which data directory, which exports. [`DataDirProvider`]
+//! is the server's [`ExportProvider`] over the volumes of a [`DataDir`]: it attaches volumes
+//! (unwrapping their data keys through a [`KeyProvider`], the embedded key store or a remote KMS)
+//! at start or on a client's first request, and caches one `Arc<Volume>` per export so every
+//! connection to it shares one open volume (a FLUSH on one covers all). This is the one place
+//! that joins `server`, `datadir` and `kms`; the server itself knows neither of the latter two.
+//!
+//! A refused attach (disabled or deleted CMK, corrupt header, volume in use) is logged at warn with
+//! its reason and returned, typed, to the client that asked; it is not cached, so re-enabling the
+//! key is enough for the next client to succeed. An attached volume keeps working until the server
+//! stops.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tracing::{info, warn};
+
+use crate::datadir::{DataDir, DataDirError};
+use crate::kms::KeyProvider;
+use crate::server::{error_chain, AttachError, ExportInfo, ExportProvider};
+use crate::volume::Volume;
+
+/// Which volumes of the data directory are exported, and how.
+#[derive(Debug, Clone, Default)]
+pub struct ExportSelection {
+    /// Only these names (plus `read_only`); `None` = every volume, including ones created later.
+    pub only: Option<Vec<String>>,
+    /// Exported read-only.
+    pub read_only: HashSet<String>,
+}
+
+impl ExportSelection {
+    fn includes(&self, name: &str) -> bool {
+        match &self.only {
+            None => true,
+            Some(v) => v.iter().any(|n| n == name) || self.read_only.contains(name),
+        }
+    }
+}
+
+/// Serves the volumes of a data directory, with data keys from a key provider.
+pub struct DataDirProvider {
+    dir: DataDir,
+    keys: Box<dyn KeyProvider>,
+    selection: ExportSelection,
+    /// Attached volumes; looked up by every handshake, so never held during an attach.
+    attached: RwLock<HashMap<String, Arc<Volume>>>,
+    /// Serializes attaches (unwrapping a DEK can be slow), so a volume is opened once.
+    attaching: Mutex<()>,
+}
+
+impl DataDirProvider {
+    /// `keys` unwraps the volumes' data keys at attach (e.g. a `KeyStore`).
+    pub fn new(dir: DataDir, keys: impl KeyProvider + 'static, selection: ExportSelection) -> Self {
+        Self {
+            dir,
+            keys: Box::new(keys),
+            selection,
+            attached: RwLock::new(HashMap::new()),
+            attaching: Mutex::new(()),
+        }
+    }
+
+    /// The names exported now (volumes that exist and are selected).
+    pub fn names(&self) -> Vec<String> {
+        let mut names = match self.dir.list_volumes() {
+            Ok(v) => v,
+            Err(e) => {
+                warn!(
+                    "cannot list the volumes in the data directory: {}",
+                    error_chain(&e)
+                );
+                Vec::new()
+            }
+        };
+        names.retain(|n| self.selection.includes(n));
+        // Explicitly named exports come first, in the order given (the first is the default).
+        if let Some(order) = &self.selection.only {
+            names.sort_by_key(|n| order.iter().position(|o| o == n).unwrap_or(usize::MAX));
+        }
+        names
+    }
+
+    /// Attaches every selected volume now; returns the names that attached. Refusals are logged.
+    pub fn attach_all(&self) -> Vec<String> {
+        let mut ok = Vec::new();
+        if let Some(only) = &self.selection.only {
+            let existing = self.names();
+            for n in only.iter().chain(self.selection.read_only.iter()) {
+                if !existing.contains(n) {
+                    warn!(export = %n, "no volume named {n:?} in the data directory (yet)");
+                }
+            }
+        }
+        for n in self.names() {
+            match self.attach_volume(&n) {
+                Ok(_) => ok.push(n),
+                Err(e) => warn!(export = %n, "attach refused: {}", error_chain(&e)),
+            }
+        }
+        ok
+    }
+
+    fn attach_volume(&self, name: &str) -> Result<Arc<Volume>, AttachError> {
+        let cached = |name: &str| {
+            self.attached
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .cloned()
+        };
+        if let Some(v) = cached(name) {
+            return Ok(v);
+        }
+        let _attaching = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
+        // Another client may have attached it while we waited.
+        if let Some(v) = cached(name) {
+            return Ok(v);
+        }
+        if !self.selection.includes(name) {
+            return Err(AttachError::NotFound(name.to_string()));
+        }
+        let ro = self.selection.read_only.contains(name);
+        match self.dir.attach(&*self.keys, name, ro) {
+            Ok(vol) => {
+                let h = vol.header();
+                info!(
+                    export = %name,
+                    volume_id = %h.volume_id,
+                    key_id = %h.key_id,
+                    key_version = h.key_version,
+                    size = vol.size(),
+                    read_only = ro,
+                    "volume attached"
+                );
+                let v = Arc::new(vol);
+                self.attached
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_string(), v.clone());
+                Ok(v)
+            }
+            // A name that cannot be a volume (e.g. `../x`) is simply not an export.
+            Err(DataDirError::NotFound { .. } | DataDirError::InvalidName { .. }) => {
+                Err(AttachError::NotFound(name.to_string()))
+            }
+            // Logged by the caller (with the client that asked, or at start).
+            Err(e) => Err(AttachError::Refused {
+                name: name.to_string(),
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+impl ExportProvider for DataDirProvider {
+    fn list(&self) -> Vec<ExportInfo> {
+        self.names()
+            .into_iter()
+            .map(|name| {
+                let description = match self.dir.info(&name) {
+                    Ok(i) => i.header.describe(),
+                    Err(e) => format!("unreadable volume: {}", error_chain(&e)),
+                };
+                ExportInfo { name, description }
+            })
+            .collect()
+    }
+
+    fn exists(&self, name: &str) -> bool {
+        // Without reading every header, as `list` does.
+        self.names().iter().any(|n| n == name)
+    }
+
+    fn default_export(&self) -> Option<String> {
+        self.names().into_iter().next()
+    }
+
+    fn attach(&self, name: &str) -> Result<Arc<Volume>, AttachError> {
+        self.attach_volume(name)
+    }
+}
