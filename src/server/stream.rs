@@ -28,21 +28,23 @@ impl Stream {
         }
     }
 
-    /// Whether the peer has closed its end (checked without blocking or reading).
+    /// Whether the peer has closed its end (checked without blocking and without consuming
+    /// data: a non-blocking peek sees end of stream only once nothing is left to read).
     pub(crate) fn peer_hung_up(&self) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        use std::os::fd::AsFd;
+        use nix::errno::Errno;
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
         let fd = match self {
-            Stream::Tcp(s) => s.as_fd(),
-            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
         };
-        // nix has no name for POLLRDHUP (Linux: the peer shut its sending side or closed).
-        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
-        let mut fds = [PollFd::new(fd, rdhup)];
-        matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
-            && fds[0]
-                .revents()
-                .is_some_and(|r| r.intersects(rdhup | PollFlags::POLLHUP | PollFlags::POLLERR))
+        let mut b = [0u8; 1];
+        match recv(fd, &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(Errno::EAGAIN | Errno::EINTR) => false,
+            Err(_) => true,
+        }
     }
 
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
@@ -169,5 +171,19 @@ mod tests {
         let e = read_exact_or_eof(&mut &[1u8, 2][..], &mut buf).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         assert!(read_exact_or_eof(&mut &[1u8, 2, 3, 4, 5][..], &mut buf).unwrap());
+    }
+}
+
+#[cfg(test)]
+mod hangup_tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_peer_is_noticed_without_reading() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let s = Stream::Unix(a);
+        assert!(!s.peer_hung_up());
+        drop(b);
+        assert!(s.peer_hung_up());
     }
 }
