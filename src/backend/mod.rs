@@ -2,8 +2,9 @@
 //! ([`FileBackend`]: pread/pwrite, `fallocate(PUNCH_HOLE)`, `lseek(SEEK_DATA/SEEK_HOLE)`,
 //! `fdatasync`). Backends move opaque bytes: they never see plaintext, tweaks or keys.
 //!
-//! [`testing`] holds the memory, faulty and crashing backends the tests use.
+//! [`rbd`] puts volumes on Ceph RBD images (feature `rbd`). [`testing`] holds the memory, faulty and crashing backends the tests use.
 
+pub mod rbd;
 pub mod testing;
 
 use std::fs::File;

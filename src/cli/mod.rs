@@ -2,6 +2,7 @@
 //! key store handle, plus small parsers (sizes, `k=v` contexts) and output helpers.
 
 pub mod kms;
+pub mod rbd;
 pub mod serve;
 pub mod volume;
 

@@ -48,6 +48,13 @@ pub struct ServeArgs {
     #[arg(long = "read-only", value_name = "NAME")]
     read_only: Vec<String>,
 
+    /// Export the --read-only RBD volumes without taking their exclusive lock, so several
+    /// gateways can export one image read-only at once. Without it a gateway holds the lock of
+    /// every RBD volume it exports and other gateways are refused (a dead holder's lock is broken
+    /// and the holder blocklisted).
+    #[arg(long)]
+    rbd_shared_read_only: bool,
+
     /// Connections served at once; more are closed immediately.
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_connections: usize,
@@ -197,7 +204,11 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
         only: (!only.is_empty()).then_some(only),
         read_only: args.read_only.iter().cloned().collect::<HashSet<_>>(),
     };
-    let provider = Arc::new(DataDirProvider::new(DataDir::new(dir), keystore, selection));
+    let provider = Arc::new(DataDirProvider::new(
+        DataDir::new(dir).with_rbd_shared_read_only(args.rbd_shared_read_only),
+        keystore,
+        selection,
+    ));
     let attached = provider.attach_all();
     let names = provider.names();
     if names.is_empty() {

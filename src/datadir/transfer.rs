@@ -6,6 +6,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::{io_err, round_up, CreateOptions, DataDir, DataDirError};
+use crate::backend::rbd::RbdLocation;
 use crate::backend::{Backend, FileBackend};
 use crate::kms::KeyStore;
 use crate::volume::VolumeHeader;
@@ -24,7 +25,39 @@ impl DataDir {
         from: &Path,
         key: &str,
         opts: CreateOptions,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<VolumeHeader, DataDirError> {
+        self.import_with(ks, name, from, opts, progress, |size| {
+            self.create_volume(ks, name, size, key, opts)
+        })
+    }
+
+    /// [`DataDir::import`] onto a new RBD image at `loc`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn import_rbd(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        from: &Path,
+        key: &str,
+        opts: CreateOptions,
+        loc: &RbdLocation,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<VolumeHeader, DataDirError> {
+        self.import_with(ks, name, from, opts, progress, |size| {
+            self.create_rbd_volume(ks, name, size, key, opts, loc)
+        })
+    }
+
+    /// Sizes the new volume from the image, `create`s it, then copies.
+    fn import_with(
+        &self,
+        ks: &KeyStore,
+        name: &str,
+        from: &Path,
+        opts: CreateOptions,
         mut progress: impl FnMut(u64, u64),
+        create: impl FnOnce(u64) -> Result<VolumeHeader, DataDirError>,
     ) -> Result<VolumeHeader, DataDirError> {
         let src = File::open(from).map_err(io_err("opening the image", from))?;
         let len = src
@@ -37,7 +70,7 @@ impl DataDir {
                 name: name.to_string(),
                 reason: format!("the image {} is empty", from.display()),
             })?;
-        let header = self.create_volume(ks, name, size, key, opts)?;
+        let header = create(size)?;
         let copy = || -> Result<(), DataDirError> {
             let vol = self.attach(ks, name, false)?;
             let src = FileBackend::new(src, from);
