@@ -83,6 +83,20 @@ pub fn remove_image(loc: &RbdLocation) -> Result<(), RbdError> {
         .map_err(image_err(loc, "remove the image"))
 }
 
+/// Whether lock owner `owner` (librbd names it by messenger address, `IP:PORT/NONCE`, possibly
+/// with a `v1:`/`v2:` prefix; older releases by entity, `client.N`) is the watcher at `addr`
+/// with global id `id`.
+fn is_same_client(owner: &str, addr: &str, id: i64) -> bool {
+    fn bare(a: &str) -> &str {
+        let a = a.trim();
+        a.strip_prefix("v2:")
+            .or_else(|| a.strip_prefix("v1:"))
+            .or_else(|| a.strip_prefix("any:"))
+            .unwrap_or(a)
+    }
+    (!addr.is_empty() && bare(owner) == bare(addr)) || owner == format!("client.{id}")
+}
+
 /// Takes the exclusive lock for `image`, breaking it first if its holder is dead.
 fn acquire(image: &Image, me: u64, loc: &RbdLocation) -> Result<(), RbdError> {
     let owners = image
@@ -95,11 +109,11 @@ fn acquire(image: &Image, me: u64, loc: &RbdLocation) -> Result<(), RbdError> {
         // A lock owner that still watches the image is a live client: never break its lock.
         let live = watchers
             .iter()
-            .find(|w| w.id >= 0 && w.id as u64 != me && format!("client.{}", w.id) == *owner);
+            .find(|w| w.id as u64 != me && is_same_client(owner, &w.addr, w.id));
         if let Some(w) = live {
             return Err(RbdError::LockHeld {
                 location: loc.to_string(),
-                owner: owner.clone(),
+                owner: format!("client.{}", w.id),
                 addr: w.addr.clone(),
             });
         }
@@ -124,7 +138,7 @@ fn acquire(image: &Image, me: u64, loc: &RbdLocation) -> Result<(), RbdError> {
             Err(RbdError::LockHeld {
                 location: loc.to_string(),
                 owner,
-                addr: "it refused to release the lock".into(),
+                addr: "it refused to hand the lock over".into(),
             })
         }
         Err(e) => Err(image_err(loc, "take the exclusive lock of")(e)),
@@ -208,14 +222,7 @@ impl Backend for RbdBackend {
                 self.image.resize(end)?;
             }
         }
-        let n = self.image.write(buf, offset)?;
-        if n as usize != buf.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("librbd wrote {n} of {} bytes", buf.len()),
-            ));
-        }
-        Ok(())
+        self.image.write(buf, offset)
     }
 
     fn sync(&self) -> io::Result<()> {
@@ -267,5 +274,21 @@ impl Backend for RbdBackend {
 
     fn describe(&self) -> String {
         self.location.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_same_client;
+
+    #[test]
+    fn lock_owners_match_their_watchers() {
+        let a = "127.0.0.1:0/4203530113";
+        assert!(is_same_client(a, a, 4176));
+        assert!(is_same_client("v2:127.0.0.1:0/4203530113", a, 4176));
+        assert!(is_same_client("client.4176", a, 4176));
+        assert!(!is_same_client("127.0.0.1:0/4203530114", a, 4176));
+        assert!(!is_same_client("client.4177", a, 4176));
+        assert!(!is_same_client("", "", 1));
     }
 }

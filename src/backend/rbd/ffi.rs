@@ -334,10 +334,12 @@ impl Image {
         self.run_aio(|c| unsafe { sys::rbd_aio_read(self.handle, offset, len, ptr, c) })
     }
 
-    pub fn write(&self, buf: &[u8], offset: u64) -> io::Result<u64> {
+    /// Writes all of `buf` at `offset` (librbd completes a write whole or fails it).
+    pub fn write(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let (ptr, len) = (buf.as_ptr().cast::<c_char>(), buf.len());
         // SAFETY: `buf` is valid for reads of `len` bytes until the completion (see `read`).
         self.run_aio(|c| unsafe { sys::rbd_aio_write(self.handle, offset, len, ptr, c) })
+            .map(|_| ())
     }
 
     /// Zeroes `[offset, offset+len)`, deallocating whole objects (unlike discard, which may skip

@@ -116,7 +116,7 @@ pub enum RbdError {
     },
 
     /// Another live client holds the exclusive lock.
-    #[error("{location} is in use: its exclusive lock is held by {owner}, which is alive ({addr}); another gateway serves it")]
+    #[error("{location} is in use: its exclusive lock is held by {owner} ({addr}), which is alive: another gateway serves it (it can take over once that one is gone)")]
     LockHeld {
         location: String,
         owner: String,
