@@ -59,9 +59,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_connections: usize,
 
-    /// Worker threads per connection (each reads, runs and answers one request at a time).
-    #[arg(long, default_value_t = 2, value_name = "N")]
-    workers: usize,
+    /// Worker threads per connection (each reads, runs and answers one request at a time, so
+    /// this is also how many requests of one connection are in flight at once). Default: 2, or
+    /// 16 when the data directory has RBD volumes (each request waits for the cluster's round
+    /// trip, and overlapping them is what makes RBD fast).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 
     /// Time a client has to finish the handshake (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
@@ -140,10 +143,34 @@ fn setup_default(dir: &Path) -> anyhow::Result<KeyStore> {
     Ok(ks)
 }
 
+/// Default workers per connection for file volumes (the page cache answers quickly).
+const DEFAULT_WORKERS: usize = 2;
+/// Default workers per connection when RBD volumes are served: requests wait for the network.
+const DEFAULT_WORKERS_RBD: usize = 16;
+
+/// Whether any volume of the data directory lives on RBD.
+fn has_rbd_volumes(dir: &std::path::Path) -> bool {
+    let dd = DataDir::new(dir);
+    dd.list_volumes()
+        .map(|names| {
+            names
+                .iter()
+                .any(|n| matches!(dd.rbd_location(n), Ok(Some(_))))
+        })
+        .unwrap_or(false)
+}
+
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
+    let workers = args.workers.unwrap_or_else(|| {
+        if has_rbd_volumes(&global.data_dir) {
+            DEFAULT_WORKERS_RBD
+        } else {
+            DEFAULT_WORKERS
+        }
+    });
     let config = ServerConfig {
         max_connections: args.max_connections,
-        workers_per_connection: args.workers,
+        workers_per_connection: workers,
         handshake_timeout: args.handshake_timeout,
         shutdown_grace: args.shutdown_grace,
         ..ServerConfig::default()
