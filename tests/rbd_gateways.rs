@@ -116,9 +116,18 @@ fn rbd_second_gateway_refused_then_takes_over_after_sigkill() {
     );
     let log = gw2.log_text();
     assert!(log.contains("blocklisting it and taking over"), "{log}");
+    // The dead holder's address, as gateway 2 logged it, is on the cluster's blocklist.
+    let dead = log
+        .lines()
+        .find(|l| l.contains("blocklisting it and taking over"))
+        .and_then(|l| l.split("owner=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no owner= in the takeover line: {log}"))
+        .to_string();
+    let listed = blocklist()(&conf);
     assert!(
-        blocklist()(&conf).contains("127.0.0.1"),
-        "the dead gateway is blocklisted"
+        listed.contains(&dead),
+        "the dead gateway {dead} is blocklisted: {listed}"
     );
     let (ok, out) = qemu_io(
         &gw2.uri("shared"),
