@@ -54,6 +54,13 @@ pub trait Backend: Send + Sync {
     /// (SEEK_HOLE).
     fn seek_hole(&self, offset: u64) -> io::Result<u64>;
 
+    /// Whether a write waits for a device or the network before it completes (RBD), instead of
+    /// landing in a cache (files). Servers then never run writes on the thread that reads the
+    /// next request.
+    fn writes_wait(&self) -> bool {
+        false
+    }
+
     /// Whether [`Backend::punch_hole`] is expected to work (used to answer "is zeroing fast").
     fn can_punch(&self) -> bool {
         true
@@ -321,6 +328,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn can_punch(&self) -> bool {
         (**self).can_punch()
+    }
+    fn writes_wait(&self) -> bool {
+        (**self).writes_wait()
     }
     fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).will_need(offset, len)

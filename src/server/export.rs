@@ -46,6 +46,11 @@ pub trait Export: Send + Sync {
     ) -> Option<Result<ReadOutcome, ExportError>> {
         None
     }
+    /// Whether a write waits for storage round trips (network block storage): then even small
+    /// writes run on a follower, so one connection's writes overlap.
+    fn writes_wait(&self) -> bool {
+        false
+    }
     /// Writes `data` at `offset`. `data` is scratch: the export may transform it in place
     /// (encrypt) to avoid a copy.
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), ExportError>;

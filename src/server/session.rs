@@ -215,7 +215,9 @@ fn worker_loop(sh: &Shared, buf: &mut Vec<u8>, out: &mut Vec<u8>) -> Result<(), 
                     let cached = pre.is_some();
                     (pre, cached)
                 }
-                Ok(Some((req, Verdict::Run))) => (None, is_quick_write(req)),
+                Ok(Some((req, Verdict::Run))) => {
+                    (None, is_quick_write(req) && !sh.export.writes_wait())
+                }
                 _ => (None, true),
             };
             (taken, pre, keep.then_some(r))

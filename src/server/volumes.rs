@@ -101,6 +101,10 @@ impl Export for VolumeExport {
             .transpose()
     }
 
+    fn writes_wait(&self) -> bool {
+        self.volume.writes_wait()
+    }
+
     fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), ExportError> {
         self.volume.write(offset, data, fua).map_err(export_err)
     }

@@ -272,6 +272,11 @@ impl Backend for RbdBackend {
         Ok(pos.min(size).max(offset))
     }
 
+    fn writes_wait(&self) -> bool {
+        // Every write is a round trip to the OSDs.
+        true
+    }
+
     fn describe(&self) -> String {
         self.location.to_string()
     }
