@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// key store in the data directory. `cryptnbd serve` with nothing set up creates a key store, a
 /// CMK `alias/default` and a 1 GiB volume `disk0`, serves it and prints how to attach it.
 #[derive(Parser, Debug)]
-#[command(name = "cryptnbd", version, propagate_version = true)]
+#[command(name = "cryptnbd", version, propagate_version = true, after_help = cli::rbd::RBD_SUPPORT)]
 struct Cli {
     /// Directory holding the key store, the audit log and the volumes.
     #[arg(

@@ -2,9 +2,11 @@
 //! ([`FileBackend`]: pread/pwrite, `fallocate(PUNCH_HOLE)`, `lseek(SEEK_DATA/SEEK_HOLE)`,
 //! `fdatasync`). Backends move opaque bytes: they never see plaintext, tweaks or keys.
 //!
-//! `testing` (feature `test-utils`, and this crate's unit tests) holds the memory, slow, faulty
-//! and crashing backends the tests use. This trait is the one place a new store plugs in.
+//! [`rbd`] puts volumes on Ceph RBD images (feature `rbd`). `testing` (feature `test-utils`, and
+//! this crate's unit tests) holds the memory, slow, faulty, crashing and piecewise backends the
+//! tests use. This trait is the one place a new store plugs in.
 
+pub mod rbd;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
@@ -54,6 +56,13 @@ pub trait Backend: Send + Sync {
     /// The first offset `>= offset` that starts a hole; the end of the storage counts as one
     /// (SEEK_HOLE).
     fn seek_hole(&self, offset: u64) -> io::Result<u64>;
+
+    /// Whether a write waits for a device or the network before it completes (RBD), instead of
+    /// landing in a cache (files). Servers then never run writes on the thread that reads the
+    /// next request.
+    fn writes_wait(&self) -> bool {
+        false
+    }
 
     /// Whether [`Backend::punch_hole`] is expected to work (used to answer "is zeroing fast").
     fn can_punch(&self) -> bool {
@@ -327,6 +336,9 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn can_punch(&self) -> bool {
         (**self).can_punch()
+    }
+    fn writes_wait(&self) -> bool {
+        (**self).writes_wait()
     }
     fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
         (**self).will_need(offset, len)

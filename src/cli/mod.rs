@@ -4,6 +4,7 @@
 pub mod check;
 pub mod kms;
 pub mod kms_serve;
+pub mod rbd;
 pub mod remote;
 pub mod serve;
 pub mod volume;

@@ -96,13 +96,23 @@ pub struct ServeArgs {
     #[arg(long = "read-only", value_name = "NAME")]
     read_only: Vec<String>,
 
+    /// Export the --read-only RBD volumes without taking their exclusive lock, so several
+    /// gateways can export one image read-only at once. Without it a gateway holds the lock of
+    /// every RBD volume it exports and other gateways are refused (a dead holder's lock is broken
+    /// and the holder blocklisted).
+    #[arg(long)]
+    rbd_shared_read_only: bool,
+
     /// Connections served at once; more are closed immediately.
     #[arg(long, default_value_t = 64, value_name = "N")]
     max_connections: usize,
 
-    /// Worker threads per connection (each reads, runs and answers one request at a time).
-    #[arg(long, default_value_t = 2, value_name = "N")]
-    workers: usize,
+    /// Worker threads per connection (each reads, runs and answers one request at a time, so
+    /// this is also how many requests of one connection are in flight at once). Default: 2, or
+    /// 16 when the data directory has RBD volumes (each request waits for the cluster's round
+    /// trip, and overlapping them is what makes RBD fast).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
 
     /// Request buffer memory (MiB) shared by all connections beyond the first MiB per worker;
     /// large requests wait for it, so stalled clients cannot pin more.
@@ -240,10 +250,34 @@ fn setup_default(dir: &Path) -> anyhow::Result<KeyStore> {
     Ok(ks)
 }
 
+/// Default workers per connection for file volumes (the page cache answers quickly).
+const DEFAULT_WORKERS: usize = 2;
+/// Default workers per connection when RBD volumes are served: requests wait for the network.
+const DEFAULT_WORKERS_RBD: usize = 16;
+
+/// Whether any volume of the data directory lives on RBD.
+fn has_rbd_volumes(dir: &std::path::Path) -> bool {
+    let dd = DataDir::new(dir);
+    dd.list_volumes()
+        .map(|names| {
+            names
+                .iter()
+                .any(|n| matches!(dd.rbd_location(n), Ok(Some(_))))
+        })
+        .unwrap_or(false)
+}
+
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
+    let workers = args.workers.unwrap_or_else(|| {
+        if has_rbd_volumes(&global.data_dir) {
+            DEFAULT_WORKERS_RBD
+        } else {
+            DEFAULT_WORKERS
+        }
+    });
     let config = ServerConfig {
         max_connections: args.max_connections,
-        workers_per_connection: args.workers,
+        workers_per_connection: workers,
         handshake_timeout: args.handshake_timeout,
         shutdown_grace: args.shutdown_grace,
         buffer_budget: args.buffer_budget.saturating_mul(1 << 20),
@@ -369,7 +403,7 @@ fn run_with(
         read_only: args.read_only.iter().cloned().collect::<HashSet<_>>(),
     };
     let provider = Arc::new(DataDirProvider::with_provider(
-        DataDir::new(dir),
+        DataDir::new(dir).with_rbd_shared_read_only(args.rbd_shared_read_only),
         keys,
         selection,
     ));

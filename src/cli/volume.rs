@@ -13,21 +13,24 @@ use cryptnbd::volume::VolumeHeader;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
+use super::rbd::{BackendArgs, RBD_SUPPORT};
 use super::{print_fields, print_json, Global};
 
 const VOLUME_AFTER_HELP: &str = "\
-Volumes live in DATA_DIR/volumes/NAME.vol (sparse, mode 0600). Each has its own data key (DEK),
-wrapped by the key store's KEY (a key id or alias) and stored in the volume header.
+Volumes live in DATA_DIR/volumes/NAME.vol (sparse, mode 0600), or on Ceph RBD images
+(`--backend rbd:POOL[/IMAGE]`, referenced by DATA_DIR/volumes/NAME.rbd). Each has its own data key
+(DEK), wrapped by the key store's KEY (a key id or alias) and stored in the volume header.
 
 Examples:
   cryptnbd volume create disk0 --size 10G --key alias/volumes
   cryptnbd volume info disk0 --json
   cryptnbd volume rekey disk0                   # re-wrap under the key's newest version
   cryptnbd volume import vm1 --from vm1.raw --key alias/volumes
-  cryptnbd volume export vm1 --to backup.raw";
+  cryptnbd volume export vm1 --to backup.raw
+  cryptnbd volume create vm2 --size 20G --key alias/volumes --backend rbd:rbd --ceph-id gw";
 
 #[derive(Args, Debug)]
-#[command(after_help = VOLUME_AFTER_HELP)]
+#[command(after_help = format!("{VOLUME_AFTER_HELP}\n\n{RBD_SUPPORT}"))]
 pub struct VolumeArgs {
     #[command(subcommand)]
     command: VolumeCommand,
@@ -83,6 +86,8 @@ enum VolumeCommand {
         #[command(flatten)]
         format: FormatArgs,
         #[command(flatten)]
+        storage: BackendArgs,
+        #[command(flatten)]
         out: JsonFlag,
     },
     /// List the volumes.
@@ -130,6 +135,8 @@ enum VolumeCommand {
         key: String,
         #[command(flatten)]
         format: FormatArgs,
+        #[command(flatten)]
+        storage: BackendArgs,
     },
     /// Decrypt a volume into a new raw image file (holes stay holes: the image is sparse).
     Export {
@@ -166,6 +173,7 @@ fn info_json(i: &VolumeInfo) -> Value {
     let mut v = header_json(&i.name, &i.header);
     v["allocated_bytes"] = json!(i.allocated_bytes);
     v["path"] = json!(i.path);
+    v["backend"] = json!(i.backend);
     v
 }
 
@@ -175,6 +183,7 @@ fn print_info(i: &VolumeInfo) {
     print_fields(&[
         ("name", i.name.clone()),
         ("path", i.path.display().to_string()),
+        ("backend", i.backend.clone()),
         ("volume_id", h.volume_id.to_string()),
         ("size", format!("{} ({})", h.size, human(h.size))),
         (
@@ -227,10 +236,16 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             size,
             key,
             format,
+            storage,
             out,
         } => {
+            let loc = storage.location(&name)?;
             let ks = super::remote::key_provider(global, &args.remote)?;
-            let h = dd.create_volume(ks.as_ref(), &name, size, &key, format.options())?;
+            let ks = ks.as_ref();
+            let h = match &loc {
+                None => dd.create_volume(ks, &name, size, &key, format.options())?,
+                Some(loc) => dd.create_rbd_volume(ks, &name, size, &key, format.options(), loc)?,
+            };
             if out.json {
                 return print_json(&header_json(&name, &h));
             }
@@ -321,22 +336,22 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             from,
             key,
             format,
+            storage,
         } => {
+            let loc = storage.location(&name)?;
             let ks = super::remote::key_provider(global, &args.remote)?;
+            let ks = ks.as_ref();
             let bar = progress_bar(&format!("importing {name}"));
-            let h = dd
-                .import(
-                    ks.as_ref(),
-                    &name,
-                    &from,
-                    &key,
-                    format.options(),
-                    |done, total| {
-                        bar.set_length(total);
-                        bar.set_position(done);
-                    },
-                )
-                .with_context(|| format!("importing {} into volume {name}", from.display()))?;
+            let progress = |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            };
+            let opts = format.options();
+            let h = match &loc {
+                None => dd.import(ks, &name, &from, &key, opts, progress),
+                Some(loc) => dd.import_rbd(ks, &name, &from, &key, opts, loc, progress),
+            }
+            .with_context(|| format!("importing {} into volume {name}", from.display()))?;
             bar.finish_and_clear();
             println!(
                 "imported {} into volume {name} ({})",

@@ -9,13 +9,10 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use uuid::Uuid;
-
-use super::{io_err, sync_dir, try_lock, volume_context, CreateOptions, DataDir, DataDirError};
+use super::{io_err, sync_dir, try_lock, CreateOptions, DataDir, DataDirError};
 use crate::backend::FileBackend;
-use crate::crypto::XtsKey;
 use crate::kms::KeyProvider;
-use crate::volume::{Volume, VolumeHeader};
+use crate::volume::Volume;
 
 impl DataDir {
     /// Creates a new volume under a temporary name (`volumes/.NAME.vol.PID.tmp`, exclusively
@@ -31,33 +28,8 @@ impl DataDir {
         opts: CreateOptions,
     ) -> Result<NewVolume, DataDirError> {
         let path = self.volume_path(name)?;
-        if path.exists() {
-            return Err(DataDirError::AlreadyExists {
-                name: name.to_string(),
-                path,
-            });
-        }
-        let mut header = VolumeHeader::new(Uuid::new_v4(), size, opts.sector_size);
-        header.discard = opts.discard;
-        header.validate().map_err(Self::vol_err(name))?;
-        let ctx = volume_context(header.volume_id);
-        let dk = keys
-            .create_data_key(key, &ctx, 512)
-            .map_err(|source| DataDirError::Kms {
-                name: name.to_string(),
-                action: "create",
-                source,
-            })?;
-        let xts = XtsKey::from_slice(dk.plain_text.dangerous_as_bytes()).map_err(|e| {
-            DataDirError::BadDataKey {
-                name: name.to_string(),
-                source: e,
-            }
-        })?;
-        header.key_id = dk.wrapped.key_id;
-        header.key_version = dk.wrapped.key_version;
-        header.wrapped_dek = dk.wrapped.cipher_text;
-        header.encryption_context = ctx;
+        self.check_free(name)?;
+        let (header, xts) = self.new_header(keys, name, size, key, opts)?;
 
         let dir = self.volumes_dir();
         let first = !dir.exists();

@@ -5,11 +5,15 @@
 //! (`decrypt-datakey` on the header's wrapped DEK), rekey (`re-encrypt`, header only), plus the
 //! header-only ones (info, resize, delete) and raw image import/export.
 //!
+//! A volume lives in a file, or on a Ceph RBD image named by a small reference file
+//! (`volumes/NAME.rbd`, see [`rbd`]); both hold the same header and data area.
+//!
 //! A volume file is locked while in use: a read-write attach holds an exclusive `flock` (one
 //! writer per volume, across processes: their read-modify-write locks would not see each other),
 //! a read-only attach a shared one, and the operations that change or remove the file (resize,
 //! rekey, delete) take it exclusively, so they refuse to run on a volume a server has attached.
-//! New volumes (create, import) are built under a temporary name and appear complete.
+//! New volumes (create, import) are built under a temporary name and appear complete. RBD volumes
+//! use RBD's exclusive lock instead (see [`rbd`]).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -18,13 +22,15 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
-use crate::backend::FileBackend;
+use crate::backend::rbd::RbdError;
+use crate::backend::{Backend, FileBackend};
 use crate::crypto::{KeyError, XtsKey};
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use crate::volume::{Volume, VolumeError, VolumeHeader};
 
 mod check;
 mod create;
+mod rbd;
 mod transfer;
 
 pub use check::{CheckReport, Finding, Severity};
@@ -85,6 +91,15 @@ pub enum DataDirError {
         requested: u64,
     },
 
+    /// The Ceph side of an RBD volume failed (cluster unreachable, image locked by a live
+    /// gateway, build without RBD support…).
+    #[error("volume {name:?}: {source}")]
+    Rbd {
+        name: String,
+        #[source]
+        source: RbdError,
+    },
+
     #[error("invalid request for volume {name:?}: {reason}")]
     Invalid { name: String, reason: String },
 
@@ -132,6 +147,8 @@ impl Default for CreateOptions {
 pub struct VolumeInfo {
     pub name: String,
     pub path: PathBuf,
+    /// Where the data is: `file`, or `rbd:POOL/IMAGE`.
+    pub backend: String,
     pub header: VolumeHeader,
     /// Bytes the file occupies on disk (sparse files occupy less than their size).
     pub allocated_bytes: u64,
@@ -141,6 +158,9 @@ pub struct VolumeInfo {
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    /// Open RBD volumes read-only without their exclusive lock, so several gateways can export
+    /// them at once (only when the user asks for it).
+    rbd_shared_read_only: bool,
 }
 
 /// The encryption context bound to a volume's DEK.
@@ -194,7 +214,16 @@ pub(crate) fn round_up(n: u64, to: u64) -> Option<u64> {
 
 impl DataDir {
     pub fn new(root: impl Into<PathBuf>) -> DataDir {
-        DataDir { root: root.into() }
+        DataDir {
+            root: root.into(),
+            rbd_shared_read_only: false,
+        }
+    }
+
+    /// Read-only attaches of RBD volumes skip the exclusive lock (see [`crate::backend::rbd`]).
+    pub fn with_rbd_shared_read_only(mut self, shared: bool) -> DataDir {
+        self.rbd_shared_read_only = shared;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -226,13 +255,14 @@ impl DataDir {
             let Some(s) = file_name.to_str() else {
                 continue;
             };
-            if let Some(name) = s.strip_suffix(".vol") {
+            if let Some(name) = s.strip_suffix(".vol").or_else(|| s.strip_suffix(".rbd")) {
                 if check_name(name).is_ok() {
                     names.push(name.to_string());
                 }
             }
         }
         names.sort();
+        names.dedup();
         Ok(names)
     }
 
@@ -289,18 +319,61 @@ impl DataDir {
         Ok(header)
     }
 
-    /// Attaches a volume: reads its header and asks the key store to unwrap its DEK. A refusal
-    /// (disabled, pending deletion or deleted key, wrong context) names the volume and the reason.
-    pub fn attach(
+    /// Refuses a name already used by a file volume or an RBD reference.
+    fn check_free(&self, name: &str) -> Result<(), DataDirError> {
+        for path in [self.volume_path(name)?, self.rbd_reference_path(name)?] {
+            if path.exists() {
+                return Err(DataDirError::AlreadyExists {
+                    name: name.to_string(),
+                    path,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A new volume's header with a fresh DEK from `key` (wrapped in the header, plaintext
+    /// returned for formatting the volume).
+    fn new_header(
         &self,
         keys: &dyn KeyProvider,
         name: &str,
-        read_only: bool,
-    ) -> Result<Volume, DataDirError> {
-        // Read-write attaches are exclusive (two writers' read-modify-write locks would not see
-        // each other); read-only attaches share.
-        let backend = self.open_locked(name, !read_only, !read_only)?;
-        let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        size: u64,
+        key: &str,
+        opts: CreateOptions,
+    ) -> Result<(VolumeHeader, XtsKey), DataDirError> {
+        let mut header = VolumeHeader::new(Uuid::new_v4(), size, opts.sector_size);
+        header.discard = opts.discard;
+        header.validate().map_err(Self::vol_err(name))?;
+        let ctx = volume_context(header.volume_id);
+        let dk = keys
+            .create_data_key(key, &ctx, 512)
+            .map_err(|source| DataDirError::Kms {
+                name: name.to_string(),
+                action: "create",
+                source,
+            })?;
+        let xts = XtsKey::from_slice(dk.plain_text.dangerous_as_bytes()).map_err(|e| {
+            DataDirError::BadDataKey {
+                name: name.to_string(),
+                source: e,
+            }
+        })?;
+        header.key_id = dk.wrapped.key_id;
+        header.key_version = dk.wrapped.key_version;
+        header.wrapped_dek = dk.wrapped.cipher_text;
+        header.encryption_context = ctx;
+        Ok((header, xts))
+    }
+
+    /// Asks the key store to unwrap the DEK of header `h`, after checking that the header's
+    /// encryption context names this volume.
+    fn unwrap_key(
+        &self,
+        keys: &dyn KeyProvider,
+        name: &str,
+        h: &VolumeHeader,
+    ) -> Result<XtsKey, DataDirError> {
         let found = h.encryption_context.get("volume_id");
         if found != Some(&h.volume_id.to_string()) {
             return Err(DataDirError::ContextMismatch {
@@ -316,17 +389,38 @@ impl DataDir {
                 action: "attach",
                 source,
             })?;
-        let key = XtsKey::from_slice(uk.plain_text.dangerous_as_bytes()).map_err(|e| {
+        XtsKey::from_slice(uk.plain_text.dangerous_as_bytes()).map_err(|e| {
             DataDirError::BadDataKey {
                 name: name.to_string(),
                 source: e,
             }
-        })?;
+        })
+    }
+
+    /// Attaches a volume: reads its header and asks the key store to unwrap its DEK. A refusal
+    /// (disabled, pending deletion or deleted key, wrong context) names the volume and the reason.
+    pub fn attach(
+        &self,
+        keys: &dyn KeyProvider,
+        name: &str,
+        read_only: bool,
+    ) -> Result<Volume, DataDirError> {
+        if let Some(loc) = self.rbd_location(name)? {
+            return self.attach_rbd(keys, name, &loc, read_only);
+        }
+        // Read-write attaches are exclusive (two writers' read-modify-write locks would not see
+        // each other); read-only attaches share.
+        let backend = self.open_locked(name, !read_only, !read_only)?;
+        let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        let key = self.unwrap_key(keys, name, &h)?;
         Volume::with_key(Box::new(backend), h, &key, read_only).map_err(Self::vol_err(name))
     }
 
     /// The header and allocation of a volume (no key store access).
     pub fn info(&self, name: &str) -> Result<VolumeInfo, DataDirError> {
+        if let Some(loc) = self.rbd_location(name)? {
+            return self.info_rbd(name, &loc);
+        }
         let path = self.existing(name)?;
         let file = File::open(&path).map_err(io_err("opening volume file", &path))?;
         let meta = file
@@ -337,6 +431,7 @@ impl DataDir {
         Ok(VolumeInfo {
             name: name.to_string(),
             path,
+            backend: "file".into(),
             header,
             allocated_bytes: meta.blocks() * 512,
         })
@@ -345,8 +440,18 @@ impl DataDir {
     /// Grows a volume to `new_size` bytes (a multiple of its sector size). The file is extended
     /// (sparsely) and synced before the header says so, so a crash leaves the old or new size.
     pub fn resize(&self, name: &str, new_size: u64) -> Result<VolumeHeader, DataDirError> {
-        let backend = self.open_locked(name, true, true)?;
-        let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        if let Some(loc) = self.rbd_location(name)? {
+            return Self::resize_on(name, &self.open_rbd_exclusive(name, &loc)?, new_size);
+        }
+        Self::resize_on(name, &self.open_locked(name, true, true)?, new_size)
+    }
+
+    fn resize_on(
+        name: &str,
+        backend: &dyn Backend,
+        new_size: u64,
+    ) -> Result<VolumeHeader, DataDirError> {
+        let header = VolumeHeader::read_from(backend).map_err(Self::vol_err(name))?;
         if new_size < header.size {
             return Err(DataDirError::Shrink {
                 name: name.to_string(),
@@ -357,7 +462,7 @@ impl DataDir {
         if new_size == header.size {
             return Ok(header);
         }
-        let written = VolumeHeader::grow(&backend, new_size).map_err(Self::vol_err(name))?;
+        let written = VolumeHeader::grow(backend, new_size).map_err(Self::vol_err(name))?;
         tracing::info!(
             volume = name,
             old = header.size,
@@ -376,8 +481,19 @@ impl DataDir {
         name: &str,
         key: Option<&str>,
     ) -> Result<VolumeHeader, DataDirError> {
-        let backend = self.open_locked(name, true, true)?;
-        let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        if let Some(loc) = self.rbd_location(name)? {
+            return Self::rekey_on(keys, name, &self.open_rbd_exclusive(name, &loc)?, key);
+        }
+        Self::rekey_on(keys, name, &self.open_locked(name, true, true)?, key)
+    }
+
+    fn rekey_on(
+        keys: &dyn KeyProvider,
+        name: &str,
+        backend: &dyn Backend,
+        key: Option<&str>,
+    ) -> Result<VolumeHeader, DataDirError> {
+        let header = VolumeHeader::read_from(backend).map_err(Self::vol_err(name))?;
         let w = keys
             .re_encrypt(
                 &header.wrapped_dek,
@@ -394,7 +510,7 @@ impl DataDir {
         next.key_id = w.key_id;
         next.key_version = w.key_version;
         next.wrapped_dek = w.cipher_text;
-        let written = next.write_update(&backend).map_err(Self::vol_err(name))?;
+        let written = next.write_update(backend).map_err(Self::vol_err(name))?;
         tracing::info!(volume = name, key_id = %written.key_id, key_version = written.key_version,
             "volume rekeyed");
         Ok(written)
@@ -402,6 +518,9 @@ impl DataDir {
 
     /// Deletes a volume file (refused while it is attached).
     pub fn delete(&self, name: &str) -> Result<(), DataDirError> {
+        if let Some(loc) = self.rbd_location(name)? {
+            return self.delete_rbd(name, &loc);
+        }
         let backend = self.open_locked(name, false, true)?;
         let path = backend.path().to_path_buf();
         std::fs::remove_file(&path).map_err(io_err("deleting volume file", &path))?;

@@ -6,9 +6,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::{io_err, round_up, CreateOptions, DataDir, DataDirError};
+use crate::backend::rbd::RbdLocation;
 use crate::backend::{Backend, FileBackend};
 use crate::kms::KeyProvider;
-use crate::volume::VolumeHeader;
+use crate::volume::{Volume, VolumeHeader};
 
 /// Bytes copied per step.
 const COPY_CHUNK: usize = 1 << 20;
@@ -17,7 +18,8 @@ impl DataDir {
     /// Encrypts the raw image `from` into a new volume of its size (rounded up to the sector
     /// size, zero-padded). All-zero chunks are skipped, so they stay holes. `progress(done, total)`
     /// is called as bytes are copied. The volume is built under a temporary name and moved into
-    /// place when complete; on failure it is removed.
+    /// place when complete: a server never serves a half-imported volume, and a failure (or a
+    /// crash) leaves no volume under the real name.
     pub fn import(
         &self,
         keys: &dyn KeyProvider,
@@ -25,8 +27,50 @@ impl DataDir {
         from: &Path,
         key: &str,
         opts: CreateOptions,
-        mut progress: impl FnMut(u64, u64),
+        progress: impl FnMut(u64, u64),
     ) -> Result<VolumeHeader, DataDirError> {
+        let (src, len, size) = self.open_image(name, from, opts)?;
+        let new = self.build_new(keys, name, size, key, opts)?;
+        let header = new.volume.header().clone();
+        self.copy_image(name, &new.volume, src, from, len, size, progress)?;
+        new.publish(self, name)?;
+        tracing::info!(volume = name, volume_id = %header.volume_id, size, "volume imported");
+        Ok(header)
+    }
+
+    /// [`DataDir::import`] onto a new RBD image at `loc`. The image cannot be built under a
+    /// temporary name: its reference appears when it is created, and a failed copy deletes it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn import_rbd(
+        &self,
+        keys: &dyn KeyProvider,
+        name: &str,
+        from: &Path,
+        key: &str,
+        opts: CreateOptions,
+        loc: &RbdLocation,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<VolumeHeader, DataDirError> {
+        let (src, len, size) = self.open_image(name, from, opts)?;
+        let header = self.create_rbd_volume(keys, name, size, key, opts, loc)?;
+        let copy = || -> Result<(), DataDirError> {
+            let vol = self.attach(keys, name, false)?;
+            self.copy_image(name, &vol, src, from, len, size, progress)
+        };
+        if let Err(e) = copy() {
+            let _ = self.delete(name);
+            return Err(e);
+        }
+        Ok(header)
+    }
+
+    /// Opens the image to import; returns it, its length and the volume size it needs.
+    fn open_image(
+        &self,
+        name: &str,
+        from: &Path,
+        opts: CreateOptions,
+    ) -> Result<(File, u64, u64), DataDirError> {
         let src = File::open(from).map_err(io_err("opening the image", from))?;
         let len = src
             .metadata()
@@ -38,33 +82,39 @@ impl DataDir {
                 name: name.to_string(),
                 reason: format!("the image {} is empty", from.display()),
             })?;
-        // Built under a temporary name: a server never serves a half-imported volume, and a
-        // failure (or a crash) leaves no volume under the real name.
-        let new = self.build_new(keys, name, size, key, opts)?;
-        let header = new.volume.header().clone();
-        {
-            let vol = &new.volume;
-            let src = FileBackend::new(src, from);
-            let mut buf = vec![0u8; COPY_CHUNK];
-            let mut done = 0u64;
-            while done < size {
-                let n = (size - done).min(COPY_CHUNK as u64) as usize;
-                // Past the image's end reads as zeroes: the padding of the last sector.
-                src.read_at(&mut buf[..n], done).map_err(io_err(
-                    format!("reading {n} bytes at offset {done} of"),
-                    from,
-                ))?;
-                if buf[..n].iter().any(|&b| b != 0) {
-                    vol.write(done, &mut buf[..n], false)
-                        .map_err(Self::vol_err(name))?;
-                }
-                done += n as u64;
-                progress(done.min(len), len);
+        Ok((src, len, size))
+    }
+
+    /// Encrypts the image into `vol`, skipping all-zero chunks, and flushes.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_image(
+        &self,
+        name: &str,
+        vol: &Volume,
+        src: File,
+        from: &Path,
+        len: u64,
+        size: u64,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<(), DataDirError> {
+        let src = FileBackend::new(src, from);
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut done = 0u64;
+        while done < size {
+            let n = (size - done).min(COPY_CHUNK as u64) as usize;
+            // Past the image's end reads as zeroes: the padding of the last sector.
+            src.read_at(&mut buf[..n], done).map_err(io_err(
+                format!("reading {n} bytes at offset {done} of"),
+                from,
+            ))?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                vol.write(done, &mut buf[..n], false)
+                    .map_err(Self::vol_err(name))?;
             }
+            done += n as u64;
+            progress(done.min(len), len);
         }
-        new.publish(self, name)?;
-        tracing::info!(volume = name, volume_id = %header.volume_id, size, "volume imported");
-        Ok(header)
+        vol.flush().map_err(Self::vol_err(name))
     }
 
     /// Decrypts a volume into the raw image `to` (created, must not exist). Holes of the volume

@@ -491,7 +491,7 @@ fn execute<'a>(
     let ex = &*sh.volume;
     let len = req.len as usize;
     let fua = req.fua();
-    if req.command != CMD_READ && !is_quick_write(req) {
+    if req.command != CMD_READ && (!is_quick_write(req) || ex.writes_wait()) {
         *reader = None;
     }
     match req.command {

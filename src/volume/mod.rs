@@ -279,6 +279,11 @@ impl Volume {
         });
     }
 
+    /// Whether writes wait for the storage (network block storage) rather than a cache.
+    pub fn writes_wait(&self) -> bool {
+        self.backend.writes_wait()
+    }
+
     /// Like [`Volume::read`], but only if the ciphertext can be read without waiting for the
     /// device (it is cached): `Ok(None)` means "would wait: call `read`". Only whole-sector reads
     /// are tried; others return `Ok(None)`.

@@ -12,6 +12,9 @@ mod durability_common;
 mod kms_http_support;
 #[path = "../lazyfs/mod.rs"]
 mod lazyfs;
+#[cfg(feature = "rbd")]
+#[path = "../rbd_common/mod.rs"]
+mod rbd_common;
 
 mod cli_check;
 mod cli_kms;
@@ -38,6 +41,10 @@ mod kms_http_vault;
 mod kms_props;
 mod kms_python_oracle;
 mod nbd_wire;
+mod rbd_backend;
+mod rbd_blockdev;
+mod rbd_clients;
+mod rbd_gateways;
 mod seams;
 mod secrets_locked;
 mod server_cli;

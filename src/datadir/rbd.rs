@@ -1,0 +1,300 @@
+//! Volumes on Ceph RBD images. The data directory keeps only a reference, `volumes/NAME.rbd` (JSON:
+//! pool, image, and optionally the Ceph config, client id and keyring), beside the file volumes;
+//! the image holds exactly what a volume file holds (the 1 MiB double header, then the XTS data
+//! area), so every volume operation works the same on both.
+//!
+//! Locking differs from files: instead of `flock`, RBD's exclusive lock (see
+//! [`crate::backend::rbd`]) keeps a second gateway, or a resize/rekey, away from an image a live
+//! gateway serves, across hosts.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::PathBuf;
+
+use super::{check_name, io_err, sync_dir, CreateOptions, DataDir, DataDirError, VolumeInfo};
+use crate::backend::rbd::{self as rbd, Access, RbdBackend, RbdError, RbdLocation};
+use crate::kms::KeyProvider;
+use crate::volume::{Volume, VolumeHeader};
+
+/// What a reference file says it is, so a stray JSON file is not mistaken for one.
+const REFERENCE_KIND: &str = "cryptnbd-rbd-volume";
+/// References are small; anything bigger is not one of ours.
+const MAX_REFERENCE_LEN: u64 = 64 * 1024;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Reference {
+    kind: String,
+    version: u32,
+    #[serde(flatten)]
+    location: RbdLocation,
+}
+
+fn rbd_err(name: &str) -> impl FnOnce(RbdError) -> DataDirError + '_ {
+    move |source| DataDirError::Rbd {
+        name: name.to_string(),
+        source,
+    }
+}
+
+impl DataDir {
+    /// `volumes/NAME.rbd`, after checking the name.
+    pub fn rbd_reference_path(&self, name: &str) -> Result<PathBuf, DataDirError> {
+        check_name(name)?;
+        Ok(self.volumes_dir().join(format!("{name}.rbd")))
+    }
+
+    /// The image behind volume `name`, or `None` when it is not an RBD volume.
+    pub fn rbd_location(&self, name: &str) -> Result<Option<RbdLocation>, DataDirError> {
+        let path = self.rbd_reference_path(name)?;
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("opening the RBD reference", &path)(e)),
+        };
+        let len = file
+            .metadata()
+            .map_err(io_err("reading the metadata of", &path))?
+            .len();
+        let invalid = |reason: String| DataDirError::Invalid {
+            name: name.to_string(),
+            reason: format!("{}: {reason}", path.display()),
+        };
+        if len > MAX_REFERENCE_LEN {
+            return Err(invalid(format!(
+                "{len} bytes is too long for an RBD reference"
+            )));
+        }
+        let r: Reference = serde_json::from_reader(io::BufReader::new(file))
+            .map_err(|e| invalid(format!("not a valid RBD reference: {e}")))?;
+        if r.kind != REFERENCE_KIND || r.version != 1 {
+            return Err(invalid(format!(
+                "unknown reference kind {:?} version {}",
+                r.kind, r.version
+            )));
+        }
+        rbd::check_rbd_name("pool", &r.location.pool).map_err(&invalid)?;
+        rbd::check_rbd_name("image", &r.location.image).map_err(&invalid)?;
+        Ok(Some(r.location))
+    }
+
+    /// Creates volume `name` on a new RBD image at `loc` (the image must not exist): formats it
+    /// like a volume file, then writes the reference. A failure removes the new image.
+    pub fn create_rbd_volume(
+        &self,
+        keys: &dyn KeyProvider,
+        name: &str,
+        size: u64,
+        key: &str,
+        opts: CreateOptions,
+        loc: &RbdLocation,
+    ) -> Result<VolumeHeader, DataDirError> {
+        self.check_free(name)?;
+        for (what, s) in [("pool", &loc.pool), ("image", &loc.image)] {
+            rbd::check_rbd_name(what, s).map_err(|reason| DataDirError::Invalid {
+                name: name.to_string(),
+                reason,
+            })?;
+        }
+        let (header, xts) = self.new_header(keys, name, size, key, opts)?;
+        rbd::create_image(loc, header.data_offset() + size).map_err(rbd_err(name))?;
+        let formatted = RbdBackend::open(loc, Access::Write)
+            .map_err(rbd_err(name))
+            .and_then(|b| {
+                Volume::create(b, &header, &xts)
+                    .and_then(|v| v.flush())
+                    .map_err(Self::vol_err(name))
+            })
+            .and_then(|()| self.write_reference(name, loc));
+        if let Err(e) = formatted {
+            if let Err(re) = rbd::remove_image(loc) {
+                tracing::warn!(image = %loc, "could not remove the half-created image: {re}");
+            }
+            return Err(e);
+        }
+        tracing::info!(volume = name, image = %loc, volume_id = %header.volume_id,
+            key_id = %header.key_id, size, "RBD volume created");
+        Ok(header)
+    }
+
+    /// Writes `volumes/NAME.rbd` under a temporary name and links it into place, so the name
+    /// appears complete or not at all (and never replaces another volume's reference).
+    fn write_reference(&self, name: &str, loc: &RbdLocation) -> Result<(), DataDirError> {
+        let dir = self.volumes_dir();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("creating the volumes directory", &dir))?;
+        let path = self.rbd_reference_path(name)?;
+        let tmp = dir.join(format!(".{name}.rbd.{}.tmp", std::process::id()));
+        let body = serde_json::to_vec_pretty(&Reference {
+            kind: REFERENCE_KIND.into(),
+            version: 1,
+            location: loc.clone(),
+        })
+        .map_err(|e| DataDirError::Invalid {
+            name: name.to_string(),
+            reason: format!("cannot encode the RBD reference: {e}"),
+        })?;
+        let result = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(&body)?;
+                f.write_all(b"\n")?;
+                f.sync_all()
+            })
+            .map_err(io_err("writing the RBD reference", &tmp))
+            .and_then(|()| {
+                std::fs::hard_link(&tmp, &path).map_err(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists {
+                        DataDirError::AlreadyExists {
+                            name: name.to_string(),
+                            path: path.clone(),
+                        }
+                    } else {
+                        io_err("linking the RBD reference to", &path)(e)
+                    }
+                })
+            });
+        let _ = std::fs::remove_file(&tmp);
+        result?;
+        sync_dir(&dir)
+    }
+
+    pub(super) fn attach_rbd(
+        &self,
+        keys: &dyn KeyProvider,
+        name: &str,
+        loc: &RbdLocation,
+        read_only: bool,
+    ) -> Result<Volume, DataDirError> {
+        let access = match (read_only, self.rbd_shared_read_only) {
+            (false, _) => Access::Write,
+            (true, false) => Access::ReadExclusive,
+            (true, true) => Access::ReadShared,
+        };
+        let backend = RbdBackend::open(loc, access).map_err(rbd_err(name))?;
+        let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        let key = self.unwrap_key(keys, name, &h)?;
+        Volume::with_key(Box::new(backend), h, &key, read_only).map_err(Self::vol_err(name))
+    }
+
+    /// Opens the image holding its exclusive lock, for the operations that change the header
+    /// (resize, rekey): refused while a live gateway serves it.
+    pub(super) fn open_rbd_exclusive(
+        &self,
+        name: &str,
+        loc: &RbdLocation,
+    ) -> Result<RbdBackend, DataDirError> {
+        RbdBackend::open(loc, Access::Write).map_err(rbd_err(name))
+    }
+
+    pub(super) fn info_rbd(
+        &self,
+        name: &str,
+        loc: &RbdLocation,
+    ) -> Result<VolumeInfo, DataDirError> {
+        // Reading the header needs no lock: info works while a gateway serves the volume.
+        let backend = RbdBackend::open(loc, Access::ReadShared).map_err(rbd_err(name))?;
+        let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
+        let allocated_bytes = backend
+            .allocated_bytes()
+            .map_err(|source| DataDirError::Rbd {
+                name: name.to_string(),
+                source: RbdError::Image {
+                    location: loc.to_string(),
+                    action: "measure the allocation of",
+                    source,
+                },
+            })?;
+        Ok(VolumeInfo {
+            name: name.to_string(),
+            path: self.rbd_reference_path(name)?,
+            backend: loc.to_string(),
+            header,
+            allocated_bytes,
+        })
+    }
+
+    /// Removes the image (refused while any gateway has it open), then the reference.
+    pub(super) fn delete_rbd(&self, name: &str, loc: &RbdLocation) -> Result<(), DataDirError> {
+        match rbd::remove_image(loc) {
+            Ok(()) => {}
+            Err(e) if e.is_busy() => {
+                return Err(DataDirError::InUse {
+                    name: name.to_string(),
+                })
+            }
+            // Already gone (an earlier delete stopped half-way): drop the reference.
+            Err(RbdError::Image { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(rbd_err(name)(e)),
+        }
+        let path = self.rbd_reference_path(name)?;
+        std::fs::remove_file(&path).map_err(io_err("deleting the RBD reference", &path))?;
+        sync_dir(&self.volumes_dir())?;
+        tracing::info!(volume = name, image = %loc, "RBD volume deleted");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc() -> RbdLocation {
+        RbdLocation {
+            pool: "rbd".into(),
+            image: "vm1".into(),
+            ceph_conf: Some("/etc/ceph/ceph.conf".into()),
+            client_id: Some("gw".into()),
+            keyring: None,
+        }
+    }
+
+    #[test]
+    fn references_round_trip_and_are_listed_beside_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path());
+        assert_eq!(dd.rbd_location("vm1").unwrap(), None);
+        dd.write_reference("vm1", &loc()).unwrap();
+        assert_eq!(dd.rbd_location("vm1").unwrap(), Some(loc()));
+        std::fs::write(dd.volumes_dir().join("disk0.vol"), b"").unwrap();
+        assert_eq!(dd.list_volumes().unwrap(), ["disk0", "vm1"]);
+        assert!(matches!(
+            dd.write_reference("vm1", &loc()),
+            Err(DataDirError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            dd.check_free("vm1"),
+            Err(DataDirError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            dd.check_free("disk0"),
+            Err(DataDirError::AlreadyExists { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_references_are_refused_clearly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path());
+        std::fs::create_dir_all(dd.volumes_dir()).unwrap();
+        let p = dd.volumes_dir().join("x.rbd");
+        for body in [
+            "not json".to_string(),
+            r#"{"kind":"other","version":1,"pool":"rbd","image":"a"}"#.into(),
+            r#"{"kind":"cryptnbd-rbd-volume","version":2,"pool":"rbd","image":"a"}"#.into(),
+            r#"{"kind":"cryptnbd-rbd-volume","version":1,"pool":"rbd","image":"a/b"}"#.into(),
+            "x".repeat(70_000),
+        ] {
+            std::fs::write(&p, body).unwrap();
+            let e = dd.rbd_location("x").unwrap_err();
+            assert!(matches!(e, DataDirError::Invalid { .. }), "{e}");
+            assert!(e.to_string().contains("x.rbd"), "{e}");
+        }
+    }
+}
