@@ -7,6 +7,7 @@
 //! would; nothing reaches into the library.
 #![allow(dead_code)]
 
+pub mod blockdev;
 pub mod certs;
 
 use std::io::Read;

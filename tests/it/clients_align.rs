@@ -7,10 +7,11 @@
 
 use crate::clients_common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
+use clients_common::blockdev::{environment_limit, Attached};
 use clients_common::{
     have_tools, pseudo_random, report_missing, run_bounded, run_ok, run_ok_within,
     skip_environment, DataDir, MIB, TOOL_TIMEOUT,
@@ -203,105 +204,6 @@ fn fio_bs1k_verify_on_4096_sector_volume() {
     fio_small_blocks("fio_bs1k_verify_on_4096_sector_volume", "1k");
 }
 
-/// Why this machine cannot attach a FUSE file as a loop device, if it cannot.
-fn blockdev_limit() -> Option<String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root: losetup and mount need CAP_SYS_ADMIN".into());
-    }
-    ["/dev/fuse", "/dev/loop-control"].iter().find_map(|dev| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(dev)
-            .is_err()
-            .then(|| format!("{dev} is missing or cannot be opened read-write"))
-    })
-}
-
-/// nbdfuse + a loop device with the kernel's default 512-byte logical blocks; undone on drop.
-struct Loop {
-    fuse_dir: PathBuf,
-    nbdfuse: Option<Child>,
-    dev: Option<String>,
-}
-
-impl Loop {
-    fn new(base: &Path, uri: &str) -> Loop {
-        let fuse_dir = base.join("fuse");
-        std::fs::create_dir_all(&fuse_dir).expect("mkdir fuse");
-        let pidfile = base.join("nbdfuse.pid");
-        let _ = std::fs::remove_file(&pidfile);
-        let child = Command::new("nbdfuse")
-            .arg("-P")
-            .arg(&pidfile)
-            .arg(fuse_dir.join("disk"))
-            .arg(uri)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start nbdfuse");
-        let mut l = Loop {
-            fuse_dir,
-            nbdfuse: Some(child),
-            dev: None,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !pidfile.exists() {
-            if let Some(Ok(Some(st))) = l.nbdfuse.as_mut().map(|c| c.try_wait()) {
-                panic!("nbdfuse exited ({st}) before it was ready");
-            }
-            assert!(Instant::now() < deadline, "nbdfuse not ready within 30 s");
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        // Plain losetup: no --sector-size, so 512-byte logical blocks on a 4096-byte volume.
-        let dev = run_ok(
-            Command::new("losetup")
-                .args(["-f", "--show"])
-                .arg(l.fuse_dir.join("disk")),
-        );
-        l.dev = Some(dev.trim().to_string());
-        l
-    }
-
-    fn dev(&self) -> &str {
-        self.dev.as_deref().expect("loop device")
-    }
-
-    fn logical_block_size(&self) -> String {
-        run_ok(Command::new("blockdev").arg("--getss").arg(self.dev()))
-            .trim()
-            .to_string()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        if let Some(dev) = self.dev.take() {
-            let _ = run_bounded(Command::new("losetup").arg("-d").arg(&dev), TOOL_TIMEOUT);
-        }
-        // The kernel drops the loop device's reference to the FUSE file a moment after
-        // `losetup -d`; until then the FUSE mount is busy.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while run_bounded(
-            Command::new("fusermount3").arg("-u").arg(&self.fuse_dir),
-            TOOL_TIMEOUT,
-        )
-        .status
-        .code()
-            != Some(0)
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if let Some(mut c) = self.nbdfuse.take() {
-            if clients_common::wait_bounded(&mut c, Duration::from_secs(20)).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-}
-
 #[test]
 fn plain_losetup_ext4_on_4096_sector_volume() {
     let test = "plain_losetup_ext4_on_4096_sector_volume";
@@ -318,7 +220,7 @@ fn plain_losetup_ext4_on_4096_sector_volume() {
     if !have_tools(test, &tools) {
         return;
     }
-    if let Some(why) = blockdev_limit() {
+    if let Some(why) = environment_limit() {
         skip_environment(test, &why);
         return;
     }
@@ -329,51 +231,35 @@ fn plain_losetup_ext4_on_4096_sector_volume() {
         ("a.txt", b"plain losetup, 512-byte blocks\n".to_vec()),
         ("b.bin", pseudo_random(2 * MIB as usize + 333, 9)),
     ];
-    let mnt = d.path().join("mnt");
-    std::fs::create_dir_all(&mnt).expect("mkdir mnt");
-    {
-        let l = Loop::new(d.path(), &srv.uri("disk0"));
-        assert_eq!(
-            l.logical_block_size(),
-            "512",
-            "losetup's default block size"
-        );
-        run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(l.dev()));
-        run_ok(Command::new("mount").arg(l.dev()).arg(&mnt));
-        for (name, data) in &files {
-            std::fs::write(mnt.join(name), data).expect("write on ext4");
-        }
-        run_ok(&mut Command::new("sync"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !run_bounded(Command::new("umount").arg(&mnt), TOOL_TIMEOUT)
-            .status
-            .success()
-        {
-            assert!(Instant::now() < deadline, "umount {} failed", mnt.display());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let fsck = run_bounded(
-            Command::new("fsck.ext4").arg("-fn").arg(l.dev()),
-            TOOL_TIMEOUT,
-        );
-        assert!(
-            fsck.status.success(),
-            "fsck.ext4 -fn is not clean:\n{}{}",
-            String::from_utf8_lossy(&fsck.stdout),
-            String::from_utf8_lossy(&fsck.stderr)
-        );
-        run_ok(
-            Command::new("mount")
-                .args(["-o", "ro"])
-                .arg(l.dev())
-                .arg(&mnt),
-        );
-        for (name, data) in &files {
-            let back = std::fs::read(mnt.join(name)).expect("read back from ext4");
-            assert!(back == *data, "{name} differs after remount");
-        }
-        let _ = run_bounded(Command::new("umount").arg(&mnt), TOOL_TIMEOUT);
+    let mut a = Attached::new(d.path(), &srv.uri("disk0"), None);
+    assert_eq!(
+        a.logical_block_size(),
+        "512",
+        "losetup's default block size"
+    );
+    run_ok(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(a.dev()));
+    a.mount();
+    for (name, data) in &files {
+        std::fs::write(a.fs_dir.join(name), data).expect("write on ext4");
     }
+    run_ok(&mut Command::new("sync"));
+    a.umount();
+    let fsck = run_bounded(
+        Command::new("fsck.ext4").arg("-fn").arg(a.dev()),
+        TOOL_TIMEOUT,
+    );
+    assert!(
+        fsck.status.success(),
+        "fsck.ext4 -fn is not clean:\n{}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    a.mount();
+    for (name, data) in &files {
+        let back = std::fs::read(a.fs_dir.join(name)).expect("read back from ext4");
+        assert!(back == *data, "{name} differs after remount");
+    }
+    a.detach();
     srv.stop();
 }
 
