@@ -31,6 +31,10 @@ pub enum KmsError {
     #[error("alias {alias} is already used by key {key_id}")]
     AliasExists { alias: String, key_id: Uuid },
 
+    /// No live key has this alias (or, with `key_id`, that key does not have it).
+    #[error("alias {alias} not found{}", key_id.map(|k| format!(" on key {k}")).unwrap_or_default())]
+    AliasNotFound { alias: String, key_id: Option<Uuid> },
+
     /// The key is disabled or pending deletion, so it refuses this operation.
     #[error("key {key_id} is {} (state {}): {}", state.name(), state.code(), state.hint())]
     KeyNotUsable { key_id: Uuid, state: KeyState },

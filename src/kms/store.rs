@@ -70,6 +70,22 @@ pub struct KeyRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation_interval_days: Option<u32>,
     pub versions: Vec<VersionRecord>,
+    /// Aliases besides `key_alias` (DEW KMS lets a key have several). Optional and omitted when
+    /// empty, so files written before it existed read unchanged and keys with one alias are
+    /// written exactly as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_aliases: Vec<AliasRecord>,
+}
+
+/// One additional alias of a key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AliasRecord {
+    /// `alias/name`.
+    pub alias: String,
+    /// Unix seconds when it was created.
+    pub creation_date: u64,
+    /// Unix seconds when it was last moved to its key (`associate-alias`).
+    pub update_date: u64,
 }
 
 /// One version of a CMK's material.
@@ -92,6 +108,18 @@ impl KeyRecord {
 
     pub fn current_version(&self) -> Option<&VersionRecord> {
         self.versions.last()
+    }
+
+    /// Every alias of the key: `key_alias` first, then the others.
+    pub fn aliases(&self) -> impl Iterator<Item = &str> {
+        self.key_alias
+            .as_deref()
+            .into_iter()
+            .chain(self.more_aliases.iter().map(|a| a.alias.as_str()))
+    }
+
+    pub fn has_alias(&self, alias: &str) -> bool {
+        self.aliases().any(|a| a == alias)
     }
 }
 
@@ -199,9 +227,9 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<StoreFile, KmsError> {
                 k.key_id, k.key_state
             )));
         }
-        if let Some(a) = &k.key_alias {
-            if !aliases.insert(a.clone()) {
-                return Err(corrupt(format!("alias {a} is used by two keys")));
+        for a in k.aliases() {
+            if !aliases.insert(a.to_string()) {
+                return Err(corrupt(format!("alias {a} is used twice")));
             }
         }
         if !k.is_deleted() {
