@@ -220,7 +220,14 @@ mod tests {
         let (dir, ks) = store();
         let a = ks.create_key("alias/a", "").unwrap();
         let b = ks.create_key("alias/b", "").unwrap();
+        let raw = || std::fs::read_to_string(dir.path().join(store::STORE_FILE)).unwrap();
+        // One alias per key: written exactly as before (version 1), so older programs read it.
+        assert_eq!(store::load(dir.path()).unwrap().version, 1);
+        assert!(!raw().contains("more_aliases"));
         let x = ks.create_alias("alias/a", "alias/x").unwrap();
+        // Several: version 2, which older programs refuse rather than drop aliases.
+        assert_eq!(store::load(dir.path()).unwrap().version, 2);
+        assert!(raw().contains("more_aliases"));
         assert_eq!(x.key_id, a.key_id);
         ks.create_alias(&a.key_id.to_string(), "y").unwrap();
         for name in ["alias/a", "alias/x", "y", "alias/y"] {
@@ -281,7 +288,7 @@ mod tests {
 
     #[test]
     fn delete_and_associate_move_aliases_and_promote_the_next() {
-        let (_dir, ks) = store();
+        let (dir, ks) = store();
         let a = ks.create_key("alias/a", "").unwrap();
         let b = ks.create_key("alias/b", "").unwrap();
         ks.create_alias("alias/a", "alias/a2").unwrap();
@@ -322,6 +329,9 @@ mod tests {
             ks.describe_key(&a.key_id.to_string()).unwrap().key_alias,
             ""
         );
+        ks.delete_aliases("alias/b", &["alias/a3".into()]).unwrap();
+        // No key with more than one alias left: back to version 1.
+        assert_eq!(store::load(dir.path()).unwrap().version, 1);
         ks.create_alias("alias/b", "alias/a2").unwrap();
         assert_eq!(ks.check_integrity().unwrap(), Vec::<String>::new());
         // A key pending deletion keeps its aliases but they cannot change.

@@ -90,7 +90,7 @@ pub enum KmsError {
     Corrupt { path: PathBuf, reason: String },
 
     /// The store file has a format or version this program does not know.
-    #[error("key store file {} has format {format:?} version {version}, this program reads {} version {}", path.display(), super::store::FORMAT_NAME, super::store::FORMAT_VERSION)]
+    #[error("key store file {} has format {format:?} version {version}, this program reads {} versions {} to {}", path.display(), super::store::FORMAT_NAME, super::store::BASE_FORMAT_VERSION, super::store::FORMAT_VERSION)]
     UnsupportedFormat {
         path: PathBuf,
         format: String,

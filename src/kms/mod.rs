@@ -291,7 +291,7 @@ impl KeyStore {
         let store_id = Uuid::new_v4();
         let file = StoreFile {
             format: store::FORMAT_NAME.into(),
-            version: store::FORMAT_VERSION,
+            version: store::BASE_FORMAT_VERSION,
             store_id,
             creation_date: clock.now_unix(),
             root: params.clone(),

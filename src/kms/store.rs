@@ -30,7 +30,13 @@ pub const ROOT_KEY_FILE: &str = "root.key";
 pub const AUDIT_FILE: &str = "audit.log";
 const TEMP_PREFIX: &str = ".keystore.json.tmp.";
 pub const FORMAT_NAME: &str = "cryptnbd-keystore";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version. Version 2 adds `more_aliases` (several aliases per key). A store is
+/// written as version 1 while no key has more than one alias, so older programs keep reading it;
+/// it becomes version 2 once a key does, so an older program refuses it ("unsupported version")
+/// instead of reading it and silently dropping the aliases it does not know on its next write.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version read (and the one written when nothing newer is needed).
+pub const BASE_FORMAT_VERSION: u32 = 1;
 /// A store file larger than this is not ours (about 100 000 keys): refuse before reading it.
 const MAX_STORE_BYTES: u64 = 64 << 20;
 
@@ -207,7 +213,8 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<StoreFile, KmsError> {
         version: u32,
     }
     let head: Head = serde_json::from_slice(bytes).map_err(|e| corrupt(format!("{e}")))?;
-    if head.format != FORMAT_NAME || head.version != FORMAT_VERSION {
+    if head.format != FORMAT_NAME || !(BASE_FORMAT_VERSION..=FORMAT_VERSION).contains(&head.version)
+    {
         return Err(KmsError::UnsupportedFormat {
             path: path.to_path_buf(),
             format: head.format,
@@ -215,6 +222,12 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<StoreFile, KmsError> {
         });
     }
     let file: StoreFile = serde_json::from_slice(bytes).map_err(|e| corrupt(format!("{e}")))?;
+    if file.version < needed_version(&file) {
+        return Err(corrupt(format!(
+            "it is version {} but a key has several aliases (version {FORMAT_VERSION})",
+            file.version
+        )));
+    }
     let mut ids = std::collections::HashSet::new();
     let mut aliases = std::collections::HashSet::new();
     for k in &file.keys {
@@ -258,9 +271,22 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<StoreFile, KmsError> {
 
 /// Atomically replaces the store file (temp + fsync + rename + directory fsync). The caller
 /// holds the exclusive lock.
+/// The lowest format version that can hold `file` (see [`FORMAT_VERSION`]).
+pub fn needed_version(file: &StoreFile) -> u32 {
+    if file.keys.iter().any(|k| !k.more_aliases.is_empty()) {
+        FORMAT_VERSION
+    } else {
+        BASE_FORMAT_VERSION
+    }
+}
+
 pub fn save(dir: &Path, file: &StoreFile) -> Result<(), KmsError> {
     remove_stale_temps(dir);
     let path = store_path(dir);
+    let file = &StoreFile {
+        version: needed_version(file),
+        ..file.clone()
+    };
     let mut bytes = serde_json::to_vec_pretty(file).expect("the store file serializes");
     bytes.push(b'\n');
     let mut rnd = [0u8; 8];
@@ -372,11 +398,11 @@ mod tests {
     #[test]
     fn unknown_version_is_unsupported() {
         let mut f = sample();
-        f.version = 2;
+        f.version = 3;
         let bytes = serde_json::to_vec(&f).unwrap();
         assert!(matches!(
             parse(&bytes, Path::new("k")),
-            Err(KmsError::UnsupportedFormat { version: 2, .. })
+            Err(KmsError::UnsupportedFormat { version: 3, .. })
         ));
     }
 
