@@ -1,7 +1,8 @@
 //! The DEW KMS API of `cryptnbd kms serve`, driven by the official Huawei Cloud SDK
 //! (huaweicloudsdkcore + huaweicloudsdkkms): the user-application envelope flow, lifecycle calls,
 //! error cases (unknown key, disabled, pending deletion, wrong digest, tampered ciphertext, bad
-//! signature, expired date) and list-keys pagination — see `tests/python/dew_sdk.py`.
+//! signature, expired date) and list-keys pagination — see `tests/python/dew_sdk.py`; and the alias
+//! endpoints — see `tests/python/dew_sdk_aliases.py`.
 
 use crate::kms_http_support;
 

@@ -35,6 +35,7 @@ mod kms_aead_kat;
 mod kms_api;
 mod kms_golden;
 mod kms_golden_v2;
+mod kms_http_aliases_raw;
 mod kms_http_dew_sdk;
 mod kms_http_limits;
 mod kms_http_remote;
