@@ -52,8 +52,8 @@ impl KeyStore {
             if !ids.insert(k.key_id) {
                 problems.push(format!("{name} appears more than once"));
             }
-            if let Some(a) = &k.key_alias {
-                if !aliases.insert(a.clone()) {
+            for a in k.aliases() {
+                if !aliases.insert(a.to_string()) {
                     problems.push(format!("alias {a} names more than one key"));
                 }
             }

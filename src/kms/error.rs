@@ -31,6 +31,10 @@ pub enum KmsError {
     #[error("alias {alias} is already used by key {key_id}")]
     AliasExists { alias: String, key_id: Uuid },
 
+    /// No live key has this alias (or, with `key_id`, that key does not have it).
+    #[error("alias {alias} not found{}", key_id.map(|k| format!(" on key {k}")).unwrap_or_default())]
+    AliasNotFound { alias: String, key_id: Option<Uuid> },
+
     /// The key is disabled or pending deletion, so it refuses this operation.
     #[error("key {key_id} is {} (state {}): {}", state.name(), state.code(), state.hint())]
     KeyNotUsable { key_id: Uuid, state: KeyState },
@@ -86,7 +90,7 @@ pub enum KmsError {
     Corrupt { path: PathBuf, reason: String },
 
     /// The store file has a format or version this program does not know.
-    #[error("key store file {} has format {format:?} version {version}, this program reads {} version {}", path.display(), super::store::FORMAT_NAME, super::store::FORMAT_VERSION)]
+    #[error("key store file {} has format {format:?} version {version}, this program reads {} versions {} to {}", path.display(), super::store::FORMAT_NAME, super::store::BASE_FORMAT_VERSION, super::store::FORMAT_VERSION)]
     UnsupportedFormat {
         path: PathBuf,
         format: String,

@@ -82,11 +82,7 @@ pub(super) fn find_index(file: &StoreFile, key: &str) -> Result<usize, KmsError>
     } else {
         format!("alias/{key}")
     };
-    if let Some(i) = file
-        .keys
-        .iter()
-        .position(|k| k.key_alias.as_deref() == Some(alias.as_str()))
-    {
+    if let Some(i) = alias_owner(file, &alias) {
         return Ok(i);
     }
     match file
@@ -97,6 +93,11 @@ pub(super) fn find_index(file: &StoreFile, key: &str) -> Result<usize, KmsError>
         Some(k) => Err(deleted(k)),
         None => Err(KmsError::KeyNotFound { key: key.into() }),
     }
+}
+
+/// The index of the key that has `alias` (normalized) among its aliases.
+pub(super) fn alias_owner(file: &StoreFile, alias: &str) -> Option<usize> {
+    file.keys.iter().position(|k| k.has_alias(alias))
 }
 
 /// Refuses unless the key is enabled.
@@ -194,6 +195,7 @@ impl KeyStore {
                 // Crypto-shredding: with the sealed material gone, nothing it wrapped opens again.
                 k.versions.clear();
                 k.former_alias = k.key_alias.take();
+                k.more_aliases.clear();
                 k.deletion_date = k.scheduled_deletion_date.or(Some(now));
                 k.rotation_interval_days = None;
                 events.push(Maintenance::Deleted(k.key_id));
@@ -296,14 +298,10 @@ impl KeyStore {
                 )));
             }
             self.transact(|f, now| {
-                if let Some(k) = f
-                    .keys
-                    .iter()
-                    .find(|k| k.key_alias.as_deref() == Some(&alias))
-                {
+                if let Some(i) = alias_owner(f, &alias) {
                     return Err(KmsError::AliasExists {
                         alias,
-                        key_id: k.key_id,
+                        key_id: f.keys[i].key_id,
                     });
                 }
                 let mut k = KeyRecord {
@@ -317,6 +315,7 @@ impl KeyStore {
                     deletion_date: None,
                     rotation_interval_days: None,
                     versions: Vec::new(),
+                    more_aliases: Vec::new(),
                 };
                 self.add_version(f.store_id, &mut k, now);
                 let m = metadata(&k);
@@ -481,7 +480,7 @@ impl KeyStore {
         })
     }
 
-    /// Gives the key another alias (its old alias is freed). Refused while pending deletion.
+    /// Replaces the key's main alias (the old one is freed; other aliases stay). Refused while pending deletion.
     pub fn update_alias(&self, key: &str, new_alias: &str) -> Result<KeyMetadata, KmsError> {
         self.change_key("update-alias", key, |k, f, _| {
             let alias = normalize_alias(new_alias)?;
@@ -494,13 +493,15 @@ impl KeyStore {
             if let Some(other) = f
                 .keys
                 .iter()
-                .find(|o| o.key_alias.as_deref() == Some(&alias) && o.key_id != k.key_id)
+                .find(|o| o.has_alias(&alias) && o.key_id != k.key_id)
             {
                 return Err(KmsError::AliasExists {
                     alias,
                     key_id: other.key_id,
                 });
             }
+            // One of its other aliases may become the main one: it must not stay listed twice.
+            k.more_aliases.retain(|a| a.alias != alias);
             k.key_alias = Some(alias);
             Ok(())
         })

@@ -8,10 +8,12 @@
 //! (the CLI and a running server) see each other's changes; changes are serialized by a lock.
 //!
 //! Layout of this module: this file holds the public types and opening/creating a store; the CMK
-//! lifecycle (create/enable/disable/delete/rotate/alias) is in `lifecycle.rs`, the envelope
+//! lifecycle (create/enable/disable/delete/rotate/alias) is in `lifecycle.rs`, several aliases per
+//! key in `aliases.rs`, the envelope
 //! operations on data keys in `envelope.rs`, the key seam ([`KeyProvider`]) in `provider.rs`, the wrapped-key format and AADs in [`blob`], errors
 //! in `error.rs`, the injectable time source in [`clock`].
 
+mod aliases;
 pub mod audit;
 pub mod blob;
 mod check;
@@ -35,11 +37,13 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{aead, Key256, SecretBytes};
 
+pub use aliases::{AliasInfo, MAX_ALIASES_PER_KEY};
 pub use audit::AuditRecord;
 pub use check::KeyReference;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use credentials::{CredentialKind, CredentialRecord, CredentialScope, NewSecret};
 pub use error::{KmsError, RemoteRefusal};
+pub use lifecycle::normalize_alias;
 pub use provider::KeyProvider;
 use root::RootParams;
 use store::{StoreFile, ROOT_KEY_FILE};
@@ -287,7 +291,7 @@ impl KeyStore {
         let store_id = Uuid::new_v4();
         let file = StoreFile {
             format: store::FORMAT_NAME.into(),
-            version: store::FORMAT_VERSION,
+            version: store::BASE_FORMAT_VERSION,
             store_id,
             creation_date: clock.now_unix(),
             root: params.clone(),
@@ -460,6 +464,7 @@ impl KmsError {
             | KmsError::WrongState { key_id, .. }
             | KmsError::KeyDeleted { key_id, .. }
             | KmsError::AliasExists { key_id, .. } => Some(*key_id),
+            KmsError::AliasNotFound { key_id, .. } => *key_id,
             _ => None,
         }
     }

@@ -30,7 +30,13 @@ pub const ROOT_KEY_FILE: &str = "root.key";
 pub const AUDIT_FILE: &str = "audit.log";
 const TEMP_PREFIX: &str = ".keystore.json.tmp.";
 pub const FORMAT_NAME: &str = "cryptnbd-keystore";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version. Version 2 adds `more_aliases` (several aliases per key). A store is
+/// written as version 1 while no key has more than one alias, so older programs keep reading it;
+/// it becomes version 2 once a key does, so an older program refuses it ("unsupported version")
+/// instead of reading it and silently dropping the aliases it does not know on its next write.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version read (and the one written when nothing newer is needed).
+pub const BASE_FORMAT_VERSION: u32 = 1;
 /// A store file larger than this is not ours (about 100 000 keys): refuse before reading it.
 const MAX_STORE_BYTES: u64 = 64 << 20;
 
@@ -70,6 +76,22 @@ pub struct KeyRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation_interval_days: Option<u32>,
     pub versions: Vec<VersionRecord>,
+    /// Aliases besides `key_alias` (DEW KMS lets a key have several). Optional and omitted when
+    /// empty, so files written before it existed read unchanged and keys with one alias are
+    /// written exactly as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_aliases: Vec<AliasRecord>,
+}
+
+/// One additional alias of a key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AliasRecord {
+    /// `alias/name`.
+    pub alias: String,
+    /// Unix seconds when it was created.
+    pub creation_date: u64,
+    /// Unix seconds when it was last moved to its key (`associate-alias`).
+    pub update_date: u64,
 }
 
 /// One version of a CMK's material.
@@ -92,6 +114,18 @@ impl KeyRecord {
 
     pub fn current_version(&self) -> Option<&VersionRecord> {
         self.versions.last()
+    }
+
+    /// Every alias of the key: `key_alias` first, then the others.
+    pub fn aliases(&self) -> impl Iterator<Item = &str> {
+        self.key_alias
+            .as_deref()
+            .into_iter()
+            .chain(self.more_aliases.iter().map(|a| a.alias.as_str()))
+    }
+
+    pub fn has_alias(&self, alias: &str) -> bool {
+        self.aliases().any(|a| a == alias)
     }
 }
 
@@ -179,7 +213,8 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<StoreFile, KmsError> {
         version: u32,
     }
     let head: Head = serde_json::from_slice(bytes).map_err(|e| corrupt(format!("{e}")))?;
-    if head.format != FORMAT_NAME || head.version != FORMAT_VERSION {
+    if head.format != FORMAT_NAME || !(BASE_FORMAT_VERSION..=FORMAT_VERSION).contains(&head.version)
+    {
         return Err(KmsError::UnsupportedFormat {
             path: path.to_path_buf(),
             format: head.format,
@@ -187,6 +222,12 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<StoreFile, KmsError> {
         });
     }
     let file: StoreFile = serde_json::from_slice(bytes).map_err(|e| corrupt(format!("{e}")))?;
+    if file.version < needed_version(&file) {
+        return Err(corrupt(format!(
+            "it is version {} but a key has several aliases (version {FORMAT_VERSION})",
+            file.version
+        )));
+    }
     let mut ids = std::collections::HashSet::new();
     let mut aliases = std::collections::HashSet::new();
     for k in &file.keys {
@@ -199,9 +240,9 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<StoreFile, KmsError> {
                 k.key_id, k.key_state
             )));
         }
-        if let Some(a) = &k.key_alias {
-            if !aliases.insert(a.clone()) {
-                return Err(corrupt(format!("alias {a} is used by two keys")));
+        for a in k.aliases() {
+            if !aliases.insert(a.to_string()) {
+                return Err(corrupt(format!("alias {a} is used twice")));
             }
         }
         if !k.is_deleted() {
@@ -230,9 +271,22 @@ pub fn parse(bytes: &[u8], path: &Path) -> Result<StoreFile, KmsError> {
 
 /// Atomically replaces the store file (temp + fsync + rename + directory fsync). The caller
 /// holds the exclusive lock.
+/// The lowest format version that can hold `file` (see [`FORMAT_VERSION`]).
+pub fn needed_version(file: &StoreFile) -> u32 {
+    if file.keys.iter().any(|k| !k.more_aliases.is_empty()) {
+        FORMAT_VERSION
+    } else {
+        BASE_FORMAT_VERSION
+    }
+}
+
 pub fn save(dir: &Path, file: &StoreFile) -> Result<(), KmsError> {
     remove_stale_temps(dir);
     let path = store_path(dir);
+    let file = &StoreFile {
+        version: needed_version(file),
+        ..file.clone()
+    };
     let mut bytes = serde_json::to_vec_pretty(file).expect("the store file serializes");
     bytes.push(b'\n');
     let mut rnd = [0u8; 8];
@@ -344,11 +398,11 @@ mod tests {
     #[test]
     fn unknown_version_is_unsupported() {
         let mut f = sample();
-        f.version = 2;
+        f.version = 3;
         let bytes = serde_json::to_vec(&f).unwrap();
         assert!(matches!(
             parse(&bytes, Path::new("k")),
-            Err(KmsError::UnsupportedFormat { version: 2, .. })
+            Err(KmsError::UnsupportedFormat { version: 3, .. })
         ));
     }
 

@@ -1,6 +1,7 @@
 //! The DEW KMS API: `POST /v1.0/{project_id}/kms/{operation}` with JSON bodies, the field names,
 //! formats (hex, lengths in bits or bytes as the API has them), key-state codes and error codes of
 //! Huawei Cloud's DEW KMS, authenticated by SDK-HMAC-SHA256 access-key signatures (`creds.rs`).
+//! The alias endpoints, which are resource paths rather than operations, are in `dew_alias.rs`.
 //!
 //! Numeric fields arrive as JSON strings (as the SDK sends them) or numbers; both are accepted.
 //! A credential with `--read-only` may use keys (data-key and data operations, describe, list) but

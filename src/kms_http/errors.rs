@@ -93,9 +93,9 @@ impl ApiError {
     pub fn from_kms(api: Api, e: &KmsError, decrypting: bool) -> Self {
         use StatusCode as S;
         let (status, code) = match e {
-            KmsError::KeyNotFound { .. } | KmsError::KeyDeleted { .. } => {
-                (S::NOT_FOUND, "KMS.0207")
-            }
+            KmsError::KeyNotFound { .. }
+            | KmsError::KeyDeleted { .. }
+            | KmsError::AliasNotFound { .. } => (S::NOT_FOUND, "KMS.0207"),
             KmsError::KeyNotUsable { state, .. } | KmsError::WrongState { state, .. } => {
                 (S::BAD_REQUEST, state_code(*state))
             }

@@ -10,6 +10,7 @@
 pub mod client;
 pub mod creds;
 pub mod dew;
+mod dew_alias;
 mod dew_fields;
 pub mod errors;
 pub mod limits;
@@ -220,10 +221,16 @@ fn dew_work(
     raw: &RawRequest,
     outcome: &mut Outcome,
 ) -> Result<Response, ApiError> {
-    // /v1.0/{project_id}/kms/{operation}
+    // /v1.0/{project_id}/kms/{operation}, and the alias resources whose method is the operation:
+    // kms/aliases (POST create, GET list, DELETE delete) and kms/alias/associate (POST).
     let segs: Vec<&str> = raw.path.split('/').collect();
-    let (project, op) = match segs.as_slice() {
-        ["", "v1.0", p, "kms", op] => (*p, *op),
+    let (project, op, method) = match (segs.as_slice(), raw.method.as_str()) {
+        (["", "v1.0", p, "kms", "aliases"], "POST") => (*p, "create-alias", "POST"),
+        (["", "v1.0", p, "kms", "aliases"], "GET") => (*p, "list-aliases", "GET"),
+        (["", "v1.0", p, "kms", "aliases"], "DELETE") => (*p, "delete-alias", "DELETE"),
+        (["", "v1.0", p, "kms", "aliases"], _) => (*p, "aliases", "GET, POST or DELETE"),
+        (["", "v1.0", p, "kms", "alias", "associate"], _) => (*p, "associate-alias", "POST"),
+        (["", "v1.0", p, "kms", op], _) => (*p, *op, "POST"),
         _ => {
             outcome.operation = "dew (unknown path)".into();
             return Err(ApiError::new(
@@ -248,13 +255,24 @@ fn dew_work(
             format!("credential {} is over its request rate", caller.name),
         ));
     }
-    if raw.method != "POST" {
+    if raw.method != method {
         return Err(ApiError::new(
             Api::Dew,
             StatusCode::METHOD_NOT_ALLOWED,
             "KMS.0201",
-            "use POST",
+            format!("use {method}"),
         ));
+    }
+    let alias_path = segs.len() != 5 || segs[4] == "aliases";
+    if alias_path {
+        // list-aliases takes its parameters in the query; the others in a JSON body.
+        let body = if op == "list-aliases" {
+            dew_alias::query_object(raw.query.as_deref())
+        } else {
+            json_object(Api::Dew, &raw.body)?
+        };
+        let v = dew_alias::dispatch(ks, &caller, op, &dew::Body(&body), outcome)?;
+        return Ok(axum::Json(v).into_response());
     }
     let body = json_object(Api::Dew, &raw.body)?;
     let v = dew::dispatch(ks, &caller, op, &dew::Body(&body), outcome)?;

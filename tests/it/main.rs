@@ -34,6 +34,8 @@ mod kernel_guest;
 mod kms_aead_kat;
 mod kms_api;
 mod kms_golden;
+mod kms_golden_v2;
+mod kms_http_aliases_raw;
 mod kms_http_dew_sdk;
 mod kms_http_limits;
 mod kms_http_remote;
