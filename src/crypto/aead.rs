@@ -2,8 +2,8 @@
 //! `nonce (12) || ciphertext || tag (16)`; the associated data binds it to its context, so the
 //! same blob presented under another context, another key or with any flipped bit fails to open.
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::{Aead, AeadInPlace, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
 
 use super::keys::{Key256, SecretBytes};
 
@@ -38,17 +38,22 @@ pub fn seal(key: &Key256, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Opens a blob made by [`seal`] with the same key and associated data.
+/// Opens a blob made by [`seal`] with the same key and associated data. The ciphertext is
+/// copied into locked pages and decrypted there in place, so the plaintext (unsealed key
+/// material) never exists in ordinary memory; on failure those pages are wiped and freed.
 pub fn open(key: &Key256, aad: &[u8], sealed: &[u8]) -> Result<SecretBytes, AeadError> {
     if sealed.len() < OVERHEAD {
         return Err(AeadError);
     }
-    let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    let (nonce, rest) = sealed.split_at(NONCE_LEN);
+    let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
     let cipher = Aes256Gcm::new(key.dangerous_as_bytes().into());
-    cipher
-        .decrypt(Nonce::from_slice(nonce), Payload { msg: ct, aad })
-        .map(SecretBytes::new)
-        .map_err(|_| AeadError)
+    SecretBytes::try_fill(ct.len(), |buf| {
+        buf.copy_from_slice(ct);
+        cipher
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag))
+            .map_err(|_| AeadError)
+    })
 }
 
 #[cfg(test)]
