@@ -45,15 +45,25 @@ pub fn open(key: &Key256, aad: &[u8], sealed: &[u8]) -> Result<SecretBytes, Aead
     if sealed.len() < OVERHEAD {
         return Err(AeadError);
     }
+    SecretBytes::try_fill(sealed.len() - OVERHEAD, |out| {
+        open_into(key, aad, sealed, out)
+    })
+}
+
+/// Like [`open`], but decrypts in place into `out` (the caller's locked buffer, e.g. a
+/// [`Key256`] being filled), which must be exactly `sealed.len() - OVERHEAD` bytes: anything
+/// else fails like a forged blob. On failure `out` may hold ciphertext, never plaintext.
+pub fn open_into(key: &Key256, aad: &[u8], sealed: &[u8], out: &mut [u8]) -> Result<(), AeadError> {
+    if sealed.len() < OVERHEAD || out.len() != sealed.len() - OVERHEAD {
+        return Err(AeadError);
+    }
     let (nonce, rest) = sealed.split_at(NONCE_LEN);
     let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
-    let cipher = Aes256Gcm::new(key.dangerous_as_bytes().into());
-    SecretBytes::try_fill(ct.len(), |buf| {
-        buf.copy_from_slice(ct);
-        cipher
-            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, buf, Tag::from_slice(tag))
-            .map_err(|_| AeadError)
-    })
+    out.copy_from_slice(ct);
+    // aes-gcm checks the tag before it decrypts, so a forged blob leaves only ciphertext here.
+    Aes256Gcm::new(key.dangerous_as_bytes().into())
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, out, Tag::from_slice(tag))
+        .map_err(|_| AeadError)
 }
 
 #[cfg(test)]
@@ -76,5 +86,12 @@ mod tests {
             assert_eq!(open(&key, b"ctx", &t), Err(AeadError), "bit flip at {i}");
         }
         assert_eq!(open(&key, b"ctx", &sealed[..10]), Err(AeadError));
+        let mut out = [0u8; 6];
+        open_into(&key, b"ctx", &sealed, &mut out).unwrap();
+        assert_eq!(&out, b"secret");
+        let mut short = [0u8; 5];
+        assert_eq!(open_into(&key, b"ctx", &sealed, &mut short), Err(AeadError));
+        let mut long = [0u8; 7];
+        assert_eq!(open_into(&key, b"ctx", &sealed, &mut long), Err(AeadError));
     }
 }
