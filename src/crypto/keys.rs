@@ -1,13 +1,13 @@
 //! Secret key types. Each zeroizes its bytes on drop, prints no bytes in `Debug`, and only hands the
 //! raw bytes out through a method whose name says the caller takes responsibility (`dangerous_*`).
-//! The fixed-size keys live on locked, non-dumpable pages (`super::locked`).
+//! All of them live on locked, non-dumpable pages (`super::locked`).
 
 use std::fmt;
 
 use subtle::ConstantTimeEq;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroize;
 
-use super::locked::LockedBox;
+use super::locked::{LockedBox, LockedBytes};
 
 /// Errors building a key from bytes.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -148,20 +148,35 @@ impl fmt::Debug for XtsKey {
     }
 }
 
-/// Secret bytes of variable length (a plaintext data key, an unsealed blob).
+/// Secret bytes of variable length (a plaintext data key, unsealed CMK material, a credential's
+/// secret), on locked, non-dumpable pages of their own (one allocation, whole pages, per value).
 #[derive(Clone)]
-pub struct SecretBytes(Zeroizing<Vec<u8>>);
+pub struct SecretBytes(LockedBytes);
 
 impl SecretBytes {
-    pub fn new(bytes: Vec<u8>) -> Self {
-        Self(Zeroizing::new(bytes))
+    /// Copies `bytes` into locked pages and wipes the `Vec` (including its spare capacity).
+    pub fn new(mut bytes: Vec<u8>) -> Self {
+        let s = Self(LockedBytes::from_slice(&bytes));
+        bytes.zeroize();
+        s
     }
 
-    /// `len` fresh bytes from the OS CSPRNG.
+    /// `len` zero bytes on locked pages, for `fill` to write the secret into in place (decrypt,
+    /// decode); `fill`'s error is passed through (the partial secret is wiped).
+    pub fn try_fill<E>(
+        len: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Self, E> {
+        let mut b = LockedBytes::zeroed(len);
+        fill(&mut b)?;
+        Ok(Self(b))
+    }
+
+    /// `len` fresh bytes from the OS CSPRNG, drawn straight into locked pages.
     pub fn random(len: usize) -> Self {
-        let mut v = Zeroizing::new(vec![0u8; len]);
-        getrandom::getrandom(&mut v[..]).expect("the OS random number generator failed");
-        Self(v)
+        let mut b = LockedBytes::zeroed(len);
+        getrandom::getrandom(&mut b).expect("the OS random number generator failed");
+        Self(b)
     }
 
     pub fn len(&self) -> usize {
@@ -175,6 +190,12 @@ impl SecretBytes {
     /// The raw bytes. The caller must not log, print or persist them unsealed.
     pub fn dangerous_as_bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// Whether the bytes' pages are locked in RAM (`mlock` can fail under a low
+    /// RLIMIT_MEMLOCK).
+    pub fn is_locked(&self) -> bool {
+        self.0.is_locked()
     }
 }
 

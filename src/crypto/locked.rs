@@ -1,7 +1,8 @@
 //! Memory protection for key material: heap boxes whose pages are locked in RAM (`mlock`, so they
 //! are never written to swap) and excluded from core dumps (`MADV_DONTDUMP`), zeroized before they
-//! are freed — [`LockedBox`] for plain byte arrays built in place, [`LockedValue`] for any type
-//! (a cipher's key schedule) — and a process-wide switch that turns core dumps off.
+//! are freed — [`LockedBox`] for plain byte arrays built in place, [`LockedBytes`] for byte
+//! buffers whose length is known only at run time, [`LockedValue`] for any type (a cipher's key
+//! schedule) — and a process-wide switch that turns core dumps off.
 //!
 //! Locking is best effort: an unprivileged process may have a small `RLIMIT_MEMLOCK`, and refusing
 //! to run would help nobody, so a failed `mlock` is logged once and the box still works.
@@ -54,12 +55,20 @@ fn page_size() -> usize {
 /// Allocates zeroed whole pages for a `T`, marks them non-dumpable and locks them (best effort).
 /// Returns the pointer, the layout (to free with) and whether the lock succeeded.
 fn alloc_locked_pages<T>() -> (NonNull<T>, Layout, bool) {
+    let (ptr, layout, locked) =
+        alloc_locked_bytes(std::mem::size_of::<T>(), std::mem::align_of::<T>());
+    (ptr.cast(), layout, locked)
+}
+
+/// Allocates zeroed whole pages holding at least `size` bytes (at least one page) aligned to
+/// `align` (and to a page), marks them non-dumpable and locks them (best effort).
+fn alloc_locked_bytes(size: usize, align: usize) -> (NonNull<u8>, Layout, bool) {
     let page = page_size();
-    let size = std::mem::size_of::<T>().max(1).div_ceil(page) * page;
-    let align = page.max(std::mem::align_of::<T>());
+    let size = size.max(1).div_ceil(page) * page;
+    let align = page.max(align);
     let layout = Layout::from_size_align(size, align).expect("page-rounded layout is valid");
     // SAFETY: layout has a non-zero size.
-    let raw = unsafe { alloc_zeroed(layout) } as *mut T;
+    let raw = unsafe { alloc_zeroed(layout) };
     let Some(ptr) = NonNull::new(raw) else {
         std::alloc::handle_alloc_error(layout);
     };
@@ -202,6 +211,87 @@ impl<T> Drop for LockedValue<T> {
     }
 }
 
+/// A variable-length byte buffer on its own locked, non-dumpable pages (whole pages, at least
+/// one), every byte wiped before the pages are freed. For secrets whose length is known only at
+/// run time (a data key, unsealed CMK material, a credential's secret): fill it in place
+/// ([`LockedBytes::zeroed`] then write through `DerefMut`, e.g. decrypt in place or draw random
+/// bytes into it) so the secret never exists in ordinary heap memory.
+pub struct LockedBytes {
+    ptr: NonNull<u8>,
+    len: usize,
+    layout: Layout,
+    locked: bool,
+}
+
+// SAFETY: LockedBytes owns its bytes exclusively (like Box<[u8]>); u8 is Send and Sync.
+unsafe impl Send for LockedBytes {}
+// SAFETY: shared access only hands out &[u8], as Box<[u8]> does.
+unsafe impl Sync for LockedBytes {}
+
+impl LockedBytes {
+    /// `len` zero bytes on fresh locked pages.
+    pub fn zeroed(len: usize) -> Self {
+        let (ptr, layout, locked) = alloc_locked_bytes(len, 1);
+        Self {
+            ptr,
+            len,
+            layout,
+            locked,
+        }
+    }
+
+    /// A copy of `bytes` on fresh locked pages (the caller wipes its own copy).
+    pub fn from_slice(bytes: &[u8]) -> Self {
+        let mut b = Self::zeroed(bytes.len());
+        b.copy_from_slice(bytes);
+        b
+    }
+
+    /// Whether the pages are actually locked in RAM.
+    pub fn is_locked(&self) -> bool {
+        self.locked
+    }
+}
+
+impl Deref for LockedBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr points to layout.size() >= len zero-initialised (then written) bytes that
+        // live as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl DerefMut for LockedBytes {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in deref; &mut self guarantees exclusivity.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Clone for LockedBytes {
+    fn clone(&self) -> Self {
+        Self::from_slice(self)
+    }
+}
+
+impl Zeroize for LockedBytes {
+    /// Wipes the bytes and empties the buffer (as zeroizing a `Vec` does); the pages stay
+    /// allocated until drop.
+    fn zeroize(&mut self) {
+        self.deref_mut().zeroize();
+        self.len = 0;
+    }
+}
+
+impl Drop for LockedBytes {
+    fn drop(&mut self) {
+        // SAFETY: ptr and layout come from the alloc_locked_bytes call in `zeroed` and are not
+        // used after this; free_locked_pages wipes every byte of the allocation first.
+        unsafe { free_locked_pages(self.ptr.as_ptr(), self.layout, self.locked) };
+    }
+}
+
 /// Overwrites the 16 KiB of stack below the caller's frame with zeroes (where the frames of
 /// functions it just called, and any key bytes they left, were).
 #[inline(never)]
@@ -267,6 +357,34 @@ mod tests {
         assert_eq!(b[1], 3);
         let addr = &*b as *const _ as usize;
         assert_eq!(addr % page_size(), 0, "box is page aligned");
+    }
+
+    /// The locked buffer behaves like a plain `Vec<u8>` of the same length, across page
+    /// boundaries (and for the empty buffer, which still gets a page of its own).
+    #[test]
+    fn locked_bytes_match_a_vec() {
+        for len in [0usize, 1, 4095, 4096, 4097, 70000] {
+            let want: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+            let mut b = LockedBytes::zeroed(len);
+            assert_eq!(b.len(), len);
+            assert!(b.iter().all(|&x| x == 0), "len {len}: starts zeroed");
+            b.copy_from_slice(&want);
+            assert_eq!(&b[..], &want[..], "len {len}");
+            let c = b.clone();
+            assert_eq!(&c[..], &want[..], "len {len}: clone");
+            assert_eq!(&LockedBytes::from_slice(&want)[..], &want[..], "len {len}");
+            assert_eq!(b.as_ptr() as usize % page_size(), 0, "page aligned");
+            assert_ne!(b.as_ptr(), c.as_ptr(), "a clone has its own pages");
+            if len > 0 {
+                let flags = vm_flags_of(b.as_ptr() as usize + len - 1).expect("mapping");
+                assert!(
+                    flags.split_whitespace().any(|f| f == "dd"),
+                    "len {len}: {flags}"
+                );
+            }
+            b.zeroize();
+            assert!(b.is_empty());
+        }
     }
 
     #[test]

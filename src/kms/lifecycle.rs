@@ -244,19 +244,22 @@ impl KeyStore {
             })?;
         let sealed = hex::decode(&v.material)
             .map_err(|e| corrupt(format!("key {} version {version}: {e}", k.key_id)))?;
-        let plain = aead::open(
-            &self.root,
-            &blob::material_aad(file.store_id, k.key_id, version),
-            &sealed,
-        )
-        .map_err(|_| {
+        // Unsealed straight into the key's locked pages (no intermediate copy of the material).
+        let aad = blob::material_aad(file.store_id, k.key_id, version);
+        if sealed.len() != aead::OVERHEAD + 32 {
+            return Err(corrupt(format!(
+                "key {} version {version}: sealed material is {} bytes, expected {}",
+                k.key_id,
+                sealed.len(),
+                aead::OVERHEAD + 32
+            )));
+        }
+        Key256::try_fill(|out| aead::open_into(&self.root, &aad, &sealed, out)).map_err(|_| {
             corrupt(format!(
                 "the material of key {} version {version} does not open under the root key",
                 k.key_id
             ))
-        })?;
-        Key256::from_slice(plain.dangerous_as_bytes())
-            .map_err(|e| corrupt(format!("key {} version {version}: {e}", k.key_id)))
+        })
     }
 
     /// `key` is a key id (UUID) or an alias (`alias/name`, or `name`).

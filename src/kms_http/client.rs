@@ -293,6 +293,21 @@ impl RemoteKms {
             .ok_or_else(|| self.bad_answer(operation, f))
     }
 
+    /// A hex field holding a secret (a plaintext data key), decoded straight into locked pages
+    /// (the response text it comes from is ordinary memory; no further plain copy is made).
+    fn hex_secret(
+        &self,
+        v: &Value,
+        operation: &'static str,
+        f: &str,
+    ) -> Result<SecretBytes, KmsError> {
+        v[f].as_str()
+            .and_then(|s| {
+                SecretBytes::try_fill(s.len() / 2, |out| hex::decode_to_slice(s, out)).ok()
+            })
+            .ok_or_else(|| self.bad_answer(operation, f))
+    }
+
     /// A wrapped key as the KMS returned it; its id and version come from the blob's header.
     fn wrapped(
         &self,
@@ -324,7 +339,7 @@ impl KeyProvider for RemoteKms {
             OP,
             &json!({"key_id": key, "datakey_length": length_bits.to_string(), "encryption_context": context}),
         )?;
-        let plain = SecretBytes::new(self.hex_field(&v, OP, "plain_text")?);
+        let plain = self.hex_secret(&v, OP, "plain_text")?;
         if plain.len() * 8 != length_bits as usize {
             return Err(self.bad_answer(OP, "plain_text length"));
         }
@@ -348,7 +363,7 @@ impl KeyProvider for RemoteKms {
             OP,
             &json!({"key_id": key, "cipher_text": hex::encode(cipher_text), "encryption_context": context}),
         )?;
-        let plain = SecretBytes::new(self.hex_field(&v, OP, "data_key")?);
+        let plain = self.hex_secret(&v, OP, "data_key")?;
         Ok(UnwrappedDataKey {
             key_id,
             key_version,

@@ -182,7 +182,7 @@ pub(super) fn dispatch(
             v
         }
         "encrypt-datakey" => {
-            let raw = SecretBytes::new(body.hex_req("plain_text")?);
+            let raw = body.hex_secret_req("plain_text")?;
             let len = body.num_opt("datakey_plain_length")?.ok_or_else(|| {
                 ApiError::bad_request(
                     API,

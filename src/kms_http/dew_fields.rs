@@ -9,6 +9,7 @@ use super::creds::Caller;
 use super::dew::{API, MAX_AAD_BYTES, MAX_LIST_LIMIT};
 use super::errors::ApiError;
 use super::Outcome;
+use crate::crypto::SecretBytes;
 use crate::kms::{blob, EncryptionContext, KeyMetadata, KeyStore};
 
 /// Typed access to the JSON body; every refusal names the field.
@@ -56,8 +57,12 @@ impl Body<'_> {
         }
     }
 
-    pub(super) fn hex_req(&self, f: &str) -> Result<Vec<u8>, ApiError> {
-        hex::decode(self.str_req(f)?).map_err(|_| bad_param(f, "must be hexadecimal"))
+    /// A required hex field holding a secret (a plaintext data key), decoded straight into
+    /// locked pages rather than through an ordinary `Vec`.
+    pub(super) fn hex_secret_req(&self, f: &str) -> Result<SecretBytes, ApiError> {
+        let s = self.str_req(f)?;
+        SecretBytes::try_fill(s.len() / 2, |out| hex::decode_to_slice(s, out))
+            .map_err(|_| bad_param(f, "must be hexadecimal"))
     }
 
     /// `additional_authenticated_data` (≤ 128 bytes) and/or the older `encryption_context`.
