@@ -9,6 +9,7 @@
 
 pub mod blockdev;
 pub mod certs;
+pub mod xts_oracle;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;

@@ -7,76 +7,12 @@
 
 use crate::clients_common;
 
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
+use clients_common::xts_oracle::{contains, oracle_decrypt, python_has_cryptography};
 use clients_common::{
-    have_tools, pseudo_random, report_missing, run_ok, wait_bounded, DataDir, HEADER_BYTES, MIB,
-    TOOL_TIMEOUT,
+    have_tools, pseudo_random, report_missing, run_ok, DataDir, HEADER_BYTES, MIB,
 };
-
-const PYTHON: &str = "/usr/bin/python3";
-
-/// Decrypts a volume file's data area into `out`. The DEK comes on stdin, never on the command line.
-const XTS_ORACLE: &str = r#"
-import sys
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-vol, out, sector, header = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-key = bytes.fromhex(sys.stdin.read().strip())
-assert len(key) == 64, "AES-256-XTS key must be 64 bytes"
-units = sector // 512
-with open(vol, "rb") as f, open(out, "wb") as o:
-    f.seek(header)
-    n = 0
-    while True:
-        s = f.read(sector)
-        if not s:
-            break
-        if len(s) != sector:
-            sys.exit("truncated sector %d: %d bytes" % (n, len(s)))
-        if s.count(0) == sector:
-            o.write(s)
-        else:
-            d = Cipher(algorithms.AES(key), modes.XTS((n * units).to_bytes(16, "little"))).decryptor()
-            o.write(d.update(s) + d.finalize())
-        n += 1
-"#;
-
-fn python_has_cryptography() -> bool {
-    Command::new(PYTHON)
-        .args(["-c", "import cryptography.hazmat.primitives.ciphers"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-fn oracle_decrypt(vol: &Path, out: &Path, sector: u32, dek: &[u8]) {
-    let mut child = Command::new(PYTHON)
-        .arg("-c")
-        .arg(XTS_ORACLE)
-        .arg(vol)
-        .arg(out)
-        .arg(sector.to_string())
-        .arg(HEADER_BYTES.to_string())
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("start the python XTS oracle");
-    {
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        stdin
-            .write_all(hex::encode(dek).as_bytes())
-            .expect("send DEK to oracle");
-    }
-    let st = wait_bounded(&mut child, TOOL_TIMEOUT).expect("python XTS oracle timed out");
-    assert!(st.success(), "python XTS oracle failed: {st}");
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
 
 const CANARY: &[u8] = b"CRYPTNBD-PLAINTEXT-CANARY-must-never-reach-the-disk|";
 

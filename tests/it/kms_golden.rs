@@ -7,14 +7,14 @@ use cryptnbd::kms::{EncryptionContext, KeyState, KeyStore, KmsError, RootSecret}
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-fn data(name: &str) -> PathBuf {
+pub(crate) fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data")
         .join(name)
 }
 
 /// Copies a golden store to a temp dir (opening writes the lock file and the audit log).
-fn copy(name: &str) -> tempfile::TempDir {
+pub(crate) fn copy(name: &str) -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let tmp = tempfile::tempdir().unwrap();
     for e in std::fs::read_dir(data(name)).unwrap() {

@@ -2,29 +2,10 @@
 //! README there): every alias must keep naming its key and unwrapping its blobs, and a store that
 //! loses its extra aliases goes back to being written as version 1.
 
-use std::path::{Path, PathBuf};
-
 use cryptnbd::kms::{store, EncryptionContext, KeyStore, KmsError, RootSecret};
 use serde_json::Value;
 
-fn data(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
-}
-
-/// Copies the golden store to a temp dir (opening writes the lock file and the audit log).
-fn copy(name: &str) -> tempfile::TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let tmp = tempfile::tempdir().unwrap();
-    for e in std::fs::read_dir(data(name)).unwrap() {
-        let e = e.unwrap();
-        let to = tmp.path().join(e.file_name());
-        std::fs::copy(e.path(), &to).unwrap();
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    tmp
-}
+use super::kms_golden::{copy, data};
 
 #[test]
 fn golden_v2_store_opens_through_every_alias() {

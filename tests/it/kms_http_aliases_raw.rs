@@ -5,69 +5,8 @@
 
 use crate::kms_http_support;
 
-use cryptnbd::kms_http::sign;
 use kms_http_support::*;
 use serde_json::{json, Value};
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A signed DEW request to `/v1.0/{project}/kms/{rest}`; returns (status, JSON body).
-fn dew(
-    server: &KmsServer,
-    key: &AccessKey,
-    method: &str,
-    rest: &str,
-    query: Option<&str>,
-    body: &[u8],
-) -> (u16, Value) {
-    let path = format!("/v1.0/{}/kms/{rest}", key.project);
-    let host = format!("127.0.0.1:{}", server.port());
-    let date = sign::format_sdk_date(now());
-    let headers = vec![
-        ("content-type".to_string(), "application/json".to_string()),
-        ("host".to_string(), host),
-        ("x-sdk-date".to_string(), date.clone()),
-    ];
-    let names: Vec<String> = headers.iter().map(|h| h.0.clone()).collect();
-    let req = sign::Request {
-        method,
-        path: &path,
-        query,
-        headers: &headers,
-        body,
-    };
-    let sts = sign::string_to_sign(&req, &names, &date).unwrap();
-    let auth = format!(
-        "SDK-HMAC-SHA256 Access={}, SignedHeaders={}, Signature={}",
-        key.ak,
-        names.join(";"),
-        sign::signature(key.sk.as_bytes(), &sts)
-    );
-    let url = match query {
-        Some(q) => format!("{}{path}?{q}", server.url),
-        None => format!("{}{path}", server.url),
-    };
-    let mut r = ureq::request(method, &url).set("authorization", &auth);
-    for (n, v) in &headers {
-        r = r.set(n, v);
-    }
-    let resp = match r.send_bytes(body) {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("transport error: {e}"),
-    };
-    let status = resp.status();
-    let text = resp.into_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
 
 /// (method, query, body, expected code, the field the message must name).
 type BadCase = (
@@ -95,7 +34,7 @@ fn alias_endpoints_refuse_bad_shapes_naming_the_field() {
     let server = KmsServer::start(dir.path(), &[]);
     let body = |v: Value| serde_json::to_vec(&v).unwrap();
 
-    let (s, v) = dew(
+    let (s, v) = signed_dew(
         &server,
         &key,
         "POST",
@@ -107,7 +46,7 @@ fn alias_endpoints_refuse_bad_shapes_naming_the_field() {
     assert_eq!(v["alias"], "alias/raw-2");
 
     // The list answer is a one-element array holding the page.
-    let (s, v) = dew(
+    let (s, v) = signed_dew(
         &server,
         &key,
         "GET",
@@ -121,9 +60,9 @@ fn alias_endpoints_refuse_bad_shapes_naming_the_field() {
     assert_eq!(v[0]["page_info"]["next_marker"], "1", "{v}");
 
     // Wrong method, alias operations as verbs, unknown sub-paths.
-    let (s, v) = dew(&server, &key, "PUT", "aliases", None, b"{}");
+    let (s, v) = signed_dew(&server, &key, "PUT", "aliases", None, b"{}");
     assert_eq!(s, 405, "{v}");
-    let (s, v) = dew(&server, &key, "GET", "alias/associate", None, b"");
+    let (s, v) = signed_dew(&server, &key, "GET", "alias/associate", None, b"");
     assert_eq!(s, 405, "{v}");
     for verb in [
         "create-alias",
@@ -131,10 +70,10 @@ fn alias_endpoints_refuse_bad_shapes_naming_the_field() {
         "delete-alias",
         "associate-alias",
     ] {
-        let (s, v) = dew(&server, &key, "POST", verb, None, b"{}");
+        let (s, v) = signed_dew(&server, &key, "POST", verb, None, b"{}");
         assert_eq!((s, code(&v)), (404, "KMS.0201"), "{verb}: {v}");
     }
-    let (s, v) = dew(&server, &key, "POST", "alias/elsewhere", None, b"{}");
+    let (s, v) = signed_dew(&server, &key, "POST", "alias/elsewhere", None, b"{}");
     assert_eq!(s, 404, "{v}");
 
     // Malformed bodies and queries: 400 naming the field.
@@ -180,11 +119,11 @@ fn alias_endpoints_refuse_bad_shapes_naming_the_field() {
         ("GET", Some("marker=zz"), vec![], "KMS.0203", "marker"),
     ];
     for (method, query, b, want, field) in cases {
-        let (s, v) = dew(&server, &key, method, "aliases", query, &b);
+        let (s, v) = signed_dew(&server, &key, method, "aliases", query, &b);
         assert_eq!((s, code(&v)), (400, want), "{method} {query:?}: {v}");
         assert!(msg(&v).contains(field), "{field} named: {v}");
     }
-    let (s, v) = dew(
+    let (s, v) = signed_dew(
         &server,
         &key,
         "POST",
@@ -196,7 +135,7 @@ fn alias_endpoints_refuse_bad_shapes_naming_the_field() {
     assert!(msg(&v).contains("target_key_id"), "{v}");
 
     // Nothing changed by the refusals; the store is sound.
-    let (_, v) = dew(&server, &key, "GET", "aliases", None, b"");
+    let (_, v) = signed_dew(&server, &key, "GET", "aliases", None, b"");
     assert_eq!(v[0]["page_info"]["current_count"], 2, "{v}");
     cli(dir.path(), &["check"]);
     let audit = audit_text(dir.path());

@@ -10,61 +10,12 @@ use crate::kms_http_support;
 use std::path::Path;
 use std::process::Command;
 
-use cryptnbd::kms_http::sign;
 use kms_http_support::*;
 use serde_json::Value;
 
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A signed DEW request; returns (status, JSON body).
+/// A signed DEW `POST /v1.0/{project}/kms/{op}`; returns (status, JSON body).
 fn dew(server: &KmsServer, key: &AccessKey, op: &str, body: &[u8]) -> (u16, Value) {
-    let path = format!("/v1.0/{}/kms/{op}", key.project);
-    let host = format!("127.0.0.1:{}", server.port());
-    let date = sign::format_sdk_date(now());
-    let headers = vec![
-        ("content-type".to_string(), "application/json".to_string()),
-        ("host".to_string(), host),
-        ("x-sdk-date".to_string(), date.clone()),
-    ];
-    let names: Vec<String> = headers.iter().map(|h| h.0.clone()).collect();
-    let req = sign::Request {
-        method: "POST",
-        path: &path,
-        query: None,
-        headers: &headers,
-        body,
-    };
-    let sts = sign::string_to_sign(&req, &names, &date).unwrap();
-    let auth = format!(
-        "SDK-HMAC-SHA256 Access={}, SignedHeaders={}, Signature={}",
-        key.ak,
-        names.join(";"),
-        sign::signature(key.sk.as_bytes(), &sts)
-    );
-    let mut r = ureq::post(&format!("{}{path}", server.url)).set("authorization", &auth);
-    for (n, v) in &headers {
-        r = r.set(n, v);
-    }
-    answer(r.send_bytes(body))
-}
-
-fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
-    let resp = match r {
-        Ok(r) => r,
-        Err(ureq::Error::Status(_, r)) => r,
-        Err(e) => panic!("transport error: {e}"),
-    };
-    let status = resp.status();
-    let text = resp.into_string().unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    signed_dew(server, key, "POST", op, None, body)
 }
 
 fn vault(server: &KmsServer, token: &str, path: &str, body: &[u8]) -> (u16, Value) {

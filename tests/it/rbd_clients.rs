@@ -8,66 +8,14 @@
 use crate::clients_common;
 use crate::rbd_common;
 
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use clients_common::xts_oracle::{contains, oracle_decrypt};
 use clients_common::{
-    have_tools, pseudo_random, run_ok, run_ok_within, wait_bounded, DataDir, HEADER_BYTES, MIB,
-    TOOL_TIMEOUT,
+    have_tools, pseudo_random, run_ok, run_ok_within, DataDir, HEADER_BYTES, MIB,
 };
 use rbd_common::{ceph_conf, create_rbd_volume, rbd, unique_image, Gateway, ImageGuard, POOL};
-
-const PYTHON: &str = "/usr/bin/python3";
-
-/// Decrypts a raw image's data area (after the 1 MiB header) sector by sector with the plain64
-/// tweak in 512-byte units; all-zero ciphertext sectors are holes and stay zero.
-const XTS_ORACLE: &str = r#"
-import sys
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-img, out, sector, header = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-key = bytes.fromhex(sys.stdin.read().strip())
-units = sector // 512
-with open(img, "rb") as f, open(out, "wb") as o:
-    f.seek(header)
-    n = 0
-    while True:
-        s = f.read(sector)
-        if not s:
-            break
-        if s.count(0) == sector:
-            o.write(s)
-        else:
-            d = Cipher(algorithms.AES(key), modes.XTS((n * units).to_bytes(16, "little"))).decryptor()
-            o.write(d.update(s) + d.finalize())
-        n += 1
-"#;
-
-fn oracle_decrypt(img: &Path, out: &Path, sector: u32, dek: &[u8]) {
-    let mut child = Command::new(PYTHON)
-        .arg("-c")
-        .arg(XTS_ORACLE)
-        .arg(img)
-        .arg(out)
-        .arg(sector.to_string())
-        .arg(HEADER_BYTES.to_string())
-        .stdin(Stdio::piped())
-        .spawn()
-        .expect("start the python XTS oracle");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(hex::encode(dek).as_bytes())
-        .expect("send the DEK");
-    let st = wait_bounded(&mut child, TOOL_TIMEOUT).expect("python XTS oracle timed out");
-    assert!(st.success(), "python XTS oracle failed: {st}");
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
 
 const CANARY: &[u8] = b"CRYPTNBD-RBD-PLAINTEXT-CANARY|";
 

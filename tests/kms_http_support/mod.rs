@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cryptnbd::kms_http::sign;
+use serde_json::Value;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_cryptnbd");
 
 /// The venv's interpreter, if the venv has the packages the tests need.
@@ -167,4 +170,71 @@ pub fn run_python(py: &Path, script: &str, env: &[(&str, String)], limit: Durati
 /// The audit log's text.
 pub fn audit_text(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("audit.log")).unwrap_or_default()
+}
+
+/// Unix seconds now (for `X-Sdk-Date`).
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A DEW request to `/v1.0/{project}/kms/{rest}`, signed (SDK-HMAC-SHA256) by the library's own
+/// signing code as the SDK would; returns (status, JSON body, or the text when it is not JSON).
+pub fn signed_dew(
+    server: &KmsServer,
+    key: &AccessKey,
+    method: &str,
+    rest: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> (u16, Value) {
+    let path = format!("/v1.0/{}/kms/{rest}", key.project);
+    let host = format!("127.0.0.1:{}", server.port());
+    let date = sign::format_sdk_date(now());
+    let headers = vec![
+        ("content-type".to_string(), "application/json".to_string()),
+        ("host".to_string(), host),
+        ("x-sdk-date".to_string(), date.clone()),
+    ];
+    let names: Vec<String> = headers.iter().map(|h| h.0.clone()).collect();
+    let req = sign::Request {
+        method,
+        path: &path,
+        query,
+        headers: &headers,
+        body,
+    };
+    let sts = sign::string_to_sign(&req, &names, &date).unwrap();
+    let auth = format!(
+        "SDK-HMAC-SHA256 Access={}, SignedHeaders={}, Signature={}",
+        key.ak,
+        names.join(";"),
+        sign::signature(key.sk.as_bytes(), &sts)
+    );
+    let url = match query {
+        Some(q) => format!("{}{path}?{q}", server.url),
+        None => format!("{}{path}", server.url),
+    };
+    let mut r = ureq::request(method, &url).set("authorization", &auth);
+    for (n, v) in &headers {
+        r = r.set(n, v);
+    }
+    answer(r.send_bytes(body))
+}
+
+/// (status, JSON body, or the text when it is not JSON) of a ureq result, error statuses included.
+pub fn answer(r: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
