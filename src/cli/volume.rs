@@ -322,8 +322,14 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             Ok(())
         }
         C::Delete { name, yes } => {
-            // Check it exists before asking.
-            dd.info(&name)?;
+            // Check it exists before asking. An RBD reference whose image is unreadable or gone
+            // (e.g. a delete interrupted half-way) can still be deleted.
+            if let Err(e) = dd.info(&name) {
+                if dd.rbd_location(&name)?.is_none() {
+                    return Err(e.into());
+                }
+                eprintln!("warning: {e:#}");
+            }
             if !yes {
                 confirm_delete(&name)?;
             }

@@ -1,8 +1,10 @@
 //! `cryptnbd check` in the library: verifies a data directory without changing it — the key
 //! store's integrity, each volume's two header copies, its key reference (CMK exists, version
 //! present, state), its file size and the permissions of everything holding secrets — and
-//! reports findings in plain words. With `repair`, the only change it makes is rewriting a
-//! damaged or stale header copy from the good one (under the volume's exclusive lock).
+//! reports findings in plain words; RBD volumes are checked the same way through their images,
+//! and interrupted RBD creates and deletes are reported. With `repair`, the changes it makes are
+//! rewriting a damaged or stale header copy from the good one (under the volume's exclusive
+//! lock) and resolving interrupted RBD operations (removing only images proven ours).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -10,6 +12,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::{DataDir, DataDirError};
+use crate::backend::rbd::{Access, RbdBackend};
 use crate::backend::{Backend, FileBackend};
 use crate::kms::store::{AUDIT_FILE, ROOT_KEY_FILE, STORE_FILE};
 use crate::kms::{KeyReference, KeyState, KeyStore};
@@ -84,6 +87,7 @@ impl DataDir {
     ) -> Result<CheckReport, DataDirError> {
         let mut r = CheckReport::default();
         self.check_files(&mut r);
+        self.check_intents(repair, &mut r);
         if let Some(ks) = ks {
             match ks.check_integrity() {
                 Ok(problems) => {
@@ -108,6 +112,32 @@ impl DataDir {
             r.volumes.push(name);
         }
         Ok(r)
+    }
+
+    /// Interrupted RBD creates and deletes (see [`super::rbd_intent`]): reported, and resolved
+    /// with `repair` — which removes only images proven to be orphans of ours.
+    fn check_intents(&self, repair: bool, r: &mut CheckReport) {
+        match self.rbd_intents(repair) {
+            Ok(found) => {
+                for f in found {
+                    r.findings.push(Finding {
+                        subject: format!("volume {}", f.name),
+                        severity: if f.problem {
+                            Severity::Problem
+                        } else {
+                            Severity::Warning
+                        },
+                        message: f.message,
+                        repaired: f.resolved,
+                    });
+                }
+            }
+            Err(e) => r.add(
+                "data directory",
+                Severity::Problem,
+                format!("cannot look for interrupted RBD operations: {e}"),
+            ),
+        }
     }
 
     fn check_files(&self, r: &mut CheckReport) {
@@ -145,26 +175,40 @@ impl DataDir {
 
     fn check_volume(&self, ks: Option<&KeyStore>, name: &str, repair: bool, r: &mut CheckReport) {
         let subject = format!("volume {name}");
-        let path = match self.existing(name) {
-            Ok(p) => p,
+        let rbd = match self.rbd_location(name) {
+            Ok(l) => l,
             Err(e) => return r.add(&subject, Severity::Problem, e.to_string()),
         };
-        if let Some(m) = loose_mode(&path, "the volume file", 0o600) {
-            r.add(&subject, Severity::Warning, m);
-        }
         // Reading needs no lock: headers change only under the exclusive lock, and a torn read
         // of one copy shows as damage of that copy only.
-        let backend = match FileBackend::open(&path, true) {
-            Ok(b) => b,
-            Err(e) => {
-                return r.add(
-                    &subject,
-                    Severity::Problem,
-                    format!("cannot open {}: {e}", path.display()),
-                )
+        let backend: Box<dyn Backend> = if let Some(loc) = &rbd {
+            match RbdBackend::open(loc, Access::ReadShared) {
+                Ok(b) => Box::new(b),
+                Err(e) => {
+                    return r.add(&subject, Severity::Problem, format!("cannot open it: {e}"))
+                }
+            }
+        } else {
+            let path = match self.existing(name) {
+                Ok(p) => p,
+                Err(e) => return r.add(&subject, Severity::Problem, e.to_string()),
+            };
+            if let Some(m) = loose_mode(&path, "the volume file", 0o600) {
+                r.add(&subject, Severity::Warning, m);
+            }
+            match FileBackend::open(&path, true) {
+                Ok(b) => Box::new(b),
+                Err(e) => {
+                    return r.add(
+                        &subject,
+                        Severity::Problem,
+                        format!("cannot open {}: {e}", path.display()),
+                    )
+                }
             }
         };
-        let copies = match VolumeHeader::read_copies(&backend) {
+        let backend = &*backend;
+        let copies = match VolumeHeader::read_copies(backend) {
             Ok(c) => c,
             Err(e) => return r.add(&subject, Severity::Problem, e.to_string()),
         };
@@ -189,7 +233,7 @@ impl DataDir {
             }
             [Err(_), Err(_)] => {}
         }
-        let header = match VolumeHeader::read_from(&backend) {
+        let header = match VolumeHeader::read_from(backend) {
             Ok(h) => h,
             Err(e) => {
                 return r.add(
@@ -236,14 +280,21 @@ impl DataDir {
 
     /// Rewrites the stale header copy of `name`; false (with a finding) when it cannot.
     fn repair_header(&self, name: &str, r: &mut CheckReport, subject: &str) -> bool {
-        let backend = match self.open_locked(name, true, true) {
+        let opened: Result<Box<dyn Backend>, DataDirError> = match self.rbd_location(name) {
+            Ok(Some(loc)) => self
+                .open_rbd_exclusive(name, &loc)
+                .map(|b| Box::new(b) as _),
+            Ok(None) => self.open_locked(name, true, true).map(|b| Box::new(b) as _),
+            Err(e) => Err(e),
+        };
+        let backend = match opened {
             Ok(b) => b,
             Err(e) => {
                 r.add(subject, Severity::Problem, format!("cannot repair: {e}"));
                 return false;
             }
         };
-        match VolumeHeader::repair(&backend) {
+        match VolumeHeader::repair(&*backend) {
             Ok(_) => true,
             Err(e) => {
                 r.add(subject, Severity::Problem, format!("repair failed: {e}"));

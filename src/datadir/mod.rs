@@ -31,9 +31,11 @@ use crate::volume::{Volume, VolumeError, VolumeHeader};
 mod check;
 mod create;
 mod rbd;
+mod rbd_intent;
 mod transfer;
 
 pub use check::{CheckReport, Finding, Severity};
+pub use rbd_intent::{IntentFinding, FAILPOINT_ENV};
 
 const MAX_NAME_LEN: usize = 64;
 

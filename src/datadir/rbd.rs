@@ -12,6 +12,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 
+use super::rbd_intent::{failpoint, Op};
 use super::{check_name, io_err, sync_dir, CreateOptions, DataDir, DataDirError, VolumeInfo};
 use crate::backend::rbd::{self as rbd, Access, RbdBackend, RbdError, RbdLocation};
 use crate::kms::KeyProvider;
@@ -79,7 +80,8 @@ impl DataDir {
     }
 
     /// Creates volume `name` on a new RBD image at `loc` (the image must not exist): formats it
-    /// like a volume file, then writes the reference. A failure removes the new image.
+    /// like a volume file, then writes the reference. A failure removes the new image; a crash
+    /// is resolved later through the intent record (see [`super::rbd_intent`]).
     pub fn create_rbd_volume(
         &self,
         keys: &dyn KeyProvider,
@@ -89,6 +91,23 @@ impl DataDir {
         opts: CreateOptions,
         loc: &RbdLocation,
     ) -> Result<VolumeHeader, DataDirError> {
+        self.create_rbd_with(keys, name, size, key, opts, loc, |_| Ok(()))
+    }
+
+    /// [`DataDir::create_rbd_volume`], running `fill` on the formatted volume before the
+    /// reference is written (import copies the data there): until then no server can see the
+    /// volume, and a crash leaves only an image the intent record proves is ours.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn create_rbd_with(
+        &self,
+        keys: &dyn KeyProvider,
+        name: &str,
+        size: u64,
+        key: &str,
+        opts: CreateOptions,
+        loc: &RbdLocation,
+        fill: impl FnOnce(&Volume) -> Result<(), DataDirError>,
+    ) -> Result<VolumeHeader, DataDirError> {
         self.check_free(name)?;
         for (what, s) in [("pool", &loc.pool), ("image", &loc.image)] {
             rbd::check_rbd_name(what, s).map_err(|reason| DataDirError::Invalid {
@@ -96,21 +115,40 @@ impl DataDir {
                 reason,
             })?;
         }
+        self.resolve_stale_intents();
         let (header, xts) = self.new_header(keys, name, size, key, opts)?;
-        rbd::create_image(loc, header.data_offset() + size).map_err(rbd_err(name))?;
+        let intent = self.begin_intent(name, Op::Create, loc, Some(header.volume_id))?;
+        failpoint("rbd-create-after-intent");
+        if let Err(e) = rbd::create_image(loc, header.data_offset() + size) {
+            // Nothing of ours exists (a taken name is someone else's image): drop the record.
+            intent.finish(self)?;
+            return Err(rbd_err(name)(e));
+        }
+        failpoint("rbd-create-after-image");
         let formatted = RbdBackend::open(loc, Access::Write)
             .map_err(rbd_err(name))
             .and_then(|b| {
-                Volume::create(b, &header, &xts)
-                    .and_then(|v| v.flush())
-                    .map_err(Self::vol_err(name))
+                let v = Volume::create(b, &header, &xts)
+                    .and_then(|v| v.flush().map(|()| v))
+                    .map_err(Self::vol_err(name))?;
+                failpoint("rbd-create-after-format");
+                fill(&v)
             })
             .and_then(|()| self.write_reference(name, loc));
         if let Err(e) = formatted {
-            if let Err(re) = rbd::remove_image(loc) {
-                tracing::warn!(image = %loc, "could not remove the half-created image: {re}");
+            match rbd::remove_image(loc) {
+                Ok(()) => intent.finish(self)?,
+                // The record stays: the next create/delete or `check --repair` removes it.
+                Err(re) => {
+                    tracing::warn!(image = %loc, "could not remove the half-created image: {re}")
+                }
             }
             return Err(e);
+        }
+        failpoint("rbd-create-after-reference");
+        if let Err(e) = intent.finish(self) {
+            // The volume is complete; a leftover record is resolved as "completed" later.
+            tracing::warn!(volume = name, "{e}");
         }
         tracing::info!(volume = name, image = %loc, volume_id = %header.volume_id,
             key_id = %header.key_id, size, "RBD volume created");
@@ -220,22 +258,36 @@ impl DataDir {
         })
     }
 
-    /// Removes the image (refused while any gateway has it open), then the reference.
+    /// Removes the image (refused while any gateway has it open), then the reference, under an
+    /// intent record so a crash between the two is completed later.
     pub(super) fn delete_rbd(&self, name: &str, loc: &RbdLocation) -> Result<(), DataDirError> {
+        self.resolve_stale_intents();
+        // An interrupted delete of this volume, completed just now, did what was asked.
+        let Some(loc) = self.rbd_location(name)? else {
+            tracing::info!(volume = name, image = %loc, "RBD volume deleted");
+            return Ok(());
+        };
+        let loc = &loc;
+        let intent = self.begin_intent(name, Op::Delete, loc, None)?;
+        failpoint("rbd-delete-after-intent");
         match rbd::remove_image(loc) {
             Ok(()) => {}
-            Err(e) if e.is_busy() => {
-                return Err(DataDirError::InUse {
-                    name: name.to_string(),
-                })
-            }
             // Already gone (an earlier delete stopped half-way): drop the reference.
             Err(RbdError::Image { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(rbd_err(name)(e)),
+            Err(e) => {
+                intent.finish(self)?;
+                return Err(if e.is_busy() {
+                    DataDirError::InUse {
+                        name: name.to_string(),
+                    }
+                } else {
+                    rbd_err(name)(e)
+                });
+            }
         }
-        let path = self.rbd_reference_path(name)?;
-        std::fs::remove_file(&path).map_err(io_err("deleting the RBD reference", &path))?;
-        sync_dir(&self.volumes_dir())?;
+        failpoint("rbd-delete-after-image");
+        self.remove_reference(name)?;
+        intent.finish(self)?;
         tracing::info!(volume = name, image = %loc, "RBD volume deleted");
         Ok(())
     }

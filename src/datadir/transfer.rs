@@ -39,7 +39,9 @@ impl DataDir {
     }
 
     /// [`DataDir::import`] onto a new RBD image at `loc`. The image cannot be built under a
-    /// temporary name: its reference appears when it is created, and a failed copy deletes it.
+    /// temporary name, so its reference is written only once the copy is complete; a failed copy
+    /// removes the image, and a crash leaves an intent record that resolves it (see
+    /// [`super::rbd_intent`]).
     #[allow(clippy::too_many_arguments)]
     pub fn import_rbd(
         &self,
@@ -52,16 +54,9 @@ impl DataDir {
         progress: impl FnMut(u64, u64),
     ) -> Result<VolumeHeader, DataDirError> {
         let (src, len, size) = self.open_image(name, from, opts)?;
-        let header = self.create_rbd_volume(keys, name, size, key, opts, loc)?;
-        let copy = || -> Result<(), DataDirError> {
-            let vol = self.attach(keys, name, false)?;
-            self.copy_image(name, &vol, src, from, len, size, progress)
-        };
-        if let Err(e) = copy() {
-            let _ = self.delete(name);
-            return Err(e);
-        }
-        Ok(header)
+        self.create_rbd_with(keys, name, size, key, opts, loc, |vol| {
+            self.copy_image(name, vol, src, from, len, size, progress)
+        })
     }
 
     /// Opens the image to import; returns it, its length and the volume size it needs.
