@@ -17,6 +17,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 
+/// What [`Backend::submit_write`] calls once: the buffer back, and the write's result.
+pub type WriteDone = Box<dyn FnOnce(Vec<u8>, io::Result<()>) + Send>;
+
 /// Positional byte storage. All methods take `&self`: a backend is shared by concurrent requests,
 /// so implementations must be safe to call from many threads at once.
 // `len` is a fallible storage query, not a collection length: `is_empty` would mean nothing here.
@@ -62,6 +65,21 @@ pub trait Backend: Send + Sync {
     /// next request.
     fn writes_wait(&self) -> bool {
         false
+    }
+
+    /// Whether [`Backend::submit_write`] returns before the write completes (RBD's aio), so a
+    /// server can go on reading requests while writes are in flight.
+    fn submits_async(&self) -> bool {
+        false
+    }
+
+    /// Writes all of `buf` at `offset` (inside the current length) and calls `done` with the
+    /// buffer and the result once the write has completed, as [`Backend::write_at`] would have
+    /// returned it. The backend owns `buf` until then. With [`Backend::submits_async`], `done`
+    /// may run on another (the storage's completion) thread; by default the write runs here.
+    fn submit_write(&self, buf: Vec<u8>, offset: u64, done: WriteDone) {
+        let r = self.write_at(&buf, offset);
+        done(buf, r);
     }
 
     /// Whether [`Backend::punch_hole`] is expected to work (used to answer "is zeroing fast").

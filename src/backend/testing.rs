@@ -595,3 +595,85 @@ mod tests {
         assert_eq!(b.seek_hole(5 * MEM_BLOCK).unwrap(), 5 * MEM_BLOCK);
     }
 }
+
+/// A [`MemBackend`] that submits writes asynchronously: each lands on its own thread after a
+/// short delay and completes there, the way RBD's aio completes on a librbd thread. Optionally
+/// its sync fails (a failed write-back).
+#[derive(Clone)]
+pub struct AsyncBackend {
+    inner: MemBackend,
+    fail_sync: bool,
+    delay: Duration,
+}
+
+impl AsyncBackend {
+    pub fn new(inner: MemBackend) -> Self {
+        Self {
+            inner,
+            fail_sync: false,
+            delay: Duration::from_millis(2),
+        }
+    }
+
+    /// Every sync fails with EIO.
+    pub fn failing_sync(inner: MemBackend) -> Self {
+        Self {
+            fail_sync: true,
+            ..Self::new(inner)
+        }
+    }
+
+    /// Completions come this much after submission.
+    pub fn with_delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+impl Backend for AsyncBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::thread::sleep(self.delay);
+        self.inner.write_at(buf, offset)
+    }
+    fn sync(&self) -> io::Result<()> {
+        if self.fail_sync {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.sync()
+    }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.punch_hole(offset, len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        self.inner.seek_data(offset)
+    }
+    fn seek_hole(&self, offset: u64) -> io::Result<u64> {
+        self.inner.seek_hole(offset)
+    }
+    fn writes_wait(&self) -> bool {
+        true
+    }
+    fn submits_async(&self) -> bool {
+        true
+    }
+    fn submit_write(&self, buf: Vec<u8>, offset: u64, done: super::WriteDone) {
+        let (inner, delay) = (self.inner.clone(), self.delay);
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let r = inner.write_at(&buf, offset);
+            done(buf, r);
+        });
+    }
+    fn describe(&self) -> String {
+        "async memory".into()
+    }
+}

@@ -69,7 +69,17 @@ impl Budget {
         true
     }
 
-    fn release(&self, n: usize) {
+    /// Reserves `n` bytes only if they are free now.
+    pub(crate) fn try_reserve(&self, n: usize) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if n > self.limit || *used + n > self.limit {
+            return false;
+        }
+        *used += n;
+        true
+    }
+
+    pub(crate) fn release(&self, n: usize) {
         if n == 0 {
             return;
         }

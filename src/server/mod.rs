@@ -21,6 +21,7 @@ mod budget;
 mod conns;
 pub mod export;
 mod handshake;
+mod inflight;
 pub mod peer;
 pub mod refusals;
 mod session;

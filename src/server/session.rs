@@ -34,6 +34,7 @@ use tracing::{debug, warn};
 use super::budget::{Budget, WorkBuf, FREE_BYTES};
 use super::export::{errno_for, error_chain};
 use super::handshake::Negotiated;
+use super::inflight::InFlight;
 use super::stream::{read_exact_or_eof, write_all_vectored, Stream};
 use super::transport::{Conn, ReadHalf, WriteHalf};
 use crate::config::ServerConfig;
@@ -84,6 +85,8 @@ struct Shared {
     structured: bool,
     meta_context: Option<u32>,
     max_discard: u64,
+    /// WRITEs submitted without waiting, whose replies the replier sends (see `inflight`).
+    inflight: Arc<InFlight>,
 }
 
 impl Shared {
@@ -155,6 +158,7 @@ pub(crate) fn run(
             max_payload: cfg.max_payload,
         },
         volume: neg.export,
+        inflight: InFlight::new(budget.clone()),
         budget,
         structured: neg.structured,
         meta_context: neg.meta_context,
@@ -162,6 +166,7 @@ pub(crate) fn run(
     };
     let workers = cfg.workers_per_connection.max(1);
     std::thread::scope(|s| {
+        let replier = spawn_replier(s, &sh);
         let mut handles = Vec::with_capacity(workers - 1);
         for i in 1..workers {
             let sh = &sh;
@@ -185,8 +190,44 @@ pub(crate) fn run(
                 result = r;
             }
         }
+        // Replies of submitted writes are owed: wait for every completion.
+        sh.inflight.close();
+        if let Some(h) = replier {
+            let _ = h.join();
+        }
         result
     })
+}
+
+/// Starts the thread that sends the replies of submitted writes (only for volumes that submit
+/// asynchronously).
+fn spawn_replier<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    sh: &'s Shared,
+) -> Option<std::thread::ScopedJoinHandle<'s, ()>> {
+    if !sh.volume.backend().submits_async() {
+        return None;
+    }
+    let run = move || {
+        sh.inflight.reply_loop(sh.structured, |b| {
+            let r = write_all_vectored(&mut *sh.lock_writer(), &mut [IoSlice::new(b)]);
+            if r.is_err() {
+                sh.close();
+            }
+            r
+        })
+    };
+    match std::thread::Builder::new()
+        .name("nbd-replier".into())
+        .spawn_scoped(s, run)
+    {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!("could not start the replier thread, writes will wait: {e}");
+            sh.inflight.close();
+            None
+        }
+    }
 }
 
 fn worker(sh: &Shared) -> Result<(), SessionError> {
@@ -491,6 +532,10 @@ fn execute<'a>(
     let ex = &*sh.volume;
     let len = req.len as usize;
     let fua = req.fua();
+    // A WRITE submitted without waiting: its reply comes when it completes; keep reading.
+    if req.command == CMD_WRITE && sh.inflight.try_submit(&sh.volume, req, buf) {
+        return Ok(());
+    }
     if req.command != CMD_READ && (!is_quick_write(req) || ex.writes_wait()) {
         *reader = None;
     }

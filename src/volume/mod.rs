@@ -19,6 +19,7 @@
 mod error;
 mod geometry;
 pub mod header;
+mod submit;
 
 use std::cell::RefCell;
 use std::io;
@@ -26,6 +27,7 @@ use std::sync::{Mutex, OnceLock};
 
 pub use error::{Op, VolumeError};
 pub use header::VolumeHeader;
+pub use submit::SubmitDone;
 
 use crate::backend::Backend;
 use crate::crypto::{Xts, XtsKey};

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use super::ffi::{Cluster, ConnectOptions, Image, IoCtx};
 use super::{Access, RbdError, RbdLocation};
-use crate::backend::Backend;
+use crate::backend::{Backend, WriteDone};
 
 /// Extents asked from librbd per allocation query.
 const EXTENTS_PER_QUERY: usize = 1024;
@@ -270,6 +270,22 @@ impl Backend for RbdBackend {
             }
         }
         Ok(pos.min(size).max(offset))
+    }
+
+    fn submits_async(&self) -> bool {
+        true
+    }
+
+    fn submit_write(&self, buf: Vec<u8>, offset: u64, done: WriteDone) {
+        let end = offset.checked_add(buf.len() as u64);
+        match (end, self.image.size()) {
+            (Some(end), Ok(size)) if end <= size => self.image.submit_write(buf, offset, done),
+            // Growing the image (or a failed size query) takes the blocking path.
+            _ => {
+                let r = self.write_at(&buf, offset);
+                done(buf, r);
+            }
+        }
     }
 
     fn writes_wait(&self) -> bool {

@@ -14,6 +14,8 @@ use std::path::Path;
 use std::ptr;
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::backend::WriteDone;
+
 #[allow(
     non_camel_case_types,
     non_upper_case_globals,
@@ -276,6 +278,40 @@ unsafe extern "C" fn on_complete(c: sys::rbd_completion_t, arg: *mut c_void) {
     waiter.done.notify_one();
 }
 
+/// An owned-buffer write in flight: the buffer and the caller's completion, taken exactly once
+/// (by the callback, or by the submitter when submission itself fails).
+struct OwnedWrite {
+    state: Mutex<(Option<Vec<u8>>, Option<WriteDone>)>,
+}
+
+impl OwnedWrite {
+    /// Calls the caller's completion with result `r` (`-errno` or `>= 0`); hands the buffer back
+    /// only when librbd is known to be done with it (`give_buffer`).
+    fn finish(&self, give_buffer: bool, r: i64) {
+        let (buf, done) = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let buf = if give_buffer { st.0.take() } else { None };
+            (buf, st.1.take())
+        };
+        if let Some(done) = done {
+            done(buf.unwrap_or_default(), check(r).map(|_| ()));
+        }
+    }
+}
+
+/// librbd's completion callback for [`Image::submit_write`] (runs on a librbd thread).
+unsafe extern "C" fn on_owned_write(c: sys::rbd_completion_t, arg: *mut c_void) {
+    // SAFETY: `arg` is the `Arc::into_raw` made in `submit_write` for this completion, and
+    // librbd calls this once per completion, so the reference is reclaimed exactly once.
+    let job = unsafe { Arc::from_raw(arg as *const OwnedWrite) };
+    // SAFETY: `c` is the completion being completed; nobody else holds or releases it.
+    let r = unsafe { sys::rbd_aio_get_return_value(c) } as i64;
+    // SAFETY: releasing inside the callback is allowed (librbd keeps its own reference until the
+    // callback returns), and nothing uses `c` afterwards.
+    unsafe { sys::rbd_aio_release(c) };
+    job.finish(true, r);
+}
+
 impl Image {
     /// Submits one asynchronous request through `submit` and blocks until librbd completes it.
     /// Whatever buffer `submit` passes stays borrowed by the caller until this returns.
@@ -340,6 +376,35 @@ impl Image {
         // SAFETY: `buf` is valid for reads of `len` bytes until the completion (see `read`).
         self.run_aio(|c| unsafe { sys::rbd_aio_write(self.handle, offset, len, ptr, c) })
             .map(|_| ())
+    }
+
+    /// Submits a write of all of `buf` at `offset` and returns at once; `done` gets the buffer
+    /// back with the result when librbd completes the write (on a librbd thread). The buffer
+    /// lives in the request's heap record until then, so it outlives the request.
+    pub fn submit_write(&self, buf: Vec<u8>, offset: u64, done: WriteDone) {
+        let (ptr, len) = (buf.as_ptr().cast::<c_char>(), buf.len());
+        let job = Arc::new(OwnedWrite {
+            state: Mutex::new((Some(buf), Some(done))),
+        });
+        let arg = Arc::into_raw(Arc::clone(&job)) as *mut c_void;
+        let mut c: sys::rbd_completion_t = ptr::null_mut();
+        // SAFETY: valid out-pointer; `arg` stays valid until the callback reclaims it.
+        let rc = unsafe { sys::rbd_aio_create_completion(arg, Some(on_owned_write), &mut c) };
+        if rc < 0 {
+            // SAFETY: no completion exists, so no callback will ever see `arg`: reclaim it.
+            drop(unsafe { Arc::from_raw(arg as *const OwnedWrite) });
+            job.finish(true, rc as i64);
+            return;
+        }
+        // SAFETY: `ptr` points into the Vec held by `job` (its heap data does not move while it
+        // is held there), valid for reads of `len` bytes until the callback runs.
+        let rc = unsafe { sys::rbd_aio_write(self.handle, offset, len, ptr, c) };
+        if rc < 0 {
+            // Not expected (librbd reports data-path errors through the completion). Whether the
+            // callback can still fire is unknown, so the buffer and the completion are leaked
+            // with the callback's reference; only the caller is told.
+            job.finish(false, rc as i64);
+        }
     }
 
     /// Zeroes `[offset, offset+len)`, deallocating whole objects (unlike discard, which may skip
