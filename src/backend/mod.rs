@@ -17,8 +17,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 
-/// What [`Backend::submit_write`] calls once: the buffer back, and the write's result.
-pub type WriteDone = Box<dyn FnOnce(Vec<u8>, io::Result<()>) + Send>;
+/// What [`Backend::submit_write`] and [`Backend::submit_read`] call once: the buffer back, and
+/// the result.
+pub type IoDone = Box<dyn FnOnce(Vec<u8>, io::Result<()>) + Send>;
 
 /// Positional byte storage. All methods take `&self`: a backend is shared by concurrent requests,
 /// so implementations must be safe to call from many threads at once.
@@ -67,8 +68,8 @@ pub trait Backend: Send + Sync {
         false
     }
 
-    /// Whether [`Backend::submit_write`] returns before the write completes (RBD's aio), so a
-    /// server can go on reading requests while writes are in flight.
+    /// Whether [`Backend::submit_write`] and [`Backend::submit_read`] return before the request
+    /// completes (RBD's aio), so a server can go on reading requests while they are in flight.
     fn submits_async(&self) -> bool {
         false
     }
@@ -77,8 +78,15 @@ pub trait Backend: Send + Sync {
     /// buffer and the result once the write has completed, as [`Backend::write_at`] would have
     /// returned it. The backend owns `buf` until then. With [`Backend::submits_async`], `done`
     /// may run on another (the storage's completion) thread; by default the write runs here.
-    fn submit_write(&self, buf: Vec<u8>, offset: u64, done: WriteDone) {
+    fn submit_write(&self, buf: Vec<u8>, offset: u64, done: IoDone) {
         let r = self.write_at(&buf, offset);
+        done(buf, r);
+    }
+
+    /// Fills all of `buf` from `offset` (as [`Backend::read_at`]) and calls `done` with it once
+    /// the read has completed; like [`Backend::submit_write`], possibly on another thread.
+    fn submit_read(&self, mut buf: Vec<u8>, offset: u64, done: IoDone) {
+        let r = self.read_at(&mut buf, offset);
         done(buf, r);
     }
 

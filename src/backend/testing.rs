@@ -665,11 +665,19 @@ impl Backend for AsyncBackend {
     fn submits_async(&self) -> bool {
         true
     }
-    fn submit_write(&self, buf: Vec<u8>, offset: u64, done: super::WriteDone) {
+    fn submit_write(&self, buf: Vec<u8>, offset: u64, done: super::IoDone) {
         let (inner, delay) = (self.inner.clone(), self.delay);
         std::thread::spawn(move || {
             std::thread::sleep(delay);
             let r = inner.write_at(&buf, offset);
+            done(buf, r);
+        });
+    }
+    fn submit_read(&self, mut buf: Vec<u8>, offset: u64, done: super::IoDone) {
+        let (inner, delay) = (self.inner.clone(), self.delay);
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let r = inner.read_at(&mut buf, offset);
             done(buf, r);
         });
     }

@@ -1,42 +1,59 @@
-//! Writes in flight on one connection, for volumes whose backend submits asynchronously (RBD).
+//! Requests in flight on one connection, for volumes whose backend submits asynchronously (RBD).
 //!
-//! Without this, every WRITE to such a volume held a worker thread for a network round trip: the
-//! leader handed the reader to a follower, encrypted, submitted, slept until librbd woke it, then
-//! replied — two thread wake-ups per request, and never more requests in flight than workers.
-//! Here the worker that read the WRITE encrypts it in its buffer, submits it
+//! Without this, every request to such a volume held a worker thread for a network round trip:
+//! the leader handed the reader to a follower, which encrypted, submitted, slept until librbd
+//! woke it, then replied — two thread wake-ups per request, and never more requests in flight
+//! than workers. Here the worker that read a WRITE encrypts it in its buffer, submits it
 //! ([`Volume::submit_write`]) and goes on reading requests; the request's buffer travels with
-//! it. librbd's completion only queues the outcome and wakes this connection's replier thread,
-//! which sends every queued reply in one write. A reply is sent only after the write completed
-//! (the data is in librbd, so a later FLUSH covers it), exactly as on the blocking path.
+//! it. A READ is submitted the same way into a spare buffer ([`Volume::submit_read`], which
+//! decrypts on completion). librbd's completion only queues the outcome and wakes this
+//! connection's replier thread, which sends every queued reply in one write. A WRITE's reply is
+//! sent only after the write completed (the data is in librbd, so a later FLUSH covers it),
+//! exactly as on the blocking path.
 //!
-//! Limits: only whole-sector WRITEs of at most [`MAX_SUBMIT`] bytes without FUA take this path
-//! (FUA waits for a flush anyway; partial sectors need a read-modify-write), at most
-//! [`MAX_IN_FLIGHT`] per connection, and each in-flight buffer's bytes are reserved from the
-//! server's [`Budget`] without waiting: when either is exhausted the request takes the blocking
-//! path, which waits (backpressure). A connection ends only after every submitted write has
-//! completed and its reply was sent (or the socket was found dead): the volume outlives them.
+//! Limits: only whole-sector requests of at most [`MAX_SUBMIT`] bytes, and WRITEs without FUA,
+//! take this path (FUA waits for a flush anyway; partial sectors need a read-modify-write); at
+//! most [`MAX_IN_FLIGHT`] per connection; each in-flight buffer's bytes are reserved from the
+//! server's [`Budget`] without waiting. When any of these says no, the request takes the
+//! blocking path, which waits (backpressure). A connection ends only after every submitted
+//! request has completed and its reply was sent (or the socket was found dead): the volume
+//! outlives them. Up to [`SPARE_BYTES`] of returned buffers are kept per connection for reuse.
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::budget::{Budget, WorkBuf, FREE_BYTES};
 use super::export::{errno_for, error_chain};
-use crate::nbd::consts::CMD_WRITE;
+use crate::nbd::consts::{CMD_READ, CMD_WRITE};
 use crate::nbd::reply;
 use crate::nbd::request::Request;
-use crate::volume::{Volume, VolumeError};
+use crate::volume::{ReadOutcome, Volume, VolumeError};
 
-/// Largest WRITE submitted asynchronously: one worker's own buffer share.
+/// Largest request submitted asynchronously: one worker's own buffer share.
 pub(crate) const MAX_SUBMIT: usize = FREE_BYTES;
-/// Submitted, unreplied WRITEs per connection (fio and qemu queue 32 to 128 at most).
+/// Submitted, unreplied requests per connection (fio and qemu queue 32 to 128 at most).
 pub(crate) const MAX_IN_FLIGHT: usize = 128;
+/// Replies up to this size are copied into the batch; larger read data goes out vectored.
+const COALESCE_MAX: usize = 64 * 1024;
+/// A batch of replies is sent once it reaches this size.
+const PENDING_MAX: usize = 256 * 1024;
 /// Bytes of returned buffers a connection keeps for reuse.
 const SPARE_BYTES: usize = 4 << 20;
 
-/// A completed write whose reply is owed.
+/// A completed request whose reply is owed.
 struct Completed {
     cookie: u64,
-    result: Result<(), VolumeError>,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Written(Result<(), VolumeError>),
+    /// The buffer (plaintext on success) travels to the reply; its reservation is its length.
+    Read {
+        offset: u64,
+        data: Vec<u8>,
+        result: Result<ReadOutcome, VolumeError>,
+    },
 }
 
 #[derive(Default)]
@@ -50,7 +67,29 @@ struct State {
     closed: bool,
 }
 
-/// One connection's in-flight writes.
+impl State {
+    /// Counts a new submission and hands out a buffer for it, if the limits allow one of `len`.
+    fn admit(&mut self, budget: &Budget, len: usize) -> Option<Vec<u8>> {
+        if self.closed || self.owed >= MAX_IN_FLIGHT || !budget.try_reserve(len) {
+            return None;
+        }
+        self.owed += 1;
+        let v = self.spare.pop().unwrap_or_default();
+        self.spare_bytes -= v.capacity();
+        Some(v)
+    }
+
+    /// Keeps a returned buffer for reuse, within [`SPARE_BYTES`].
+    fn keep_spare(&mut self, data: Vec<u8>) {
+        let cap = data.capacity();
+        if cap > 0 && cap <= MAX_SUBMIT && self.spare_bytes + cap <= SPARE_BYTES {
+            self.spare_bytes += cap;
+            self.spare.push(data);
+        }
+    }
+}
+
+/// One connection's in-flight requests.
 pub(crate) struct InFlight {
     state: Mutex<State>,
     wake: Condvar,
@@ -68,6 +107,11 @@ impl InFlight {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, c: Completed) {
+        self.lock().completed.push(c);
+        self.wake.notify_one();
     }
 
     /// Submits `req` (a validated WRITE whose payload is in `buf[..len]`) if it may take the
@@ -88,53 +132,62 @@ impl InFlight {
         {
             return false;
         }
-        let mut spare = {
-            let mut st = self.lock();
-            if st.closed || st.owed >= MAX_IN_FLIGHT {
-                return false;
-            }
-            if !self.budget.try_reserve(len) {
-                return false;
-            }
-            st.owed += 1;
-            let v = st.spare.pop().unwrap_or_default();
-            st.spare_bytes -= v.capacity();
-            v
+        let Some(mut data) = self.lock().admit(&self.budget, len) else {
+            return false;
         };
-        // The payload's buffer goes with the request; the worker keeps a spare of up to
+        // The payload's buffer goes with the request; the worker keeps a spare of at most
         // FREE_BYTES, so its own budget accounting is unchanged.
-        std::mem::swap(&mut **buf, &mut spare);
-        let mut data = spare;
+        std::mem::swap(&mut **buf, &mut data);
         data.truncate(len);
         let me = Arc::clone(self);
         let cookie = req.cookie;
         vol.submit_write(
             req.offset,
             data,
-            Box::new(move |data, result| me.complete(cookie, len, data, result)),
+            Box::new(move |data, result| {
+                me.budget.release(len);
+                me.lock().keep_spare(data);
+                me.push(Completed {
+                    cookie,
+                    outcome: Outcome::Written(result),
+                });
+            }),
         );
         true
     }
 
-    /// A submitted write completed (on the storage's thread): queue its reply, keep its buffer.
-    fn complete(
-        &self,
-        cookie: u64,
-        reserved: usize,
-        data: Vec<u8>,
-        result: Result<(), VolumeError>,
-    ) {
+    /// Submits `req` if it is a READ that may take the asynchronous path (as for WRITEs); its
+    /// buffer is a spare one and comes back after the reply is sent.
+    pub(crate) fn try_submit_read(self: &Arc<Self>, vol: &Arc<Volume>, req: &Request) -> bool {
+        let len = req.len as usize;
+        if req.command != CMD_READ
+            || len > MAX_SUBMIT
+            || !vol.can_submit_read(req.offset, u64::from(req.len))
         {
-            let mut st = self.lock();
-            st.completed.push(Completed { cookie, result });
-            let cap = data.capacity();
-            if cap > 0 && cap <= MAX_SUBMIT && st.spare_bytes + cap <= SPARE_BYTES {
-                st.spare_bytes += cap;
-                st.spare.push(data);
-            }
+            return false;
         }
-        self.budget.release(reserved);
-        self.wake.notify_one();
+        let Some(mut data) = self.lock().admit(&self.budget, len) else {
+            return false;
+        };
+        // The read overwrites the whole buffer: a reused one needs no clearing.
+        data.resize(len, 0);
+        let me = Arc::clone(self);
+        let (cookie, offset) = (req.cookie, req.offset);
+        vol.submit_read(
+            offset,
+            data,
+            Box::new(move |data, result| {
+                me.push(Completed {
+                    cookie,
+                    outcome: Outcome::Read {
+                        offset,
+                        data,
+                        result,
+                    },
+                })
+            }),
+        );
+        true
     }
 
     /// No more submissions: [`InFlight::reply_loop`] returns once every owed reply is sent.
@@ -149,11 +202,21 @@ impl InFlight {
     pub(crate) fn reply_loop(
         &self,
         structured: bool,
-        mut write: impl FnMut(&[u8]) -> io::Result<()>,
+        mut write: impl FnMut(&mut [IoSlice<'_>]) -> io::Result<()>,
     ) {
         let mut batch: Vec<Completed> = Vec::new();
         let mut out: Vec<u8> = Vec::new();
+        let mut spent: Vec<Vec<u8>> = Vec::new();
         let mut dead = false;
+        let mut send = |out: &mut Vec<u8>, data: &[u8], dead: &mut bool| {
+            if !*dead {
+                if let Err(e) = write(&mut [IoSlice::new(out), IoSlice::new(data)]) {
+                    tracing::debug!("cannot send replies: {e}");
+                    *dead = true;
+                }
+            }
+            out.clear();
+        };
         loop {
             {
                 let mut st = self.lock();
@@ -166,34 +229,77 @@ impl InFlight {
                 std::mem::swap(&mut batch, &mut st.completed);
                 st.owed -= batch.len();
             }
-            out.clear();
             for c in batch.drain(..) {
-                match c.result {
-                    Ok(()) if structured => out.extend_from_slice(&reply::none(c.cookie)),
-                    Ok(()) => out.extend_from_slice(&reply::simple(0, c.cookie)),
-                    Err(e) => {
-                        let errno = errno_for(&e);
-                        tracing::debug!(
-                            command = "WRITE",
-                            errno,
-                            "request failed: {}",
-                            error_chain(&e)
-                        );
-                        if structured {
-                            reply::encode_error_chunk(&mut out, c.cookie, errno, &error_chain(&e));
+                match c.outcome {
+                    Outcome::Written(Ok(())) => ok_reply(&mut out, structured, c.cookie),
+                    Outcome::Written(Err(e)) => error_reply(&mut out, structured, c.cookie, &e),
+                    Outcome::Read {
+                        result: Err(e),
+                        data,
+                        ..
+                    } => {
+                        error_reply(&mut out, structured, c.cookie, &e);
+                        spent.push(data);
+                    }
+                    Outcome::Read {
+                        offset,
+                        data,
+                        result: Ok(r),
+                    } => {
+                        let len = data.len() as u32;
+                        if structured && r.all_zero {
+                            out.extend_from_slice(&reply::offset_hole(c.cookie, offset, len));
                         } else {
-                            out.extend_from_slice(&reply::simple(errno, c.cookie));
+                            if structured {
+                                let h = reply::offset_data_header(c.cookie, offset, len);
+                                out.extend_from_slice(&h);
+                            } else {
+                                out.extend_from_slice(&reply::simple(0, c.cookie));
+                            }
+                            if data.len() <= COALESCE_MAX {
+                                out.extend_from_slice(&data);
+                            } else {
+                                send(&mut out, &data, &mut dead);
+                            }
                         }
+                        spent.push(data);
                     }
                 }
+                if out.len() >= PENDING_MAX {
+                    send(&mut out, &[], &mut dead);
+                }
             }
-            if !dead {
-                if let Err(e) = write(&out) {
-                    tracing::debug!("cannot send write replies: {e}");
-                    dead = true;
+            if !out.is_empty() {
+                send(&mut out, &[], &mut dead);
+            }
+            // Read buffers (and their reservations) go back once their replies are out.
+            if !spent.is_empty() {
+                let mut st = self.lock();
+                for data in spent.drain(..) {
+                    self.budget.release(data.len());
+                    st.keep_spare(data);
                 }
             }
         }
+    }
+}
+
+fn ok_reply(out: &mut Vec<u8>, structured: bool, cookie: u64) {
+    if structured {
+        out.extend_from_slice(&reply::none(cookie));
+    } else {
+        out.extend_from_slice(&reply::simple(0, cookie));
+    }
+}
+
+fn error_reply(out: &mut Vec<u8>, structured: bool, cookie: u64, e: &VolumeError) {
+    let errno = errno_for(e);
+    let msg = error_chain(e);
+    tracing::debug!(errno, "request failed: {msg}");
+    if structured {
+        reply::encode_error_chunk(out, cookie, errno, &msg);
+    } else {
+        out.extend_from_slice(&reply::simple(errno, cookie));
     }
 }
 
@@ -253,8 +359,10 @@ mod tests {
         buf.shrink();
         inf.close();
         let mut sent = Vec::new();
-        inf.reply_loop(false, |b| {
-            sent.extend_from_slice(b);
+        inf.reply_loop(false, |bufs| {
+            for b in bufs.iter() {
+                sent.extend_from_slice(b);
+            }
             Ok(())
         });
         assert_eq!(sent.len(), n as usize * 16, "one simple reply per write");
@@ -273,6 +381,47 @@ mod tests {
             assert!(got.iter().all(|&b| b == i as u8 + 1), "write {i} landed");
         }
         assert!(budget.try_reserve(1 << 20), "the whole budget is back");
+    }
+
+    /// Submitted READs reply with their plaintext (or a hole chunk when structured and never
+    /// written) once they complete; unaligned ones are left to the blocking path.
+    #[test]
+    fn submitted_reads_reply_with_their_data() {
+        let vol = volume(Box::new(AsyncBackend::new(MemBackend::new())));
+        let mut plain = vec![0u8; 8192];
+        plain
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i % 251) as u8);
+        vol.write(0, &mut plain.clone(), false).unwrap();
+        let inf = InFlight::new(Budget::new(1 << 20));
+        let read = |cookie, offset, len| Request {
+            flags: 0,
+            command: CMD_READ,
+            cookie,
+            offset,
+            len,
+        };
+        assert!(inf.try_submit_read(&vol, &read(1, 0, 8192)));
+        assert!(!inf.try_submit_read(&vol, &read(2, 100, 8192)));
+        inf.close();
+        let mut sent = Vec::new();
+        inf.reply_loop(false, |bufs| {
+            bufs.iter().for_each(|b| sent.extend_from_slice(b));
+            Ok(())
+        });
+        assert_eq!(&sent[..16], &reply::simple(0, 1));
+        assert_eq!(&sent[16..], &plain[..]);
+
+        let inf = InFlight::new(Budget::new(1 << 20));
+        assert!(inf.try_submit_read(&vol, &read(3, 1 << 20, 4096)));
+        inf.close();
+        let mut sent = Vec::new();
+        inf.reply_loop(true, |bufs| {
+            bufs.iter().for_each(|b| sent.extend_from_slice(b));
+            Ok(())
+        });
+        assert_eq!(sent, reply::offset_hole(3, 1 << 20, 4096));
     }
 
     /// With the budget used up, a write is not submitted (it takes the blocking path).

@@ -210,7 +210,7 @@ fn spawn_replier<'s>(
     }
     let run = move || {
         sh.inflight.reply_loop(sh.structured, |b| {
-            let r = write_all_vectored(&mut *sh.lock_writer(), &mut [IoSlice::new(b)]);
+            let r = write_all_vectored(&mut *sh.lock_writer(), b);
             if r.is_err() {
                 sh.close();
             }
@@ -532,8 +532,13 @@ fn execute<'a>(
     let ex = &*sh.volume;
     let len = req.len as usize;
     let fua = req.fua();
-    // A WRITE submitted without waiting: its reply comes when it completes; keep reading.
+    // A WRITE submitted without waiting (see `inflight`): its reply comes when it completes;
+    // this worker keeps the reader.
     if req.command == CMD_WRITE && sh.inflight.try_submit(&sh.volume, req, buf) {
+        return Ok(());
+    }
+    // Likewise a READ: the replier sends its data when the read completes.
+    if req.command == CMD_READ && sh.inflight.try_submit_read(&sh.volume, req) {
         return Ok(());
     }
     if req.command != CMD_READ && (!is_quick_write(req) || ex.writes_wait()) {

@@ -27,7 +27,7 @@ use std::sync::{Mutex, OnceLock};
 
 pub use error::{Op, VolumeError};
 pub use header::VolumeHeader;
-pub use submit::SubmitDone;
+pub use submit::{ReadDone, SubmitDone};
 
 use crate::backend::Backend;
 use crate::crypto::{Xts, XtsKey};

@@ -1,6 +1,7 @@
-//! Writes that complete later: [`Volume::submit_write`] encrypts a caller-owned buffer in place
-//! and hands it to a backend that submits asynchronously (RBD's aio), so the caller can go on
-//! with other work while the write travels; a completion gets the buffer back with the result.
+//! Requests that complete later: [`Volume::submit_write`] encrypts a caller-owned buffer in
+//! place and hands it to a backend that submits asynchronously (RBD's aio), so the caller can go
+//! on with other work while the write travels; a completion gets the buffer back with the
+//! result. [`Volume::submit_read`] does the same for reads, decrypting in the completion.
 //! Nothing here knows who asked: the server wraps it into NBD replies (`server::inflight`).
 //!
 //! The rules are those of [`Volume::write`]: whole sectors only (no read-modify-write, which
@@ -11,11 +12,13 @@
 use std::sync::Arc;
 
 use super::error::Op;
-use super::{Volume, VolumeError};
+use super::{ReadOutcome, Volume, VolumeError};
 
 /// What [`Volume::submit_write`] calls once: the buffer back (holding ciphertext, or empty if
 /// the backend could not give it back), and the write's result.
 pub type SubmitDone = Box<dyn FnOnce(Vec<u8>, Result<(), VolumeError>) + Send>;
+/// What [`Volume::submit_read`] calls once: the buffer (plaintext, on success) and the result.
+pub type ReadDone = Box<dyn FnOnce(Vec<u8>, Result<ReadOutcome, VolumeError>) + Send>;
 
 impl Volume {
     /// Whether [`Volume::submit_write`] would submit a `len`-byte write at `offset` without
@@ -57,6 +60,44 @@ impl Volume {
             self.file_offset(offset),
             Box::new(move |data, r| {
                 let r = r.map_err(|e| vol.io_err("writing", len, offset, e));
+                done(data, r)
+            }),
+        );
+    }
+
+    /// Whether [`Volume::submit_read`] would submit a `len`-byte read at `offset` without waiting.
+    pub fn can_submit_read(&self, offset: u64, len: u64) -> bool {
+        let ss = u64::from(self.header.sector_size);
+        self.backend.submits_async()
+            && len > 0
+            && offset.is_multiple_of(ss)
+            && len.is_multiple_of(ss)
+    }
+
+    /// Reads `[offset, offset + data.len())` into `data` and decrypts it, like [`Volume::read`],
+    /// calling `done` once it has completed (on the backend's completion thread, which then also
+    /// decrypts; or on this one). Partial sectors take the blocking path.
+    pub fn submit_read(self: &Arc<Self>, offset: u64, mut data: Vec<u8>, done: ReadDone) {
+        let len = data.len() as u64;
+        let ss = self.ss() as u64;
+        if let Err(e) = self.check(Op::Read, offset, len) {
+            return done(data, Err(e));
+        }
+        if data.is_empty() || !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) {
+            let r = self.read(offset, &mut data);
+            return done(data, r);
+        }
+        let vol = Arc::clone(self);
+        self.backend.submit_read(
+            data,
+            self.file_offset(offset),
+            Box::new(move |mut data, r| {
+                let r = match r {
+                    Ok(()) => Ok(ReadOutcome {
+                        all_zero: vol.decrypt_read(&mut data, offset),
+                    }),
+                    Err(e) => Err(vol.io_err("reading", len, offset, e)),
+                };
                 done(data, r)
             }),
         );
@@ -122,6 +163,38 @@ mod tests {
         assert!(!ro.can_submit_write(0, 4096));
         let (_, r) = submit(&ro, 0, vec![0; 4096]);
         assert!(matches!(r, Err(VolumeError::ReadOnly { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn submitted_reads_decrypt_and_report_holes() {
+        let v = Arc::new(test_volume_on(
+            Box::new(AsyncBackend::new(MemBackend::new())),
+            false,
+        ));
+        let plain: Vec<u8> = (0..8192u32).map(|i| (i * 13) as u8).collect();
+        submit(&v, 8192, plain.clone()).1.unwrap();
+        let read = |offset: u64, len: usize| {
+            let (tx, rx) = mpsc::channel();
+            v.submit_read(
+                offset,
+                vec![0xff; len],
+                Box::new(move |d, r| {
+                    let _ = tx.send((d, r));
+                }),
+            );
+            rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap()
+        };
+        let (d, r) = read(8192, 8192);
+        assert!(!r.unwrap().all_zero);
+        assert_eq!(d, plain);
+        let (d, r) = read(65536, 4096);
+        assert!(r.unwrap().all_zero, "never written: a hole");
+        assert!(d.iter().all(|&b| b == 0));
+        let (d, r) = read(8192 + 100, 50);
+        r.unwrap();
+        assert_eq!(d, &plain[100..150], "unaligned takes the blocking path");
+        let (_, r) = read(v.size() - 4096, 8192);
+        assert!(matches!(r, Err(VolumeError::OutOfRange { .. })), "{r:?}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use super::ffi::{Cluster, ConnectOptions, Image, IoCtx};
 use super::{Access, RbdError, RbdLocation};
-use crate::backend::{Backend, WriteDone};
+use crate::backend::{Backend, IoDone};
 
 /// Extents asked from librbd per allocation query.
 const EXTENTS_PER_QUERY: usize = 1024;
@@ -276,13 +276,25 @@ impl Backend for RbdBackend {
         true
     }
 
-    fn submit_write(&self, buf: Vec<u8>, offset: u64, done: WriteDone) {
+    fn submit_write(&self, buf: Vec<u8>, offset: u64, done: IoDone) {
         let end = offset.checked_add(buf.len() as u64);
         match (end, self.image.size()) {
             (Some(end), Ok(size)) if end <= size => self.image.submit_write(buf, offset, done),
             // Growing the image (or a failed size query) takes the blocking path.
             _ => {
                 let r = self.write_at(&buf, offset);
+                done(buf, r);
+            }
+        }
+    }
+
+    fn submit_read(&self, mut buf: Vec<u8>, offset: u64, done: IoDone) {
+        let end = offset.checked_add(buf.len() as u64);
+        match (end, self.image.size()) {
+            (Some(end), Ok(size)) if end <= size => self.image.submit_read(buf, offset, done),
+            // Past the end (reads as zeroes) or a failed size query: the blocking path.
+            _ => {
+                let r = self.read_at(&mut buf, offset);
                 done(buf, r);
             }
         }

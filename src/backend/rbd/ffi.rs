@@ -14,7 +14,7 @@ use std::path::Path;
 use std::ptr;
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::backend::WriteDone;
+use crate::backend::IoDone;
 
 #[allow(
     non_camel_case_types,
@@ -278,32 +278,39 @@ unsafe extern "C" fn on_complete(c: sys::rbd_completion_t, arg: *mut c_void) {
     waiter.done.notify_one();
 }
 
-/// An owned-buffer write in flight: the buffer and the caller's completion, taken exactly once
-/// (by the callback, or by the submitter when submission itself fails).
-struct OwnedWrite {
-    state: Mutex<(Option<Vec<u8>>, Option<WriteDone>)>,
+/// An owned-buffer request in flight: the buffer and the caller's completion, taken exactly
+/// once (by the callback, or by the submitter when submission itself fails).
+struct OwnedIo {
+    state: Mutex<(Option<Vec<u8>>, Option<IoDone>)>,
+    read: bool,
 }
 
-impl OwnedWrite {
-    /// Calls the caller's completion with result `r` (`-errno` or `>= 0`); hands the buffer back
-    /// only when librbd is known to be done with it (`give_buffer`).
+impl OwnedIo {
+    /// Calls the caller's completion with result `r` (`-errno`, or for a read the bytes read);
+    /// hands the buffer back only when librbd is known to be done with it (`give_buffer`).
     fn finish(&self, give_buffer: bool, r: i64) {
         let (buf, done) = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let buf = if give_buffer { st.0.take() } else { None };
             (buf, st.1.take())
         };
+        let mut buf = buf.unwrap_or_default();
+        if self.read && r >= 0 {
+            let n = usize::try_from(r).unwrap_or(usize::MAX).min(buf.len());
+            buf[n..].fill(0);
+        }
         if let Some(done) = done {
-            done(buf.unwrap_or_default(), check(r).map(|_| ()));
+            done(buf, check(r).map(|_| ()));
         }
     }
 }
 
-/// librbd's completion callback for [`Image::submit_write`] (runs on a librbd thread).
-unsafe extern "C" fn on_owned_write(c: sys::rbd_completion_t, arg: *mut c_void) {
-    // SAFETY: `arg` is the `Arc::into_raw` made in `submit_write` for this completion, and
+/// librbd's completion callback for [`Image::submit_write`] and [`Image::submit_read`] (runs on
+/// a librbd thread).
+unsafe extern "C" fn on_owned_io(c: sys::rbd_completion_t, arg: *mut c_void) {
+    // SAFETY: `arg` is the `Arc::into_raw` made in `submit_owned` for this completion, and
     // librbd calls this once per completion, so the reference is reclaimed exactly once.
-    let job = unsafe { Arc::from_raw(arg as *const OwnedWrite) };
+    let job = unsafe { Arc::from_raw(arg as *const OwnedIo) };
     // SAFETY: `c` is the completion being completed; nobody else holds or releases it.
     let r = unsafe { sys::rbd_aio_get_return_value(c) } as i64;
     // SAFETY: releasing inside the callback is allowed (librbd keeps its own reference until the
@@ -381,24 +388,40 @@ impl Image {
     /// Submits a write of all of `buf` at `offset` and returns at once; `done` gets the buffer
     /// back with the result when librbd completes the write (on a librbd thread). The buffer
     /// lives in the request's heap record until then, so it outlives the request.
-    pub fn submit_write(&self, buf: Vec<u8>, offset: u64, done: WriteDone) {
-        let (ptr, len) = (buf.as_ptr().cast::<c_char>(), buf.len());
-        let job = Arc::new(OwnedWrite {
+    pub fn submit_write(&self, buf: Vec<u8>, offset: u64, done: IoDone) {
+        self.submit_owned(buf, offset, false, done);
+    }
+
+    /// Like [`Image::submit_write`], but fills `buf` from `offset` (inside the image; a short
+    /// read's missing tail reads as zeroes).
+    pub fn submit_read(&self, buf: Vec<u8>, offset: u64, done: IoDone) {
+        self.submit_owned(buf, offset, true, done);
+    }
+
+    fn submit_owned(&self, mut buf: Vec<u8>, offset: u64, read: bool, done: IoDone) {
+        let (ptr, len) = (buf.as_mut_ptr().cast::<c_char>(), buf.len());
+        let job = Arc::new(OwnedIo {
             state: Mutex::new((Some(buf), Some(done))),
+            read,
         });
         let arg = Arc::into_raw(Arc::clone(&job)) as *mut c_void;
         let mut c: sys::rbd_completion_t = ptr::null_mut();
         // SAFETY: valid out-pointer; `arg` stays valid until the callback reclaims it.
-        let rc = unsafe { sys::rbd_aio_create_completion(arg, Some(on_owned_write), &mut c) };
+        let rc = unsafe { sys::rbd_aio_create_completion(arg, Some(on_owned_io), &mut c) };
         if rc < 0 {
             // SAFETY: no completion exists, so no callback will ever see `arg`: reclaim it.
-            drop(unsafe { Arc::from_raw(arg as *const OwnedWrite) });
+            drop(unsafe { Arc::from_raw(arg as *const OwnedIo) });
             job.finish(true, rc as i64);
             return;
         }
-        // SAFETY: `ptr` points into the Vec held by `job` (its heap data does not move while it
-        // is held there), valid for reads of `len` bytes until the callback runs.
-        let rc = unsafe { sys::rbd_aio_write(self.handle, offset, len, ptr, c) };
+        let rc = if read {
+            // SAFETY: `ptr` points into the Vec held by `job` (its heap data does not move while
+            // it is held there), valid for writes of `len` bytes until the callback runs.
+            unsafe { sys::rbd_aio_read(self.handle, offset, len, ptr, c) }
+        } else {
+            // SAFETY: as above, valid for reads of `len` bytes until the callback runs.
+            unsafe { sys::rbd_aio_write(self.handle, offset, len, ptr, c) }
+        };
         if rc < 0 {
             // Not expected (librbd reports data-path errors through the completion). Whether the
             // callback can still fire is unknown, so the buffer and the completion are leaked
