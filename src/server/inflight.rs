@@ -13,7 +13,7 @@
 //!
 //! Limits: only whole-sector requests of at most [`MAX_SUBMIT`] bytes, and WRITEs without FUA,
 //! take this path (FUA waits for a flush anyway; partial sectors need a read-modify-write); at
-//! most [`MAX_IN_FLIGHT`] per connection; each in-flight buffer's bytes are reserved from the
+//! most [`MAX_IN_FLIGHT`] per connection; each in-flight buffer's capacity is reserved from the
 //! server's [`Budget`] without waiting. When any of these says no, the request takes the
 //! blocking path, which waits (backpressure). A connection ends only after every submitted
 //! request has completed and its reply was sent (or the socket was found dead): the volume
@@ -48,10 +48,12 @@ struct Completed {
 
 enum Outcome {
     Written(Result<(), VolumeError>),
-    /// The buffer (plaintext on success) travels to the reply; its reservation is its length.
+    /// The buffer (plaintext on success) travels to the reply.
     Read {
         offset: u64,
         data: Vec<u8>,
+        /// Budget bytes held for `data` until its reply is out.
+        reserved: usize,
         result: Result<ReadOutcome, VolumeError>,
     },
 }
@@ -68,15 +70,23 @@ struct State {
 }
 
 impl State {
-    /// Counts a new submission and hands out a buffer for it, if the limits allow one of `len`.
-    fn admit(&mut self, budget: &Budget, len: usize) -> Option<Vec<u8>> {
-        if self.closed || self.owed >= MAX_IN_FLIGHT || !budget.try_reserve(len) {
+    /// Counts a new submission whose in-flight buffer holds `cost` bytes, if the limits allow
+    /// it (`None` when `cost` is `None`: the spare buffer handed out is then the one in flight,
+    /// and its capacity, at least `len`, is what is reserved). Returns a spare buffer and the
+    /// bytes reserved.
+    fn admit(&mut self, budget: &Budget, len: usize, cost: Option<usize>) -> Option<(Vec<u8>, usize)> {
+        if self.closed || self.owed >= MAX_IN_FLIGHT {
+            return None;
+        }
+        let v = self.spare.pop().unwrap_or_default();
+        let cost = cost.unwrap_or(v.capacity()).max(len);
+        self.spare_bytes -= v.capacity();
+        if !budget.try_reserve(cost) {
+            self.keep_spare(v);
             return None;
         }
         self.owed += 1;
-        let v = self.spare.pop().unwrap_or_default();
-        self.spare_bytes -= v.capacity();
-        Some(v)
+        Some((v, cost))
     }
 
     /// Keeps a returned buffer for reuse, within [`SPARE_BYTES`].
@@ -132,11 +142,12 @@ impl InFlight {
         {
             return false;
         }
-        let Some(mut data) = self.lock().admit(&self.budget, len) else {
+        // The payload's buffer goes with the request (so its whole capacity is reserved); the
+        // worker keeps a spare of at most FREE_BYTES, so its own accounting is unchanged.
+        let Some((mut data, cost)) = self.lock().admit(&self.budget, len, Some(buf.capacity()))
+        else {
             return false;
         };
-        // The payload's buffer goes with the request; the worker keeps a spare of at most
-        // FREE_BYTES, so its own budget accounting is unchanged.
         std::mem::swap(&mut **buf, &mut data);
         data.truncate(len);
         let me = Arc::clone(self);
@@ -145,7 +156,7 @@ impl InFlight {
             req.offset,
             data,
             Box::new(move |data, result| {
-                me.budget.release(len);
+                me.budget.release(cost);
                 me.lock().keep_spare(data);
                 me.push(Completed {
                     cookie,
@@ -166,7 +177,7 @@ impl InFlight {
         {
             return false;
         }
-        let Some(mut data) = self.lock().admit(&self.budget, len) else {
+        let Some((mut data, reserved)) = self.lock().admit(&self.budget, len, None) else {
             return false;
         };
         // The read overwrites the whole buffer: a reused one needs no clearing.
@@ -182,6 +193,7 @@ impl InFlight {
                     outcome: Outcome::Read {
                         offset,
                         data,
+                        reserved,
                         result,
                     },
                 })
@@ -206,7 +218,7 @@ impl InFlight {
     ) {
         let mut batch: Vec<Completed> = Vec::new();
         let mut out: Vec<u8> = Vec::new();
-        let mut spent: Vec<Vec<u8>> = Vec::new();
+        let mut spent: Vec<(Vec<u8>, usize)> = Vec::new();
         let mut dead = false;
         let mut send = |out: &mut Vec<u8>, data: &[u8], dead: &mut bool| {
             if !*dead {
@@ -236,14 +248,16 @@ impl InFlight {
                     Outcome::Read {
                         result: Err(e),
                         data,
+                        reserved,
                         ..
                     } => {
                         error_reply(&mut out, structured, c.cookie, &e);
-                        spent.push(data);
+                        spent.push((data, reserved));
                     }
                     Outcome::Read {
                         offset,
                         data,
+                        reserved,
                         result: Ok(r),
                     } => {
                         let len = data.len() as u32;
@@ -262,7 +276,7 @@ impl InFlight {
                                 send(&mut out, &data, &mut dead);
                             }
                         }
-                        spent.push(data);
+                        spent.push((data, reserved));
                     }
                 }
                 if out.len() >= PENDING_MAX {
@@ -275,8 +289,8 @@ impl InFlight {
             // Read buffers (and their reservations) go back once their replies are out.
             if !spent.is_empty() {
                 let mut st = self.lock();
-                for data in spent.drain(..) {
-                    self.budget.release(data.len());
+                for (data, reserved) in spent.drain(..) {
+                    self.budget.release(reserved);
                     st.keep_spare(data);
                 }
             }
