@@ -371,6 +371,8 @@ async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<S
                                 uid: c.uid(),
                                 gid: c.gid(),
                                 pid: c.pid(),
+                                // Without the list only the primary group can match.
+                                groups: peer::peer_groups(&s).unwrap_or_default(),
                             }),
                             own_uid,
                         )
