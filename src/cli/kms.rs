@@ -10,8 +10,8 @@ use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
 use cryptnbd::crypto::SecretBytes;
 use cryptnbd::kms::{
-    clock, AuditRecord, EncryptionContext, InitRoot, KeyMetadata, KeyStore, KmsError, RootSecret,
-    WrappedDataKey,
+    clock, AliasInfo, AuditRecord, EncryptionContext, InitRoot, KeyMetadata, KeyStore, KmsError,
+    RootSecret, WrappedDataKey,
 };
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
@@ -145,6 +145,48 @@ enum KmsCommand {
         /// The new alias.
         #[arg(long)]
         alias: String,
+    },
+    /// List every alias of every key (a key may have several; its main alias comes first).
+    ListAliases {
+        #[command(flatten)]
+        out: JsonFlag,
+    },
+    /// Give a key one more alias (the key keeps its others).
+    #[command(
+        after_help = "Example:\n  cryptnbd kms create-alias alias/volumes --alias tenant-a/volumes"
+    )]
+    CreateAlias {
+        #[command(flatten)]
+        key: KeyArg,
+        /// The alias to add: alias/NAME or NAME, unique in the store.
+        #[arg(long)]
+        alias: String,
+    },
+    /// Remove aliases from a key (all of them must be its aliases, else nothing is removed); the
+    /// key stays reachable by its id.
+    #[command(
+        after_help = "Example:\n  cryptnbd kms delete-alias alias/volumes --alias tenant-a/volumes"
+    )]
+    DeleteAlias {
+        #[command(flatten)]
+        key: KeyArg,
+        /// An alias to remove (repeatable).
+        #[arg(long, required = true)]
+        alias: Vec<String>,
+    },
+    /// Move an existing alias to another key (what rotating to a new CMK by alias looks like:
+    /// new data keys are then made under TARGET, old ones still unwrap under their own key).
+    #[command(
+        after_help = "Example:\n  cryptnbd kms associate-alias tenant-a/volumes --key alias/volumes-2027"
+    )]
+    AssociateAlias {
+        /// The alias to move.
+        alias: String,
+        /// The key that gets it: id or alias.
+        #[arg(long = "key", value_name = "TARGET")]
+        target: String,
+        #[command(flatten)]
+        out: JsonFlag,
     },
     /// Generate a random data key: prints it in plaintext (use it, then forget it) and wrapped
     /// under KEY (store that beside your data).
@@ -352,6 +394,39 @@ fn print_metadata(m: &KeyMetadata, json_out: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn print_aliases(aliases: &[AliasInfo], json_out: bool) -> anyhow::Result<()> {
+    if json_out {
+        let v: Vec<Value> = aliases
+            .iter()
+            .map(|a| {
+                json!({
+                    "alias": a.alias,
+                    "key_id": a.key_id.to_string(),
+                    "creation_date": clock::rfc3339(a.creation_date),
+                    "update_date": clock::rfc3339(a.update_date),
+                })
+            })
+            .collect();
+        return print_json(&json!({ "aliases": v }));
+    }
+    let width = aliases
+        .iter()
+        .map(|a| a.alias.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!("{:width$}  {:36}  UPDATED", "ALIAS", "KEY ID");
+    for a in aliases {
+        println!(
+            "{:width$}  {}  {}",
+            a.alias,
+            a.key_id,
+            clock::rfc3339(a.update_date)
+        );
+    }
+    Ok(())
+}
+
 fn print_wrapped(
     w: &WrappedDataKey,
     plain: Option<&SecretBytes>,
@@ -517,6 +592,22 @@ pub fn run(global: &Global, args: KmsArgs) -> anyhow::Result<()> {
         C::DisableKeyRotation(k) => print_metadata(&ks.disable_key_rotation(&k.key)?, k.out.json),
         C::UpdateAlias { key, alias } => {
             print_metadata(&ks.update_alias(&key.key, &alias)?, key.out.json)
+        }
+        C::ListAliases { out } => print_aliases(&ks.list_aliases()?, out.json),
+        C::CreateAlias { key, alias } => {
+            print_aliases(&[ks.create_alias(&key.key, &alias)?], key.out.json)
+        }
+        C::DeleteAlias { key, alias } => {
+            let id = ks.delete_aliases(&key.key, &alias)?;
+            if key.out.json {
+                print_json(&json!({"key_id": id.to_string(), "deleted_aliases": alias}))
+            } else {
+                println!("removed {} from key {id}", alias.join(", "));
+                Ok(())
+            }
+        }
+        C::AssociateAlias { alias, target, out } => {
+            print_aliases(&[ks.associate_alias(&alias, &target)?], out.json)
         }
         C::CreateDatakey(a) => {
             let ctx = context_of(a.context.context)?;

@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 
 use super::creds::{self, Caller};
 use super::dew::{b64, unb64};
+use super::dew_fields::unb64_secret;
 use super::errors::{Api, ApiError};
 use super::limits::RateLimiter;
 use super::{json_object, Outcome, RawRequest};
@@ -183,9 +184,8 @@ pub(super) fn work(
             use_key(name, outcome)?;
             let plain =
                 field(&body, "plaintext")?.ok_or_else(|| bad("missing plaintext to encrypt"))?;
-            let plain = SecretBytes::new(
-                unb64(plain).ok_or_else(|| bad("the field plaintext must be base64"))?,
-            );
+            let plain =
+                unb64_secret(plain).ok_or_else(|| bad("the field plaintext must be base64"))?;
             if ks.resolve_key_id(name).is_err() {
                 // Vault creates the key on first encrypt ("upsert").
                 create(ks, &caller, name, &Map::new())?;

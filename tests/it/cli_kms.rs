@@ -439,3 +439,89 @@ fn deleted_key_error_line() {
     assert!(v["keys"][0]["versions"].as_array().unwrap().is_empty());
     assert!(e.ok(&["audit"]).contains("delete-key"));
 }
+
+#[test]
+fn aliases_are_created_listed_moved_and_deleted() {
+    let e = Env::new();
+    e.init();
+    let a = e.json(&["create-key", "--alias", "vols"])["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = e.json(&["create-key", "--alias", "vols-2027"])["key_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let made = e.json(&["create-alias", "alias/vols", "--alias", "tenant-a/vols"]);
+    assert_eq!(made["aliases"][0]["alias"], "alias/tenant-a/vols");
+    assert_eq!(made["aliases"][0]["key_id"], a.as_str());
+    // The new alias names the key everywhere a key is named.
+    let dk = e.json(&["create-datakey", "tenant-a/vols"]);
+    assert_eq!(dk["key_id"], a.as_str());
+
+    let listed = e.json(&["list-aliases"]);
+    let names: Vec<(&str, &str)> = listed["aliases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| (x["alias"].as_str().unwrap(), x["key_id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("alias/vols", a.as_str()),
+            ("alias/tenant-a/vols", a.as_str()),
+            ("alias/vols-2027", b.as_str())
+        ]
+    );
+    let text = e.ok(&["list-aliases"]);
+    assert!(text.starts_with("ALIAS"), "{text}");
+    assert!(text.contains("alias/tenant-a/vols"), "{text}");
+
+    // Moving the alias: new data keys go to the other key, old ones still unwrap under theirs.
+    let moved = e.json(&["associate-alias", "tenant-a/vols", "--key", "vols-2027"]);
+    assert_eq!(moved["aliases"][0]["key_id"], b.as_str());
+    assert_eq!(
+        e.json(&["create-datakey", "tenant-a/vols"])["key_id"],
+        b.as_str()
+    );
+    let old = e.json(&[
+        "decrypt-datakey",
+        &a,
+        "--cipher-text",
+        dk["cipher_text"].as_str().unwrap(),
+    ]);
+    assert_eq!(old["plain_text"], dk["plain_text"]);
+
+    // Taken aliases and unknown ones are refused with one error line; nothing changes.
+    let err = e.fails(&["create-alias", "vols", "--alias", "vols-2027"]);
+    assert!(err.contains("vols-2027"), "{err}");
+    let err = e.fails(&[
+        "delete-alias",
+        "vols-2027",
+        "--alias",
+        "tenant-a/vols",
+        "--alias",
+        "nope",
+    ]);
+    assert!(err.contains("nope") && err.contains("not found"), "{err}");
+    assert_eq!(
+        e.json(&["list-aliases"])["aliases"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+
+    let gone = e.json(&["delete-alias", "vols-2027", "--alias", "tenant-a/vols"]);
+    assert_eq!(gone["key_id"], b.as_str());
+    let err = e.fails(&["create-datakey", "tenant-a/vols"]);
+    assert!(err.contains("tenant-a/vols"), "{err}");
+    assert_eq!(
+        e.json(&["list-aliases"])["aliases"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
