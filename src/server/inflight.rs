@@ -37,8 +37,10 @@ pub(crate) const MAX_IN_FLIGHT: usize = 128;
 const COALESCE_MAX: usize = 64 * 1024;
 /// A batch of replies is sent once it reaches this size.
 const PENDING_MAX: usize = 256 * 1024;
-/// Bytes of returned buffers a connection keeps for reuse.
-const SPARE_BYTES: usize = 4 << 20;
+/// Bytes of returned buffers a connection keeps for reuse: enough for 1 MiB requests at queue
+/// depth 8 plus the reading worker's own, so sequential I/O allocates (and zero-fills) nothing
+/// per request — about what the 16 blocking workers' own buffers held before.
+const SPARE_BYTES: usize = 16 << 20;
 
 /// A completed request whose reply is owed.
 struct Completed {
@@ -74,7 +76,12 @@ impl State {
     /// it (`None` when `cost` is `None`: the spare buffer handed out is then the one in flight,
     /// and its capacity, at least `len`, is what is reserved). Returns a spare buffer and the
     /// bytes reserved.
-    fn admit(&mut self, budget: &Budget, len: usize, cost: Option<usize>) -> Option<(Vec<u8>, usize)> {
+    fn admit(
+        &mut self,
+        budget: &Budget,
+        len: usize,
+        cost: Option<usize>,
+    ) -> Option<(Vec<u8>, usize)> {
         if self.closed || self.owed >= MAX_IN_FLIGHT {
             return None;
         }
@@ -294,6 +301,36 @@ impl InFlight {
                     st.keep_spare(data);
                 }
             }
+        }
+    }
+}
+
+/// Starts the connection's replier thread in scope `s` (only when the volume submits
+/// asynchronously, `async_io`), sending through `write`; `None` when there is none (then
+/// `inflight` is closed and every request takes the blocking path).
+pub(crate) fn spawn_replier<'s, W>(
+    s: &'s std::thread::Scope<'s, '_>,
+    inflight: &'s InFlight,
+    async_io: bool,
+    structured: bool,
+    write: W,
+) -> Option<std::thread::ScopedJoinHandle<'s, ()>>
+where
+    W: FnMut(&mut [IoSlice<'_>]) -> io::Result<()> + Send + 's,
+{
+    if !async_io {
+        inflight.close();
+        return None;
+    }
+    match std::thread::Builder::new()
+        .name("nbd-replier".into())
+        .spawn_scoped(s, move || inflight.reply_loop(structured, write))
+    {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!("could not start the replier thread, requests will wait: {e}");
+            inflight.close();
+            None
         }
     }
 }

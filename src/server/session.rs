@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 use super::budget::{Budget, WorkBuf, FREE_BYTES};
 use super::export::{errno_for, error_chain};
 use super::handshake::Negotiated;
-use super::inflight::InFlight;
+use super::inflight::{self, InFlight};
 use super::stream::{read_exact_or_eof, write_all_vectored, Stream};
 use super::transport::{Conn, ReadHalf, WriteHalf};
 use crate::config::ServerConfig;
@@ -85,7 +85,7 @@ struct Shared {
     structured: bool,
     meta_context: Option<u32>,
     max_discard: u64,
-    /// WRITEs submitted without waiting, whose replies the replier sends (see `inflight`).
+    /// Requests submitted without waiting, whose replies the replier sends (see `inflight`).
     inflight: Arc<InFlight>,
 }
 
@@ -166,7 +166,14 @@ pub(crate) fn run(
     };
     let workers = cfg.workers_per_connection.max(1);
     let result = std::thread::scope(|s| {
-        let replier = spawn_replier(s, &sh);
+        let async_io = sh.volume.backend().submits_async();
+        let replier = inflight::spawn_replier(s, &sh.inflight, async_io, sh.structured, |b| {
+            let r = write_all_vectored(&mut *sh.lock_writer(), b);
+            if r.is_err() {
+                sh.close();
+            }
+            r
+        });
         let mut handles = Vec::with_capacity(workers - 1);
         for i in 1..workers {
             let sh = &sh;
@@ -190,7 +197,7 @@ pub(crate) fn run(
                 result = r;
             }
         }
-        // Replies of submitted writes are owed: wait for every completion.
+        // Replies of submitted requests are owed: wait for every completion.
         sh.inflight.close();
         if let Some(h) = replier {
             let _ = h.join();
@@ -204,37 +211,6 @@ pub(crate) fn run(
         debug!("could not send TLS close_notify: {e}");
     }
     result
-}
-
-/// Starts the thread that sends the replies of submitted writes (only for volumes that submit
-/// asynchronously).
-fn spawn_replier<'s>(
-    s: &'s std::thread::Scope<'s, '_>,
-    sh: &'s Shared,
-) -> Option<std::thread::ScopedJoinHandle<'s, ()>> {
-    if !sh.volume.backend().submits_async() {
-        return None;
-    }
-    let run = move || {
-        sh.inflight.reply_loop(sh.structured, |b| {
-            let r = write_all_vectored(&mut *sh.lock_writer(), b);
-            if r.is_err() {
-                sh.close();
-            }
-            r
-        })
-    };
-    match std::thread::Builder::new()
-        .name("nbd-replier".into())
-        .spawn_scoped(s, run)
-    {
-        Ok(h) => Some(h),
-        Err(e) => {
-            warn!("could not start the replier thread, writes will wait: {e}");
-            sh.inflight.close();
-            None
-        }
-    }
 }
 
 /// How long the final TLS close_notify may wait for the socket.
