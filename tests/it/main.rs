@@ -47,6 +47,7 @@ mod rbd_backend;
 mod rbd_blockdev;
 mod rbd_clients;
 mod rbd_gateways;
+mod rbd_inflight;
 mod rbd_orphans;
 mod rbd_remote_kms;
 mod seams;
