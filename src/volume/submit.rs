@@ -35,6 +35,7 @@ impl Volume {
     /// Encrypts `data` (plaintext for `[offset, offset + data.len())`, whole sectors) in place and
     /// submits it; `done` runs once the write has completed — possibly on another thread, or
     /// on this one before returning when the request is refused or the backend is synchronous.
+    /// The caller must keep its own reference to the volume until `done` has run.
     pub fn submit_write(self: &Arc<Self>, offset: u64, mut data: Vec<u8>, done: SubmitDone) {
         let len = data.len() as u64;
         let ss = self.ss() as u64;
@@ -60,6 +61,10 @@ impl Volume {
             self.file_offset(offset),
             Box::new(move |data, r| {
                 let r = r.map_err(|e| vol.io_err("writing", len, offset, e));
+                // Never the last reference on the storage's thread: closing an RBD image from
+                // its own completion callback would wait for itself. The caller still holds one
+                // until `done` has run.
+                drop(vol);
                 done(data, r)
             }),
         );
@@ -98,6 +103,7 @@ impl Volume {
                     }),
                     Err(e) => Err(vol.io_err("reading", len, offset, e)),
                 };
+                drop(vol); // see `submit_write`
                 done(data, r)
             }),
         );
