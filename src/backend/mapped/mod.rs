@@ -1,0 +1,253 @@
+//! A read-only shared mapping of a backing file, lent out for zero-copy reads without ever
+//! turning storage trouble into a crash. This is the one module that owns the mapping and its
+//! `unsafe`: `mmap`/`munmap`/`mincore`, and (in [`sigbus`]) the SIGBUS guard.
+//!
+//! Why lend bytes at all: a file read is otherwise `pread` (page cache → buffer) then decrypt in
+//! place, two passes over the data before the socket write; decrypting straight from the page
+//! cache into the reply buffer makes decryption replace the copy.
+//!
+//! A mapping is never trusted after a fault: touching a page past the (truncated) end of the
+//! file or one that cannot be read raises SIGBUS, which the guard absorbs by counting the fault
+//! on the mapping and mapping a zero page over the faulting one. [`Mapping::read_with`] reports
+//! the fault, the caller reads with `pread` instead (which returns the real error, or zeroes past
+//! the end), and the owner retires the mapping.
+//!
+//! Soundness of lending `&[u8]`: the bytes under it can change while it is lent — our own
+//! `pwrite`s and hole punches from other threads, other processes writing the file, the guard's
+//! zero page. None of these is a Rust write: they happen outside the Rust abstract machine (in
+//! the kernel, in another process, by replacing the page), like shared memory with another
+//! process, so no Rust code holds a `&mut` that aliases the slice. What a borrower must not
+//! assume is that two loads of one byte agree: it may read each byte more than once, but must
+//! treat what it reads as a snapshot per load (the volume's reader checks zero blocks before and
+//! after decrypting, see `volume::mapped`). The crypto kernels read their source through raw
+//! pointers once per block; a `&[UnsafeCell<u8>]` would say this more precisely, but the XTS
+//! engine takes `&[u8]`, and raw pointers here would only move the same contract one call down.
+
+mod sigbus;
+
+use std::ffi::c_void;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+
+pub use sigbus::faults_handled;
+
+/// What happened to a lent range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// The closure saw the file's bytes.
+    Clean,
+    /// A fault happened in this mapping while (or before) the closure ran: what it saw may be
+    /// zero pages instead of data. Discard its result, read otherwise, and retire the mapping.
+    Faulted,
+    /// The range is not inside the mapping.
+    OutOfRange,
+}
+
+/// A read-only `MAP_SHARED` mapping of the first `len` bytes of a file, registered with the
+/// SIGBUS guard for its whole life.
+#[derive(Debug)]
+pub struct Mapping {
+    base: *const u8,
+    len: usize,
+    slot: usize,
+}
+
+// SAFETY: the mapping is read-only memory owned by this value; it is only read (through
+// `read_with`) and unmapped in `Drop`, which needs `&mut`. Reading it from several threads at
+// once is fine.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps the first `len` bytes of `file` read-only, shared. Fails on a zero length, on a
+    /// length that does not fit the address space, or when the guard cannot be installed or has
+    /// no free slot — callers then read with `pread`.
+    pub fn new(file: &File, len: u64) -> io::Result<Mapping> {
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l > 0 && l <= isize::MAX as usize)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "cannot map this length"))?;
+        sigbus::install()?;
+        // SAFETY: a fresh read-only shared mapping chosen by the kernel (no MAP_FIXED), of a file
+        // descriptor we own; nothing else in the process is affected. No MAP_POPULATE: on tmpfs,
+        // touching a hole through a mapping allocates it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let Some(slot) = sigbus::register(p as usize, len) else {
+            // SAFETY: unmapping what we just mapped; nothing has seen it.
+            unsafe { libc::munmap(p, len) };
+            return Err(io::Error::other(
+                "too many mapped files (SIGBUS guard slots)",
+            ));
+        };
+        Ok(Mapping {
+            base: p.cast_const().cast(),
+            len,
+            slot,
+        })
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Faults absorbed in this mapping; any at all means it must not be used again.
+    pub fn faults(&self) -> u64 {
+        sigbus::faults_in(self.slot)
+    }
+
+    fn range(&self, offset: u64, len: usize) -> Option<usize> {
+        let off = usize::try_from(offset).ok()?;
+        (off.checked_add(len)? <= self.len).then_some(off)
+    }
+
+    /// Whether every page of `[offset, offset+len)` is in memory (`mincore`), so touching it
+    /// neither waits for the device nor, on tmpfs, allocates a hole. Only a hint: a page can be
+    /// evicted (or punched) right after; the guard and the fault count cover what follows.
+    pub fn resident(&self, offset: u64, len: usize) -> bool {
+        let Some(off) = self.range(offset, len) else {
+            return false;
+        };
+        if len == 0 {
+            return true;
+        }
+        let page = sigbus::page_size();
+        let first = off / page * page;
+        let end = off + len;
+        let mut vec = [0u8; 512];
+        let mut pos = first;
+        while pos < end {
+            let n = ((end - pos).div_ceil(page)).min(vec.len());
+            // SAFETY: `[pos, pos + n pages)` starts page-aligned inside our mapping (the last
+            // page may extend past `len`, which mincore accepts inside the mapped page), and
+            // `vec` has room for `n` entries.
+            let rc = unsafe {
+                libc::mincore(
+                    self.base.add(pos).cast_mut().cast::<c_void>(),
+                    n * page,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if rc != 0 || vec[..n].iter().any(|&v| v & 1 == 0) {
+                return false;
+            }
+            pos += n * page;
+        }
+        true
+    }
+
+    /// Lends `[offset, offset+len)` to `f`. The result says whether `f` saw the file's bytes;
+    /// after `Faulted` whatever `f` produced must be thrown away (see [`Touch`]).
+    pub fn read_with(&self, offset: u64, len: usize, f: &mut dyn FnMut(&[u8])) -> Touch {
+        let Some(off) = self.range(offset, len) else {
+            return Touch::OutOfRange;
+        };
+        if self.faults() != 0 {
+            return Touch::Faulted;
+        }
+        // SAFETY: `[off, off+len)` lies inside our live mapping (checked above), which stays
+        // mapped while `&self` is borrowed. A fault on it is absorbed by the guard (the page
+        // becomes zeroes and the fault is counted, checked below). For bytes changing under the
+        // slice, see the module doc.
+        let bytes = unsafe { std::slice::from_raw_parts(self.base.add(off), len) };
+        f(bytes);
+        // The handler runs on this thread, synchronously, before the faulting load completes;
+        // another thread's fault poisons the mapping before its zero page exists, so a reader
+        // that saw that page sees the count too.
+        if self.faults() != 0 {
+            Touch::Faulted
+        } else {
+            Touch::Clean
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        sigbus::unregister(self.slot);
+        // SAFETY: our own mapping, no longer registered, and no borrow of it outlives `&self`.
+        unsafe { libc::munmap(self.base.cast_mut().cast(), self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn file_with(dir: &std::path::Path, len: usize) -> File {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.join("f"))
+            .unwrap();
+        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 + 1).collect();
+        f.write_all_at(&data, 0).unwrap();
+        f
+    }
+
+    /// The guard: a file truncated under a live mapping raises SIGBUS on the next touch past the
+    /// new end. The process survives, the fault is counted on that mapping (and only there), the
+    /// faulting pages read as zeroes, and the mapping stays poisoned for every later reader.
+    #[test]
+    fn truncated_file_faults_are_absorbed_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = file_with(dir.path(), 64 << 10);
+        let m = Mapping::new(&f, 64 << 10).unwrap();
+        let other = Mapping::new(&f, 64 << 10).unwrap();
+        let mut first = Vec::new();
+        assert_eq!(
+            m.read_with(0, 8192, &mut |b| first = b.to_vec()),
+            Touch::Clean
+        );
+        assert_eq!(first[..4], [1, 2, 3, 4]);
+        assert!(m.resident(0, 8192));
+
+        let before = faults_handled();
+        f.set_len(16 << 10).unwrap();
+        let mut seen = Vec::new();
+        let touch = m.read_with(16 << 10, 32 << 10, &mut |b| seen = b.to_vec());
+        assert_eq!(touch, Touch::Faulted);
+        assert!(m.faults() >= 1);
+        assert!(faults_handled() >= before + 1);
+        assert_eq!(other.faults(), 0, "only the faulting mapping is poisoned");
+        assert!(
+            seen.iter().all(|&x| x == 0),
+            "pages past the end read as zeroes"
+        );
+        // Poisoned for good, even for a range that is still inside the file.
+        assert_eq!(m.read_with(0, 4096, &mut |_| {}), Touch::Faulted);
+        assert_eq!(m.read_with(60 << 10, 8192, &mut |_| {}), Touch::OutOfRange);
+        drop(m);
+        // A slot freed by a dropped mapping is reused clean.
+        let again = Mapping::new(&f, 16 << 10).unwrap();
+        assert_eq!(again.faults(), 0);
+        assert_eq!(again.read_with(0, 4096, &mut |_| {}), Touch::Clean);
+    }
+
+    #[test]
+    fn zero_length_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = file_with(dir.path(), 0);
+        assert!(Mapping::new(&f, 0).is_err());
+    }
+}
