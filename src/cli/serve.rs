@@ -73,8 +73,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "UID")]
     allow_uid: Vec<u32>,
 
-    /// Unix sockets: let only peers whose primary group is this one connect (name or number;
-    /// repeatable).
+    /// Unix sockets: let only peers in this group connect, as their primary or a supplementary
+    /// group when they connected (name or number; repeatable).
     #[arg(long, value_name = "GROUP")]
     allow_gid: Vec<String>,
 

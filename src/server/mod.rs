@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use export::{errno_for, error_chain, AttachError, ExportInfo, ExportProvider};
 pub use handshake::HandshakeError;
@@ -371,6 +371,8 @@ async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<S
                                 uid: c.uid(),
                                 gid: c.gid(),
                                 pid: c.pid(),
+                                // Without the list only the primary group can match.
+                                groups: peer::peer_groups(&s).unwrap_or_default(),
                             }),
                             own_uid,
                         )
@@ -487,6 +489,10 @@ fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut acce
         Ok(handshake::HandshakeEnd::Transmission(n)) => n,
         Ok(handshake::HandshakeEnd::Aborted) => {
             info!(conn = id, peer = %peer, "client ended the handshake (NBD_OPT_ABORT)");
+            // The handshake's socket timeouts still apply, so this cannot hang.
+            if let Err(e) = conn.close_notify() {
+                debug!(conn = id, "could not send TLS close_notify: {e}");
+            }
             return;
         }
         Err(HandshakeError::ClientClosed) => {

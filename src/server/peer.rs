@@ -1,11 +1,12 @@
 //! Who may talk to the server, decided per listener and per connection: the TLS mode of a
-//! listener, Unix peer credentials (SO_PEERCRED) against `--allow-uid`/`--allow-gid`, socket file
+//! listener, Unix peer credentials (SO_PEERCRED, SO_PEERGROUPS) against `--allow-uid`/`--allow-gid`, socket file
 //! permissions for sockets outside the data directory, and the exports one connection may use.
 //!
 //! A refused Unix peer is not simply hung up on: it gets the NBD greeting and an
 //! NBD_REP_ERR_POLICY reply naming the reason to every option, so `nbdinfo` and qemu print
 //! something a human understands, and it never reaches an export.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -42,16 +43,55 @@ impl TlsMode {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnixPeerPolicy {
     pub allow_uids: Vec<u32>,
-    /// Matched against the peer's primary group (what SO_PEERCRED reports).
+    /// Matched against the peer's primary group (SO_PEERCRED) and its supplementary groups
+    /// (SO_PEERGROUPS), as they were when it connected.
     pub allow_gids: Vec<u32>,
 }
 
 /// A Unix peer's credentials, as the kernel reported them at connect time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PeerCred {
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    /// Supplementary groups (empty when the kernel could not report them).
+    pub groups: Vec<u32>,
+}
+
+/// Most supplementary groups a peer can have (NGROUPS_MAX on Linux).
+const MAX_GROUPS: usize = 65536;
+
+/// The supplementary groups of the process that connected to Unix socket `sock`, as the kernel
+/// recorded them at connect time (SO_PEERGROUPS, Linux 4.13+).
+// getsockopt(2) through libc: neither std nor nix wraps SO_PEERGROUPS.
+#[allow(unsafe_code)]
+pub(crate) fn peer_groups(sock: &impl AsRawFd) -> std::io::Result<Vec<u32>> {
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `groups`, which has that many, and
+        // updates `len`; the descriptor is a socket we own for the duration of the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(n);
+            return Ok(groups);
+        }
+        let e = std::io::Error::last_os_error();
+        // ERANGE: `len` now says how much room the list needs.
+        if e.raw_os_error() != Some(libc::ERANGE) || n <= groups.len() || n > MAX_GROUPS {
+            return Err(e);
+        }
+        groups.resize(n, 0);
+    }
 }
 
 impl UnixPeerPolicy {
@@ -67,7 +107,10 @@ impl UnixPeerPolicy {
         let Some(c) = cred else {
             return Err("the peer's credentials could not be read".into());
         };
-        if c.uid == own_uid || self.allow_uids.contains(&c.uid) || self.allow_gids.contains(&c.gid)
+        if c.uid == own_uid
+            || self.allow_uids.contains(&c.uid)
+            || self.allow_gids.contains(&c.gid)
+            || c.groups.iter().any(|g| self.allow_gids.contains(g))
         {
             return Ok(());
         }
@@ -181,15 +224,37 @@ mod tests {
                 uid,
                 gid,
                 pid: Some(1),
+                groups: vec![],
             })
         };
         assert!(p.check(c(1000, 1), 0).is_ok());
         assert!(p.check(c(7, 50), 0).is_ok());
+        let supplementary = Some(PeerCred {
+            groups: vec![3, 50],
+            ..c(7, 7).unwrap()
+        });
+        assert!(p.check(supplementary, 0).is_ok(), "a supplementary group");
         assert!(p.check(c(0, 0), 0).is_ok(), "the server's own uid");
         let e = p.check(c(65534, 65534), 0).unwrap_err();
         assert!(e.contains("uid 65534"), "{e}");
         assert!(p.check(None, 0).is_err());
         assert!(UnixPeerPolicy::default().check(None, 0).is_ok());
+    }
+
+    #[test]
+    fn peer_groups_are_this_process_groups() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut got = peer_groups(&a).unwrap();
+        let mut want: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        got.sort_unstable();
+        want.sort_unstable();
+        want.dedup();
+        got.dedup();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub(crate) fn run(
         max_discard: cfg.max_discard,
     };
     let workers = cfg.workers_per_connection.max(1);
-    std::thread::scope(|s| {
+    let result = std::thread::scope(|s| {
         let mut handles = Vec::with_capacity(workers - 1);
         for i in 1..workers {
             let sh = &sh;
@@ -186,8 +186,18 @@ pub(crate) fn run(
             }
         }
         result
-    })
+    });
+    // Every reply is out: end a TLS session with close_notify (best effort; the stream may be
+    // broken already), bounded in time in case the client stopped reading.
+    let _ = sh.control.set_write_timeout(Some(CLOSE_NOTIFY_TIMEOUT));
+    if let Err(e) = sh.lock_writer().close_notify() {
+        debug!("could not send TLS close_notify: {e}");
+    }
+    result
 }
+
+/// How long the final TLS close_notify may wait for the socket.
+const CLOSE_NOTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn worker(sh: &Shared) -> Result<(), SessionError> {
     let mut buf = WorkBuf::new(sh.budget.clone());

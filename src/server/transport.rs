@@ -71,6 +71,19 @@ impl Conn {
         self.socket()?.shutdown(how)
     }
 
+    /// Ends a TLS session with close_notify, so the client can tell a deliberate end of the
+    /// stream from a truncation by an attacker; nothing to do on a plain socket. The caller has
+    /// set a write timeout (a client that stopped reading must not hold the thread).
+    pub(crate) fn close_notify(&mut self) -> io::Result<()> {
+        match self {
+            Conn::Plain(_) | Conn::Upgrading => Ok(()),
+            Conn::Tls(t) => {
+                t.conn.send_close_notify();
+                t.flush()
+            }
+        }
+    }
+
     /// Runs the TLS handshake over the plain socket (the caller has set socket timeouts). On
     /// failure the connection is unusable and the error says why (unknown CA, expired...).
     pub(crate) fn start_tls(&mut self, config: Arc<ServerConfig>) -> io::Result<()> {
@@ -197,6 +210,12 @@ impl TlsShared {
 
     fn send(&self) -> MutexGuard<'_, TlsSend> {
         self.send.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues close_notify and sends it.
+    fn close_notify(&self) -> io::Result<()> {
+        self.conn().send_close_notify();
+        self.flush_queued()
     }
 
     /// Sends whatever the session has queued (alerts, key-update answers).
@@ -350,6 +369,16 @@ impl Read for TlsReader {
 pub(crate) enum WriteHalf {
     Plain(Stream),
     Tls(Arc<TlsShared>),
+}
+
+impl WriteHalf {
+    /// Ends a TLS session with close_notify (see [`Conn::close_notify`]); a no-op when plain.
+    pub(crate) fn close_notify(&mut self) -> io::Result<()> {
+        match self {
+            WriteHalf::Plain(_) => Ok(()),
+            WriteHalf::Tls(t) => t.close_notify(),
+        }
+    }
 }
 
 impl Write for WriteHalf {

@@ -100,6 +100,32 @@ fn peer_credentials_decide_who_gets_the_disk() {
         assert!(out.contains("export-size"), "{allow:?}: {out}");
         s.stop();
     }
+
+    // A supplementary group counts (SO_PEERGROUPS), not only the primary one; without it the
+    // same user is refused.
+    let args = [
+        "--socket",
+        sock.to_str().unwrap(),
+        "--socket-mode",
+        "666",
+        "--allow-gid",
+        "4242",
+    ];
+    let s = d.serve_with(false, &args);
+    let mut with_group = Command::new("setpriv");
+    with_group
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--groups=4242",
+            "--reset-env",
+        ])
+        .args(["nbdinfo", &uri]);
+    let out = run_ok(&mut with_group);
+    assert!(out.contains("export-size"), "supplementary group: {out}");
+    let out = run_bounded(&mut as_nobody(&["nbdinfo", &uri]), TOOL_TIMEOUT);
+    assert!(!out.status.success(), "nobody without group 4242 got in");
+    s.stop();
 }
 
 #[test]

@@ -97,7 +97,7 @@ fn run_fails(cmd: &mut Command) -> String {
 }
 
 /// Reads one option reply header (magic, option, type, length) and its payload.
-fn opt_reply(s: &mut std::net::TcpStream) -> (u32, u32, Vec<u8>) {
+fn opt_reply(s: &mut impl Read) -> (u32, u32, Vec<u8>) {
     let mut h = [0u8; 20];
     s.read_exact(&mut h).expect("option reply header");
     assert_eq!(
@@ -112,7 +112,7 @@ fn opt_reply(s: &mut std::net::TcpStream) -> (u32, u32, Vec<u8>) {
     (opt, ty, p)
 }
 
-fn send_option(s: &mut std::net::TcpStream, option: u32, payload: &[u8]) {
+fn send_option(s: &mut impl Write, option: u32, payload: &[u8]) {
     let mut b = Vec::new();
     b.extend_from_slice(&0x49484156454F5054u64.to_be_bytes());
     b.extend_from_slice(&option.to_be_bytes());
@@ -364,4 +364,98 @@ fn tcp_without_tls_needs_an_explicit_opt_out() {
         err.contains("--insecure-no-tls") && err.contains("--tls-cert"),
         "{err}"
     );
+}
+
+/// A session ends with TLS close_notify, after NBD_OPT_ABORT and after NBD_CMD_DISC: without it a
+/// client cannot tell the server's end of the stream from an attacker cutting the connection.
+#[test]
+fn sessions_end_with_close_notify() {
+    let t = TlsSetup::new();
+    let s = t.serve(&[]);
+    let addr = s.tcp.unwrap();
+    let (cert, key) = t.ca.leaf("host-a", &[], false, false);
+
+    for disc in [false, true] {
+        let mut c = tls_client(addr, &t.ca, &cert, &key);
+        if disc {
+            // NBD_OPT_GO for disk0, then NBD_CMD_DISC in the transmission phase.
+            let mut go = Vec::new();
+            go.extend_from_slice(&5u32.to_be_bytes());
+            go.extend_from_slice(b"disk0");
+            go.extend_from_slice(&0u16.to_be_bytes());
+            send_option(&mut c, OPT_GO, &go);
+            loop {
+                let (opt, ty, _) = opt_reply(&mut c);
+                assert_eq!(opt, OPT_GO);
+                if ty == 1 {
+                    break; // NBD_REP_ACK
+                }
+                assert_eq!(ty, 3, "NBD_REP_INFO before the ACK");
+            }
+            let mut disc_req = Vec::new();
+            disc_req.extend_from_slice(&0x25609513u32.to_be_bytes());
+            disc_req.extend_from_slice(&0u16.to_be_bytes()); // flags
+            disc_req.extend_from_slice(&2u16.to_be_bytes()); // NBD_CMD_DISC
+            disc_req.extend_from_slice(&7u64.to_be_bytes()); // cookie
+            disc_req.extend_from_slice(&0u64.to_be_bytes()); // offset
+            disc_req.extend_from_slice(&0u32.to_be_bytes()); // length
+            c.write_all(&disc_req).unwrap();
+        } else {
+            send_option(&mut c, 2, &[]); // NBD_OPT_ABORT
+            let (opt, ty, _) = opt_reply(&mut c);
+            assert_eq!((opt, ty), (2, 1), "NBD_OPT_ABORT is acknowledged");
+        }
+        c.flush().unwrap();
+        // rustls reports a peer that closed without close_notify as UnexpectedEof; a clean
+        // close_notify reads as the end of the stream.
+        let mut rest = Vec::new();
+        match c.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest.is_empty(), "nothing after the end: {rest:?}"),
+            Err(e) => panic!("no close_notify (disc={disc}): {e}"),
+        }
+    }
+    s.stop();
+}
+
+/// Greets the server on `addr`, negotiates NBD_OPT_STARTTLS and completes a rustls handshake with
+/// a client certificate.
+fn tls_client(
+    addr: std::net::SocketAddr,
+    ca: &Ca,
+    cert_pem: &str,
+    key_pem: &str,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    const OPT_STARTTLS: u32 = 5;
+
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut greet = [0u8; 18];
+    c.read_exact(&mut greet).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+    send_option(&mut c, OPT_STARTTLS, &[]);
+    let (opt, ty, _) = opt_reply(&mut c);
+    assert_eq!((opt, ty), (OPT_STARTTLS, 1));
+
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem().as_bytes()).unwrap())
+        .unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    let name = ServerName::try_from("127.0.0.1").unwrap().to_owned();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, c);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).expect("TLS handshake");
+    }
+    tls
 }
