@@ -104,6 +104,13 @@ impl Lender {
         }
     }
 
+    /// A hole was punched at `[offset, offset+len)`: its pages are no longer known resident.
+    pub(super) fn punched(&self, offset: u64, len: u64) {
+        for m in self.slots.iter().filter_map(OnceLock::get) {
+            m.forget(offset, len);
+        }
+    }
+
     /// Lends `[offset, offset+len)` of `file` to `f` if it is mapped and resident; `Ok(false)`
     /// when not lent or when a fault made what `f` saw untrustworthy.
     pub(super) fn lend(

@@ -298,6 +298,9 @@ impl Backend for FileBackend {
             return Ok(());
         }
         let (off, l) = (to_off(offset)?, to_off(len)?);
+        // Before the punch: a reader must not take these pages as resident once they are holes
+        // (on tmpfs, touching a hole through the mapping would allocate it).
+        self.lender.punched(offset, len);
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
         let rc = unsafe {
             libc::fallocate(
@@ -307,6 +310,8 @@ impl Backend for FileBackend {
                 l,
             )
         };
+        // And after: a reader that found them resident while the punch ran may have noted so.
+        self.lender.punched(offset, len);
         if rc == 0 {
             return Ok(());
         }
@@ -511,6 +516,19 @@ mod tests {
                 }
             }
             assert_eq!(blocks(), before, "holes stay holes");
+            // Pages lent before (so known resident) and then punched are holes again: not lent
+            // on tmpfs, and not filled.
+            b.punch_hole(1 << 20, 16384).unwrap();
+            let holes = blocks();
+            let lent = b
+                .with_mapped((1 << 20) + 4096, 8192, false, &mut |s| got = s.to_vec())
+                .unwrap();
+            if in_memory(&b) {
+                assert!(!lent, "a punched tmpfs page is never lent");
+            } else if lent {
+                assert!(got.iter().all(|&x| x == 0));
+            }
+            assert_eq!(blocks(), holes, "punched holes stay holes");
             let plain = new_file(&dir.join("g")).with_mapping(false);
             plain.write_at(&data, 0).unwrap();
             assert!(!plain.with_mapped(0, 4096, false, &mut |_| {}).unwrap());

@@ -29,6 +29,7 @@ use std::ffi::c_void;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use sigbus::faults_handled;
 
@@ -51,7 +52,13 @@ pub struct Mapping {
     base: *const u8,
     len: usize,
     slot: usize,
+    /// One bit per page: `mincore` found it resident and no hole was punched there since (see
+    /// [`Mapping::resident`]). Empty for files too large to keep it for.
+    known: Box<[AtomicU64]>,
 }
+
+/// Largest page memo kept (bytes): 8 MiB of bits covers a 256 GiB file of 4 KiB pages.
+const MAX_MEMO: usize = 8 << 20;
 
 // SAFETY: the mapping is read-only memory owned by this value; it is only read (through
 // `read_with`) and unmapped in `Drop`, which needs `&mut`. Reading it from several threads at
@@ -93,10 +100,13 @@ impl Mapping {
                 "too many mapped files (SIGBUS guard slots)",
             ));
         };
+        let words = len.div_ceil(sigbus::page_size()).div_ceil(64);
+        let words = if words * 8 <= MAX_MEMO { words } else { 0 };
         Ok(Mapping {
             base: p.cast_const().cast(),
             len,
             slot,
+            known: (0..words).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -120,7 +130,13 @@ impl Mapping {
 
     /// Whether every page of `[offset, offset+len)` is in memory (`mincore`), so touching it
     /// neither waits for the device nor, on tmpfs, allocates a hole. Only a hint: a page can be
-    /// evicted (or punched) right after; the guard and the fault count cover what follows.
+    /// evicted (or punched, or truncated away) right after; the guard and the fault count cover
+    /// what follows. Pages once found resident are remembered, so repeated reads of them make no
+    /// system call; the owner calls [`Mapping::forget`] for the holes it punches. What the memo
+    /// can miss — a page evicted by memory pressure, a hole punched by another process — costs
+    /// a fault that waits for the device (in the slow path: lending with "no wait" happens only
+    /// on memory file systems, which do not evict) or, on tmpfs, a zero page allocated in the
+    /// hole: correct data either way.
     pub fn resident(&self, offset: u64, len: usize) -> bool {
         let Some(off) = self.range(offset, len) else {
             return false;
@@ -129,7 +145,11 @@ impl Mapping {
             return true;
         }
         let page = sigbus::page_size();
-        let first = off / page * page;
+        let (p0, p1) = (off / page, (off + len - 1) / page);
+        if self.memo(p0, p1, Memo::Check) {
+            return true;
+        }
+        let first = p0 * page;
         let end = off + len;
         let mut vec = [0u8; 512];
         let mut pos = first;
@@ -149,6 +169,52 @@ impl Mapping {
                 return false;
             }
             pos += n * page;
+        }
+        self.memo(p0, p1, Memo::Set);
+        true
+    }
+
+    /// Forgets that the pages of `[offset, offset+len)` were resident (a hole was punched).
+    pub fn forget(&self, offset: u64, len: u64) {
+        let page = sigbus::page_size() as u64;
+        if len == 0 || offset >= self.len as u64 {
+            return;
+        }
+        let last = (offset.saturating_add(len - 1)).min(self.len as u64 - 1);
+        self.memo(
+            (offset / page) as usize,
+            (last / page) as usize,
+            Memo::Clear,
+        );
+    }
+
+    /// Checks (all bits set?), sets or clears the memo bits of pages `p0..=p1`. Without a memo,
+    /// a check is always false.
+    fn memo(&self, p0: usize, p1: usize, op: Memo) -> bool {
+        if self.known.is_empty() {
+            return false;
+        }
+        let mut p = p0;
+        while p <= p1 {
+            let (w, bit) = (p / 64, p % 64);
+            let n = (p1 - p + 1).min(64 - bit);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let word = &self.known[w];
+            match op {
+                Memo::Check if word.load(Ordering::Relaxed) & mask != mask => return false,
+                Memo::Check => {}
+                Memo::Set => {
+                    word.fetch_or(mask, Ordering::Relaxed);
+                }
+                Memo::Clear => {
+                    word.fetch_and(!mask, Ordering::Relaxed);
+                }
+            }
+            p += n;
         }
         true
     }
@@ -177,6 +243,13 @@ impl Mapping {
             Touch::Clean
         }
     }
+}
+
+#[derive(Clone, Copy)]
+enum Memo {
+    Check,
+    Set,
+    Clear,
 }
 
 impl Drop for Mapping {
@@ -228,7 +301,7 @@ mod tests {
         let touch = m.read_with(16 << 10, 32 << 10, &mut |b| seen = b.to_vec());
         assert_eq!(touch, Touch::Faulted);
         assert!(m.faults() >= 1);
-        assert!(faults_handled() >= before + 1);
+        assert!(faults_handled() > before);
         assert_eq!(other.faults(), 0, "only the faulting mapping is poisoned");
         assert!(
             seen.iter().all(|&x| x == 0),
@@ -242,6 +315,27 @@ mod tests {
         let again = Mapping::new(&f, 16 << 10).unwrap();
         assert_eq!(again.faults(), 0);
         assert_eq!(again.read_with(0, 4096, &mut |_| {}), Touch::Clean);
+    }
+
+    /// The page memo: ranges across word boundaries are known only once every page in them was
+    /// found resident, and forgetting part of a range (a punched hole) unknows just those pages.
+    #[test]
+    fn page_memo_tracks_ranges_across_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let page = sigbus::page_size();
+        let f = file_with(dir.path(), 200 * page);
+        let m = Mapping::new(&f, (200 * page) as u64).unwrap();
+        assert!(!m.memo(60, 130, Memo::Check));
+        assert!(m.resident((60 * page) as u64, 71 * page));
+        assert!(m.memo(60, 130, Memo::Check));
+        assert!(m.memo(64, 127, Memo::Check));
+        assert!(!m.memo(59, 61, Memo::Check));
+        assert!(!m.memo(130, 131, Memo::Check));
+        m.forget((100 * page) as u64 + 1, 1);
+        assert!(!m.memo(60, 130, Memo::Check));
+        assert!(m.memo(60, 99, Memo::Check) && m.memo(101, 130, Memo::Check));
+        m.forget(0, u64::MAX);
+        assert!(!m.memo(101, 101, Memo::Check));
     }
 
     #[test]
