@@ -57,6 +57,9 @@ pub struct Mapping {
     known: Box<[AtomicU64]>,
 }
 
+/// Pages asked about at once when the memo misses (1 MiB of 4 KiB pages).
+const WINDOW_PAGES: usize = 256;
+
 /// Largest page memo kept (bytes): 8 MiB of bits covers a 256 GiB file of 4 KiB pages.
 const MAX_MEMO: usize = 8 << 20;
 
@@ -149,29 +152,53 @@ impl Mapping {
         if self.memo(p0, p1, Memo::Check) {
             return true;
         }
-        let first = p0 * page;
-        let end = off + len;
+        if self.known.is_empty() {
+            return self.query(p0, p1, false);
+        }
+        // Ask about the whole aligned window around the range and remember every resident page
+        // in it: random reads then make one `mincore` per window, not one per read.
+        let pages = self.len.div_ceil(page);
+        let w0 = p0 / WINDOW_PAGES * WINDOW_PAGES;
+        let w1 = ((p1 / WINDOW_PAGES + 1) * WINDOW_PAGES).min(pages) - 1;
+        self.query(w0, w1, true);
+        self.memo(p0, p1, Memo::Check)
+    }
+
+    /// `mincore` of pages `p0..=p1`: whether all are resident; with `note`, each resident one is
+    /// set in the memo (and the whole range is asked about even after a miss).
+    fn query(&self, p0: usize, p1: usize, note: bool) -> bool {
+        let page = sigbus::page_size();
         let mut vec = [0u8; 512];
-        let mut pos = first;
-        while pos < end {
-            let n = ((end - pos).div_ceil(page)).min(vec.len());
-            // SAFETY: `[pos, pos + n pages)` starts page-aligned inside our mapping (the last
-            // page may extend past `len`, which mincore accepts inside the mapped page), and
+        let mut all = true;
+        let mut p = p0;
+        while p <= p1 {
+            let n = (p1 - p + 1).min(vec.len());
+            // SAFETY: pages `p..p+n` lie inside our mapping (`p1` is at most its last page; the
+            // last page may extend past `len` inside the mapped page, which mincore accepts), and
             // `vec` has room for `n` entries.
             let rc = unsafe {
                 libc::mincore(
-                    self.base.add(pos).cast_mut().cast::<c_void>(),
+                    self.base.add(p * page).cast_mut().cast::<c_void>(),
                     n * page,
                     vec.as_mut_ptr(),
                 )
             };
-            if rc != 0 || vec[..n].iter().any(|&v| v & 1 == 0) {
+            if rc != 0 {
                 return false;
             }
-            pos += n * page;
+            for (i, v) in vec[..n].iter().enumerate() {
+                if v & 1 == 0 {
+                    all = false;
+                } else if note {
+                    self.memo(p + i, p + i, Memo::Set);
+                }
+            }
+            if !all && !note {
+                return false;
+            }
+            p += n;
         }
-        self.memo(p0, p1, Memo::Set);
-        true
+        all
     }
 
     /// Forgets that the pages of `[offset, offset+len)` were resident (a hole was punched).
@@ -317,16 +344,17 @@ mod tests {
         assert_eq!(again.read_with(0, 4096, &mut |_| {}), Touch::Clean);
     }
 
-    /// The page memo: ranges across word boundaries are known only once every page in them was
-    /// found resident, and forgetting part of a range (a punched hole) unknows just those pages.
+    /// The page memo: ranges across word boundaries are known only once every page in them is,
+    /// and forgetting part of a range (a punched hole) unknows just those pages; a `resident`
+    /// query remembers every resident page of its window, so neighbours need no system call.
     #[test]
     fn page_memo_tracks_ranges_across_words() {
         let dir = tempfile::tempdir().unwrap();
         let page = sigbus::page_size();
-        let f = file_with(dir.path(), 200 * page);
-        let m = Mapping::new(&f, (200 * page) as u64).unwrap();
+        let f = file_with(dir.path(), 300 * page);
+        let m = Mapping::new(&f, (300 * page) as u64).unwrap();
         assert!(!m.memo(60, 130, Memo::Check));
-        assert!(m.resident((60 * page) as u64, 71 * page));
+        m.memo(60, 130, Memo::Set);
         assert!(m.memo(60, 130, Memo::Check));
         assert!(m.memo(64, 127, Memo::Check));
         assert!(!m.memo(59, 61, Memo::Check));
@@ -336,6 +364,12 @@ mod tests {
         assert!(m.memo(60, 99, Memo::Check) && m.memo(101, 130, Memo::Check));
         m.forget(0, u64::MAX);
         assert!(!m.memo(101, 101, Memo::Check));
+        // Freshly written pages are resident; asking about one page learns its whole window.
+        assert!(m.resident((3 * page) as u64, 10));
+        assert!(m.memo(0, WINDOW_PAGES - 1, Memo::Check));
+        assert!(!m.memo(WINDOW_PAGES, WINDOW_PAGES, Memo::Check));
+        assert!(m.resident((299 * page) as u64, page));
+        assert!(m.memo(WINDOW_PAGES, 299, Memo::Check));
     }
 
     #[test]
