@@ -152,16 +152,23 @@ impl Mapping {
         if self.memo(p0, p1, Memo::Check) {
             return true;
         }
-        if self.known.is_empty() {
-            return self.query(p0, p1, false);
+        // The range itself first, stopping at the first miss: a read of a hole costs one small
+        // `mincore`, as before the memo.
+        if !self.query(p0, p1, false) {
+            return false;
         }
-        // Ask about the whole aligned window around the range and remember every resident page
-        // in it: random reads then make one `mincore` per window, not one per read.
-        let pages = self.len.div_ceil(page);
-        let w0 = p0 / WINDOW_PAGES * WINDOW_PAGES;
-        let w1 = ((p1 / WINDOW_PAGES + 1) * WINDOW_PAGES).min(pages) - 1;
-        self.query(w0, w1, true);
-        self.memo(p0, p1, Memo::Check)
+        if !self.known.is_empty() {
+            self.memo(p0, p1, Memo::Set);
+            // Then learn the aligned window around it: random reads make one more `mincore` per
+            // window, instead of one per read.
+            let pages = self.len.div_ceil(page);
+            let w0 = p0 / WINDOW_PAGES * WINDOW_PAGES;
+            let w1 = ((p1 / WINDOW_PAGES + 1) * WINDOW_PAGES).min(pages) - 1;
+            if (w0, w1) != (p0, p1) {
+                self.query(w0, w1, true);
+            }
+        }
+        true
     }
 
     /// `mincore` of pages `p0..=p1`: whether all are resident; with `note`, each resident one is
