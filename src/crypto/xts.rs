@@ -42,7 +42,8 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// Every kernel, fastest first.
+    /// Every kernel, fastest first (where the CPU runs them all at full rate; see
+    /// [`Kernel::available`] for the order on this one).
     pub const ALL: [Kernel; 4] = [
         Kernel::AesNiVaes512,
         Kernel::AesNiVaes,
@@ -75,9 +76,18 @@ impl Kernel {
         }
     }
 
-    /// The kernels this CPU can run, fastest first (the portable one is always there).
+    /// The kernels this CPU can run, fastest first (the portable one is always there): the
+    /// order of [`Kernel::ALL`], except that the 512-bit kernel goes after the 256-bit one on the
+    /// CPUs where 512-bit instructions lower the clock (early AVX-512 Intel models).
     pub fn available() -> Vec<Kernel> {
-        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+        let mut kernels: Vec<Kernel> = Self::ALL.into_iter().filter(|k| k.is_available()).collect();
+        #[cfg(target_arch = "x86_64")]
+        if kernels.starts_with(&[Kernel::AesNiVaes512, Kernel::AesNiVaes])
+            && !super::xts_vaes512::preferred()
+        {
+            kernels.swap(0, 1);
+        }
+        kernels
     }
 }
 
@@ -113,9 +123,9 @@ impl std::fmt::Debug for Xts {
 
 impl Xts {
     /// An engine for `key` on the fastest kernel this CPU can run (an AES-NI one when the CPU
-    /// has AES-NI, else portable).
+    /// has AES-NI, else portable): the first of [`Kernel::available`].
     pub fn new(key: &XtsKey) -> Self {
-        Kernel::ALL
+        Kernel::available()
             .into_iter()
             .find_map(|k| Self::with_kernel(key, k))
             .unwrap_or_else(|| Self::new_portable(key))
@@ -157,8 +167,9 @@ impl Xts {
     /// An engine for `key` on the fastest AES-NI kernel, or `None` when this CPU (or target)
     /// has no AES-NI.
     pub fn new_aesni(key: &XtsKey) -> Option<Self> {
-        [Kernel::AesNiVaes512, Kernel::AesNiVaes, Kernel::AesNi]
+        Kernel::available()
             .into_iter()
+            .filter(|&k| k != Kernel::Portable)
             .find_map(|k| Self::with_kernel(key, k))
     }
 

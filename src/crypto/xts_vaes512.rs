@@ -37,6 +37,57 @@ pub(crate) fn available() -> bool {
         && is_x86_feature_detected!("vpclmulqdq")
 }
 
+/// Whether `Xts::new` should prefer this kernel to the 256-bit one on this CPU (both run
+/// wherever this one does). Yes, except on the Intel models where 512-bit instructions lower the
+/// core's clock for a while (Skylake-SP, Ice Lake, Tiger Lake, Rocket Lake: the first AVX-512
+/// generations, with the so-called license levels), which would slow every other thread of the
+/// server for a gain of a few per cent in AES (Linux keeps its `zmm` XTS off these models for
+/// the same reason). Elsewhere the 512-bit kernel is at least as fast: AMD Zen 5 runs two
+/// 512-bit AES operations per cycle (measured here: see `Kernel` in `xts`); Zen 4 and Intel
+/// Sapphire Rapids and later split or single-issue them but save instructions.
+pub(crate) fn preferred() -> bool {
+    let (vendor, family, model) = cpu_signature();
+    !zmm_lowers_the_clock(&vendor, family, model)
+}
+
+/// The CPU's vendor string and display family and model (CPUID leaves 0 and 1, with the
+/// extended family and model folded in as the vendors document).
+fn cpu_signature() -> ([u8; 12], u32, u32) {
+    let id = __cpuid(0);
+    let mut vendor = [0u8; 12];
+    for (chunk, reg) in vendor.chunks_exact_mut(4).zip([id.ebx, id.edx, id.ecx]) {
+        chunk.copy_from_slice(&reg.to_le_bytes());
+    }
+    let eax = __cpuid(1).eax;
+    let base_family = (eax >> 8) & 0xf;
+    let family = if base_family == 0xf {
+        base_family + ((eax >> 20) & 0xff)
+    } else {
+        base_family
+    };
+    let mut model = (eax >> 4) & 0xf;
+    if base_family == 0x6 || base_family == 0xf {
+        model |= ((eax >> 16) & 0xf) << 4;
+    }
+    (vendor, family, model)
+}
+
+/// The Intel family-6 models whose AVX-512 units downclock the core (see [`preferred`]).
+fn zmm_lowers_the_clock(vendor: &[u8; 12], family: u32, model: u32) -> bool {
+    const MODELS: [u32; 9] = [
+        0x55, // Skylake-SP / Cascade Lake (no VAES: listed for completeness)
+        0x6a, // Ice Lake-SP
+        0x6c, // Ice Lake-D
+        0x7d, // Ice Lake (client)
+        0x7e, // Ice Lake-L
+        0x9d, // Ice Lake-NNPI
+        0x8c, // Tiger Lake-L
+        0x8d, // Tiger Lake
+        0xa7, // Rocket Lake
+    ];
+    vendor == b"GenuineIntel" && family == 6 && MODELS.contains(&model)
+}
+
 /// Round key `i` of `rk` in all four lanes.
 #[inline]
 #[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
@@ -73,6 +124,26 @@ fn encrypt_tweaks(k2: &RoundKeys, units: &[u64; BATCH], n: usize) -> [__m512i; 2
         *x = _mm512_aesenclast_epi128(*x, rk);
     }
     t
+}
+
+/// The encrypted tweaks of the up to [`BATCH`] sectors from sector `start` on (of `sectors`),
+/// and how many they are.
+#[inline]
+#[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
+fn batch_tweaks(
+    k2: &RoundKeys,
+    first_unit: u64,
+    units_per_sector: u64,
+    start: usize,
+    sectors: usize,
+) -> ([__m512i; 2], usize) {
+    let n = (sectors - start).min(BATCH);
+    let mut units = [0u64; BATCH];
+    for (i, u) in units.iter_mut().enumerate().take(n) {
+        // plain64: the unit number wraps modulo 2^64, as dm-crypt's does.
+        *u = first_unit.wrapping_add((start + i) as u64 * units_per_sector);
+    }
+    (encrypt_tweaks(k2, &units, n), n)
 }
 
 /// Lane `lane` (0..4) of `v` in all four lanes.
@@ -277,15 +348,16 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
     let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
     let rk = rks.0.as_ptr();
     let mut scratch = TweakScratch([0; 2 * GROUP]);
+    let mut next = batch_tweaks(k2, first_unit, units_per_sector, 0, sectors);
     let mut done = 0usize;
     while done < sectors {
-        let n = (sectors - done).min(BATCH);
-        let mut units = [0u64; BATCH];
-        for (i, u) in units.iter_mut().enumerate().take(n) {
-            // plain64: the unit number wraps modulo 2^64, as dm-crypt's does.
-            *u = first_unit.wrapping_add((done + i) as u64 * units_per_sector);
+        let (enc, n) = next;
+        // Encrypt the next batch's tweaks now, before this batch's data: a chain of 14 dependent
+        // rounds that the CPU then runs beside this batch's groups, instead of the next batch's
+        // first group waiting for it.
+        if done + n < sectors {
+            next = batch_tweaks(k2, first_unit, units_per_sector, done + n, sectors);
         }
-        let enc = encrypt_tweaks(k2, &units, n);
         for s in 0..n {
             scratch.start(broadcast_lane(enc[s / 4], s % 4));
             let (mut tw, mut twn) = scratch.0.split_at_mut(GROUP);
@@ -394,6 +466,29 @@ mod tests {
             assert!(junk == expect, "decrypt in place, {what}");
             wide.decrypt_sectors(&mut got, ss, unit);
             assert!(got == plain, "round trip, {what}");
+        }
+    }
+
+    #[test]
+    fn preferred_except_on_intel_models_that_downclock() {
+        use super::zmm_lowers_the_clock as slow;
+        assert!(slow(b"GenuineIntel", 6, 0x6a), "Ice Lake-SP");
+        assert!(slow(b"GenuineIntel", 6, 0x8c), "Tiger Lake-L");
+        assert!(!slow(b"GenuineIntel", 6, 0x8f), "Sapphire Rapids");
+        assert!(!slow(b"GenuineIntel", 6, 0xad), "Granite Rapids");
+        assert!(!slow(b"AuthenticAMD", 0x19, 0x11), "Zen 4");
+        assert!(!slow(b"AuthenticAMD", 0x1a, 0x02), "Zen 5");
+        assert!(
+            !slow(b"AuthenticAMD", 6, 0x6a),
+            "only Intel's model numbers mean that"
+        );
+        let (vendor, family, _) = super::cpu_signature();
+        if vendor == *b"AuthenticAMD" {
+            assert!(
+                family >= 0x17,
+                "an AMD CPU with AVX-512 is Zen 4 or later: {family:#x}"
+            );
+            assert!(super::preferred());
         }
     }
 
