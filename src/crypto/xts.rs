@@ -503,6 +503,29 @@ mod tests {
     }
 
     #[test]
+    fn the_512_bit_kernel_is_the_default_where_it_runs_and_is_preferred() {
+        let kernels = Kernel::available();
+        let key = XtsKey::generate();
+        if !Kernel::AesNiVaes512.is_available() {
+            assert!(!kernels.contains(&Kernel::AesNiVaes512));
+            return;
+        }
+        // Wherever the 512-bit kernel runs, so does the 256-bit one; they lead the list in the
+        // order the CPU model prefers, and `new` takes the first.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let first = if super::super::xts_vaes512::preferred() {
+                [Kernel::AesNiVaes512, Kernel::AesNiVaes]
+            } else {
+                [Kernel::AesNiVaes, Kernel::AesNiVaes512]
+            };
+            assert_eq!(kernels[..2], first);
+            assert_eq!(Xts::new(&key).kernel(), first[0]);
+            assert_eq!(Xts::new_aesni(&key).unwrap().kernel(), first[0]);
+        }
+    }
+
+    #[test]
     fn unaligned_buffers_give_the_same_bytes() {
         // Buffers from the volume layer need not be 16-byte aligned: offset them by 1..15 bytes.
         let key = XtsKey::generate();

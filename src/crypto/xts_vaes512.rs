@@ -197,11 +197,13 @@ fn first_tweaks(t: __m512i) -> [__m512i; 8] {
 struct TweakScratch([u8; 2 * GROUP]);
 
 impl TweakScratch {
-    /// Fills in (first half) the tweaks of a sector's first group, see [`first_tweaks`].
+    /// Fills in half `half` (0 or 1) with the tweaks of a sector's first group, see
+    /// [`first_tweaks`].
     #[inline]
     #[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
-    fn start(&mut self, t: __m512i) {
-        for (slot, v) in self.0.chunks_exact_mut(4 * BLOCK).zip(first_tweaks(t)) {
+    fn start(&mut self, half: usize, t: __m512i) {
+        let slots = self.0[half * GROUP..(half + 1) * GROUP].chunks_exact_mut(4 * BLOCK);
+        for (slot, v) in slots.zip(first_tweaks(t)) {
             // SAFETY: `slot` is 64 writable bytes; unaligned store.
             unsafe { _mm512_storeu_si512(slot.as_mut_ptr().cast(), v) };
         }
@@ -342,12 +344,109 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
     sector_size: usize,
     first_unit: u64,
 ) {
+    let mut scratch = TweakScratch([0; 2 * GROUP]);
+    let (rk, sectors) = (rks.0.as_ptr(), len / sector_size);
+    // SAFETY: our own contract, passed on; the sector size picks the loop.
+    unsafe {
+        if sector_size == GROUP {
+            one_group_sectors::<ENC>(rk, k2, src, dst, sectors, first_unit, &mut scratch);
+        } else {
+            many_group_sectors::<ENC>(
+                rk,
+                k2,
+                src,
+                dst,
+                sectors,
+                sector_size,
+                first_unit,
+                &mut scratch,
+            );
+        }
+    }
+    // The tweaks are derived from K2; don't leave them on the stack.
+    wipe(&mut scratch.0);
+    // Leave the upper register halves clean for any legacy-SSE code that runs next (Intel
+    // charges a transition penalty otherwise).
+    _mm256_zeroupper();
+}
+
+/// 512-byte sectors: one group each, so no tweak advances; instead the next sector's 32 tweaks
+/// are computed into the other scratch half before this sector's rounds are issued, which takes
+/// that short dependency chain (lane broadcast, shifts, multiply, stores, loads) off the path
+/// between two sectors.
+///
+/// # Safety
+/// As [`crypt_sectors`], with `sectors` sectors of 512 bytes; `rk` points at a whole
+/// `RoundKeys`.
+#[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
+unsafe fn one_group_sectors<const ENC: bool>(
+    rk: *const [u8; BLOCK],
+    k2: &RoundKeys,
+    src: *const u8,
+    dst: *mut u8,
+    sectors: usize,
+    first_unit: u64,
+    scratch: &mut TweakScratch,
+) {
+    if sectors == 0 {
+        return;
+    }
+    // The batch of encrypted tweaks holding sector `i + 1`'s, and the batch after it.
+    let mut batch = batch_tweaks(k2, first_unit, 1, 0, sectors).0;
+    let mut ahead = (sectors > BATCH).then(|| batch_tweaks(k2, first_unit, 1, BATCH, sectors).0);
+    scratch.start(0, broadcast_lane(batch[0], 0));
+    for i in 0..sectors {
+        let half = i % 2;
+        let j = i + 1;
+        if j < sectors {
+            if j % BATCH == 0 {
+                // Sector j opens a new batch, encrypted one batch ago; start the one after.
+                batch = ahead.unwrap_or(batch);
+                ahead = (j + BATCH < sectors)
+                    .then(|| batch_tweaks(k2, first_unit, 1, j + BATCH, sectors).0);
+            }
+            let lane = j % BATCH;
+            scratch.start(1 - half, broadcast_lane(batch[lane / 4], lane % 4));
+        }
+        let off = i * GROUP;
+        // SAFETY: `off + 512 <= sectors * 512`, the buffer's length: the asm's 512-byte reads at
+        // `src + off` and writes at `dst + off` are in bounds and, per our contract, equal or
+        // disjoint; every load of the group precedes its first store. It reads 240 bytes of
+        // round keys at `rk` (a whole `RoundKeys`) and the 512-byte half `half` of the scratch,
+        // uses no stack and leaves the flags alone. The CPU features are our caller's contract.
+        unsafe {
+            let (s, d) = (src.add(off), dst.add(off));
+            let t = scratch.0.as_ptr().add(half * GROUP);
+            if ENC {
+                group4_asm!(last, "vaesenc", "vaesenclast", rk, s, d, t)
+            } else {
+                group4_asm!(last, "vaesdec", "vaesdeclast", rk, s, d, t)
+            }
+        }
+    }
+}
+
+/// 4096-byte sectors: eight groups each, each group's tweaks advanced by α³² for the next one
+/// while its rounds run.
+///
+/// # Safety
+/// As [`crypt_sectors`], with `sectors` sectors of `sector_size` bytes; `rk` points at a whole
+/// `RoundKeys`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
+unsafe fn many_group_sectors<const ENC: bool>(
+    rk: *const [u8; BLOCK],
+    k2: &RoundKeys,
+    src: *const u8,
+    dst: *mut u8,
+    sectors: usize,
+    sector_size: usize,
+    first_unit: u64,
+    scratch: &mut TweakScratch,
+) {
     let units_per_sector = (sector_size / 512) as u64;
     let groups_per_sector = sector_size / GROUP;
-    let sectors = len / sector_size;
     let poly = _mm512_set_epi64(0, 0x87, 0, 0x87, 0, 0x87, 0, 0x87);
-    let rk = rks.0.as_ptr();
-    let mut scratch = TweakScratch([0; 2 * GROUP]);
     let mut next = batch_tweaks(k2, first_unit, units_per_sector, 0, sectors);
     let mut done = 0usize;
     while done < sectors {
@@ -359,18 +458,18 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
             next = batch_tweaks(k2, first_unit, units_per_sector, done + n, sectors);
         }
         for s in 0..n {
-            scratch.start(broadcast_lane(enc[s / 4], s % 4));
+            scratch.start(0, broadcast_lane(enc[s / 4], s % 4));
             let (mut tw, mut twn) = scratch.0.split_at_mut(GROUP);
             let base = (done + s) * sector_size;
             for g in 0..groups_per_sector {
                 let off = base + g * GROUP;
-                // SAFETY: `off + 512 <= len` (a 512-byte group inside a whole sector of the
-                // buffer), so the asm's 512-byte reads at `src + off` and writes at `dst + off`
-                // are in bounds and, per our contract, equal or disjoint; every load of the group
-                // precedes its first store. It reads 240 bytes of round keys at `rk` (a whole
-                // `RoundKeys`), reads the 512-byte half `tw` and (the `next` form) writes the half
-                // `twn` of the 64-byte aligned scratch, uses no stack and leaves the flags alone.
-                // The CPU features are our caller's contract.
+                // SAFETY: `off + 512 <= sectors * sector_size` (a 512-byte group inside a whole
+                // sector of the buffer), so the asm's 512-byte reads at `src + off` and writes at
+                // `dst + off` are in bounds and, per our contract, equal or disjoint; every load
+                // of the group precedes its first store. It reads 240 bytes of round keys at `rk`
+                // (a whole `RoundKeys`), reads the 512-byte half `tw` and (the `next` form)
+                // writes the half `twn` of the scratch, uses no stack and leaves the flags
+                // alone. The CPU features are our caller's contract.
                 unsafe {
                     let (s, d) = (src.add(off), dst.add(off));
                     let (t, tn) = (tw.as_ptr(), twn.as_mut_ptr());
@@ -392,11 +491,6 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
         }
         done += n;
     }
-    // The tweaks are derived from K2; don't leave them on the stack.
-    wipe(&mut scratch.0);
-    // Leave the upper register halves clean for any legacy-SSE code that runs next (Intel
-    // charges a transition penalty otherwise).
-    _mm256_zeroupper();
 }
 
 #[cfg(test)]
