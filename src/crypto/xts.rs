@@ -83,7 +83,7 @@ impl Kernel {
         let mut kernels: Vec<Kernel> = Self::ALL.into_iter().filter(|k| k.is_available()).collect();
         #[cfg(target_arch = "x86_64")]
         if kernels.starts_with(&[Kernel::AesNiVaes512, Kernel::AesNiVaes])
-            && !super::xts_vaes512::preferred()
+            && !super::xts_zmm::zmm_preferred()
         {
             kernels.swap(0, 1);
         }
@@ -514,7 +514,7 @@ mod tests {
         // order the CPU model prefers, and `new` takes the first.
         #[cfg(target_arch = "x86_64")]
         {
-            let first = if super::super::xts_vaes512::preferred() {
+            let first = if super::super::xts_zmm::zmm_preferred() {
                 [Kernel::AesNiVaes512, Kernel::AesNiVaes]
             } else {
                 [Kernel::AesNiVaes, Kernel::AesNiVaes512]
