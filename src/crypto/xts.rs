@@ -2,11 +2,12 @@
 //! tweak of a sector is the little-endian number of its first 512-byte unit, zero-extended to 16
 //! bytes. Sectors are 512 or 4096 bytes, so no ciphertext stealing is ever needed.
 //!
-//! Three kernels give identical bytes (see [`Kernel`]): on x86_64 two AES-NI kernels chosen at run
-//! time (`xts_vaes`, 16 blocks in flight with AVX2 + VAES, and `xts_ni`, 8 blocks in flight with
-//! SSE), and a portable path built on the `aes` crate that runs on any target. This file is the
-//! one place a kernel is chosen; the kernels and the leaf `xts_common` (key schedules, tweak
-//! helpers) never import it, nor each other.
+//! Four kernels give identical bytes (see [`Kernel`]): on x86_64 three AES-NI kernels chosen at
+//! run time (`xts_vaes512`, 32 blocks in flight with AVX-512 + VAES; `xts_vaes`, 16 blocks with
+//! AVX2 + VAES; `xts_ni`, 8 blocks with SSE), and a portable path built on the `aes` crate that
+//! runs on any target. This file is the one place a kernel is chosen; the kernels and their
+//! leaves `xts_common` (key schedules, tweak helpers) and `xts_zmm` (the 512-bit kernel's tweak
+//! helpers and CPU model preference) never import it, nor each other.
 //! The engine allocates nothing per call and holds no mutable state, so one `Xts` is shared by
 //! `&` between threads.
 
@@ -25,10 +26,14 @@ pub const SECTOR_SIZES: [usize; 2] = [512, 4096];
 
 /// The implementation an [`Xts`] engine runs on. All give identical bytes.
 ///
-/// Measured on the development machine (AMD EPYC, Zen 5, KVM guest; one core, 1 MiB calls,
-/// `tools/bench-xts --speed`), beside OpenSSL 3.0's `openssl speed -evp aes-256-xts` at
-/// ≈7.4 GB/s (4096 B) and ≈6.0 GB/s (512 B): `AesNiVaes` ≈15 and ≈12 GB/s (≈2.0×), `AesNi`
-/// ≈7.7 and ≈7.1 GB/s (≈1.04× and ≈1.2×), `Portable` ≈4.5 and ≈3.5 GB/s (≈0.6×).
+/// Measured on the development machine (AMD EPYC, Zen 5, KVM guest, ≈3.5 GHz; one core, 1 MiB
+/// calls, `XTS_SPEED=1 cargo bench --bench xts`, three runs on a loaded machine, 2026-12-02),
+/// beside OpenSSL 3.0's `openssl speed -evp aes-256-xts` at 6.0–7.1 GB/s (4096 B) and
+/// 4.8–5.1 GB/s (512 B): `AesNiVaes512` 21.5–26 and 15–19 GB/s (≈3.6×; ≈0.14 cycles/byte at
+/// 4096 B, against ≈0.115 for the bare `vaesenc` throughput of two per cycle), `AesNiVaes`
+/// 12–14 and 9–10.5 GB/s (≈2×), `AesNi` ≈6–7 GB/s (≈1×), `Portable` ≈3.5 GB/s (≈0.55×). Zen 5
+/// runs two 512-bit AES operations per cycle, hence `AesNiVaes512` first; see
+/// [`Kernel::available`] for the CPUs where it is not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     /// AES-NI with AVX-512 + VAES: four blocks per instruction, 32 in flight (x86_64).
