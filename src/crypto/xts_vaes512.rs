@@ -39,8 +39,9 @@ pub(crate) fn available() -> bool {
 /// The 32 tweaks of the group being processed and those of the next group (written while this
 /// one runs), parked in memory, 64-byte aligned. The halves swap per group.
 ///
-/// (Registers would do, AVX-512 has 32 of them, but with eight tweak registers as inputs and
-/// eight as outputs, the unoptimized builds' register allocator gives up on the asm block.)
+/// (Registers would do, AVX-512 has 32 of them, but an asm block with more than 16 `zmm_reg`
+/// operands, e.g. eight tweak registers in and eight out, is refused by the compiler's register
+/// allocator here: "inline assembly requires more registers than available".)
 #[repr(C, align(64))]
 struct TweakScratch([u8; 2 * GROUP]);
 
