@@ -88,6 +88,11 @@ fn bench_xts(c: &mut Criterion) {
                 group.bench_with_input(BenchmarkId::new(name, label), &ss, |b, &ss| {
                     b.iter(|| xts.encrypt_sectors_to(black_box(&buf), &mut out, ss, 1 << 20))
                 });
+                // The read path's form: from a (mapped) source straight into the reply buffer.
+                let name = format!("{}/decrypt_to/{ss}", xts.kernel().name());
+                group.bench_with_input(BenchmarkId::new(name, label), &ss, |b, &ss| {
+                    b.iter(|| xts.decrypt_sectors_to(black_box(&buf), &mut out, ss, 1 << 20))
+                });
             }
         }
     }
