@@ -2,10 +2,18 @@
 //! ([`FileBackend`]: pread/pwrite, `fallocate(PUNCH_HOLE)`, `lseek(SEEK_DATA/SEEK_HOLE)`,
 //! `fdatasync`). Backends move opaque bytes: they never see plaintext, tweaks or keys.
 //!
+//! Reads of a file can also be lent straight from a read-only mapping of it
+//! ([`Backend::with_mapped`]; `mapped` owns the mapping and its SIGBUS guard, `lend` when to map),
+//! so a reader can decrypt from the page cache into its reply buffer without a copy first.
+//!
 //! [`rbd`] puts volumes on Ceph RBD images (feature `rbd`). `testing` (feature `test-utils`, and
 //! this crate's unit tests) holds the memory, slow, faulty, crashing and piecewise backends the
 //! tests use. This trait is the one place a new store plugs in.
 
+mod lend;
+// mmap/munmap/mincore and the SIGBUS handler.
+#[allow(unsafe_code)]
+pub mod mapped;
 pub mod rbd;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
@@ -37,6 +45,24 @@ pub trait Backend: Send + Sync {
     /// useful and the caller uses [`Backend::read_at`]). Lets a server run cached reads inline
     /// and hand slow ones to another thread. The default never tries.
     fn try_read_at_nowait(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    /// Lends `[offset, offset+len)` to `f`, read-only and without copying, when the storage can
+    /// (a mapped file whose pages are all in memory). `Ok(true)`: `f` ran on the stored bytes.
+    /// `Ok(false)`: nothing lent, or `f` ran but a fault meanwhile (a file truncated under us,
+    /// an I/O error) made what it saw untrustworthy: discard its result and use
+    /// [`Backend::read_at`], which reports the real error. With `nowait`, lends only if touching
+    /// the bytes can never wait for a device (memory file systems). The bytes may change while
+    /// lent (concurrent writes): `f` must not assume two loads of a byte agree. The default
+    /// never lends.
+    fn with_mapped(
+        &self,
+        _offset: u64,
+        _len: usize,
+        _nowait: bool,
+        _f: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<bool> {
         Ok(false)
     }
 
@@ -110,6 +136,7 @@ pub struct FileBackend {
     file: File,
     path: PathBuf,
     nowait: AtomicU8,
+    lender: lend::Lender,
 }
 
 /// How [`FileBackend::try_read_at_nowait`] finds out whether a read would wait.
@@ -119,39 +146,66 @@ const NOWAIT_MEMORY: u8 = 1;
 /// Neither: every read is treated as one that may wait.
 const NOWAIT_NEVER: u8 = 2;
 
-/// Whether `file` is on a memory filesystem, whose pages are never read from a device (tmpfs
-/// does not implement `RWF_NOWAIT`, so it has to be recognised instead).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const RAMFS_MAGIC: i64 = 0x8584_58f6;
+/// Local file systems whose files are mapped for reads (ext2/3/4, xfs, btrfs, f2fs, and the
+/// memory ones). Not network or FUSE file systems, whose cached pages another host or process
+/// can invalidate (a fault then costs a round trip, or a SIGBUS); they read with `pread`.
+const MAPPED_FS: [i64; 6] = [
+    TMPFS_MAGIC,
+    RAMFS_MAGIC,
+    0xEF53,
+    0x5846_5342,
+    0x9123_683E,
+    0xF2F5_2010,
+];
+
+/// The file system type of `file` (`statfs.f_type`), if it can be found out.
 // fstatfs(2) through libc.
 #[allow(unsafe_code)]
-fn in_memory_fs(file: &File) -> bool {
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+fn fs_type(file: &File) -> Option<i64> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: fstatfs fills the struct we pass, for a descriptor we own.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
     if rc != 0 {
-        return false;
+        return None;
     }
     // SAFETY: fstatfs succeeded, so it initialised the struct.
     // f_type's integer type differs between targets.
     #[allow(clippy::unnecessary_cast)]
     let f_type = unsafe { st.assume_init() }.f_type as i64;
-    f_type == TMPFS_MAGIC || f_type == RAMFS_MAGIC
+    Some(f_type)
 }
 
 impl FileBackend {
     /// Wraps an already opened file; `path` is only used in error messages.
+    /// Reads are lent from a mapping of the file (see [`Backend::with_mapped`]) when it is on a
+    /// local file system; [`FileBackend::with_mapping`] turns that off.
     pub fn new(file: File, path: impl Into<PathBuf>) -> Self {
-        let nowait = if in_memory_fs(&file) {
-            NOWAIT_MEMORY
-        } else {
-            NOWAIT_RWF
-        };
+        let f_type = fs_type(&file);
+        // tmpfs does not implement `RWF_NOWAIT`, so a memory file system has to be recognised.
+        let memory = matches!(f_type, Some(TMPFS_MAGIC | RAMFS_MAGIC));
+        let nowait = if memory { NOWAIT_MEMORY } else { NOWAIT_RWF };
+        let mappable = f_type.is_some_and(|t| MAPPED_FS.contains(&t));
         Self {
             file,
             path: path.into(),
             nowait: AtomicU8::new(nowait),
+            lender: lend::Lender::new(mappable),
         }
+    }
+
+    /// `false`: never lend from a mapping; every read is a `pread`.
+    pub fn with_mapping(mut self, on: bool) -> Self {
+        if !on {
+            self.lender.disable();
+        }
+        self
+    }
+
+    /// Whether reads may be lent from a mapping of the file.
+    pub fn maps_reads(&self) -> bool {
+        self.lender.enabled()
     }
 
     /// Opens an existing file for reading (and writing unless `read_only`).
@@ -241,6 +295,22 @@ impl Backend for FileBackend {
         Ok(n as usize == buf.len())
     }
 
+    fn with_mapped(
+        &self,
+        offset: u64,
+        len: usize,
+        nowait: bool,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<bool> {
+        // A page fault on a disk file system can wait for the device even when `mincore` just
+        // said the page was cached (it may be evicted in between): only memory file systems
+        // lend to a reader that must not wait.
+        if nowait && self.nowait.load(Ordering::Relaxed) != NOWAIT_MEMORY {
+            return Ok(false);
+        }
+        self.lender.lend(&self.file, offset, len, f)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
     }
@@ -254,6 +324,9 @@ impl Backend for FileBackend {
             return Ok(());
         }
         let (off, l) = (to_off(offset)?, to_off(len)?);
+        // Before the punch: a reader must not take these pages as resident once they are holes
+        // (on tmpfs, touching a hole through the mapping would allocate it).
+        self.lender.punched(offset, len);
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
         let rc = unsafe {
             libc::fallocate(
@@ -263,6 +336,8 @@ impl Backend for FileBackend {
                 l,
             )
         };
+        // And after: a reader that found them resident while the punch ran may have noted so.
+        self.lender.punched(offset, len);
         if rc == 0 {
             return Ok(());
         }
@@ -277,7 +352,9 @@ impl Backend for FileBackend {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+        self.file.set_len(len)?;
+        self.lender.resized();
+        Ok(())
     }
 
     fn seek_data(&self, offset: u64) -> io::Result<Option<u64>> {
@@ -341,6 +418,15 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
     }
     fn try_read_at_nowait(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
         (**self).try_read_at_nowait(buf, offset)
+    }
+    fn with_mapped(
+        &self,
+        offset: u64,
+        len: usize,
+        nowait: bool,
+        f: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<bool> {
+        (**self).with_mapped(offset, len, nowait, f)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
@@ -416,6 +502,67 @@ mod tests {
                 assert_eq!(got, data[4096..12288]);
             }
         }
+    }
+
+    /// Reads lent from the mapping are the file's bytes (on tmpfs and on the temp dir's file
+    /// system), and touching a sparse tmpfs file through its mapping never fills its holes: a
+    /// hole is not resident, so it is not lent (tmpfs would allocate a page on a mapped read of
+    /// a hole, making the hole data and costing memory).
+    #[test]
+    fn mapped_reads_match_and_never_fill_tmpfs_holes() {
+        let shm = std::path::Path::new("/dev/shm");
+        let tmp = tempfile::tempdir().unwrap();
+        let shm_dir = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
+        let mut dirs = vec![tmp.path().to_path_buf()];
+        dirs.extend(shm_dir.iter().map(|d| d.path().to_path_buf()));
+        for dir in dirs {
+            let b = new_file(&dir.join("f"));
+            assert!(b.maps_reads(), "{dir:?} is a local file system");
+            b.set_len(8 << 20).unwrap();
+            let data: Vec<u8> = (0..16384u32).map(|i| (i * 13) as u8 | 1).collect();
+            b.write_at(&data, 1 << 20).unwrap();
+            let blocks = || {
+                use std::os::unix::fs::MetadataExt;
+                b.file().metadata().unwrap().blocks()
+            };
+            let before = blocks();
+            let mut got = Vec::new();
+            let lent = b
+                .with_mapped((1 << 20) + 4096, 8192, false, &mut |s| got = s.to_vec())
+                .unwrap();
+            assert!(lent, "freshly written pages are resident");
+            assert_eq!(got, data[4096..12288]);
+            for off in [0u64, 2 << 20, (8 << 20) - 4096] {
+                let mut touched = false;
+                let lent = b
+                    .with_mapped(off, 4096, false, &mut |_| touched = true)
+                    .unwrap();
+                if in_memory(&b) {
+                    assert!(!lent && !touched, "a tmpfs hole is never lent");
+                }
+            }
+            assert_eq!(blocks(), before, "holes stay holes");
+            // Pages lent before (so known resident) and then punched are holes again: not lent
+            // on tmpfs, and not filled.
+            b.punch_hole(1 << 20, 16384).unwrap();
+            let holes = blocks();
+            let lent = b
+                .with_mapped((1 << 20) + 4096, 8192, false, &mut |s| got = s.to_vec())
+                .unwrap();
+            if in_memory(&b) {
+                assert!(!lent, "a punched tmpfs page is never lent");
+            } else if lent {
+                assert!(got.iter().all(|&x| x == 0));
+            }
+            assert_eq!(blocks(), holes, "punched holes stay holes");
+            let plain = new_file(&dir.join("g")).with_mapping(false);
+            plain.write_at(&data, 0).unwrap();
+            assert!(!plain.with_mapped(0, 4096, false, &mut |_| {}).unwrap());
+        }
+    }
+
+    fn in_memory(b: &FileBackend) -> bool {
+        b.nowait.load(Ordering::Relaxed) == NOWAIT_MEMORY
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Cryptographic primitives: the AES-256-XTS sector engine, the AEAD that wraps keys, and the secret
 //! key types. Nothing here knows about files, sockets or async.
 //!
-//! The XTS engine is four files: `xts` chooses the kernel (and holds the portable one), `xts_ni`
-//! and `xts_vaes` are the AES-NI kernels, and `xts_common` is the leaf they share (key
-//! schedules, tweak helpers); no cycle between them. `unsafe` is allowed only in those kernels,
-//! `xts_common`, `locked`, and the one dispatch function of `xts`.
+//! The XTS engine is six files: `xts` chooses the kernel (and holds the portable one), `xts_ni`,
+//! `xts_vaes` and `xts_vaes512` are the AES-NI kernels (128-, 256- and 512-bit vectors),
+//! `xts_common` is the leaf they share (key schedules, tweak helpers) and `xts_zmm` the 512-bit
+//! kernel's leaf (CPU model preference, tweaks on `zmm`); no cycle between them.
+//! `unsafe` is allowed only in those kernels, `xts_common`, `locked`, and the one dispatch
+//! function of `xts`.
 
 pub mod aead;
 pub mod keys;
@@ -21,6 +23,12 @@ mod xts_ni;
 #[allow(unsafe_code)]
 #[cfg(target_arch = "x86_64")]
 mod xts_vaes;
+#[allow(unsafe_code)]
+#[cfg(target_arch = "x86_64")]
+mod xts_vaes512;
+#[allow(unsafe_code)]
+#[cfg(target_arch = "x86_64")]
+mod xts_zmm;
 
 pub use keys::{Key256, KeyError, SecretBytes, XtsKey};
 pub use xts::{Kernel, Xts};

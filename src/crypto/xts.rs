@@ -2,11 +2,12 @@
 //! tweak of a sector is the little-endian number of its first 512-byte unit, zero-extended to 16
 //! bytes. Sectors are 512 or 4096 bytes, so no ciphertext stealing is ever needed.
 //!
-//! Three kernels give identical bytes (see [`Kernel`]): on x86_64 two AES-NI kernels chosen at run
-//! time (`xts_vaes`, 16 blocks in flight with AVX2 + VAES, and `xts_ni`, 8 blocks in flight with
-//! SSE), and a portable path built on the `aes` crate that runs on any target. This file is the
-//! one place a kernel is chosen; the kernels and the leaf `xts_common` (key schedules, tweak
-//! helpers) never import it, nor each other.
+//! Four kernels give identical bytes (see [`Kernel`]): on x86_64 three AES-NI kernels chosen at
+//! run time (`xts_vaes512`, 32 blocks in flight with AVX-512 + VAES; `xts_vaes`, 16 blocks with
+//! AVX2 + VAES; `xts_ni`, 8 blocks with SSE), and a portable path built on the `aes` crate that
+//! runs on any target. This file is the one place a kernel is chosen; the kernels and their
+//! leaves `xts_common` (key schedules, tweak helpers) and `xts_zmm` (the 512-bit kernel's tweak
+//! helpers and CPU model preference) never import it, nor each other.
 //! The engine allocates nothing per call and holds no mutable state, so one `Xts` is shared by
 //! `&` between threads.
 
@@ -25,12 +26,18 @@ pub const SECTOR_SIZES: [usize; 2] = [512, 4096];
 
 /// The implementation an [`Xts`] engine runs on. All give identical bytes.
 ///
-/// Measured on the development machine (AMD EPYC, Zen 5, KVM guest; one core, 1 MiB calls,
-/// `tools/bench-xts --speed`), beside OpenSSL 3.0's `openssl speed -evp aes-256-xts` at
-/// ≈7.4 GB/s (4096 B) and ≈6.0 GB/s (512 B): `AesNiVaes` ≈15 and ≈12 GB/s (≈2.0×), `AesNi`
-/// ≈7.7 and ≈7.1 GB/s (≈1.04× and ≈1.2×), `Portable` ≈4.5 and ≈3.5 GB/s (≈0.6×).
+/// Measured on the development machine (AMD EPYC, Zen 5, KVM guest, ≈3.5 GHz; one core, 1 MiB
+/// calls, `XTS_SPEED=1 cargo bench --bench xts`, three runs on a loaded machine, 2026-12-02),
+/// beside OpenSSL 3.0's `openssl speed -evp aes-256-xts` at 6.0–7.1 GB/s (4096 B) and
+/// 4.8–5.1 GB/s (512 B): `AesNiVaes512` 21.5–26 and 15–19 GB/s (≈3.6×; ≈0.14 cycles/byte at
+/// 4096 B, against ≈0.115 for the bare `vaesenc` throughput of two per cycle), `AesNiVaes`
+/// 12–14 and 9–10.5 GB/s (≈2×), `AesNi` ≈6–7 GB/s (≈1×), `Portable` ≈3.5 GB/s (≈0.55×). Zen 5
+/// runs two 512-bit AES operations per cycle, hence `AesNiVaes512` first; see
+/// [`Kernel::available`] for the CPUs where it is not.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
+    /// AES-NI with AVX-512 + VAES: four blocks per instruction, 32 in flight (x86_64).
+    AesNiVaes512,
     /// AES-NI with AVX2 + VAES: two blocks per instruction, 16 in flight (x86_64).
     AesNiVaes,
     /// AES-NI with SSE: 8 blocks in flight (x86_64).
@@ -40,12 +47,19 @@ pub enum Kernel {
 }
 
 impl Kernel {
-    /// Every kernel, fastest first.
-    pub const ALL: [Kernel; 3] = [Kernel::AesNiVaes, Kernel::AesNi, Kernel::Portable];
+    /// Every kernel, fastest first (where the CPU runs them all at full rate; see
+    /// [`Kernel::available`] for the order on this one).
+    pub const ALL: [Kernel; 4] = [
+        Kernel::AesNiVaes512,
+        Kernel::AesNiVaes,
+        Kernel::AesNi,
+        Kernel::Portable,
+    ];
 
     /// A short name for logs and benchmark labels.
     pub fn name(self) -> &'static str {
         match self {
+            Kernel::AesNiVaes512 => "aes-ni-vaes512",
             Kernel::AesNiVaes => "aes-ni-vaes",
             Kernel::AesNi => "aes-ni",
             Kernel::Portable => "portable",
@@ -56,18 +70,29 @@ impl Kernel {
     pub fn is_available(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
+            Kernel::AesNiVaes512 => super::xts_vaes512::available(),
+            #[cfg(target_arch = "x86_64")]
             Kernel::AesNiVaes => super::xts_vaes::available(),
             #[cfg(target_arch = "x86_64")]
             Kernel::AesNi => super::xts_ni::available(),
             #[cfg(not(target_arch = "x86_64"))]
-            Kernel::AesNiVaes | Kernel::AesNi => false,
+            Kernel::AesNiVaes512 | Kernel::AesNiVaes | Kernel::AesNi => false,
             Kernel::Portable => true,
         }
     }
 
-    /// The kernels this CPU can run, fastest first (the portable one is always there).
+    /// The kernels this CPU can run, fastest first (the portable one is always there): the
+    /// order of [`Kernel::ALL`], except that the 512-bit kernel goes after the 256-bit one on the
+    /// CPUs where 512-bit instructions lower the clock (early AVX-512 Intel models).
     pub fn available() -> Vec<Kernel> {
-        Self::ALL.into_iter().filter(|k| k.is_available()).collect()
+        let mut kernels: Vec<Kernel> = Self::ALL.into_iter().filter(|k| k.is_available()).collect();
+        #[cfg(target_arch = "x86_64")]
+        if kernels.starts_with(&[Kernel::AesNiVaes512, Kernel::AesNiVaes])
+            && !super::xts_zmm::zmm_preferred()
+        {
+            kernels.swap(0, 1);
+        }
+        kernels
     }
 }
 
@@ -79,6 +104,8 @@ pub struct Xts {
 
 /// The kernel an engine runs, with its keys.
 enum Engine {
+    #[cfg(target_arch = "x86_64")]
+    AesNiVaes512(Box<super::xts_common::AesKeys>),
     #[cfg(target_arch = "x86_64")]
     AesNiVaes(Box<super::xts_common::AesKeys>),
     #[cfg(target_arch = "x86_64")]
@@ -101,9 +128,9 @@ impl std::fmt::Debug for Xts {
 
 impl Xts {
     /// An engine for `key` on the fastest kernel this CPU can run (an AES-NI one when the CPU
-    /// has AES-NI, else portable).
+    /// has AES-NI, else portable): the first of [`Kernel::available`].
     pub fn new(key: &XtsKey) -> Self {
-        Kernel::ALL
+        Kernel::available()
             .into_iter()
             .find_map(|k| Self::with_kernel(key, k))
             .unwrap_or_else(|| Self::new_portable(key))
@@ -123,6 +150,7 @@ impl Xts {
             }
             let keys = AesKeys::new(key.dangerous_k1(), key.dangerous_k2())?;
             let engine = match kernel {
+                Kernel::AesNiVaes512 => Engine::AesNiVaes512(keys),
                 Kernel::AesNiVaes => Engine::AesNiVaes(keys),
                 _ => Engine::AesNi(keys),
             };
@@ -144,8 +172,9 @@ impl Xts {
     /// An engine for `key` on the fastest AES-NI kernel, or `None` when this CPU (or target)
     /// has no AES-NI.
     pub fn new_aesni(key: &XtsKey) -> Option<Self> {
-        [Kernel::AesNiVaes, Kernel::AesNi]
+        Kernel::available()
             .into_iter()
+            .filter(|&k| k != Kernel::Portable)
             .find_map(|k| Self::with_kernel(key, k))
     }
 
@@ -153,7 +182,7 @@ impl Xts {
     pub fn backend_name(&self) -> &'static str {
         match self.engine {
             #[cfg(target_arch = "x86_64")]
-            Engine::AesNiVaes(_) | Engine::AesNi(_) => "aes-ni",
+            Engine::AesNiVaes512(_) | Engine::AesNiVaes(_) | Engine::AesNi(_) => "aes-ni",
             Engine::Portable(_) => "portable",
         }
     }
@@ -161,6 +190,8 @@ impl Xts {
     /// The exact kernel this engine runs on.
     pub fn kernel(&self) -> Kernel {
         match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNiVaes512(_) => Kernel::AesNiVaes512,
             #[cfg(target_arch = "x86_64")]
             Engine::AesNiVaes(_) => Kernel::AesNiVaes,
             #[cfg(target_arch = "x86_64")]
@@ -239,6 +270,21 @@ impl Xts {
         #[cfg(target_arch = "x86_64")]
         let s = src.map_or(d.cast_const(), <[u8]>::as_ptr);
         match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNiVaes512(keys) => {
+                // SAFETY: as for `AesNiVaes` below, with this kernel's 512-byte group.
+                unsafe {
+                    super::xts_vaes512::crypt_sectors::<ENC>(
+                        keys.data::<ENC>(),
+                        &keys.enc2,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                    )
+                }
+            }
             #[cfg(target_arch = "x86_64")]
             Engine::AesNiVaes(keys) => {
                 // SAFETY: the engine exists only if this kernel's `available()` said yes at
@@ -458,6 +504,29 @@ mod tests {
                 k.is_available(),
                 "{k:?}"
             );
+        }
+    }
+
+    #[test]
+    fn the_512_bit_kernel_is_the_default_where_it_runs_and_is_preferred() {
+        let kernels = Kernel::available();
+        let key = XtsKey::generate();
+        if !Kernel::AesNiVaes512.is_available() {
+            assert!(!kernels.contains(&Kernel::AesNiVaes512));
+            return;
+        }
+        // Wherever the 512-bit kernel runs, so does the 256-bit one; they lead the list in the
+        // order the CPU model prefers, and `new` takes the first.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let first = if super::super::xts_zmm::zmm_preferred() {
+                [Kernel::AesNiVaes512, Kernel::AesNiVaes]
+            } else {
+                [Kernel::AesNiVaes, Kernel::AesNiVaes512]
+            };
+            assert_eq!(kernels[..2], first);
+            assert_eq!(Xts::new(&key).kernel(), first[0]);
+            assert_eq!(Xts::new_aesni(&key).unwrap().kernel(), first[0]);
         }
     }
 

@@ -3,8 +3,9 @@
 //! register, so 16 blocks are in flight. On CPUs whose AES units accept 256-bit operands at full
 //! rate (AMD Zen 3 and later, Intel Ice Lake and later) that doubles the AES work per instruction.
 //! Only 256-bit (`ymm`) registers are used, no AVX-512 (DESIGN.md reports the AVX-512 code that
-//! `target-cpu=native` produced as slower here). Key schedules and tweak helpers come from the
-//! leaf `xts_common`.
+//! `target-cpu=native` produced as slower here; `xts_vaes512` is the deliberate 512-bit variant,
+//! preferred where the CPU has it). Key schedules and tweak helpers come from the leaf
+//! `xts_common`.
 //! Measured: ≈2× the SSE kernel, ≈2× OpenSSL 3.0 (see `Kernel` in `xts`).
 
 use core::arch::x86_64::*;

@@ -19,6 +19,7 @@
 mod error;
 mod geometry;
 pub mod header;
+mod mapped;
 mod submit;
 
 use std::cell::RefCell;
@@ -220,9 +221,14 @@ impl Volume {
         )
     }
 
-    /// Reads whole sectors at `sector_off` into `buf` and decrypts them in place; all-zero
-    /// ciphertext sectors stay zero. Returns whether every sector was such a zero sector.
+    /// Reads whole sectors at `sector_off` into `buf` and decrypts them: straight from the
+    /// backend's lent bytes when it lends them (see `mapped`), else read into `buf` and decrypted
+    /// in place; all-zero ciphertext sectors stay zero. Returns whether every sector was such a
+    /// zero sector.
     fn read_sectors(&self, buf: &mut [u8], sector_off: u64) -> Result<bool, VolumeError> {
+        if let Some(all_zero) = self.read_mapped(buf, sector_off, false)? {
+            return Ok(all_zero);
+        }
         self.backend
             .read_at(buf, self.file_offset(sector_off))
             .map_err(|e| self.io_err("reading", buf.len() as u64, sector_off, e))?;
@@ -298,6 +304,9 @@ impl Volume {
         let ss = self.ss() as u64;
         if buf.is_empty() || !offset.is_multiple_of(ss) || !(buf.len() as u64).is_multiple_of(ss) {
             return Ok(None);
+        }
+        if let Some(all_zero) = self.read_mapped(buf, offset, true)? {
+            return Ok(Some(ReadOutcome { all_zero }));
         }
         let done = self
             .backend

@@ -171,6 +171,10 @@ struct Inner {
     nodes: HashMap<u64, Node>,
     next_ino: u64,
     stats: Stats,
+    /// Byte ranges `[start, end)` whose reads fail with EIO, in every file (a failing disk).
+    bad_reads: Vec<(u64, u64)>,
+    /// Reads refused because of `bad_reads`.
+    eio_reads: u64,
 }
 
 /// The file system's state, shared between the FUSE session thread and the test.
@@ -209,6 +213,8 @@ impl LazyFs {
         LazyFs(Arc::new(Mutex::new(Inner {
             nodes,
             next_ino: ROOT + 1,
+            bad_reads: Vec::new(),
+            eio_reads: 0,
             stats: Stats::default(),
         })))
     }
@@ -231,6 +237,22 @@ impl LazyFs {
             fs,
             session: Some(session),
         })
+    }
+
+    /// From now on, a read of any file that touches `[start, end)` fails with EIO (a medium
+    /// error below the file system); other reads and every write still work.
+    pub fn fail_reads(&self, start: u64, end: u64) {
+        self.lock().bad_reads.push((start, end));
+    }
+
+    /// Reads work everywhere again.
+    pub fn heal_reads(&self) {
+        self.lock().bad_reads.clear();
+    }
+
+    /// How many reads failed with EIO because of [`LazyFs::fail_reads`].
+    pub fn eio_reads(&self) -> u64 {
+        self.lock().eio_reads
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

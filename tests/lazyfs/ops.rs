@@ -246,8 +246,13 @@ impl Filesystem for Handler {
         reply: ReplyData,
     ) {
         let mut g = self.0.lock();
+        let (start, end) = (offset.max(0) as u64, offset.max(0) as u64 + size as u64);
+        if g.bad_reads.iter().any(|&(s, e)| start < e && s < end) {
+            g.eio_reads += 1;
+            return reply.error(libc::EIO);
+        }
         match g.file(ino) {
-            Ok(d) => reply.data(&d.read(offset.max(0) as u64, size as u64)),
+            Ok(d) => reply.data(&d.read(start, size as u64)),
             Err(e) => reply.error(e),
         }
     }
