@@ -21,7 +21,10 @@ fn cpu_seconds() -> f64 {
 
 fn main() {
     let key = XtsKey::generate();
-    println!("{:16} {:>10} {:>12} {:>12}", "kernel", "call", "ns/call", "GB/s");
+    println!(
+        "{:16} {:>10} {:>12} {:>12}",
+        "kernel", "call", "ns/call", "GB/s"
+    );
     for kernel in Kernel::available() {
         let xts = Xts::with_kernel(&key, kernel).expect("available kernel");
         for (ss, call) in [(512usize, 512usize), (4096, 4096), (4096, 1 << 20)] {
@@ -37,7 +40,13 @@ fn main() {
             }
             let ns = best * 1e9 / iters as f64;
             let gbs = (iters * call) as f64 / best / 1e9;
-            println!("{:16} {:>10} {:>12.1} {:>12.1}", kernel.name(), call, ns, gbs);
+            println!(
+                "{:16} {:>10} {:>12.1} {:>12.1}",
+                kernel.name(),
+                call,
+                ns,
+                gbs
+            );
         }
     }
 }

@@ -229,38 +229,9 @@ impl DataDir {
     /// The volume's 64-byte XTS data key, unwrapped by hand the way an operator would recover it:
     /// `volume info --json` (key id, wrapped DEK, context) → `kms decrypt-datakey --json`.
     pub fn unwrap_dek(&self, name: &str) -> Vec<u8> {
-        let info = self.volume_info(name);
-        let key_id = info["key_id"].as_str().expect("key_id in volume info");
-        let ct = info["cipher_text"]
-            .as_str()
-            .expect("cipher_text in volume info");
-        let mut args: Vec<String> = [
-            "kms",
-            "decrypt-datakey",
-            key_id,
-            "--cipher-text",
-            ct,
-            "--json",
-        ]
-        .map(String::from)
-        .to_vec();
-        let ctx = info["encryption_context"]
-            .as_object()
-            .expect("encryption_context object in volume info");
-        for (k, v) in ctx {
-            let v = v
-                .as_str()
-                .map(String::from)
-                .unwrap_or_else(|| v.to_string());
-            args.push("--context".into());
-            args.push(format!("{k}={v}"));
-        }
+        let args = decrypt_datakey_args(&self.volume_info(name));
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = self.cli(&argv);
-        let dk: serde_json::Value = serde_json::from_str(&out).expect("decrypt-datakey --json");
-        let key = hex::decode(dk["plain_text"].as_str().expect("plain_text")).expect("hex DEK");
-        assert_eq!(key.len(), 64, "an AES-256-XTS data key is 64 bytes");
-        key
+        dek_of_decrypt_output(&self.cli(&argv))
     }
 
     /// Starts `cryptnbd serve --socket DIR/nbd.sock --export NAME…` and waits until it accepts.
@@ -429,4 +400,43 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// `kms decrypt-datakey KEY --cipher-text CT --json --context K=V…` for the wrapped DEK that
+/// `volume info --json` shows (`info`): how an operator recovers a volume's key by hand.
+pub fn decrypt_datakey_args(info: &serde_json::Value) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "kms".into(),
+        "decrypt-datakey".into(),
+        info["key_id"]
+            .as_str()
+            .expect("key_id in volume info")
+            .into(),
+        "--cipher-text".into(),
+        info["cipher_text"]
+            .as_str()
+            .expect("cipher_text in volume info")
+            .into(),
+        "--json".into(),
+    ];
+    let ctx = info["encryption_context"]
+        .as_object()
+        .expect("encryption_context object in volume info");
+    for (k, v) in ctx {
+        let v = v
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| v.to_string());
+        args.push("--context".into());
+        args.push(format!("{k}={v}"));
+    }
+    args
+}
+
+/// The 64-byte XTS key in `kms decrypt-datakey --json` output.
+pub fn dek_of_decrypt_output(out: &str) -> Vec<u8> {
+    let dk: serde_json::Value = serde_json::from_str(out).expect("decrypt-datakey --json");
+    let key = hex::decode(dk["plain_text"].as_str().expect("plain_text")).expect("hex DEK");
+    assert_eq!(key.len(), 64, "an AES-256-XTS data key is 64 bytes");
+    key
 }

@@ -16,7 +16,7 @@ use clients_common::blockdev::{environment_limit, Attached};
 use clients_common::{
     have_tools, pseudo_random, run_bounded, run_ok, skip_environment, DataDir, MIB, TOOL_TIMEOUT,
 };
-use rbd_common::{ceph_conf, create_rbd_volume, rbd, second_host, unique_image, Gateway, POOL};
+use rbd_common::{ceph_conf, create_rbd_volume, export_image, second_host, unique_image, Gateway};
 
 #[test]
 fn rbd_ext4_on_nbdfuse_loop_survives_gateway_switch() {
@@ -88,20 +88,7 @@ fn rbd_ext4_on_nbdfuse_loop_survives_gateway_switch() {
     gw2.stop();
 
     let raw = d.path().join("raw.img");
-    let out = rbd(
-        &conf,
-        &[
-            "export",
-            "--no-progress",
-            &format!("{POOL}/{image}"),
-            raw.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "rbd export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    export_image(&conf, &image, &raw);
     let found = run_bounded(
         Command::new("grep")
             .args(["-q", "-a", "-F", "cryptnbd on rbd on a loop device"])

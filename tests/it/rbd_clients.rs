@@ -15,7 +15,9 @@ use clients_common::xts_oracle::{contains, oracle_decrypt};
 use clients_common::{
     have_tools, pseudo_random, run_ok, run_ok_within, DataDir, HEADER_BYTES, MIB,
 };
-use rbd_common::{ceph_conf, create_rbd_volume, rbd, unique_image, Gateway, ImageGuard, POOL};
+use rbd_common::{
+    ceph_conf, create_rbd_volume, export_image, rbd, unique_image, Gateway, ImageGuard, POOL,
+};
 
 const CANARY: &[u8] = b"CRYPTNBD-RBD-PLAINTEXT-CANARY|";
 
@@ -74,20 +76,7 @@ fn rbd_clients_round_trip_and_image_is_standard_xts() {
 
     // From outside: the raw image as the cluster stores it.
     let raw = d.path().join("raw.img");
-    let out = rbd(
-        &conf,
-        &[
-            "export",
-            "--no-progress",
-            &format!("{POOL}/{image_name}"),
-            raw.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "rbd export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    export_image(&conf, &image_name, &raw);
     let raw_bytes = std::fs::read(&raw).unwrap();
     assert_eq!(
         raw_bytes.len() as u64,

@@ -18,7 +18,7 @@ use std::time::Duration;
 use clients_common::xts_oracle::{contains, oracle_decrypt};
 use clients_common::{have_tools, pseudo_random, run_bounded, run_ok, HEADER_BYTES, MIB};
 use kms_http_support::{audit_text, cli, KmsServer};
-use rbd_common::{ceph_conf, rbd, unique_image, Gateway, ImageGuard, POOL};
+use rbd_common::{ceph_conf, export_image, unique_image, Gateway, ImageGuard, POOL};
 
 const CANARY: &[u8] = b"CRYPTNBD-RBD-REMOTE-KMS-CANARY|";
 
@@ -61,31 +61,9 @@ fn dek_from_kms_host(kms_dir: &Path, gw_dir: &Path, name: &str) -> Vec<u8> {
     let out = cli(gw_dir, &["volume", "info", name, "--json"]);
     let info: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("volume info --json: {e}: {out}"));
-    let mut args: Vec<String> = vec![
-        "kms".into(),
-        "decrypt-datakey".into(),
-        info["key_id"].as_str().expect("key_id").into(),
-        "--cipher-text".into(),
-        info["cipher_text"].as_str().expect("cipher_text").into(),
-        "--json".into(),
-    ];
-    for (k, v) in info["encryption_context"]
-        .as_object()
-        .expect("encryption_context object")
-    {
-        let v = v
-            .as_str()
-            .map(String::from)
-            .unwrap_or_else(|| v.to_string());
-        args.push("--context".into());
-        args.push(format!("{k}={v}"));
-    }
+    let args = clients_common::decrypt_datakey_args(&info);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let dk: serde_json::Value =
-        serde_json::from_str(&cli(kms_dir, &argv)).expect("decrypt-datakey --json");
-    let key = hex::decode(dk["plain_text"].as_str().expect("plain_text")).expect("hex DEK");
-    assert_eq!(key.len(), 64, "an AES-256-XTS data key is 64 bytes");
-    key
+    clients_common::dek_of_decrypt_output(&cli(kms_dir, &argv))
 }
 
 /// Every regular file under `dir`, relative to it.
@@ -219,20 +197,7 @@ fn rbd_gateway_with_remote_kms_holds_no_keys() {
 
     // From outside: the image holds no plaintext, and its data area is standard XTS.
     let raw = tmp.path().join("raw.img");
-    let out = rbd(
-        &conf,
-        &[
-            "export",
-            "--no-progress",
-            &format!("{POOL}/{image1}"),
-            raw.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "rbd export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    export_image(&conf, &image1, &raw);
     let raw_bytes = std::fs::read(&raw).unwrap();
     assert_eq!(raw_bytes.len() as u64, HEADER_BYTES + size);
     assert!(

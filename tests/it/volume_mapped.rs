@@ -38,7 +38,8 @@ fn twin_volumes(dir: &Path, size: u64, sector: u32) -> (Volume, Volume) {
         .write(true)
         .open(&path)
         .unwrap();
-    let mapped = Volume::create(FileBackend::new(file, &path), &h, &key).unwrap();
+    let mapped =
+        Volume::create(FileBackend::new(file, &path).with_mapped_min(0), &h, &key).unwrap();
     let plain = FileBackend::open(&path, false).unwrap().with_mapping(false);
     assert!(!plain.maps_reads());
     let plain = Volume::with_key(Box::new(plain), h, &key, false).unwrap();

@@ -62,6 +62,25 @@ pub fn rbd(conf: &Path, args: &[&str]) -> std::process::Output {
     run_bounded(&mut c, Duration::from_secs(120))
 }
 
+/// Copies image `POOL/image` out of the cluster into the file `to` (`rbd export`): the bytes as
+/// the cluster stores them, for checks from outside cryptnbd.
+pub fn export_image(conf: &Path, image: &str, to: &Path) {
+    let out = rbd(
+        conf,
+        &[
+            "export",
+            "--no-progress",
+            &format!("{POOL}/{image}"),
+            to.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "rbd export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Removes its image when dropped (best effort: the cluster is thrown away anyway).
 pub struct ImageGuard {
     pub conf: PathBuf,
