@@ -10,9 +10,8 @@
 //! The file is written like the store: under the store's exclusive lock, to a temp file that is
 //! fsynced and renamed over the old one, then the directory is fsynced.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -157,26 +156,17 @@ fn save(dir: &Path, file: &CredentialsFile) -> Result<(), KmsError> {
     let p = path(dir);
     let mut bytes = serde_json::to_vec_pretty(file).expect("the credentials file serializes");
     bytes.push(b'\n');
-    let mut rnd = [0u8; 8];
-    getrandom::getrandom(&mut rnd).expect("the OS random number generator failed");
-    let tmp = dir.join(format!("{TEMP_PREFIX}{}", hex::encode(rnd)));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| KmsError::io("creating temporary credentials file", &tmp, e))?;
-        f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| KmsError::io("writing temporary credentials file", &tmp, e))?;
-        fs::rename(&tmp, &p).map_err(|e| KmsError::io("replacing credentials file", &p, e))?;
-        store::sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    store::replace_file(
+        dir,
+        &p,
+        TEMP_PREFIX,
+        &bytes,
+        store::ReplaceSteps {
+            create: "creating temporary credentials file",
+            write: "writing temporary credentials file",
+            rename: "replacing credentials file",
+        },
+    )
 }
 
 fn token_hash(token: &str) -> String {
@@ -367,7 +357,7 @@ mod tests {
         let tok = ks
             .create_credential("rgw", CredentialKind::Token, CredentialScope::default())
             .unwrap();
-        let on_disk = fs::read_to_string(dir.path().join(CREDENTIALS_FILE)).unwrap();
+        let on_disk = std::fs::read_to_string(dir.path().join(CREDENTIALS_FILE)).unwrap();
         assert!(!on_disk.contains(ak.dangerous_secret()));
         assert!(!on_disk.contains(tok.dangerous_secret()));
         let (rec, sk) = ks.access_key(&ak.record.id).unwrap().unwrap();

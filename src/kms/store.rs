@@ -289,10 +289,40 @@ pub fn save(dir: &Path, file: &StoreFile) -> Result<(), KmsError> {
     };
     let mut bytes = serde_json::to_vec_pretty(file).expect("the store file serializes");
     bytes.push(b'\n');
+    replace_file(
+        dir,
+        &path,
+        TEMP_PREFIX,
+        &bytes,
+        ReplaceSteps {
+            create: "creating temporary key store file",
+            write: "writing temporary key store file",
+            rename: "replacing key store",
+        },
+    )
+}
+
+/// How [`replace_file`]'s errors name its three steps.
+pub(super) struct ReplaceSteps {
+    pub create: &'static str,
+    pub write: &'static str,
+    pub rename: &'static str,
+}
+
+/// Replaces `path` (a file in `dir`) by `bytes`, atomically and durably: a new mode-0600 file
+/// `dir/{temp_prefix}{pid}.{random}` is written and synced, renamed over `path`, and the
+/// directory synced. On failure the temporary file is removed and `path` is left as it was.
+pub(super) fn replace_file(
+    dir: &Path,
+    path: &Path,
+    temp_prefix: &str,
+    bytes: &[u8],
+    steps: ReplaceSteps,
+) -> Result<(), KmsError> {
     let mut rnd = [0u8; 8];
     getrandom::getrandom(&mut rnd).expect("the OS random number generator failed");
     let tmp = dir.join(format!(
-        "{TEMP_PREFIX}{}.{}",
+        "{temp_prefix}{}.{}",
         std::process::id(),
         hex::encode(rnd)
     ));
@@ -302,11 +332,11 @@ pub fn save(dir: &Path, file: &StoreFile) -> Result<(), KmsError> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)
-            .map_err(|e| KmsError::io("creating temporary key store file", &tmp, e))?;
-        f.write_all(&bytes)
+            .map_err(|e| KmsError::io(steps.create, &tmp, e))?;
+        f.write_all(bytes)
             .and_then(|_| f.sync_all())
-            .map_err(|e| KmsError::io("writing temporary key store file", &tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| KmsError::io("replacing key store", &path, e))?;
+            .map_err(|e| KmsError::io(steps.write, &tmp, e))?;
+        fs::rename(&tmp, path).map_err(|e| KmsError::io(steps.rename, path, e))?;
         sync_dir(dir)
     })();
     if result.is_err() {
