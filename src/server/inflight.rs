@@ -250,7 +250,7 @@ impl InFlight {
             }
             for c in batch.drain(..) {
                 match c.outcome {
-                    Outcome::Written(Ok(())) => ok_reply(&mut out, structured, c.cookie),
+                    Outcome::Written(Ok(())) => ok_reply(&mut out, c.cookie),
                     Outcome::Written(Err(e)) => error_reply(&mut out, structured, c.cookie, &e),
                     Outcome::Read {
                         result: Err(e),
@@ -335,12 +335,9 @@ where
     }
 }
 
-fn ok_reply(out: &mut Vec<u8>, structured: bool, cookie: u64) {
-    if structured {
-        out.extend_from_slice(&reply::none(cookie));
-    } else {
-        out.extend_from_slice(&reply::simple(0, cookie));
-    }
+/// A simple reply whatever was negotiated, as `session::send_ok` says why.
+fn ok_reply(out: &mut Vec<u8>, cookie: u64) {
+    out.extend_from_slice(&reply::simple(0, cookie));
 }
 
 fn error_reply(out: &mut Vec<u8>, structured: bool, cookie: u64, e: &VolumeError) {

@@ -124,6 +124,39 @@ fn block_status_reports_holes_and_data_with_context_id() {
     assert_eq!(payload.len(), 12, "one hole extent after trim");
 }
 
+/// With structured replies negotiated, successes without data still come as 16-byte simple
+/// replies (allowed for everything but READ; one `recv` less per request for libnbd), while an
+/// error keeps its structured chunk so the message reaches the user.
+#[test]
+fn structured_session_answers_data_less_successes_with_simple_replies() {
+    let (srv, _, _) = server();
+    let mut c = RawClient::unix(&srv.socket);
+    c.connect_export("disk0", true);
+    let is_simple_ok = |r: &Reply, cookie: u64| matches!(r, Reply::Simple { error: 0, cookie: c, .. } if *c == cookie);
+    let r = c.write(1, 0, &pattern(4096, 3), 0);
+    assert!(is_simple_ok(&r, 1), "WRITE: {r:?}");
+    let r = c.write(2, 4096, &pattern(4096, 4), CMD_FLAG_FUA);
+    assert!(is_simple_ok(&r, 2), "WRITE+FUA: {r:?}");
+    for (cookie, cmd, len) in [
+        (3, CMD_FLUSH, 0),
+        (4, CMD_TRIM, 4096),
+        (5, CMD_WRITE_ZEROES, 4096),
+        (6, CMD_CACHE, 4096),
+    ] {
+        c.request(cmd, 0, cookie, 0, len);
+        let r = c.reply(0);
+        assert!(is_simple_ok(&r, cookie), "command {cmd}: {r:?}");
+    }
+    // READ stays structured (the spec's MUST), and an error stays a chunk with its message.
+    c.request(CMD_READ, 0, 7, 4096, 4096);
+    assert!(matches!(c.reply(4096), Reply::Chunk { .. }));
+    c.request(CMD_WRITE_ZEROES, 0, 8, SIZE, 4096);
+    let r = c.reply(0);
+    assert!(matches!(r, Reply::Chunk { .. }), "{r:?}");
+    assert_ne!(r.error(), 0);
+    assert!(!r.message().is_empty());
+}
+
 #[test]
 fn block_status_without_meta_context_is_einval() {
     let (srv, _, _) = server();
