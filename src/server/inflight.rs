@@ -17,7 +17,9 @@
 //! server's [`Budget`] without waiting. When any of these says no, the request takes the
 //! blocking path, which waits (backpressure). A connection ends only after every submitted
 //! request has completed and its reply was sent (or the socket was found dead): the volume
-//! outlives them. Up to [`SPARE_BYTES`] of returned buffers are kept per connection for reuse.
+//! outlives them. Up to [`SPARE_BYTES`] of returned buffers are kept per connection for reuse;
+//! they stay reserved in the budget while kept (a spare is dropped when the budget says no), so
+//! idle connections' spares count like buffers in flight and never push the server past it.
 
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -75,7 +77,8 @@ impl State {
     /// Counts a new submission whose in-flight buffer holds `cost` bytes, if the limits allow
     /// it (`None` when `cost` is `None`: the spare buffer handed out is then the one in flight,
     /// and its capacity, at least `len`, is what is reserved). Returns a spare buffer and the
-    /// bytes reserved.
+    /// bytes reserved. A spare's capacity is already reserved (see [`State::keep_spare`]): that
+    /// reservation turns into the new one, so only the difference goes through the budget.
     fn admit(
         &mut self,
         budget: &Budget,
@@ -86,23 +89,39 @@ impl State {
             return None;
         }
         let v = self.spare.pop().unwrap_or_default();
-        let cost = cost.unwrap_or(v.capacity()).max(len);
-        self.spare_bytes -= v.capacity();
-        if !budget.try_reserve(cost) {
-            self.keep_spare(v);
+        let held = v.capacity();
+        self.spare_bytes -= held;
+        let cost = cost.unwrap_or(held).max(len);
+        if cost > held && !budget.try_reserve(cost - held) {
+            // Back where it was, still reserved.
+            self.spare_bytes += held;
+            self.spare.push(v);
             return None;
+        }
+        if cost < held {
+            budget.release(held - cost);
         }
         self.owed += 1;
         Some((v, cost))
     }
 
-    /// Keeps a returned buffer for reuse, within [`SPARE_BYTES`].
-    fn keep_spare(&mut self, data: Vec<u8>) {
+    /// Keeps a returned buffer for reuse, within [`SPARE_BYTES`], or frees it. `reserved` is
+    /// what the budget holds for it now; a kept buffer keeps exactly its capacity reserved, so
+    /// the server's buffer memory stays within the budget (plus each worker's own share) however
+    /// many connections keep spares.
+    fn keep_spare(&mut self, budget: &Budget, data: Vec<u8>, reserved: usize) {
         let cap = data.capacity();
-        if cap > 0 && cap <= MAX_SUBMIT && self.spare_bytes + cap <= SPARE_BYTES {
-            self.spare_bytes += cap;
-            self.spare.push(data);
+        let fits = cap > 0 && cap <= MAX_SUBMIT && self.spare_bytes + cap <= SPARE_BYTES;
+        let keep = fits && (cap <= reserved || budget.try_reserve(cap - reserved));
+        if !keep {
+            budget.release(reserved);
+            return;
         }
+        if cap < reserved {
+            budget.release(reserved - cap);
+        }
+        self.spare_bytes += cap;
+        self.spare.push(data);
     }
 }
 
@@ -163,8 +182,7 @@ impl InFlight {
             req.offset,
             data,
             Box::new(move |data, result| {
-                me.budget.release(cost);
-                me.lock().keep_spare(data);
+                me.lock().keep_spare(&me.budget, data, cost);
                 me.push(Completed {
                     cookie,
                     outcome: Outcome::Written(result),
@@ -297,11 +315,18 @@ impl InFlight {
             if !spent.is_empty() {
                 let mut st = self.lock();
                 for (data, reserved) in spent.drain(..) {
-                    self.budget.release(reserved);
-                    st.keep_spare(data);
+                    st.keep_spare(&self.budget, data, reserved);
                 }
             }
         }
+    }
+}
+
+impl Drop for InFlight {
+    /// The spares' reservations go back with the connection.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        self.budget.release(st.spare_bytes);
     }
 }
 
@@ -378,7 +403,8 @@ mod tests {
     }
 
     /// Submitted writes land, every reply is sent once (after its write completed), the budget
-    /// is given back, and the replier returns only when nothing is owed.
+    /// is given back (spares' share with the connection), and the replier returns only when
+    /// nothing is owed.
     #[test]
     fn every_submitted_write_gets_one_reply_after_it_landed() {
         let mem = MemBackend::new();
@@ -428,6 +454,22 @@ mod tests {
             vol.read(i * 4096, &mut got).unwrap();
             assert!(got.iter().all(|&b| b == i as u8 + 1), "write {i} landed");
         }
+        // Returned buffers are kept for reuse, and their memory stays reserved in the budget
+        // (so spares on many connections cannot grow past it) until the connection goes.
+        let spare = inf.lock().spare_bytes;
+        assert!(spare > 0, "returned buffers are kept for reuse");
+        assert!(!budget.try_reserve(1 << 20), "spares hold budget");
+        assert!(
+            budget.try_reserve((1 << 20) - spare),
+            "spares hold only their capacity"
+        );
+        budget.release((1 << 20) - spare);
+        // A completion drops its handle just after pushing its reply: wait for the last one.
+        let t0 = std::time::Instant::now();
+        while Arc::strong_count(&inf) > 1 && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(inf);
         assert!(budget.try_reserve(1 << 20), "the whole budget is back");
     }
 
