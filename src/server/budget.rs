@@ -79,6 +79,17 @@ impl Budget {
         true
     }
 
+    /// Reserves `n` bytes for a cached (idle) buffer: only while at least half the budget stays
+    /// free, so buffers kept for reuse on idle connections never starve requests elsewhere.
+    pub(crate) fn try_reserve_cache(&self, n: usize) -> bool {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if *used + n > self.limit / 2 {
+            return false;
+        }
+        *used += n;
+        true
+    }
+
     pub(crate) fn release(&self, n: usize) {
         if n == 0 {
             return;
@@ -183,6 +194,18 @@ mod tests {
         assert_eq!(b.used(), 4 << 20);
         assert!(w.capacity() <= FREE_BYTES);
         drop(other);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn cached_buffers_take_at_most_half_the_budget() {
+        let b = Budget::new(8 << 20);
+        assert!(b.try_reserve_cache(3 << 20));
+        assert!(!b.try_reserve_cache(2 << 20), "past half: not for a cache");
+        assert!(b.try_reserve_cache(1 << 20));
+        assert!(b.try_reserve(4 << 20), "requests still get the other half");
+        assert!(!b.try_reserve_cache(1), "nor once requests hold the rest");
+        b.release(8 << 20);
         assert_eq!(b.used(), 0);
     }
 

@@ -18,8 +18,9 @@
 //! blocking path, which waits (backpressure). A connection ends only after every submitted
 //! request has completed and its reply was sent (or the socket was found dead): the volume
 //! outlives them. Up to [`SPARE_BYTES`] of returned buffers are kept per connection for reuse;
-//! they stay reserved in the budget while kept (a spare is dropped when the budget says no), so
-//! idle connections' spares count like buffers in flight and never push the server past it.
+//! they stay reserved in the budget while kept, and are kept only while the budget is at most
+//! half used, so idle connections' spares count like buffers in flight, never push the server
+//! past the budget and never starve requests on other connections.
 
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -108,17 +109,19 @@ impl State {
     /// Keeps a returned buffer for reuse, within [`SPARE_BYTES`], or frees it. `reserved` is
     /// what the budget holds for it now; a kept buffer keeps exactly its capacity reserved, so
     /// the server's buffer memory stays within the budget (plus each worker's own share) however
-    /// many connections keep spares.
+    /// many connections keep spares, and spares alone never take more than half of it.
     fn keep_spare(&mut self, budget: &Budget, data: Vec<u8>, reserved: usize) {
         let cap = data.capacity();
         let fits = cap > 0 && cap <= MAX_SUBMIT && self.spare_bytes + cap <= SPARE_BYTES;
-        let keep = fits && (cap <= reserved || budget.try_reserve(cap - reserved));
-        if !keep {
+        // Kept only while the budget is at most half used (counting this buffer): a spare is a
+        // cache, and requests on other connections come first.
+        if !fits {
             budget.release(reserved);
             return;
         }
-        if cap < reserved {
-            budget.release(reserved - cap);
+        budget.release(reserved);
+        if !budget.try_reserve_cache(cap) {
+            return;
         }
         self.spare_bytes += cap;
         self.spare.push(data);
