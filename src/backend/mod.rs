@@ -4,7 +4,9 @@
 //!
 //! Reads of a file can also be lent straight from a read-only mapping of it
 //! ([`Backend::with_mapped`]; `mapped` owns the mapping and its SIGBUS guard, `lend` when to map),
-//! so a reader can decrypt from the page cache into its reply buffer without a copy first.
+//! so a reader can decrypt from the page cache into its reply buffer without a copy first; and
+//! writes can be lent a writable mapping ([`Backend::with_mapped_write`]), so a writer encrypts
+//! its plaintext straight into the page cache instead of encrypting in place and `pwrite`-ing.
 //!
 //! [`rbd`] puts volumes on Ceph RBD images (feature `rbd`). `testing` (feature `test-utils`, and
 //! this crate's unit tests) holds the memory, slow, faulty, crashing and piecewise backends the
@@ -62,6 +64,25 @@ pub trait Backend: Send + Sync {
         _len: usize,
         _nowait: bool,
         _f: &mut dyn FnMut(&[u8]),
+    ) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    /// Lends `[offset, offset+len)` (inside the current length) to `f` for storing, without a
+    /// copy, when the storage can do so cheaply and safely (a file mapped writable, on a memory
+    /// file system or where the pages are in memory, so a store never reads the device first).
+    /// `f` must store every byte of what it is given; the bytes are shared memory (other
+    /// writers, the storage itself), hence `&[AtomicU8]`. `Ok(true)`: the bytes are in the
+    /// storage as after [`Backend::write_at`] (a later [`Backend::sync`] covers them).
+    /// `Ok(false)`: not lent, or `f` ran but a fault meanwhile (out of space, an I/O error, a
+    /// file truncated under us) may have sent its stores elsewhere: the range holds anything,
+    /// write it with [`Backend::write_at`], which reports the real error. The default never
+    /// lends.
+    fn with_mapped_write(
+        &self,
+        _offset: u64,
+        _len: usize,
+        _f: &mut dyn FnMut(&[AtomicU8]),
     ) -> io::Result<bool> {
         Ok(false)
     }
@@ -139,6 +160,11 @@ pub trait Backend: Send + Sync {
 /// reads gain the most (≈ 420–520 against 970 ms/GiB).
 pub const MAPPED_MIN: usize = 64 << 10;
 
+/// Writes shorter than this are encrypted in place and `pwrite`-n rather than encrypted straight
+/// into the writable mapping (see [`Backend::with_mapped_write`] and the measurements in
+/// `volume::mapped_write`).
+pub const MAPPED_WRITE_MIN: usize = 64 << 10;
+
 /// A backend on a regular (sparse) file.
 #[derive(Debug)]
 pub struct FileBackend {
@@ -148,6 +174,10 @@ pub struct FileBackend {
     lender: lend::Lender,
     /// Reads shorter than this are not lent (see [`MAPPED_MIN`]).
     mapped_min: usize,
+    /// The writable mapping's owner (see [`Backend::with_mapped_write`]).
+    writer: lend::Lender,
+    /// Writes shorter than this are not lent (see [`MAPPED_WRITE_MIN`]).
+    mapped_write_min: usize,
 }
 
 /// How [`FileBackend::try_read_at_nowait`] finds out whether a read would wait.
@@ -202,8 +232,10 @@ impl FileBackend {
             file,
             path: path.into(),
             nowait: AtomicU8::new(nowait),
-            lender: lend::Lender::new(mappable),
+            lender: lend::Lender::new(mappable, false),
             mapped_min: MAPPED_MIN,
+            writer: lend::Lender::new(mappable, true),
+            mapped_write_min: MAPPED_WRITE_MIN,
         }
     }
 
@@ -214,10 +246,25 @@ impl FileBackend {
         self
     }
 
-    /// `false`: never lend from a mapping; every read is a `pread`.
+    /// Lends writes of at least `min` bytes (default [`MAPPED_WRITE_MIN`]; 0 lends every one).
+    pub fn with_mapped_write_min(mut self, min: usize) -> Self {
+        self.mapped_write_min = min;
+        self
+    }
+
+    /// `false`: never lend from a mapping; every read is a `pread`, every write a `pwrite`.
     pub fn with_mapping(mut self, on: bool) -> Self {
         if !on {
             self.lender.disable();
+            self.writer.disable();
+        }
+        self
+    }
+
+    /// `false`: writes never go through a mapping (every write is a `pwrite`); reads still may.
+    pub fn with_write_mapping(mut self, on: bool) -> Self {
+        if !on {
+            self.writer.disable();
         }
         self
     }
@@ -225,6 +272,11 @@ impl FileBackend {
     /// Whether reads may be lent from a mapping of the file.
     pub fn maps_reads(&self) -> bool {
         self.lender.enabled()
+    }
+
+    /// Whether writes may be lent a writable mapping of the file.
+    pub fn maps_writes(&self) -> bool {
+        self.writer.enabled()
     }
 
     /// Opens an existing file for reading (and writing unless `read_only`).
@@ -333,10 +385,30 @@ impl Backend for FileBackend {
         self.lender.lend(&self.file, offset, len, f)
     }
 
+    fn with_mapped_write(
+        &self,
+        offset: u64,
+        len: usize,
+        f: &mut dyn FnMut(&[AtomicU8]),
+    ) -> io::Result<bool> {
+        if len < self.mapped_write_min {
+            return Ok(false);
+        }
+        // On a disk file system, a store to a page not in memory makes the kernel read it from
+        // the device first (pwrite of whole pages does not): only resident pages there. On a
+        // memory file system a store into a hole allocates the page, as pwrite does.
+        let resident = self.nowait.load(Ordering::Relaxed) != NOWAIT_MEMORY;
+        self.writer.lend_write(&self.file, offset, len, resident, f)
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.file.write_all_at(buf, offset)
     }
 
+    // `fdatasync` also writes back pages dirtied through the writable mapping: on Linux a
+    // MAP_SHARED store dirties the page-cache page itself (through `page_mkwrite`, or the page
+    // table's dirty bit gathered by write-back), so the sync that covers `pwrite`s covers them,
+    // and a failed write-back of them is reported to it the same way.
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
     }
@@ -349,6 +421,7 @@ impl Backend for FileBackend {
         // Before the punch: a reader must not take these pages as resident once they are holes
         // (on tmpfs, touching a hole through the mapping would allocate it).
         self.lender.punched(offset, len);
+        self.writer.punched(offset, len);
         // SAFETY: fallocate on a file descriptor we own, with plain integer arguments.
         let rc = unsafe {
             libc::fallocate(
@@ -360,6 +433,7 @@ impl Backend for FileBackend {
         };
         // And after: a reader that found them resident while the punch ran may have noted so.
         self.lender.punched(offset, len);
+        self.writer.punched(offset, len);
         if rc == 0 {
             return Ok(());
         }
@@ -376,6 +450,7 @@ impl Backend for FileBackend {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)?;
         self.lender.resized();
+        self.writer.resized();
         Ok(())
     }
 
@@ -449,6 +524,14 @@ impl<B: Backend + ?Sized> Backend for Box<B> {
         f: &mut dyn FnMut(&[u8]),
     ) -> io::Result<bool> {
         (**self).with_mapped(offset, len, nowait, f)
+    }
+    fn with_mapped_write(
+        &self,
+        offset: u64,
+        len: usize,
+        f: &mut dyn FnMut(&[AtomicU8]),
+    ) -> io::Result<bool> {
+        (**self).with_mapped_write(offset, len, f)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         (**self).write_at(buf, offset)
