@@ -103,14 +103,14 @@ fn mapped_writes_leave_the_same_bytes_as_pwrite() {
                     }
                     n
                 });
-                for i in 0..300 {
+                for i in 0..200 {
                     let ss = u64::from(sector);
                     let (off, len) = if i % 3 == 0 {
                         let off = rng.gen_range(0..size - 1);
                         (off, rng.gen_range(1..=(size - off).min(200 << 10)))
                     } else {
                         let s = rng.gen_range(0..size / ss);
-                        (s * ss, rng.gen_range(1..=(size / ss - s).min(256)) * ss)
+                        (s * ss, rng.gen_range(1..=(size / ss - s).min(128)) * ss)
                     };
                     match rng.gen_range(0..10) {
                         0 => {
@@ -123,14 +123,15 @@ fn mapped_writes_leave_the_same_bytes_as_pwrite() {
                             plain.write_zeroes(off, len, punch, false).unwrap();
                         }
                         _ => {
-                            let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                            let mut data = vec![0u8; len as usize];
+                            rng.fill(&mut data[..]);
                             if off % ss == 0
                                 && len % ss == 0
                                 && lends_write(&mapped, off, len as usize)
                             {
                                 lent += 1;
                             }
-                            let fua = rng.gen_bool(0.05);
+                            let fua = rng.gen_bool(0.02);
                             mapped.write(off, &mut data.clone(), fua).unwrap();
                             plain.write(off, &mut data.clone(), fua).unwrap();
                         }
@@ -163,7 +164,8 @@ fn flush_after_mapped_writes_leaves_nothing_dirty() {
     let tmp = tempfile::tempdir().unwrap();
     let (mapped, _plain, key) = twin_volumes(tmp.path(), 16 * MIB, 4096);
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
-    let data: Vec<u8> = (0..8 * MIB).map(|_| rng.gen()).collect();
+    let mut data = vec![0u8; 8 * MIB as usize];
+    rng.fill(&mut data[..]);
     // First write: the pages are not resident on ext4, so pwrite; then they are.
     mapped.write(MIB, &mut data.clone(), false).unwrap();
     mapped.flush().unwrap();
@@ -171,7 +173,7 @@ fn flush_after_mapped_writes_leaves_nothing_dirty() {
         lends_write(&mapped, MIB, data.len()),
         "resident pages are lent"
     );
-    let data: Vec<u8> = (0..8 * MIB).map(|_| rng.gen()).collect();
+    rng.fill(&mut data[..]);
     mapped.write(MIB, &mut data.clone(), false).unwrap();
     let path = tmp.path().join("mapped4096.vol");
     let file = std::fs::File::open(&path).unwrap();
