@@ -10,11 +10,16 @@
 //! Only whole sectors come here (sub-sector edges stay read-modify-write under their stripe
 //! lock), and only writes of at least `backend::MAPPED_WRITE_MIN` bytes.
 //!
-//! Durability does not change: a store through a `MAP_SHARED` mapping dirties the page-cache
-//! page itself, so `Volume::flush`'s `fdatasync` writes it back like a `pwrite`-n page and
-//! reports its write-back error the same way, once; the sticky rule of `Volume::flush` then
-//! holds as before. A FUA write flushes after the data is in the page cache, whichever way it
-//! got there. Trim and write-zeroes punch holes as before: the kernel unmaps punched pages from
+//! Durability does not change. A store through a `MAP_SHARED` mapping dirties the page-cache
+//! page itself (Linux has one page cache: the first store after a page is clean goes through the
+//! file system's `page_mkwrite`, which marks the folio dirty and, on ext4/xfs, reserves its
+//! blocks — so running out of space shows up at that fault, as SIGBUS, not later at write-back,
+//! just as `pwrite` reserves at `write_begin`). `Volume::flush`'s `fdatasync` writes dirty folios
+//! back whoever dirtied them, and a failed write-back is recorded on the file's address space and
+//! reported once to the next `fdatasync`, exactly as for `pwrite`-n pages; so the sticky rule of
+//! `Volume::flush` (the first failure fails every later flush and write) holds unchanged, and no
+//! `msync` is needed. A FUA write flushes after the data is in the page cache, whichever way it
+//! got there. (tmpfs has no write-back at all.) Trim and write-zeroes punch holes as before: the kernel unmaps punched pages from
 //! every mapping, and the next store to one faults it in afresh.
 //!
 //! Concurrent readers see each byte's old or new ciphertext as with `pwrite` (which is not
