@@ -8,7 +8,9 @@
 //! untouched; and it is the fallback that returns the real error (ENOSPC, EIO) to the client.
 //!
 //! Only whole sectors come here (sub-sector edges stay read-modify-write under their stripe
-//! lock), and only writes of at least `backend::MAPPED_WRITE_MIN` bytes.
+//! lock); the backend decides what it lends: `FileBackend` lends writes of at least
+//! `backend::MAPPED_WRITE_MIN` bytes, on memory file systems by default (see
+//! `FileBackend::with_write_mapping` for why not on disk ones).
 //!
 //! Durability does not change. A store through a `MAP_SHARED` mapping dirties the page-cache
 //! page itself (Linux has one page cache: the first store after a page is clean goes through the
