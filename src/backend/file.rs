@@ -485,6 +485,53 @@ mod tests {
         }
     }
 
+    /// Which writes are lent a writable mapping: on tmpfs every one from the threshold up (a
+    /// hole too: the store allocates it, as `pwrite` would); on the temp dir's disk file system
+    /// none by default, and with `with_write_mapping(true)` only pages in memory, never a hole
+    /// that would be read from the device first. What is stored lands in the file; below the
+    /// threshold and with mapping off nothing is lent.
+    #[test]
+    fn mapped_writes_lend_only_where_cheap() {
+        let shm = std::path::Path::new("/dev/shm");
+        let tmp = tempfile::tempdir().unwrap();
+        let shm_dir = shm.is_dir().then(|| tempfile::tempdir_in(shm).unwrap());
+        let mut dirs = vec![tmp.path().to_path_buf()];
+        dirs.extend(shm_dir.iter().map(|d| d.path().to_path_buf()));
+        let fill =
+            |v: u8| move |d: &[AtomicU8]| d.iter().for_each(|b| b.store(v, Ordering::Relaxed));
+        for dir in dirs {
+            let b = new_file(&dir.join("f")).with_mapped_write_min(8192);
+            b.set_len(8 << 20).unwrap();
+            let memory = in_memory(&b);
+            assert_eq!(b.maps_writes(), memory, "{dir:?}: default");
+            assert!(
+                !b.with_mapped_write(0, 4096, &mut fill(1)).unwrap(),
+                "below the threshold"
+            );
+            assert_eq!(
+                b.with_mapped_write(1 << 20, 8192, &mut fill(2)).unwrap(),
+                memory
+            );
+            let b = b.with_write_mapping(true);
+            assert!(b.maps_writes());
+            let hole = b.with_mapped_write(2 << 20, 8192, &mut fill(3)).unwrap();
+            assert_eq!(hole, memory, "{dir:?}: a disk hole is never lent");
+            b.write_at(&[4u8; 8192], 3 << 20).unwrap();
+            assert!(
+                b.with_mapped_write(3 << 20, 8192, &mut fill(5)).unwrap(),
+                "resident"
+            );
+            let mut got = [0u8; 8192];
+            b.read_at(&mut got, 3 << 20).unwrap();
+            assert!(
+                got.iter().all(|&x| x == 5),
+                "{dir:?}: stores land in the file"
+            );
+            let off = b.with_write_mapping(false);
+            assert!(!off.with_mapped_write(3 << 20, 8192, &mut fill(6)).unwrap());
+        }
+    }
+
     fn in_memory(b: &FileBackend) -> bool {
         b.nowait.load(Ordering::Relaxed) == NOWAIT_MEMORY
     }
