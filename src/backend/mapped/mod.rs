@@ -1,6 +1,7 @@
-//! A read-only shared mapping of a backing file, lent out for zero-copy reads without ever
-//! turning storage trouble into a crash. This is the one module that owns the mapping and its
-//! `unsafe`: `mmap`/`munmap`/`mincore`, and (in [`sigbus`]) the SIGBUS guard.
+//! Shared mappings of a backing file — read-only ones lent out for zero-copy reads, writable ones
+//! lent out for zero-copy writes — without ever turning storage trouble into a crash. This is the
+//! one module that owns the mappings and their `unsafe`: `mmap`/`munmap`/`mincore`, and (in
+//! [`sigbus`]) the SIGBUS guard.
 //!
 //! Why lend bytes at all: a file read is otherwise `pread` (page cache → buffer) then decrypt in
 //! place, two passes over the data before the socket write; decrypting straight from the page
