@@ -1,6 +1,7 @@
-//! When and which mapping a [`super::FileBackend`] lends its bytes from: created lazily at the
-//! first read, at the file's length then; retired on the first fault in it (or a resize) and
-//! replaced by a fresh one at a later read, at most [`MAX_MAPPINGS`] times in a backend's life,
+//! When and which mapping a [`super::FileBackend`] lends its bytes from (one [`Lender`] for
+//! reads, with a read-only mapping, and one for writes, with a writable one): created lazily at
+//! the first use, at the file's length then; retired on the first fault in it (or a resize) and
+//! replaced by a fresh one at a later use, at most [`MAX_MAPPINGS`] times in a backend's life,
 //! after which it reads with `pread` only. Retired mappings stay mapped (and registered with the
 //! SIGBUS guard) until the backend is dropped, because a reader on another thread may still be
 //! inside one: unmapping under it would turn the guard's zero page into a real crash, or worse,
@@ -9,7 +10,7 @@
 
 use std::fs::File;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use super::mapped::{Mapping, Touch};
@@ -28,16 +29,20 @@ pub(super) struct Lender {
     current: AtomicUsize,
     /// How many slots are filled; held while creating one.
     made: Mutex<usize>,
+    /// Maps read-write (for [`Lender::lend_write`]) rather than read-only.
+    writable: bool,
 }
 
 impl Lender {
-    /// `enabled = false` never maps (file systems where mapping is unwise, 32-bit, tests).
-    pub(super) fn new(enabled: bool) -> Lender {
+    /// `enabled = false` never maps (file systems where mapping is unwise, 32-bit, tests);
+    /// `writable` maps read-write, for writes.
+    pub(super) fn new(enabled: bool, writable: bool) -> Lender {
         let on = enabled && cfg!(target_pointer_width = "64");
         Lender {
             slots: Default::default(),
             current: AtomicUsize::new(if on { NONE } else { NEVER }),
             made: Mutex::new(0),
+            writable,
         }
     }
 
@@ -71,12 +76,18 @@ impl Lender {
             return None;
         }
         let len = file.metadata().ok()?.len();
-        let m = match Mapping::new(file, len) {
+        let mapped = if self.writable {
+            Mapping::new_writable(file, len)
+        } else {
+            Mapping::new(file, len)
+        };
+        let m = match mapped {
             Ok(m) => m,
             // An empty file (a volume being created): try again at a later read.
             Err(_) if len == 0 => return None,
             Err(e) => {
-                tracing::debug!(error = %e, "not mapping the volume file; reads use pread");
+                tracing::debug!(error = %e, writable = self.writable,
+                    "not mapping the volume file; reads use pread and writes pwrite");
                 self.current.store(NEVER, Ordering::Release);
                 return None;
             }
@@ -134,6 +145,39 @@ impl Lender {
                     faults = m.faults(),
                     "a fault in the mapped volume file (truncated or an I/O error under it); \
                      reading this range with pread and no longer trusting that mapping"
+                );
+                self.retire(k);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Lends `[offset, offset+len)` of `file` to `f` for storing, if it is mapped (and, with
+    /// `resident`, only if its pages are in memory); `Ok(false)` when not lent or when a fault
+    /// may have sent stores to a throw-away page: then the range must be written otherwise.
+    pub(super) fn lend_write(
+        &self,
+        file: &File,
+        offset: u64,
+        len: usize,
+        resident: bool,
+        f: &mut dyn FnMut(&[AtomicU8]),
+    ) -> io::Result<bool> {
+        let Some((k, m)) = self.mapping(file) else {
+            return Ok(false);
+        };
+        if resident && !m.resident(offset, len) {
+            return Ok(false);
+        }
+        match m.write_with(offset, len, f) {
+            Touch::Clean => Ok(true),
+            Touch::OutOfRange => Ok(false),
+            Touch::Faulted => {
+                tracing::warn!(
+                    faults = m.faults(),
+                    "a fault in the writable mapping of the volume file (out of space, an I/O \
+                     error or a truncated file); writing this range with pwrite, which reports \
+                     the error, and no longer trusting that mapping"
                 );
                 self.retire(k);
                 Ok(false)

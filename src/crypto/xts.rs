@@ -314,6 +314,103 @@ impl Xts {
             Engine::Portable(p) => p.run::<ENC>(src, dst, sector_size, first_unit),
         }
     }
+
+    /// Encrypts `src` into `dst`, memory shared with other threads and with the kernel (a
+    /// writable file mapping, see `backend::mapped`): other writers may store the same bytes at
+    /// the same time, and what lands is then any mix of theirs and ours, byte by byte. Same
+    /// tweaks as [`Xts::encrypt_sectors`]. Every byte of `dst` is stored once; none is read.
+    ///
+    /// Why `&[AtomicU8]`: a `&mut [u8]` would promise no one else touches the bytes, and plain
+    /// stores racing with other threads' stores are undefined. The AES-NI kernels store only
+    /// from inside their inline assembly (vector stores, which x86 performs byte-wise atomically
+    /// at least); the portable engine encrypts one sector into a stack buffer and stores it with
+    /// relaxed atomic byte stores.
+    ///
+    /// # Panics
+    /// As [`Xts::encrypt_sectors_to`], and when `src` and `dst` overlap.
+    // Calling the AES-NI kernels with a destination that is not a `&mut [u8]`.
+    #[allow(unsafe_code)]
+    pub fn encrypt_sectors_to_shared(
+        &self,
+        src: &[u8],
+        dst: &[std::sync::atomic::AtomicU8],
+        sector_size: usize,
+        first_unit: u64,
+    ) {
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "XTS source and destination lengths differ"
+        );
+        check(src.len(), sector_size);
+        let (s, len) = (src.as_ptr(), src.len());
+        // `AtomicU8` is an `UnsafeCell<u8>`: a pointer derived from a shared slice of them may
+        // be written through, for the whole slice.
+        let d = dst.as_ptr().cast::<u8>().cast_mut();
+        assert!(
+            len == 0 || (s as usize + len <= d as usize || d as usize + len <= s as usize),
+            "XTS shared destination overlaps the source"
+        );
+        match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNiVaes512(keys) => {
+                // SAFETY: as in `run`: the kernel is available (checked at construction), `s` is
+                // valid for reads and `d` for writes of `len` bytes (the slices' lengths, checked
+                // equal), they are disjoint (asserted), `len` is a multiple of `sector_size`
+                // (512 or 4096, `check`). `d`'s bytes may be stored by other threads meanwhile:
+                // the kernel neither reads them nor keeps them, it only stores, from its asm.
+                unsafe {
+                    super::xts_vaes512::crypt_sectors::<true>(
+                        keys.data::<true>(),
+                        &keys.enc2,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNiVaes(keys) => {
+                // SAFETY: as for `AesNiVaes512` above, with this kernel's 256-byte group.
+                unsafe {
+                    super::xts_vaes::crypt_sectors::<true>(
+                        keys.data::<true>(),
+                        &keys.enc2,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNi(keys) => {
+                // SAFETY: as for `AesNiVaes512` above, with this kernel's 128-byte group.
+                unsafe {
+                    super::xts_ni::crypt_sectors::<true>(keys, s, d, len, sector_size, first_unit)
+                }
+            }
+            Engine::Portable(p) => {
+                let mut buf = [0u8; 4096];
+                let out = &mut buf[..sector_size];
+                let per = (sector_size / UNIT) as u64;
+                for (i, (plain, shared)) in src
+                    .chunks_exact(sector_size)
+                    .zip(dst.chunks_exact(sector_size))
+                    .enumerate()
+                {
+                    let unit = first_unit.wrapping_add(i as u64 * per);
+                    p.run::<true>(Some(plain), out, sector_size, unit);
+                    for (c, b) in out.iter().zip(shared) {
+                        b.store(*c, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn check(len: usize, sector_size: usize) {

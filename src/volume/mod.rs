@@ -20,6 +20,7 @@ mod error;
 mod geometry;
 pub mod header;
 mod mapped;
+mod mapped_write;
 mod submit;
 
 use std::cell::RefCell;
@@ -383,8 +384,8 @@ impl Volume {
             .map_err(|e| self.io_err("writing", ss as u64, sector, e))
     }
 
-    /// Writes `data` at `offset` (any alignment). `data` is scratch: its sector-aligned part holds
-    /// ciphertext afterwards. With `fua`, the write is durable when this returns.
+    /// Writes `data` at `offset` (any alignment). `data` is scratch: its sector-aligned part may
+    /// hold ciphertext afterwards. With `fua`, the write is durable when this returns.
     pub fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), VolumeError> {
         self.check_writable(Op::Write)?;
         self.check(Op::Write, offset, data.len() as u64)?;
@@ -401,10 +402,13 @@ impl Volume {
         let mid_len = sp.mid.1 as usize;
         if mid_len > 0 {
             let mid = &mut data[pos..pos + mid_len];
-            self.xts.encrypt_sectors(mid, ss, self.unit(sp.mid.0));
-            self.backend
-                .write_at(mid, self.file_offset(sp.mid.0))
-                .map_err(|e| self.io_err("writing", mid_len as u64, sp.mid.0, e))?;
+            // Straight into the backend's lent destination when it lends one (`mapped_write`).
+            if !self.write_mapped(mid, sp.mid.0)? {
+                self.xts.encrypt_sectors(mid, ss, self.unit(sp.mid.0));
+                self.backend
+                    .write_at(mid, self.file_offset(sp.mid.0))
+                    .map_err(|e| self.io_err("writing", mid_len as u64, sp.mid.0, e))?;
+            }
             pos += mid_len;
         }
         if let Some((s, _, n)) = sp.tail {

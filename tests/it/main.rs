@@ -71,6 +71,7 @@ mod volume_header;
 mod volume_header_two_crashes;
 mod volume_io;
 mod volume_mapped;
+mod volume_mapped_write;
 mod volume_model;
 mod volume_rmw;
 mod volume_torn_reads;

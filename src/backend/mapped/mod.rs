@@ -1,6 +1,7 @@
-//! A read-only shared mapping of a backing file, lent out for zero-copy reads without ever
-//! turning storage trouble into a crash. This is the one module that owns the mapping and its
-//! `unsafe`: `mmap`/`munmap`/`mincore`, and (in [`sigbus`]) the SIGBUS guard.
+//! Shared mappings of a backing file — read-only ones lent out for zero-copy reads, writable ones
+//! lent out for zero-copy writes — without ever turning storage trouble into a crash. This is the
+//! one module that owns the mappings and their `unsafe`: `mmap`/`munmap`/`mincore`, and (in
+//! [`sigbus`]) the SIGBUS guard.
 //!
 //! Why lend bytes at all: a file read is otherwise `pread` (page cache → buffer) then decrypt in
 //! place, two passes over the data before the socket write; decrypting straight from the page
@@ -22,6 +23,37 @@
 //! after decrypting, see `volume::mapped`). The crypto kernels read their source through raw
 //! pointers once per block; a `&[UnsafeCell<u8>]` would say this more precisely, but the XTS
 //! engine takes `&[u8]`, and raw pointers here would only move the same contract one call down.
+//!
+//! Writes go the other way through a *second*, writable mapping of the same file
+//! ([`Mapping::new_writable`], [`Mapping::write_with`]): the writer encrypts its plaintext
+//! straight into the page cache, so encryption replaces `pwrite`'s copy and its per-page lookups.
+//! Why a second mapping rather than one read-write mapping for both directions, and why it is
+//! lent as `&[AtomicU8]`:
+//! - Our own stores are Rust-side stores, unlike the kernel's `pwrite` or another process. Were
+//!   they made through the mapping that lends `&[u8]` to readers, they would be writes, in the
+//!   abstract machine, to memory another thread holds a shared reference to — exactly what
+//!   `&[u8]` promises cannot happen. Through a separate mapping they are writes to a different
+//!   allocation: the abstract machine cannot see that both mappings show the same page-cache
+//!   pages, and the bytes reach the readers' mapping the way `pwrite`'s and other processes'
+//!   bytes do, from outside it. The reader's contract above stays what it was. (Moving the
+//!   readers to raw pointers or `&[UnsafeCell<u8>]` would also be needed had we chosen one
+//!   mapping; with two it is not.) The read mapping also stays `PROT_READ`, so no bug can store
+//!   through it.
+//! - Writers among themselves: two NBD writes of one range may run at once (NBD leaves the result
+//!   unspecified, but it must not be undefined). So the writable mapping is never a `&mut [u8]`
+//!   nor a `&[u8]`: it is lent as `&[AtomicU8]`, shared memory whose every byte may be stored by
+//!   several threads. The only writer, `Xts::encrypt_sectors_to_shared`, stores into it from
+//!   inside the AES-NI kernels' inline assembly (byte-wise single-copy atomic on x86: any mix of
+//!   the racing writers' bytes, never a torn byte) or, on the portable engine, by relaxed atomic
+//!   byte stores.
+//! - The cost of two mappings: a page touched by both is faulted into each (minor faults, the
+//!   page is already cached) and the guard holds two slots per file.
+//!
+//! A store faults on storage trouble as a load does (and more often: on a file system out of
+//! space, the fault that fills a hole fails). The guard maps a writable throw-away page over the
+//! faulting one, so the store completes there; `write_with` reports `Faulted`, the caller writes
+//! the range again with `pwrite` (from its plaintext, which it still holds) and so gets the real
+//! error (ENOSPC, EIO) or, after a truncation, extends the file as `pwrite` always did.
 
 mod sigbus;
 
@@ -29,7 +61,7 @@ use std::ffi::c_void;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 pub use sigbus::faults_handled;
 
@@ -41,17 +73,18 @@ pub enum Touch {
     /// A fault happened in this mapping while (or before) the closure ran: what it saw may be
     /// zero pages instead of data. Discard its result, read otherwise, and retire the mapping.
     Faulted,
-    /// The range is not inside the mapping.
+    /// The range is not inside the mapping (or the mapping is not writable, for a write).
     OutOfRange,
 }
 
-/// A read-only `MAP_SHARED` mapping of the first `len` bytes of a file, registered with the
-/// SIGBUS guard for its whole life.
+/// A `MAP_SHARED` mapping of the first `len` bytes of a file, read-only (lent for reads) or
+/// read-write (lent for writes), registered with the SIGBUS guard for its whole life.
 #[derive(Debug)]
 pub struct Mapping {
     base: *const u8,
     len: usize,
     slot: usize,
+    writable: bool,
     /// One bit per page: `mincore` found it resident and no hole was punched there since (see
     /// [`Mapping::resident`]). Empty for files too large to keep it for.
     known: Box<[AtomicU64]>,
@@ -63,9 +96,9 @@ const WINDOW_PAGES: usize = 256;
 /// Largest page memo kept (bytes): 8 MiB of bits covers a 256 GiB file of 4 KiB pages.
 const MAX_MEMO: usize = 8 << 20;
 
-// SAFETY: the mapping is read-only memory owned by this value; it is only read (through
-// `read_with`) and unmapped in `Drop`, which needs `&mut`. Reading it from several threads at
-// once is fine.
+// SAFETY: the mapping is memory owned by this value; it is read through `read_with` (a
+// read-only mapping), written only as `&[AtomicU8]` through `write_with` (a writable one), and
+// unmapped in `Drop`, which needs `&mut`. Both are fine from several threads at once.
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
 unsafe impl Sync for Mapping {}
@@ -75,19 +108,34 @@ impl Mapping {
     /// length that does not fit the address space, or when the guard cannot be installed or has
     /// no free slot — callers then read with `pread`.
     pub fn new(file: &File, len: u64) -> io::Result<Mapping> {
+        Self::map(file, len, false)
+    }
+
+    /// Maps the first `len` bytes of `file` read-write, shared, for [`Mapping::write_with`]
+    /// (the file must be open for writing). Fails as [`Mapping::new`] does.
+    pub fn new_writable(file: &File, len: u64) -> io::Result<Mapping> {
+        Self::map(file, len, true)
+    }
+
+    fn map(file: &File, len: u64, writable: bool) -> io::Result<Mapping> {
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         let len = usize::try_from(len)
             .ok()
             .filter(|&l| l > 0 && l <= isize::MAX as usize)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "cannot map this length"))?;
         sigbus::install()?;
-        // SAFETY: a fresh read-only shared mapping chosen by the kernel (no MAP_FIXED), of a file
+        // SAFETY: a fresh shared mapping chosen by the kernel (no MAP_FIXED), of a file
         // descriptor we own; nothing else in the process is affected. No MAP_POPULATE: on tmpfs,
         // touching a hole through a mapping allocates it.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ,
+                prot,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
                 0,
@@ -96,7 +144,7 @@ impl Mapping {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        let Some(slot) = sigbus::register(p as usize, len) else {
+        let Some(slot) = sigbus::register(p as usize, len, writable) else {
             // SAFETY: unmapping what we just mapped; nothing has seen it.
             unsafe { libc::munmap(p, len) };
             return Err(io::Error::other(
@@ -109,6 +157,7 @@ impl Mapping {
             base: p.cast_const().cast(),
             len,
             slot,
+            writable,
             known: (0..words).map(|_| AtomicU64::new(0)).collect(),
         })
     }
@@ -277,6 +326,35 @@ impl Mapping {
             Touch::Clean
         }
     }
+
+    /// Lends `[offset, offset+len)` of a writable mapping to `f` for storing (see the module doc
+    /// for why as `&[AtomicU8]`). `Clean`: every store landed in the file's pages. `Faulted`: a
+    /// fault happened in this mapping meanwhile (out of space, an I/O error, a truncated file),
+    /// so some stores may have gone to a throw-away page: write the range otherwise (`pwrite`)
+    /// and retire the mapping. `OutOfRange` also for a read-only mapping.
+    pub fn write_with(&self, offset: u64, len: usize, f: &mut dyn FnMut(&[AtomicU8])) -> Touch {
+        let Some(off) = self.range(offset, len).filter(|_| self.writable) else {
+            return Touch::OutOfRange;
+        };
+        if self.faults() != 0 {
+            return Touch::Faulted;
+        }
+        // SAFETY: `[off, off+len)` lies inside our live, writable mapping (checked above), which
+        // stays mapped while `&self` is borrowed; `AtomicU8` has the size and alignment of `u8`,
+        // and every Rust access to this mapping goes through such atomics (it is never lent as
+        // `&[u8]` or `&mut [u8]`; readers use the other, read-only mapping: see the module doc).
+        // A fault on a store is absorbed by the guard (a writable throw-away page takes it, and
+        // the fault is counted, checked below).
+        let bytes =
+            unsafe { std::slice::from_raw_parts(self.base.add(off).cast::<AtomicU8>(), len) };
+        f(bytes);
+        // As in `read_with`: the count is raised before the throw-away page exists.
+        if self.faults() != 0 {
+            Touch::Faulted
+        } else {
+            Touch::Clean
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -377,6 +455,55 @@ mod tests {
         assert!(!m.memo(WINDOW_PAGES, WINDOW_PAGES, Memo::Check));
         assert!(m.resident((299 * page) as u64, page));
         assert!(m.memo(WINDOW_PAGES, 299, Memo::Check));
+    }
+
+    /// The guard for stores: a file truncated under a live writable mapping makes the next store
+    /// past the new end raise SIGBUS. The process survives, the store completes on a writable
+    /// throw-away page (it does not fault again forever), the fault is counted on that mapping
+    /// only, the file is neither extended nor changed by the lost stores, and the mapping stays
+    /// poisoned. Stores before the fault landed in the file; a read-only mapping lends nothing
+    /// for writing.
+    #[test]
+    fn write_faults_are_absorbed_on_a_writable_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = file_with(dir.path(), 64 << 10);
+        let w = Mapping::new_writable(&f, 64 << 10).unwrap();
+        let r = Mapping::new(&f, 64 << 10).unwrap();
+        assert_eq!(r.write_with(0, 4096, &mut |_| {}), Touch::OutOfRange);
+        let store = |w: &Mapping, off: u64, len: usize, v: u8| {
+            w.write_with(off, len, &mut |d| {
+                for b in d {
+                    b.store(v, Ordering::Relaxed);
+                }
+            })
+        };
+        assert_eq!(store(&w, 4096, 8192, 0xab), Touch::Clean);
+        let mut back = vec![0u8; 8192];
+        f.read_exact_at(&mut back, 4096).unwrap();
+        assert!(back.iter().all(|&x| x == 0xab), "stores land in the file");
+        let mut seen = Vec::new();
+        assert_eq!(
+            r.read_with(4096, 8192, &mut |b| seen = b.to_vec()),
+            Touch::Clean
+        );
+        assert_eq!(seen, back, "the read mapping shows the same pages");
+
+        let before = faults_handled();
+        f.set_len(16 << 10).unwrap();
+        assert_eq!(store(&w, 12 << 10, 40 << 10, 0xcd), Touch::Faulted);
+        assert!(w.faults() >= 1 && faults_handled() > before);
+        assert_eq!(r.faults(), 0, "only the faulting mapping is poisoned");
+        assert_eq!(f.metadata().unwrap().len(), 16 << 10, "not extended");
+        let mut head = vec![0u8; 4096];
+        f.read_exact_at(&mut head, 12 << 10).unwrap();
+        assert!(
+            head.iter().all(|&x| x == 0xcd),
+            "stores before the end landed"
+        );
+        assert_eq!(store(&w, 0, 4096, 1), Touch::Faulted, "poisoned for good");
+        let mut first = vec![0u8; 4096];
+        f.read_exact_at(&mut first, 0).unwrap();
+        assert_eq!(first[..3], [1, 2, 3], "a poisoned mapping stores nothing");
     }
 
     #[test]

@@ -7,7 +7,12 @@
 //! the faulting address up in the registry; if it is ours, it counts the fault on that mapping,
 //! then maps an anonymous zero page over the faulting page (`MAP_FIXED`), so the interrupted load
 //! completes (reading zeroes) when the handler returns. The reader checks the count after it is
-//! done and throws away what it read (see `Mapping::read_with`). An address that is not ours goes
+//! done and throws away what it read (see `Mapping::read_with`). A store faults too — on a file
+//! system out of space (the fault that would allocate a hole), an I/O error, a truncated file —
+//! so the page mapped over a *writable* mapping's faulting page is writable: the retried store
+//! lands in that throw-away page instead of faulting again forever, and the writer, seeing the
+//! count, writes the range with `pwrite`, which returns the real error (see
+//! `Mapping::write_with`). An address that is not ours goes
 //! to the handler that was installed before (Rust's std installs one for stack overflows), or,
 //! if there was none, the default action is restored, so the fault repeats and kills the process
 //! as it would have without us.
@@ -18,7 +23,7 @@
 
 use std::ffi::c_void;
 use std::io;
-use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, Once, OnceLock};
 
 /// Most mappings registered at once (each volume has at most a few; see `FileBackend`).
@@ -32,6 +37,8 @@ struct Slot {
     seq: AtomicUsize,
     start: AtomicUsize,
     len: AtomicUsize,
+    /// Whether the range is mapped writable (then so is the page the handler maps over a fault).
+    writable: AtomicBool,
     faults: AtomicU64,
 }
 
@@ -41,14 +48,16 @@ impl Slot {
             seq: AtomicUsize::new(0),
             start: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
+            writable: AtomicBool::new(false),
             faults: AtomicU64::new(0),
         }
     }
 
-    fn set(&self, start: usize, len: usize) {
+    fn set(&self, start: usize, len: usize, writable: bool) {
         self.seq.fetch_add(1, Ordering::AcqRel);
         self.start.store(start, Ordering::Relaxed);
         self.len.store(len, Ordering::Relaxed);
+        self.writable.store(writable, Ordering::Relaxed);
         self.seq.fetch_add(1, Ordering::Release);
     }
 }
@@ -117,21 +126,22 @@ fn install_once() -> io::Result<()> {
     Ok(())
 }
 
-/// Registers `[start, start+len)`; `None` when every slot is taken (then do not map).
-pub(super) fn register(start: usize, len: usize) -> Option<usize> {
+/// Registers `[start, start+len)`, mapped writable or not; `None` when every slot is taken (then
+/// do not map).
+pub(super) fn register(start: usize, len: usize, writable: bool) -> Option<usize> {
     let _w = WRITERS.lock().unwrap_or_else(|p| p.into_inner());
     let i = REGISTRY
         .iter()
         .position(|s| s.len.load(Ordering::Relaxed) == 0)?;
     REGISTRY[i].faults.store(0, Ordering::SeqCst);
-    REGISTRY[i].set(start, len);
+    REGISTRY[i].set(start, len, writable);
     Some(i)
 }
 
 /// Forgets slot `i`; call before unmapping its range.
 pub(super) fn unregister(i: usize) {
     let _w = WRITERS.lock().unwrap_or_else(|p| p.into_inner());
-    REGISTRY[i].set(0, 0);
+    REGISTRY[i].set(0, 0, false);
 }
 
 /// Faults handled in slot `i` since it was registered.
@@ -139,8 +149,9 @@ pub(super) fn faults_in(i: usize) -> u64 {
     REGISTRY[i].faults.load(Ordering::SeqCst)
 }
 
-/// The registered slot whose range holds `addr`. Lock-free; called from the handler.
-fn find(addr: usize) -> Option<usize> {
+/// The registered slot whose range holds `addr`, and whether it is writable. Lock-free; called
+/// from the handler.
+fn find(addr: usize) -> Option<(usize, bool)> {
     for (i, s) in REGISTRY.iter().enumerate() {
         let before = s.seq.load(Ordering::Acquire);
         if before % 2 == 1 {
@@ -148,12 +159,13 @@ fn find(addr: usize) -> Option<usize> {
         }
         let start = s.start.load(Ordering::Relaxed);
         let len = s.len.load(Ordering::Relaxed);
+        let writable = s.writable.load(Ordering::Relaxed);
         fence(Ordering::Acquire);
         if s.seq.load(Ordering::Relaxed) != before {
             continue;
         }
         if len > 0 && addr >= start && addr - start < len {
-            return Some(i);
+            return Some((i, writable));
         }
     }
     None
@@ -163,7 +175,7 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler; for SIGBUS `si_addr`
     // is the faulting address.
     let addr = unsafe { (*info).si_addr() } as usize;
-    if let Some(i) = find(addr) {
+    if let Some((i, writable)) = find(addr) {
         // Poison first: a reader that later sees the zero page also sees the count (see
         // `Mapping::read_with`).
         REGISTRY[i].faults.fetch_add(1, Ordering::SeqCst);
@@ -172,15 +184,22 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         let at = (addr & !(page - 1)) as *mut c_void;
         // SAFETY: errno is this thread's; we put it back before returning to the interrupted code.
         let errno = unsafe { *libc::__errno_location() };
+        // A store must be able to complete on the replacement page, or it faults again forever.
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
         // SAFETY: `at` is a page inside a live mapping of ours: the faulting thread is inside
-        // `Mapping::read_with`, which keeps the mapping alive, and a registered range is never
-        // unmapped before it is unregistered. Replacing that page with an anonymous read-only
-        // zero page changes no memory anyone else owns.
+        // `Mapping::read_with` or `write_with`, which keep the mapping alive, and a registered
+        // range is never unmapped before it is unregistered. Replacing that page with an
+        // anonymous zero page (as writable as the mapping was) changes no memory anyone else
+        // owns: what is stored there is thrown away with the mapping.
         let r = unsafe {
             libc::mmap(
                 at,
                 page,
-                libc::PROT_READ,
+                prot,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
                 -1,
                 0,
