@@ -21,8 +21,8 @@
 //! reported once to the next `fdatasync`, exactly as for `pwrite`-n pages; so the sticky rule of
 //! `Volume::flush` (the first failure fails every later flush and write) holds unchanged, and no
 //! `msync` is needed. A FUA write flushes after the data is in the page cache, whichever way it
-//! got there. (tmpfs has no write-back at all.) Trim and write-zeroes punch holes as before: the kernel unmaps punched pages from
-//! every mapping, and the next store to one faults it in afresh.
+//! got there. (tmpfs has no write-back at all.) Trim and write-zeroes punch holes as before: the
+//! kernel unmaps punched pages from every mapping, and the next store to one faults it in afresh.
 //!
 //! Concurrent readers see each byte's old or new ciphertext as with `pwrite` (which is not
 //! atomic either), and the zero-block rule of `Volume::decrypt_read` covers a sector caught

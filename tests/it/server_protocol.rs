@@ -132,7 +132,12 @@ fn structured_session_answers_data_less_successes_with_simple_replies() {
     let (srv, _, _) = server();
     let mut c = RawClient::unix(&srv.socket);
     c.connect_export("disk0", true);
-    let is_simple_ok = |r: &Reply, cookie: u64| matches!(r, Reply::Simple { error: 0, cookie: c, .. } if *c == cookie);
+    let is_simple_ok = |r: &Reply, cookie: u64| match r {
+        Reply::Simple {
+            error, cookie: c, ..
+        } => *error == 0 && *c == cookie,
+        Reply::Chunk { .. } => false,
+    };
     let r = c.write(1, 0, &pattern(4096, 3), 0);
     assert!(is_simple_ok(&r, 1), "WRITE: {r:?}");
     let r = c.write(2, 4096, &pattern(4096, 4), CMD_FLAG_FUA);
