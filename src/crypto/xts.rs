@@ -255,6 +255,123 @@ impl Xts {
         self.run::<false>(Some(src), dst, sector_size, first_unit)
     }
 
+    /// Decrypts `data` in place as [`Xts::decrypt_sectors`] does, and reports which sectors had
+    /// an all-zero 16-byte ciphertext block: bit `i % 64` of `zero[i / 64]` is set for sector
+    /// `i` (the first `sectors.div_ceil(64)` words are overwritten; the rest are left alone).
+    /// The test is made on the very value each block was decrypted from (loaded once), so it
+    /// replaces a scan of the ciphertext before decrypting (see `volume::mapped`). Every sector
+    /// is decrypted, flagged or not, so re-encrypting a flagged sector gives its ciphertext back
+    /// (XTS is a permutation of each sector). Returns whether any sector was flagged.
+    ///
+    /// # Panics
+    /// As [`Xts::decrypt_sectors`], and when `zero` has fewer than `sectors.div_ceil(64)` words.
+    pub fn decrypt_sectors_flagging(
+        &self,
+        data: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+        zero: &mut [u64],
+    ) -> bool {
+        check(data.len(), sector_size);
+        let words = clear_flags(data.len() / sector_size, zero);
+        self.run_flagging(None, data, sector_size, first_unit, words);
+        words.iter().any(|&w| w != 0)
+    }
+
+    /// Decrypts `src` into `dst` and flags sectors with an all-zero ciphertext block, as
+    /// [`Xts::decrypt_sectors_flagging`]; `src` may change while it is read (a mapping of a file
+    /// being written): each block is loaded once, and its flag and plaintext come from that one
+    /// load. The contents of `dst` for a flagged sector are unspecified.
+    ///
+    /// # Panics
+    /// As [`Xts::decrypt_sectors_to`], and when `zero` is too short (see above).
+    pub fn decrypt_sectors_to_flagging(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+        zero: &mut [u64],
+    ) -> bool {
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "XTS source and destination lengths differ"
+        );
+        check(src.len(), sector_size);
+        let words = clear_flags(src.len() / sector_size, zero);
+        self.run_flagging(Some(src), dst, sector_size, first_unit, words);
+        words.iter().any(|&w| w != 0)
+    }
+
+    /// The flagging decryption on this engine's kernel: `zero` holds exactly the words for the
+    /// sectors of `dst`, cleared. Lengths are already checked.
+    // Calling the AES-NI kernels (`unsafe fn`s: CPU features and pointer contract).
+    #[allow(unsafe_code)]
+    fn run_flagging(
+        &self,
+        src: Option<&[u8]>,
+        dst: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+        zero: &mut [u64],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        let (len, d) = (dst.len(), dst.as_mut_ptr());
+        #[cfg(target_arch = "x86_64")]
+        let s = src.map_or(d.cast_const(), <[u8]>::as_ptr);
+        match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNiVaes512(keys) => {
+                // SAFETY: as in `run`; `zero` has a bit for every sector (`clear_flags`).
+                unsafe {
+                    super::xts_vaes512::decrypt_sectors_flagging(
+                        &keys.dec1,
+                        &keys.enc2,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                        zero,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNiVaes(keys) => {
+                // SAFETY: as in `run`; `zero` has a bit for every sector (`clear_flags`).
+                unsafe {
+                    super::xts_vaes::decrypt_sectors_flagging(
+                        &keys.dec1,
+                        &keys.enc2,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                        zero,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNi(keys) => {
+                // SAFETY: as in `run`; `zero` has a bit for every sector (`clear_flags`).
+                unsafe {
+                    super::xts_ni::decrypt_sectors_flagging(
+                        keys,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                        zero,
+                    )
+                }
+            }
+            Engine::Portable(p) => p.crypt::<false>(src, dst, sector_size, first_unit, Some(zero)),
+        }
+    }
+
     /// `src: None` means in place (read from `dst`). Lengths are already checked.
     // Calling the AES-NI kernels (`unsafe fn`s: CPU features and pointer contract).
     #[allow(unsafe_code)]
@@ -311,7 +428,7 @@ impl Xts {
                     super::xts_ni::crypt_sectors::<ENC>(keys, s, d, len, sector_size, first_unit)
                 }
             }
-            Engine::Portable(p) => p.run::<ENC>(src, dst, sector_size, first_unit),
+            Engine::Portable(p) => p.crypt::<ENC>(src, dst, sector_size, first_unit, None),
         }
     }
 }
@@ -326,6 +443,19 @@ fn check(len: usize, sector_size: usize) {
         0,
         "XTS input must be whole sectors ({len} bytes is not a multiple of {sector_size})"
     );
+}
+
+/// The flag words for `sectors` sectors, taken from the front of `zero` and cleared.
+fn clear_flags(sectors: usize, zero: &mut [u64]) -> &mut [u64] {
+    let words = sectors.div_ceil(64);
+    assert!(
+        zero.len() >= words,
+        "XTS zero flags: {} words for {sectors} sectors",
+        zero.len()
+    );
+    let words = &mut zero[..words];
+    words.fill(0);
+    words
 }
 
 /// The portable backend: the `aes` crate (its own backend batches blocks; it zeroizes its round
@@ -343,12 +473,15 @@ impl Portable {
         }
     }
 
-    fn run<const ENC: bool>(
+    /// Encrypts (`ENC`) or decrypts; with `zero`, also flags the sectors that had an all-zero
+    /// input block (decryption only: see `Xts::decrypt_sectors_flagging`).
+    fn crypt<const ENC: bool>(
         &self,
         src: Option<&[u8]>,
         dst: &mut [u8],
         sector_size: usize,
         first_unit: u64,
+        mut zero: Option<&mut [u64]>,
     ) {
         let units_per_sector = (sector_size / UNIT) as u64;
         let nblocks = sector_size / 16;
@@ -370,10 +503,19 @@ impl Portable {
                 Some(s) => &s[i * sector_size..(i + 1) * sector_size],
                 None => out,
             };
+            let mut any_zero = false;
             for ((b, c), tw) in blocks.iter_mut().zip(input.chunks_exact(16)).zip(&tweaks) {
-                for k in 0..16 {
-                    b[k] = c[k] ^ tw[k];
+                // One load of the block into a local: its zero test and its decryption see the
+                // same value even if `src` changes meanwhile.
+                let v = u128::from_ne_bytes(c.try_into().expect("16-byte chunk"));
+                if !ENC {
+                    any_zero |= v == 0;
                 }
+                let x = v ^ u128::from_ne_bytes(*tw);
+                b.copy_from_slice(&x.to_ne_bytes());
+            }
+            if let Some(z) = zero.as_deref_mut() {
+                z[i / 64] |= u64::from(any_zero) << (i % 64);
             }
             if ENC {
                 self.data.encrypt_blocks(&mut blocks[..nblocks]);
@@ -387,7 +529,7 @@ impl Portable {
             }
         }
         // The scratch blocks held plaintext and tweaks (derived from the key); don't leave them
-        // on the stack.
+        // on the stack, nor (where we can say which) in vector registers.
         let used = nblocks.min(dst.len() / 16);
         for t in tweaks[..used].iter_mut() {
             wipe(t);
@@ -395,6 +537,8 @@ impl Portable {
         for b in blocks[..used].iter_mut() {
             wipe(b.as_mut_slice());
         }
+        #[cfg(target_arch = "x86_64")]
+        super::xts_common::clear_xmm();
     }
 }
 
