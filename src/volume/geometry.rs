@@ -151,7 +151,10 @@ mod tests {
     #[test]
     fn flagged_lists_set_bits_below_n() {
         let flags = [0b1001u64 | 1 << 63, 1 << 2 | 1 << 40];
-        assert_eq!(flagged(&flags, 128).collect::<Vec<_>>(), [0, 3, 63, 66, 104]);
+        assert_eq!(
+            flagged(&flags, 128).collect::<Vec<_>>(),
+            [0, 3, 63, 66, 104]
+        );
         assert_eq!(flagged(&flags, 67).collect::<Vec<_>>(), [0, 3, 63, 66]);
         assert_eq!(flagged(&[0, 0], 128).count(), 0);
         assert!(starts_with_zero_block(&[0u8; 16]));
