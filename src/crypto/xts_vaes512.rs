@@ -17,6 +17,12 @@
 //!   per-lane variable shifts (`vpsllvq`), not as a chain of doublings.
 //! - The tweaks of up to 8 sectors are encrypted together on `zmm` (4 per instruction) rather
 //!   than one `xmm` block per instruction: with 512-byte sectors that work is 1/32 of the data.
+//! - Decryption with zero flags (`decrypt_sectors_flagging`, the read path's form) tests each
+//!   loaded register with `vptestnmq` into a mask register, packs the eight masks of a group
+//!   into one 64-bit mask (`kunpck*`, `kmovq`) and prefetches the group one page ahead; the
+//!   encrypting and plain decrypting forms are the code they were.
+//! - At the end of every call all 32 `zmm` registers are zeroed (`xts_zmm::clear_zmm`): they
+//!   held round keys, tweaks and plaintext.
 
 use core::arch::x86_64::*;
 
@@ -151,6 +157,23 @@ macro_rules! loads4z {
     };
 }
 
+/// Software prefetch of the eight cache lines at `pf`: in the flagging decryption from another
+/// buffer (a mapping of the page cache, `volume::mapped`), the group one 4 KiB page ahead
+/// ([`prefetch_at`]): the data there is usually in no cache, and the hardware's stream
+/// prefetchers stop at page boundaries. A prefetch never faults, so an address past the
+/// buffer's end is harmless.
+#[rustfmt::skip]
+macro_rules! prefetch4 {
+    () => {
+        concat!(
+            "prefetcht0 byte ptr [{pf}]\n", "prefetcht0 byte ptr [{pf} + 64]\n",
+            "prefetcht0 byte ptr [{pf} + 128]\n", "prefetcht0 byte ptr [{pf} + 192]\n",
+            "prefetcht0 byte ptr [{pf} + 256]\n", "prefetcht0 byte ptr [{pf} + 320]\n",
+            "prefetcht0 byte ptr [{pf} + 384]\n", "prefetcht0 byte ptr [{pf} + 448]\n",
+        )
+    };
+}
+
 /// The loads of a group, whitened (no zero test).
 #[rustfmt::skip]
 macro_rules! loads4 {
@@ -242,16 +265,17 @@ macro_rules! group4_asm {
         )
     };
     // The decrypting forms that also return the group's qword-zero mask in `$zm`.
-    (next_z, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr, $zm:ident) => {
+    (next_z, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr, $pf:expr, $zm:ident) => {
         core::arch::asm!(
             "vbroadcasti32x4 {k}, xmmword ptr [{rk}]",
-            loads4z!(), rounds4_next!("vaesdec"), finish4_all!("vaesdeclast"),
+            loads4z!(), prefetch4!(), rounds4_next!("vaesdec"), finish4_all!("vaesdeclast"),
             rk = in(reg) $rk,
             src = in(reg) $src,
             dst = in(reg) $dst,
             tw = in(reg) $tw,
             twn = in(reg) $twn,
             poly = in(zmm_reg) $poly,
+            pf = in(reg) $pf,
             zm = out(reg) $zm,
             k = out(zmm_reg) _,
             t = out(zmm_reg) _,
@@ -263,14 +287,15 @@ macro_rules! group4_asm {
             options(nostack, preserves_flags),
         )
     };
-    (last_z, $rk:expr, $src:expr, $dst:expr, $tw:expr, $zm:ident) => {
+    (last_z, $rk:expr, $src:expr, $dst:expr, $tw:expr, $pf:expr, $zm:ident) => {
         core::arch::asm!(
             "vbroadcasti32x4 {k}, xmmword ptr [{rk}]",
-            loads4z!(), rounds4_last!("vaesdec"), finish4_all!("vaesdeclast"),
+            loads4z!(), prefetch4!(), rounds4_last!("vaesdec"), finish4_all!("vaesdeclast"),
             rk = in(reg) $rk,
             src = in(reg) $src,
             dst = in(reg) $dst,
             tw = in(reg) $tw,
+            pf = in(reg) $pf,
             zm = out(reg) $zm,
             k = out(zmm_reg) _,
             tmp = out(zmm_reg) _,
@@ -368,6 +393,19 @@ unsafe fn crypt<const ENC: bool, const FLAG: bool>(
     clear_zmm();
 }
 
+/// Where the flagging decryption of the group at `s` prefetches: one page ahead when it reads
+/// from another buffer (a mapping), the group itself (already loaded: nothing to fetch) in
+/// place, where the data was just read into the buffer and is in the cache. The address is
+/// only prefetched, never dereferenced, hence `wrapping_add`.
+#[inline(always)]
+fn prefetch_at(s: *const u8, d: *mut u8) -> *const u8 {
+    if s == d.cast_const() {
+        s
+    } else {
+        s.wrapping_add(4096)
+    }
+}
+
 /// Records sector `i`'s flag from the OR of its groups' `block_zero_bits`.
 #[inline(always)]
 fn set_flag(zero: &mut [u64], i: usize, bits: u64) {
@@ -420,6 +458,8 @@ unsafe fn one_group_sectors<const ENC: bool, const FLAG: bool>(
         // disjoint; every load of the group precedes its first store. It reads 240 bytes of
         // round keys at `rk` (a whole `RoundKeys`) and the 512-byte half `half` of the scratch,
         // uses no stack and leaves the flags alone. The CPU features are our caller's contract.
+        // The flagging forms also prefetch at `prefetch_at(s, d)`: a hint that never faults
+        // and changes no memory.
         unsafe {
             let (s, d) = (src.add(off), dst.add(off));
             let t = scratch.0.as_ptr().add(half * GROUP);
@@ -427,7 +467,7 @@ unsafe fn one_group_sectors<const ENC: bool, const FLAG: bool>(
                 group4_asm!(last, "vaesenc", "vaesenclast", rk, s, d, t)
             } else if FLAG {
                 let zm: u64;
-                group4_asm!(last_z, rk, s, d, t, zm);
+                group4_asm!(last_z, rk, s, d, t, prefetch_at(s, d), zm);
                 set_flag(zero, i, block_zero_bits(zm));
             } else {
                 group4_asm!(last, "vaesdec", "vaesdeclast", rk, s, d, t)
@@ -482,6 +522,8 @@ unsafe fn many_group_sectors<const ENC: bool, const FLAG: bool>(
                 // (a whole `RoundKeys`), reads the 512-byte half `tw` and (the `next` form)
                 // writes the half `twn` of the scratch, uses no stack and leaves the flags
                 // alone. The CPU features are our caller's contract.
+                // The flagging forms also prefetch at `prefetch_at(s, d)`: a hint that never faults
+                // and changes no memory.
                 unsafe {
                     let (s, d) = (src.add(off), dst.add(off));
                     let (t, tn) = (tw.as_ptr(), twn.as_mut_ptr());
@@ -494,7 +536,7 @@ unsafe fn many_group_sectors<const ENC: bool, const FLAG: bool>(
                         }
                         (false, true, true) => {
                             let zm: u64;
-                            group4_asm!(next_z, rk, s, d, t, tn, poly, zm);
+                            group4_asm!(next_z, rk, s, d, t, tn, poly, prefetch_at(s, d), zm);
                             zbits |= block_zero_bits(zm);
                         }
                         (true, _, false) => {
@@ -505,7 +547,7 @@ unsafe fn many_group_sectors<const ENC: bool, const FLAG: bool>(
                         }
                         (false, true, false) => {
                             let zm: u64;
-                            group4_asm!(last_z, rk, s, d, t, zm);
+                            group4_asm!(last_z, rk, s, d, t, prefetch_at(s, d), zm);
                             zbits |= block_zero_bits(zm);
                         }
                     }
