@@ -353,16 +353,33 @@ unsafe fn crypt<const ENC: bool, const FLAG: bool>(
         done += n;
     }
     // The tweaks are derived from K2; don't leave them on the stack, nor the round keys,
-    // tweaks and plaintext in the registers: `vzeroall` clears `ymm0`–`ymm15`, all this
-    // kernel uses (no AVX-512 here), and leaves the upper halves clean for legacy-SSE code.
+    // tweaks and plaintext in the registers: zero idioms on `ymm0`–`ymm15` (a VEX write of an
+    // `xmm` register zeroes its upper half), all this kernel uses (no AVX-512 here), then
+    // `vzeroupper`, which leaves the upper halves clean for legacy-SSE code.
     wipe(&mut scratch.0);
     // SAFETY: only zeroes vector registers, which the C ABI lets a call clobber
     // (`clobber_abi`); the CPU has AVX (our caller's contract).
     unsafe {
         core::arch::asm!(
-            "vzeroall",
+            "vpxor xmm0, xmm0, xmm0",
+            "vpxor xmm1, xmm1, xmm1",
+            "vpxor xmm2, xmm2, xmm2",
+            "vpxor xmm3, xmm3, xmm3",
+            "vpxor xmm4, xmm4, xmm4",
+            "vpxor xmm5, xmm5, xmm5",
+            "vpxor xmm6, xmm6, xmm6",
+            "vpxor xmm7, xmm7, xmm7",
+            "vpxor xmm8, xmm8, xmm8",
+            "vpxor xmm9, xmm9, xmm9",
+            "vpxor xmm10, xmm10, xmm10",
+            "vpxor xmm11, xmm11, xmm11",
+            "vpxor xmm12, xmm12, xmm12",
+            "vpxor xmm13, xmm13, xmm13",
+            "vpxor xmm14, xmm14, xmm14",
+            "vpxor xmm15, xmm15, xmm15",
+            "vzeroupper",
             clobber_abi("C"),
-            options(nomem, nostack, preserves_flags)
+            options(nomem, nostack, preserves_flags),
         )
     };
 }
