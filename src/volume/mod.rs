@@ -251,9 +251,9 @@ impl Volume {
     /// One pass: runs of sectors are decrypted by the flagging kernel, which tests each block
     /// for zero on the value it decrypts, instead of a scan before decrypting. A flagged sector
     /// (rare: a write or trim racing this read's `pread`) gets its ciphertext back by
-    /// re-encryption (XTS is a permutation of each sector) and is then decided on it. A sector
-    /// that starts with a zero block is most likely a hole and is decided on its ciphertext
-    /// without being decrypted first.
+    /// re-encryption (XTS is a permutation of each sector) and is then decided on it. Where a
+    /// run would start with a sector whose first block is zero (most likely a hole), that
+    /// sector is decided on its ciphertext without being decrypted first.
     fn decrypt_read(&self, buf: &mut [u8], sector_off: u64) -> bool {
         let ss = self.ss();
         let mut all_zero = true;
@@ -269,13 +269,12 @@ impl Volume {
                 i += 1;
                 continue;
             }
-            // None of these sectors is all zero: the read is not.
+            // The run's first sector is not all zero: the read is not.
             all_zero = false;
+            // Only a run's first sector is looked at (see `mapped`): a hole inside the run is
+            // flagged like any zero block.
             let start = i;
-            i += 1;
-            while i < n && i - start < FLAG_RUN && !starts_with_zero_block(&buf[i * ss..]) {
-                i += 1;
-            }
+            i = n.min(start + FLAG_RUN);
             let first = sector_off + (start * ss) as u64;
             let run = &mut buf[start * ss..i * ss];
             let mut zero = [0u64; FLAG_RUN / 64];
@@ -287,7 +286,10 @@ impl Volume {
                     let sector = &mut run[j * ss..(j + 1) * ss];
                     let off = first + (j * ss) as u64;
                     self.xts.encrypt_sectors(sector, ss, self.unit(off));
-                    self.decrypt_mixed(sector, off);
+                    // A hole stays zero; a sector with some zero blocks keeps those zero.
+                    if !is_zero(sector) {
+                        self.decrypt_mixed(sector, off);
+                    }
                 }
             }
         }
