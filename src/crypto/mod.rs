@@ -5,8 +5,8 @@
 //! `xts_vaes` and `xts_vaes512` are the AES-NI kernels (128-, 256- and 512-bit vectors),
 //! `xts_common` is the leaf they share (key schedules, tweak helpers) and `xts_zmm` the 512-bit
 //! kernel's leaf (CPU model preference, tweaks on `zmm`); no cycle between them.
-//! `unsafe` is allowed only in those kernels, `xts_common`, `locked`, and the one dispatch
-//! function of `xts`.
+//! `unsafe` is allowed only in those kernels, `xts_common`, `locked`, and the two dispatch
+//! functions of `xts` (plain and flagging decryption); `xts_flag_tests` tests the flagging.
 
 pub mod aead;
 pub mod keys;
@@ -17,6 +17,8 @@ pub mod xts;
 // AES-NI intrinsics and inline assembly.
 #[allow(unsafe_code)]
 mod xts_common;
+#[cfg(test)]
+mod xts_flag_tests;
 #[allow(unsafe_code)]
 #[cfg(target_arch = "x86_64")]
 mod xts_ni;

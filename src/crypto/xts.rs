@@ -255,6 +255,123 @@ impl Xts {
         self.run::<false>(Some(src), dst, sector_size, first_unit)
     }
 
+    /// Decrypts `data` in place as [`Xts::decrypt_sectors`] does, and reports which sectors had
+    /// an all-zero 16-byte ciphertext block: bit `i % 64` of `zero[i / 64]` is set for sector
+    /// `i` (the first `sectors.div_ceil(64)` words are overwritten; the rest are left alone).
+    /// The test is made on the very value each block was decrypted from (loaded once), so it
+    /// replaces a scan of the ciphertext before decrypting (see `volume::mapped`). Every sector
+    /// is decrypted, flagged or not, so re-encrypting a flagged sector gives its ciphertext back
+    /// (XTS is a permutation of each sector). Returns whether any sector was flagged.
+    ///
+    /// # Panics
+    /// As [`Xts::decrypt_sectors`], and when `zero` has fewer than `sectors.div_ceil(64)` words.
+    pub fn decrypt_sectors_flagging(
+        &self,
+        data: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+        zero: &mut [u64],
+    ) -> bool {
+        check(data.len(), sector_size);
+        let words = clear_flags(data.len() / sector_size, zero);
+        self.run_flagging(None, data, sector_size, first_unit, words);
+        words.iter().any(|&w| w != 0)
+    }
+
+    /// Decrypts `src` into `dst` and flags sectors with an all-zero ciphertext block, as
+    /// [`Xts::decrypt_sectors_flagging`]; `src` may change while it is read (a mapping of a file
+    /// being written): each block is loaded once, and its flag and plaintext come from that one
+    /// load. The contents of `dst` for a flagged sector are unspecified.
+    ///
+    /// # Panics
+    /// As [`Xts::decrypt_sectors_to`], and when `zero` is too short (see above).
+    pub fn decrypt_sectors_to_flagging(
+        &self,
+        src: &[u8],
+        dst: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+        zero: &mut [u64],
+    ) -> bool {
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "XTS source and destination lengths differ"
+        );
+        check(src.len(), sector_size);
+        let words = clear_flags(src.len() / sector_size, zero);
+        self.run_flagging(Some(src), dst, sector_size, first_unit, words);
+        words.iter().any(|&w| w != 0)
+    }
+
+    /// The flagging decryption on this engine's kernel: `zero` holds exactly the words for the
+    /// sectors of `dst`, cleared. Lengths are already checked.
+    // Calling the AES-NI kernels (`unsafe fn`s: CPU features and pointer contract).
+    #[allow(unsafe_code)]
+    fn run_flagging(
+        &self,
+        src: Option<&[u8]>,
+        dst: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+        zero: &mut [u64],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        let (len, d) = (dst.len(), dst.as_mut_ptr());
+        #[cfg(target_arch = "x86_64")]
+        let s = src.map_or(d.cast_const(), <[u8]>::as_ptr);
+        match &self.engine {
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNiVaes512(keys) => {
+                // SAFETY: as in `run`; `zero` has a bit for every sector (`clear_flags`).
+                unsafe {
+                    super::xts_vaes512::decrypt_sectors_flagging(
+                        &keys.dec1,
+                        &keys.enc2,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                        zero,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNiVaes(keys) => {
+                // SAFETY: as in `run`; `zero` has a bit for every sector (`clear_flags`).
+                unsafe {
+                    super::xts_vaes::decrypt_sectors_flagging(
+                        &keys.dec1,
+                        &keys.enc2,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                        zero,
+                    )
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Engine::AesNi(keys) => {
+                // SAFETY: as in `run`; `zero` has a bit for every sector (`clear_flags`).
+                unsafe {
+                    super::xts_ni::decrypt_sectors_flagging(
+                        keys,
+                        s,
+                        d,
+                        len,
+                        sector_size,
+                        first_unit,
+                        zero,
+                    )
+                }
+            }
+            Engine::Portable(p) => p.crypt::<false>(src, dst, sector_size, first_unit, Some(zero)),
+        }
+    }
+
     /// `src: None` means in place (read from `dst`). Lengths are already checked.
     // Calling the AES-NI kernels (`unsafe fn`s: CPU features and pointer contract).
     #[allow(unsafe_code)]
@@ -425,6 +542,19 @@ fn check(len: usize, sector_size: usize) {
     );
 }
 
+/// The flag words for `sectors` sectors, taken from the front of `zero` and cleared.
+fn clear_flags(sectors: usize, zero: &mut [u64]) -> &mut [u64] {
+    let words = sectors.div_ceil(64);
+    assert!(
+        zero.len() >= words,
+        "XTS zero flags: {} words for {sectors} sectors",
+        zero.len()
+    );
+    let words = &mut zero[..words];
+    words.fill(0);
+    words
+}
+
 /// The portable backend: the `aes` crate (its own backend batches blocks; it zeroizes its round
 /// keys on drop with the crate's `zeroize` feature).
 struct Portable {
@@ -447,6 +577,19 @@ impl Portable {
         sector_size: usize,
         first_unit: u64,
     ) {
+        self.crypt::<ENC>(src, dst, sector_size, first_unit, None)
+    }
+
+    /// Encrypts (`ENC`) or decrypts; with `zero`, also flags the sectors that had an all-zero
+    /// input block (decryption only: see `Xts::decrypt_sectors_flagging`).
+    fn crypt<const ENC: bool>(
+        &self,
+        src: Option<&[u8]>,
+        dst: &mut [u8],
+        sector_size: usize,
+        first_unit: u64,
+        mut zero: Option<&mut [u64]>,
+    ) {
         let units_per_sector = (sector_size / UNIT) as u64;
         let nblocks = sector_size / 16;
         // The xor with the tweak on the way in and out doubles as the copy into AES-sized
@@ -467,10 +610,19 @@ impl Portable {
                 Some(s) => &s[i * sector_size..(i + 1) * sector_size],
                 None => out,
             };
+            let mut any_zero = false;
             for ((b, c), tw) in blocks.iter_mut().zip(input.chunks_exact(16)).zip(&tweaks) {
-                for k in 0..16 {
-                    b[k] = c[k] ^ tw[k];
+                // One load of the block into a local: its zero test and its decryption see the
+                // same value even if `src` changes meanwhile.
+                let v = u128::from_ne_bytes(c.try_into().expect("16-byte chunk"));
+                if !ENC {
+                    any_zero |= v == 0;
                 }
+                let x = v ^ u128::from_ne_bytes(*tw);
+                b.copy_from_slice(&x.to_ne_bytes());
+            }
+            if let Some(z) = zero.as_deref_mut() {
+                z[i / 64] |= u64::from(any_zero) << (i % 64);
             }
             if ENC {
                 self.data.encrypt_blocks(&mut blocks[..nblocks]);
@@ -484,7 +636,7 @@ impl Portable {
             }
         }
         // The scratch blocks held plaintext and tweaks (derived from the key); don't leave them
-        // on the stack.
+        // on the stack, nor (where we can say which) in vector registers.
         let used = nblocks.min(dst.len() / 16);
         for t in tweaks[..used].iter_mut() {
             wipe(t);
@@ -492,6 +644,8 @@ impl Portable {
         for b in blocks[..used].iter_mut() {
             wipe(b.as_mut_slice());
         }
+        #[cfg(target_arch = "x86_64")]
+        super::xts_common::clear_xmm();
     }
 }
 
@@ -505,204 +659,5 @@ pub(crate) fn mul_alpha(t: [u8; 16]) -> [u8; 16] {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The portable path's round keys live on locked, non-dumpable pages (issue #10).
-    #[test]
-    fn portable_round_keys_are_on_non_dumpable_pages() {
-        let x = Xts::new_portable(&XtsKey::generate());
-        let Engine::Portable(p) = &x.engine else {
-            panic!("not portable");
-        };
-        let addr = &**p as *const Portable as usize;
-        let flags = crate::crypto::locked::vm_flags_of(addr).expect("mapping");
-        assert!(flags.split_whitespace().any(|f| f == "dd"), "{flags}");
-        if p.is_locked() {
-            assert!(flags.split_whitespace().any(|f| f == "lo"), "{flags}");
-        }
-    }
-    use xts_mode::{get_tweak_default, Xts128};
-
-    fn engines(key: &XtsKey) -> Vec<Xts> {
-        Kernel::available()
-            .into_iter()
-            .map(|k| Xts::with_kernel(key, k).unwrap())
-            .collect()
-    }
-
-    fn oracle(key: &XtsKey, data: &mut [u8], ss: usize, first_unit: u64, enc: bool) {
-        let o = Xts128::new(
-            Aes256::new(key.dangerous_k1().into()),
-            Aes256::new(key.dangerous_k2().into()),
-        );
-        for (i, s) in data.chunks_exact_mut(ss).enumerate() {
-            let unit = first_unit.wrapping_add((i * ss / 512) as u64);
-            if enc {
-                o.encrypt_sector(s, get_tweak_default(unit as u128));
-            } else {
-                o.decrypt_sector(s, get_tweak_default(unit as u128));
-            }
-        }
-    }
-
-    #[test]
-    fn matches_xts_mode_crate_on_both_backends() {
-        let key = XtsKey::generate();
-        for xts in engines(&key) {
-            for &ss in &SECTOR_SIZES {
-                for first_unit in [0, (1u64 << 33) + 5, u64::MAX - 3] {
-                    let orig: Vec<u8> = (0..ss * 3).map(|i| (i * 7 + 3) as u8).collect();
-                    let mut expect = orig.clone();
-                    oracle(&key, &mut expect, ss, first_unit, true);
-                    let mut data = orig.clone();
-                    xts.encrypt_sectors(&mut data, ss, first_unit);
-                    assert_eq!(
-                        data,
-                        expect,
-                        "{} ss={ss} unit={first_unit}",
-                        xts.kernel().name()
-                    );
-                    let mut out = vec![0u8; data.len()];
-                    xts.decrypt_sectors_to(&data, &mut out, ss, first_unit);
-                    assert_eq!(out, orig);
-                    xts.decrypt_sectors(&mut data, ss, first_unit);
-                    assert_eq!(data, orig);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn new_picks_the_fastest_available_kernel() {
-        let key = XtsKey::generate();
-        let best = Kernel::available()[0];
-        assert_eq!(Xts::new(&key).kernel(), best);
-        let expected = if best == Kernel::Portable {
-            "portable"
-        } else {
-            "aes-ni"
-        };
-        assert_eq!(Xts::new(&key).backend_name(), expected);
-        assert_eq!(Xts::new_portable(&key).backend_name(), "portable");
-        assert_eq!(*Kernel::available().last().unwrap(), Kernel::Portable);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("aes") {
-            assert_eq!(expected, "aes-ni");
-            assert!(Kernel::AesNi.is_available());
-            assert_eq!(
-                Xts::with_kernel(&key, Kernel::AesNi).unwrap().kernel(),
-                Kernel::AesNi
-            );
-        }
-        for k in Kernel::ALL {
-            assert_eq!(
-                Xts::with_kernel(&key, k).is_some(),
-                k.is_available(),
-                "{k:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn the_512_bit_kernel_is_the_default_where_it_runs_and_is_preferred() {
-        let kernels = Kernel::available();
-        let key = XtsKey::generate();
-        if !Kernel::AesNiVaes512.is_available() {
-            assert!(!kernels.contains(&Kernel::AesNiVaes512));
-            return;
-        }
-        // Wherever the 512-bit kernel runs, so does the 256-bit one; they lead the list in the
-        // order the CPU model prefers, and `new` takes the first.
-        #[cfg(target_arch = "x86_64")]
-        {
-            let first = if super::super::xts_zmm::zmm_preferred() {
-                [Kernel::AesNiVaes512, Kernel::AesNiVaes]
-            } else {
-                [Kernel::AesNiVaes, Kernel::AesNiVaes512]
-            };
-            assert_eq!(kernels[..2], first);
-            assert_eq!(Xts::new(&key).kernel(), first[0]);
-            assert_eq!(Xts::new_aesni(&key).unwrap().kernel(), first[0]);
-        }
-    }
-
-    #[test]
-    fn unaligned_buffers_give_the_same_bytes() {
-        // Buffers from the volume layer need not be 16-byte aligned: offset them by 1..15 bytes.
-        let key = XtsKey::generate();
-        let plain: Vec<u8> = (0..2 * 4096).map(|i| (i * 13 + 1) as u8).collect();
-        for xts in engines(&key) {
-            for &ss in &SECTOR_SIZES {
-                let mut expect = plain.clone();
-                oracle(&key, &mut expect, ss, 77, true);
-                for shift in [1usize, 8, 15] {
-                    let mut a = vec![0u8; plain.len() + shift];
-                    let mut b = vec![0u8; plain.len() + 16 - shift];
-                    a[shift..].copy_from_slice(&plain);
-                    xts.encrypt_sectors_to(&a[shift..], &mut b[16 - shift..], ss, 77);
-                    assert_eq!(&b[16 - shift..], &expect[..], "{}", xts.kernel().name());
-                    xts.encrypt_sectors(&mut a[shift..], ss, 77);
-                    assert_eq!(&a[shift..], &expect[..], "{}", xts.kernel().name());
-                    xts.decrypt_sectors(&mut a[shift..], ss, 77);
-                    assert_eq!(&a[shift..], &plain[..]);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn one_engine_shared_by_threads_gives_the_same_bytes() {
-        let key = XtsKey::generate();
-        let xts = Xts::new(&key);
-        let plain: Vec<u8> = (0..8 * 4096).map(|i| (i % 251) as u8).collect();
-        let mut expect = plain.clone();
-        xts.encrypt_sectors(&mut expect, 4096, 99);
-        std::thread::scope(|s| {
-            for _ in 0..4 {
-                s.spawn(|| {
-                    for _ in 0..20 {
-                        let mut buf = plain.clone();
-                        xts.encrypt_sectors(&mut buf, 4096, 99);
-                        assert_eq!(buf, expect);
-                    }
-                });
-            }
-        });
-    }
-
-    #[test]
-    fn empty_input_is_a_no_op() {
-        let key = XtsKey::generate();
-        for xts in engines(&key) {
-            xts.encrypt_sectors(&mut [], 4096, 7);
-            xts.decrypt_sectors_to(&[], &mut [], 512, 7);
-        }
-    }
-
-    #[test]
-    #[should_panic(expected = "sector size must be 512 or 4096")]
-    fn bad_sector_size_panics() {
-        Xts::new(&XtsKey::generate()).encrypt_sectors(&mut [0u8; 1024], 1024, 0);
-    }
-
-    #[test]
-    #[should_panic(expected = "whole sectors")]
-    fn partial_sector_panics() {
-        Xts::new(&XtsKey::generate()).decrypt_sectors(&mut [0u8; 600], 512, 0);
-    }
-
-    #[test]
-    #[should_panic(expected = "lengths differ")]
-    fn mismatched_out_of_place_lengths_panic() {
-        Xts::new(&XtsKey::generate()).encrypt_sectors_to(&[0u8; 512], &mut [0u8; 1024], 512, 0);
-    }
-
-    #[test]
-    fn debug_prints_no_key() {
-        let xts = Xts::new_portable(&XtsKey::generate());
-        assert_eq!(format!("{xts:?}"), "Xts(portable, <key redacted>)");
-        let xts = Xts::new(&XtsKey::generate());
-        assert!(format!("{xts:?}").ends_with(", <key redacted>)"));
-    }
-}
+#[path = "xts_tests.rs"]
+mod tests;

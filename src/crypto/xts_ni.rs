@@ -17,7 +17,9 @@
 
 use core::arch::x86_64::*;
 
-use super::xts_common::{aes_available, encrypt_tweaks, mul_alpha, wipe, AesKeys, BLOCK, LANES};
+use super::xts_common::{
+    aes_available, clear_xmm, encrypt_tweaks, mul_alpha, wipe, AesKeys, BLOCK, LANES,
+};
 
 /// True when this CPU has the instructions the kernel needs.
 pub(crate) fn available() -> bool {
@@ -95,6 +97,46 @@ macro_rules! finish {
     };
 }
 
+/// As [`whiten`], and first the zero test of the loaded block (decryption with zero flags),
+/// on the very register that is then decrypted: the byte mask of its zero bytes is 0xffff for
+/// an all-zero block, so the mask plus one has bit 16 set exactly then; OR-ed into `zm`.
+/// `tmp` is free until the rounds begin.
+#[rustfmt::skip]
+macro_rules! whitenz {
+    ($x:literal, $off:literal) => {
+        concat!(
+            "movdqu {", $x, "}, xmmword ptr [{src} + ", $off, "]\n",
+            "pxor {tmp}, {tmp}\n",
+            "pcmpeqb {tmp}, {", $x, "}\n",
+            "pmovmskb {r:e}, {tmp}\n",
+            "inc {r:e}\n",
+            "or {zm:e}, {r:e}\n",
+            "pxor {", $x, "}, xmmword ptr [{tw} + ", $off, "]\n",
+            "pxor {", $x, "}, {k}\n",
+        )
+    };
+}
+
+/// Rounds 1..=13 with the next group's tweaks advanced between the first eight, round 14 and
+/// the stores.
+#[rustfmt::skip]
+macro_rules! rounds {
+    ($round:literal, $last:literal) => {
+        concat!(
+            round!($round, 16), advance!(0), round!($round, 32), advance!(16),
+            round!($round, 48), advance!(32), round!($round, 64), advance!(48),
+            round!($round, 80), advance!(64), round!($round, 96), advance!(80),
+            round!($round, 112), advance!(96), round!($round, 128), advance!(112),
+            round!($round, 144), round!($round, 160), round!($round, 176), round!($round, 192),
+            round!($round, 208),
+            "movdqa {k}, xmmword ptr [{rk} + 224]\n",
+            finish!($last, "x0", 0), finish!($last, "x1", 16), finish!($last, "x2", 32),
+            finish!($last, "x3", 48), finish!($last, "x4", 64), finish!($last, "x5", 80),
+            finish!($last, "x6", 96), finish!($last, "x7", 112),
+        )
+    };
+}
+
 #[rustfmt::skip]
 macro_rules! group_asm {
     ($round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr) => {
@@ -102,16 +144,7 @@ macro_rules! group_asm {
             "movdqa {k}, xmmword ptr [{rk}]",
             whiten!("x0", 0), whiten!("x1", 16), whiten!("x2", 32), whiten!("x3", 48),
             whiten!("x4", 64), whiten!("x5", 80), whiten!("x6", 96), whiten!("x7", 112),
-            round!($round, 16), advance!(0), round!($round, 32), advance!(16),
-            round!($round, 48), advance!(32), round!($round, 64), advance!(48),
-            round!($round, 80), advance!(64), round!($round, 96), advance!(80),
-            round!($round, 112), advance!(96), round!($round, 128), advance!(112),
-            round!($round, 144), round!($round, 160), round!($round, 176), round!($round, 192),
-            round!($round, 208),
-            "movdqa {k}, xmmword ptr [{rk} + 224]",
-            finish!($last, "x0", 0), finish!($last, "x1", 16), finish!($last, "x2", 32),
-            finish!($last, "x3", 48), finish!($last, "x4", 64), finish!($last, "x5", 80),
-            finish!($last, "x6", 96), finish!($last, "x7", 112),
+            rounds!($round, $last),
             rk = in(reg) $rk,
             src = in(reg) $src,
             dst = in(reg) $dst,
@@ -126,7 +159,36 @@ macro_rules! group_asm {
             options(nostack, preserves_flags),
         )
     };
+    // Decryption that also returns the group's zero indicator in `$zm` (bit 16: see `whitenz`).
+    (z, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr, $pf:expr, $zm:ident) => {
+        core::arch::asm!(
+            "movdqa {k}, xmmword ptr [{rk}]",
+            whitenz!("x0", 0), whitenz!("x1", 16), whitenz!("x2", 32), whitenz!("x3", 48),
+            whitenz!("x4", 64), whitenz!("x5", 80), whitenz!("x6", 96), whitenz!("x7", 112),
+            // The group one page ahead from a mapping, else itself: see `prefetch_at`.
+            "prefetcht0 byte ptr [{pf}]", "prefetcht0 byte ptr [{pf} + 64]",
+            rounds!("aesdec", "aesdeclast"),
+            rk = in(reg) $rk,
+            src = in(reg) $src,
+            dst = in(reg) $dst,
+            tw = in(reg) $tw,
+            twn = in(reg) $twn,
+            poly = in(xmm_reg) $poly,
+            pf = in(reg) $pf,
+            zm = inout(reg) 0u64 => $zm,
+            r = out(reg) _,
+            k = out(xmm_reg) _,
+            t = out(xmm_reg) _,
+            tmp = out(xmm_reg) _,
+            x0 = out(xmm_reg) _, x1 = out(xmm_reg) _, x2 = out(xmm_reg) _, x3 = out(xmm_reg) _,
+            x4 = out(xmm_reg) _, x5 = out(xmm_reg) _, x6 = out(xmm_reg) _, x7 = out(xmm_reg) _,
+            options(nostack),
+        )
+    };
 }
+
+/// Bit 16 of a group's `zm` (`whitenz`): one of its blocks was all zero.
+const ZERO_SEEN: u64 = 1 << 16;
 
 /// Multiplies a tweak by α^K in GF(2^128) for 1 <= K <= 63 (`R` must be
 /// `64 - K`: stable Rust cannot compute it from `K`). The 128-bit shift is assembled from 64-bit
@@ -175,6 +237,18 @@ impl TweakScratch {
     }
 }
 
+/// Where the flagging decryption of the group at `s` prefetches: one page ahead when it reads
+/// from another buffer (a mapping of the page cache, usually in no cache), the group itself
+/// (already loaded) in place. Only prefetched, never dereferenced, hence `wrapping_add`.
+#[inline(always)]
+fn prefetch_at(s: *const u8, d: *mut u8) -> *const u8 {
+    if s == d.cast_const() {
+        s
+    } else {
+        s.wrapping_add(4096)
+    }
+}
+
 /// Encrypts (`ENC`) or decrypts whole sectors from `src` into `dst`.
 ///
 /// # Safety
@@ -189,6 +263,45 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
     len: usize,
     sector_size: usize,
     first_unit: u64,
+) {
+    // SAFETY: our own contract, passed on; no flags asked for.
+    unsafe { crypt::<ENC, false>(keys, src, dst, len, sector_size, first_unit, &mut []) }
+}
+
+/// Decrypts as [`crypt_sectors`] and sets bit `i % 64` of `zero[i / 64]` for each sector `i`
+/// that had an all-zero 16-byte block, as loaded for its decryption (bits of other sectors are
+/// left alone).
+///
+/// # Safety
+/// As [`crypt_sectors`]; `zero` has at least `(len / sector_size).div_ceil(64)` words (else it
+/// panics, safely).
+#[target_feature(enable = "aes,sse2,pclmulqdq")]
+pub(crate) unsafe fn decrypt_sectors_flagging(
+    keys: &AesKeys,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    sector_size: usize,
+    first_unit: u64,
+    zero: &mut [u64],
+) {
+    // SAFETY: our own contract, passed on.
+    unsafe { crypt::<false, true>(keys, src, dst, len, sector_size, first_unit, zero) }
+}
+
+/// Both entry points: `FLAG` (decryption only) adds the zero test to the loads.
+///
+/// # Safety
+/// As [`crypt_sectors`].
+#[target_feature(enable = "aes,sse2,pclmulqdq")]
+unsafe fn crypt<const ENC: bool, const FLAG: bool>(
+    keys: &AesKeys,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    sector_size: usize,
+    first_unit: u64,
+    zero: &mut [u64],
 ) {
     let rks = keys.data::<ENC>();
     let units_per_sector = (sector_size / 512) as u64;
@@ -211,6 +324,7 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
             scratch.start(t0);
             let (mut tw, mut twn) = scratch.0.split_at_mut(LANES * BLOCK);
             let base = (done + s) * sector_size;
+            let mut zbits = 0u64;
             for g in 0..groups_per_sector {
                 let off = base + g * LANES * BLOCK;
                 // SAFETY: `off + 128 <= len` (a 128-byte group inside a whole sector of the
@@ -218,22 +332,34 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
                 // are in bounds and, per our contract, equal or disjoint; every load precedes
                 // every store. It reads 240 bytes of round keys at `rk` (a whole, aligned
                 // `RoundKeys`), reads the 128-byte half `tw` and writes the half `twn` of the
-                // 16-byte aligned scratch, uses no stack and leaves the flags alone. AES-NI and
-                // PCLMULQDQ were checked at construction.
+                // 16-byte aligned scratch, uses no stack (the `z` form changes the flags, and
+                // says so). AES-NI and PCLMULQDQ were checked at construction.
+                // The flagging forms also prefetch at `prefetch_at(s, d)`: a hint that never faults
+                // and changes no memory.
                 unsafe {
                     let (s, d) = (src.add(off), dst.add(off));
                     let (t, tn) = (tw.as_ptr(), twn.as_mut_ptr());
                     if ENC {
                         group_asm!("aesenc", "aesenclast", rk, s, d, t, tn, poly);
+                    } else if FLAG {
+                        let zm: u64;
+                        group_asm!(z, rk, s, d, t, tn, poly, prefetch_at(s, d), zm);
+                        zbits |= zm & ZERO_SEEN;
                     } else {
                         group_asm!("aesdec", "aesdeclast", rk, s, d, t, tn, poly);
                     }
                 }
                 core::mem::swap(&mut tw, &mut twn);
             }
+            if FLAG {
+                let i = done + s;
+                zero[i / 64] |= u64::from(zbits != 0) << (i % 64);
+            }
         }
         done += n;
     }
-    // The tweaks are derived from K2; don't leave them on the stack.
+    // The tweaks are derived from K2; don't leave them on the stack, nor the round keys,
+    // tweaks and plaintext in the registers.
     wipe(&mut scratch.0);
+    clear_xmm();
 }

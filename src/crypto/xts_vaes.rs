@@ -128,6 +128,45 @@ macro_rules! finish2 {
     };
 }
 
+/// As [`whiten2`], and first the zero test of the loaded pair (decryption with zero flags): a
+/// bit per qword that is zero, from the very register that is then decrypted, shifted into
+/// `zm` (four bits per register, so a block's two qword bits stay side by side; see
+/// [`block_zero_bits`]). `tmp` is free until the rounds begin.
+#[rustfmt::skip]
+macro_rules! whiten2z {
+    ($x:literal, $off:literal) => {
+        concat!(
+            "vmovdqu {", $x, "}, ymmword ptr [{src} + ", $off, "]\n",
+            "vpcmpeqq {tmp}, {", $x, "}, {zero}\n",
+            "vmovmskpd {r:e}, {tmp}\n",
+            "shl {zm:e}, 4\n",
+            "or {zm:e}, {r:e}\n",
+            "vpxor {", $x, "}, {", $x, "}, ymmword ptr [{tw} + ", $off, "]\n",
+            "vpxor {", $x, "}, {", $x, "}, {k}\n",
+        )
+    };
+}
+
+/// Rounds 1..=13 with the next group's tweaks advanced between the first eight, round 14 and
+/// the stores.
+#[rustfmt::skip]
+macro_rules! rounds2 {
+    ($round:literal, $last:literal) => {
+        concat!(
+            round2!($round, 16), advance2!(0), round2!($round, 32), advance2!(32),
+            round2!($round, 48), advance2!(64), round2!($round, 64), advance2!(96),
+            round2!($round, 80), advance2!(128), round2!($round, 96), advance2!(160),
+            round2!($round, 112), advance2!(192), round2!($round, 128), advance2!(224),
+            round2!($round, 144), round2!($round, 160), round2!($round, 176),
+            round2!($round, 192), round2!($round, 208),
+            "vbroadcasti128 {k}, xmmword ptr [{rk} + 224]\n",
+            finish2!($last, "x0", 0), finish2!($last, "x1", 32), finish2!($last, "x2", 64),
+            finish2!($last, "x3", 96), finish2!($last, "x4", 128), finish2!($last, "x5", 160),
+            finish2!($last, "x6", 192), finish2!($last, "x7", 224),
+        )
+    };
+}
+
 #[rustfmt::skip]
 macro_rules! group2_asm {
     ($round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr) => {
@@ -135,16 +174,7 @@ macro_rules! group2_asm {
             "vbroadcasti128 {k}, xmmword ptr [{rk}]",
             whiten2!("x0", 0), whiten2!("x1", 32), whiten2!("x2", 64), whiten2!("x3", 96),
             whiten2!("x4", 128), whiten2!("x5", 160), whiten2!("x6", 192), whiten2!("x7", 224),
-            round2!($round, 16), advance2!(0), round2!($round, 32), advance2!(32),
-            round2!($round, 48), advance2!(64), round2!($round, 64), advance2!(96),
-            round2!($round, 80), advance2!(128), round2!($round, 96), advance2!(160),
-            round2!($round, 112), advance2!(192), round2!($round, 128), advance2!(224),
-            round2!($round, 144), round2!($round, 160), round2!($round, 176),
-            round2!($round, 192), round2!($round, 208),
-            "vbroadcasti128 {k}, xmmword ptr [{rk} + 224]",
-            finish2!($last, "x0", 0), finish2!($last, "x1", 32), finish2!($last, "x2", 64),
-            finish2!($last, "x3", 96), finish2!($last, "x4", 128), finish2!($last, "x5", 160),
-            finish2!($last, "x6", 192), finish2!($last, "x7", 224),
+            rounds2!($round, $last),
             rk = in(reg) $rk,
             src = in(reg) $src,
             dst = in(reg) $dst,
@@ -159,6 +189,53 @@ macro_rules! group2_asm {
             options(nostack, preserves_flags),
         )
     };
+    // Decryption that also returns the group's qword-zero mask in `$zm`.
+    (z, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr, $zero:expr, $pf:expr, $zm:ident) => {
+        core::arch::asm!(
+            "vbroadcasti128 {k}, xmmword ptr [{rk}]",
+            whiten2z!("x0", 0), whiten2z!("x1", 32), whiten2z!("x2", 64), whiten2z!("x3", 96),
+            whiten2z!("x4", 128), whiten2z!("x5", 160), whiten2z!("x6", 192), whiten2z!("x7", 224),
+            // The group one page ahead from a mapping, else itself: see `prefetch_at`.
+            "prefetcht0 byte ptr [{pf}]", "prefetcht0 byte ptr [{pf} + 64]",
+            "prefetcht0 byte ptr [{pf} + 128]", "prefetcht0 byte ptr [{pf} + 192]",
+            rounds2!("vaesdec", "vaesdeclast"),
+            rk = in(reg) $rk,
+            src = in(reg) $src,
+            dst = in(reg) $dst,
+            tw = in(reg) $tw,
+            twn = in(reg) $twn,
+            poly = in(ymm_reg) $poly,
+            zero = in(ymm_reg) $zero,
+            pf = in(reg) $pf,
+            zm = inout(reg) 0u64 => $zm,
+            r = out(reg) _,
+            k = out(ymm_reg) _,
+            t = out(ymm_reg) _,
+            tmp = out(ymm_reg) _,
+            x0 = out(ymm_reg) _, x1 = out(ymm_reg) _, x2 = out(ymm_reg) _, x3 = out(ymm_reg) _,
+            x4 = out(ymm_reg) _, x5 = out(ymm_reg) _, x6 = out(ymm_reg) _, x7 = out(ymm_reg) _,
+            options(nostack),
+        )
+    };
+}
+
+/// Which blocks of a group were all zero, from its qword-zero mask (`whiten2z`): bit 2i for
+/// block i when both its qwords (bits 2i and 2i + 1) were zero.
+#[inline(always)]
+fn block_zero_bits(zm: u64) -> u64 {
+    zm & (zm >> 1) & 0x5555_5555
+}
+
+/// Where the flagging decryption of the group at `s` prefetches: one page ahead when it reads
+/// from another buffer (a mapping of the page cache, usually in no cache), the group itself
+/// (already loaded) in place. Only prefetched, never dereferenced, hence `wrapping_add`.
+#[inline(always)]
+fn prefetch_at(s: *const u8, d: *mut u8) -> *const u8 {
+    if s == d.cast_const() {
+        s
+    } else {
+        s.wrapping_add(4096)
+    }
 }
 
 /// Encrypts (`ENC`, with K1's encryption schedule in `rks`) or decrypts (with the decryption
@@ -178,10 +255,54 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
     sector_size: usize,
     first_unit: u64,
 ) {
+    // SAFETY: our own contract, passed on; no flags asked for.
+    unsafe { crypt::<ENC, false>(rks, k2, src, dst, len, sector_size, first_unit, &mut []) }
+}
+
+/// Decrypts as [`crypt_sectors`] (with K1's decryption schedule in `rks`) and sets bit `i % 64`
+/// of `zero[i / 64]` for each sector `i` that had an all-zero 16-byte block, as loaded for
+/// its decryption (bits of other sectors are left alone).
+///
+/// # Safety
+/// As [`crypt_sectors`]; `zero` has at least `(len / sector_size).div_ceil(64)` words (else it
+/// panics, safely).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "aes,avx2,vaes,vpclmulqdq")]
+pub(crate) unsafe fn decrypt_sectors_flagging(
+    rks: &RoundKeys,
+    k2: &RoundKeys,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    sector_size: usize,
+    first_unit: u64,
+    zero: &mut [u64],
+) {
+    // SAFETY: our own contract, passed on.
+    unsafe { crypt::<false, true>(rks, k2, src, dst, len, sector_size, first_unit, zero) }
+}
+
+/// Both entry points: `FLAG` (decryption only) adds the zero test to the loads.
+///
+/// # Safety
+/// As [`crypt_sectors`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "aes,avx2,vaes,vpclmulqdq")]
+unsafe fn crypt<const ENC: bool, const FLAG: bool>(
+    rks: &RoundKeys,
+    k2: &RoundKeys,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    sector_size: usize,
+    first_unit: u64,
+    zero: &mut [u64],
+) {
     let units_per_sector = (sector_size / 512) as u64;
     let groups_per_sector = sector_size / (GROUP * BLOCK);
     let sectors = len / sector_size;
     let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
+    let zero_reg = _mm256_setzero_si256();
     let rk = rks.0.as_ptr();
     let mut scratch = TweakScratch([0; 2 * GROUP * BLOCK]);
     let mut done = 0usize;
@@ -197,6 +318,7 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
             scratch.start(t0);
             let (mut tw, mut twn) = scratch.0.split_at_mut(GROUP * BLOCK);
             let base = (done + s) * sector_size;
+            let mut zbits = 0u64;
             for g in 0..groups_per_sector {
                 let off = base + g * GROUP * BLOCK;
                 // SAFETY: `off + 256 <= len` (a 256-byte group inside a whole sector of the
@@ -204,25 +326,60 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
                 // are in bounds and, per our contract, equal or disjoint; every load precedes
                 // every store. It reads 240 bytes of round keys at `rk` (a whole `RoundKeys`),
                 // reads the 256-byte half `tw` and writes the half `twn` of the 32-byte aligned
-                // scratch, uses no stack and leaves the flags alone. The CPU features are our
-                // caller's contract.
+                // scratch, uses no stack (the `z` form changes the flags, and says so). The CPU
+                // features are our caller's contract.
+                // The flagging forms also prefetch at `prefetch_at(s, d)`: a hint that never faults
+                // and changes no memory.
                 unsafe {
                     let (s, d) = (src.add(off), dst.add(off));
                     let (t, tn) = (tw.as_ptr(), twn.as_mut_ptr());
                     if ENC {
                         group2_asm!("vaesenc", "vaesenclast", rk, s, d, t, tn, poly);
+                    } else if FLAG {
+                        let zm: u64;
+                        group2_asm!(z, rk, s, d, t, tn, poly, zero_reg, prefetch_at(s, d), zm);
+                        zbits |= block_zero_bits(zm);
                     } else {
                         group2_asm!("vaesdec", "vaesdeclast", rk, s, d, t, tn, poly);
                     }
                 }
                 core::mem::swap(&mut tw, &mut twn);
             }
+            if FLAG {
+                let i = done + s;
+                zero[i / 64] |= u64::from(zbits != 0) << (i % 64);
+            }
         }
         done += n;
     }
-    // The tweaks are derived from K2; don't leave them on the stack.
+    // The tweaks are derived from K2; don't leave them on the stack, nor the round keys,
+    // tweaks and plaintext in the registers: zero idioms on `ymm0`–`ymm15` (a VEX write of an
+    // `xmm` register zeroes its upper half), all this kernel uses (no AVX-512 here), then
+    // `vzeroupper`, which leaves the upper halves clean for legacy-SSE code.
     wipe(&mut scratch.0);
-    // Leave the upper register halves clean for any legacy-SSE code that runs next (Intel
-    // charges a transition penalty otherwise).
-    _mm256_zeroupper();
+    // SAFETY: only zeroes vector registers, which the C ABI lets a call clobber
+    // (`clobber_abi`); the CPU has AVX (our caller's contract).
+    unsafe {
+        core::arch::asm!(
+            "vpxor xmm0, xmm0, xmm0",
+            "vpxor xmm1, xmm1, xmm1",
+            "vpxor xmm2, xmm2, xmm2",
+            "vpxor xmm3, xmm3, xmm3",
+            "vpxor xmm4, xmm4, xmm4",
+            "vpxor xmm5, xmm5, xmm5",
+            "vpxor xmm6, xmm6, xmm6",
+            "vpxor xmm7, xmm7, xmm7",
+            "vpxor xmm8, xmm8, xmm8",
+            "vpxor xmm9, xmm9, xmm9",
+            "vpxor xmm10, xmm10, xmm10",
+            "vpxor xmm11, xmm11, xmm11",
+            "vpxor xmm12, xmm12, xmm12",
+            "vpxor xmm13, xmm13, xmm13",
+            "vpxor xmm14, xmm14, xmm14",
+            "vpxor xmm15, xmm15, xmm15",
+            "vzeroupper",
+            clobber_abi("C"),
+            options(nomem, nostack, preserves_flags),
+        )
+    };
 }

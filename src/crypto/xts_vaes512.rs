@@ -17,11 +17,17 @@
 //!   per-lane variable shifts (`vpsllvq`), not as a chain of doublings.
 //! - The tweaks of up to 8 sectors are encrypted together on `zmm` (4 per instruction) rather
 //!   than one `xmm` block per instruction: with 512-byte sectors that work is 1/32 of the data.
+//! - Decryption with zero flags (`decrypt_sectors_flagging`, the read path's form) tests each
+//!   loaded register with `vptestnmq` into a mask register, packs the eight masks of a group
+//!   into one 64-bit mask (`kunpck*`, `kmovq`) and prefetches the group one page ahead; the
+//!   encrypting and plain decrypting forms are the code they were.
+//! - At the end of every call all 32 `zmm` registers are zeroed (`xts_zmm::clear_zmm`): they
+//!   held round keys, tweaks and plaintext.
 
 use core::arch::x86_64::*;
 
 use super::xts_common::{aes_available, wipe, RoundKeys, BLOCK};
-use super::xts_zmm::{batch_tweaks, broadcast_lane, first_tweaks, BATCH};
+use super::xts_zmm::{batch_tweaks, broadcast_lane, clear_zmm, first_tweaks, BATCH};
 
 /// Bytes per group: 8 registers of 4 blocks.
 const GROUP: usize = 8 * 4 * BLOCK;
@@ -116,6 +122,110 @@ macro_rules! finish4 {
     };
 }
 
+/// As [`whiten4`], and first the zero test of the loaded blocks (decryption with zero flags):
+/// mask register `m` gets a bit per qword of `x` that is zero, from the very register that is
+/// then decrypted. A block is zero when both its qwords are (see [`block_zero_bits`]).
+#[rustfmt::skip]
+macro_rules! whiten4z {
+    ($x:literal, $m:literal, $off:literal) => {
+        concat!(
+            "vmovdqu64 {", $x, "}, zmmword ptr [{src} + ", $off, "]\n",
+            "vptestnmq {", $m, "}, {", $x, "}, {", $x, "}\n",
+            "vpternlogq {", $x, "}, {k}, zmmword ptr [{tw} + ", $off, "], 0x96\n",
+        )
+    };
+}
+
+/// The loads of a group with their zero tests: the eight 8-bit qword masks are packed into one
+/// 64-bit mask (each register's byte stays whole, so a block's two qword bits stay side by side)
+/// and moved to `zm`. Five mask registers, reused as the packing frees them; mask instructions
+/// and one `kmovq`, none of them on the AES ports' critical path.
+#[rustfmt::skip]
+macro_rules! loads4z {
+    () => {
+        concat!(
+            whiten4z!("x0", "m0", 0), whiten4z!("x1", "m1", 64),
+            whiten4z!("x2", "m2", 128), whiten4z!("x3", "m3", 192),
+            "kunpckbw {m0}, {m1}, {m0}\n", "kunpckbw {m2}, {m3}, {m2}\n",
+            "kunpckwd {m0}, {m2}, {m0}\n",
+            whiten4z!("x4", "m1", 256), whiten4z!("x5", "m2", 320),
+            whiten4z!("x6", "m3", 384), whiten4z!("x7", "m4", 448),
+            "kunpckbw {m1}, {m2}, {m1}\n", "kunpckbw {m3}, {m4}, {m3}\n",
+            "kunpckwd {m1}, {m3}, {m1}\n", "kunpckdq {m0}, {m1}, {m0}\n",
+            "kmovq {zm}, {m0}\n",
+        )
+    };
+}
+
+/// Software prefetch of the eight cache lines at `pf`: in the flagging decryption from another
+/// buffer (a mapping of the page cache, `volume::mapped`), the group one 4 KiB page ahead
+/// ([`prefetch_at`]): the data there is usually in no cache, and the hardware's stream
+/// prefetchers stop at page boundaries. A prefetch never faults, so an address past the
+/// buffer's end is harmless.
+#[rustfmt::skip]
+macro_rules! prefetch4 {
+    () => {
+        concat!(
+            "prefetcht0 byte ptr [{pf}]\n", "prefetcht0 byte ptr [{pf} + 64]\n",
+            "prefetcht0 byte ptr [{pf} + 128]\n", "prefetcht0 byte ptr [{pf} + 192]\n",
+            "prefetcht0 byte ptr [{pf} + 256]\n", "prefetcht0 byte ptr [{pf} + 320]\n",
+            "prefetcht0 byte ptr [{pf} + 384]\n", "prefetcht0 byte ptr [{pf} + 448]\n",
+        )
+    };
+}
+
+/// The loads of a group, whitened (no zero test).
+#[rustfmt::skip]
+macro_rules! loads4 {
+    () => {
+        concat!(
+            whiten4!("x0", 0), whiten4!("x1", 64), whiten4!("x2", 128), whiten4!("x3", 192),
+            whiten4!("x4", 256), whiten4!("x5", 320), whiten4!("x6", 384), whiten4!("x7", 448),
+        )
+    };
+}
+
+/// Rounds 1..=13 with the next group's tweaks advanced between the first eight (`next`).
+#[rustfmt::skip]
+macro_rules! rounds4_next {
+    ($round:literal) => {
+        concat!(
+            round4!($round, 16), advance4!(0), round4!($round, 32), advance4!(64),
+            round4!($round, 48), advance4!(128), round4!($round, 64), advance4!(192),
+            round4!($round, 80), advance4!(256), round4!($round, 96), advance4!(320),
+            round4!($round, 112), advance4!(384), round4!($round, 128), advance4!(448),
+            round4!($round, 144), round4!($round, 160), round4!($round, 176),
+            round4!($round, 192), round4!($round, 208),
+        )
+    };
+}
+
+/// Rounds 1..=13 alone (a sector's last group).
+#[rustfmt::skip]
+macro_rules! rounds4_last {
+    ($round:literal) => {
+        concat!(
+            round4!($round, 16), round4!($round, 32), round4!($round, 48), round4!($round, 64),
+            round4!($round, 80), round4!($round, 96), round4!($round, 112), round4!($round, 128),
+            round4!($round, 144), round4!($round, 160), round4!($round, 176),
+            round4!($round, 192), round4!($round, 208),
+        )
+    };
+}
+
+/// Round 14 and the stores of all eight registers.
+#[rustfmt::skip]
+macro_rules! finish4_all {
+    ($last:literal) => {
+        concat!(
+            "vbroadcasti32x4 {k}, xmmword ptr [{rk} + 224]\n",
+            finish4!($last, "x0", 0), finish4!($last, "x1", 64), finish4!($last, "x2", 128),
+            finish4!($last, "x3", 192), finish4!($last, "x4", 256), finish4!($last, "x5", 320),
+            finish4!($last, "x6", 384), finish4!($last, "x7", 448),
+        )
+    };
+}
+
 /// One 512-byte group from `src` to `dst` with the tweaks at `tw`. The `next` form also writes
 /// the next group's tweaks (those at `tw` advanced by α³²) to `twn`; the `last` form, for a
 /// sector's last group, does not.
@@ -124,18 +234,7 @@ macro_rules! group4_asm {
     (next, $round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr) => {
         core::arch::asm!(
             "vbroadcasti32x4 {k}, xmmword ptr [{rk}]",
-            whiten4!("x0", 0), whiten4!("x1", 64), whiten4!("x2", 128), whiten4!("x3", 192),
-            whiten4!("x4", 256), whiten4!("x5", 320), whiten4!("x6", 384), whiten4!("x7", 448),
-            round4!($round, 16), advance4!(0), round4!($round, 32), advance4!(64),
-            round4!($round, 48), advance4!(128), round4!($round, 64), advance4!(192),
-            round4!($round, 80), advance4!(256), round4!($round, 96), advance4!(320),
-            round4!($round, 112), advance4!(384), round4!($round, 128), advance4!(448),
-            round4!($round, 144), round4!($round, 160), round4!($round, 176),
-            round4!($round, 192), round4!($round, 208),
-            "vbroadcasti32x4 {k}, xmmword ptr [{rk} + 224]",
-            finish4!($last, "x0", 0), finish4!($last, "x1", 64), finish4!($last, "x2", 128),
-            finish4!($last, "x3", 192), finish4!($last, "x4", 256), finish4!($last, "x5", 320),
-            finish4!($last, "x6", 384), finish4!($last, "x7", 448),
+            loads4!(), rounds4_next!($round), finish4_all!($last),
             rk = in(reg) $rk,
             src = in(reg) $src,
             dst = in(reg) $dst,
@@ -153,16 +252,7 @@ macro_rules! group4_asm {
     (last, $round:literal, $last:literal, $rk:expr, $src:expr, $dst:expr, $tw:expr) => {
         core::arch::asm!(
             "vbroadcasti32x4 {k}, xmmword ptr [{rk}]",
-            whiten4!("x0", 0), whiten4!("x1", 64), whiten4!("x2", 128), whiten4!("x3", 192),
-            whiten4!("x4", 256), whiten4!("x5", 320), whiten4!("x6", 384), whiten4!("x7", 448),
-            round4!($round, 16), round4!($round, 32), round4!($round, 48), round4!($round, 64),
-            round4!($round, 80), round4!($round, 96), round4!($round, 112), round4!($round, 128),
-            round4!($round, 144), round4!($round, 160), round4!($round, 176),
-            round4!($round, 192), round4!($round, 208),
-            "vbroadcasti32x4 {k}, xmmword ptr [{rk} + 224]",
-            finish4!($last, "x0", 0), finish4!($last, "x1", 64), finish4!($last, "x2", 128),
-            finish4!($last, "x3", 192), finish4!($last, "x4", 256), finish4!($last, "x5", 320),
-            finish4!($last, "x6", 384), finish4!($last, "x7", 448),
+            loads4!(), rounds4_last!($round), finish4_all!($last),
             rk = in(reg) $rk,
             src = in(reg) $src,
             dst = in(reg) $dst,
@@ -174,6 +264,55 @@ macro_rules! group4_asm {
             options(nostack, preserves_flags),
         )
     };
+    // The decrypting forms that also return the group's qword-zero mask in `$zm`.
+    (next_z, $rk:expr, $src:expr, $dst:expr, $tw:expr, $twn:expr, $poly:expr, $pf:expr, $zm:ident) => {
+        core::arch::asm!(
+            "vbroadcasti32x4 {k}, xmmword ptr [{rk}]",
+            loads4z!(), prefetch4!(), rounds4_next!("vaesdec"), finish4_all!("vaesdeclast"),
+            rk = in(reg) $rk,
+            src = in(reg) $src,
+            dst = in(reg) $dst,
+            tw = in(reg) $tw,
+            twn = in(reg) $twn,
+            poly = in(zmm_reg) $poly,
+            pf = in(reg) $pf,
+            zm = out(reg) $zm,
+            k = out(zmm_reg) _,
+            t = out(zmm_reg) _,
+            tmp = out(zmm_reg) _,
+            x0 = out(zmm_reg) _, x1 = out(zmm_reg) _, x2 = out(zmm_reg) _, x3 = out(zmm_reg) _,
+            x4 = out(zmm_reg) _, x5 = out(zmm_reg) _, x6 = out(zmm_reg) _, x7 = out(zmm_reg) _,
+            m0 = out(kreg) _, m1 = out(kreg) _, m2 = out(kreg) _, m3 = out(kreg) _,
+            m4 = out(kreg) _,
+            options(nostack, preserves_flags),
+        )
+    };
+    (last_z, $rk:expr, $src:expr, $dst:expr, $tw:expr, $pf:expr, $zm:ident) => {
+        core::arch::asm!(
+            "vbroadcasti32x4 {k}, xmmword ptr [{rk}]",
+            loads4z!(), prefetch4!(), rounds4_last!("vaesdec"), finish4_all!("vaesdeclast"),
+            rk = in(reg) $rk,
+            src = in(reg) $src,
+            dst = in(reg) $dst,
+            tw = in(reg) $tw,
+            pf = in(reg) $pf,
+            zm = out(reg) $zm,
+            k = out(zmm_reg) _,
+            tmp = out(zmm_reg) _,
+            x0 = out(zmm_reg) _, x1 = out(zmm_reg) _, x2 = out(zmm_reg) _, x3 = out(zmm_reg) _,
+            x4 = out(zmm_reg) _, x5 = out(zmm_reg) _, x6 = out(zmm_reg) _, x7 = out(zmm_reg) _,
+            m0 = out(kreg) _, m1 = out(kreg) _, m2 = out(kreg) _, m3 = out(kreg) _,
+            m4 = out(kreg) _,
+            options(nostack, preserves_flags),
+        )
+    };
+}
+
+/// Which blocks of a group were all zero, from its qword-zero mask (`loads4z`): bit 2i of the
+/// result for block i when both its qwords (bits 2i and 2i + 1) were zero.
+#[inline(always)]
+fn block_zero_bits(zm: u64) -> u64 {
+    zm & (zm >> 1) & 0x5555_5555_5555_5555
 }
 
 /// Encrypts (`ENC`, with K1's encryption schedule in `rks`) or decrypts (with the decryption
@@ -193,30 +332,84 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
     sector_size: usize,
     first_unit: u64,
 ) {
+    // SAFETY: our own contract, passed on; no flags asked for.
+    unsafe { crypt::<ENC, false>(rks, k2, src, dst, len, sector_size, first_unit, &mut []) }
+}
+
+/// Decrypts as [`crypt_sectors`] (with K1's decryption schedule in `rks`) and sets bit `i % 64`
+/// of `zero[i / 64]` for each sector `i` that had an all-zero 16-byte block, as loaded for
+/// its decryption (bits of other sectors are left alone).
+///
+/// # Safety
+/// As [`crypt_sectors`]; `zero` has at least `(len / sector_size).div_ceil(64)` words (else it
+/// panics, safely).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
+pub(crate) unsafe fn decrypt_sectors_flagging(
+    rks: &RoundKeys,
+    k2: &RoundKeys,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    sector_size: usize,
+    first_unit: u64,
+    zero: &mut [u64],
+) {
+    // SAFETY: our own contract, passed on.
+    unsafe { crypt::<false, true>(rks, k2, src, dst, len, sector_size, first_unit, zero) }
+}
+
+/// Both entry points: `FLAG` (decryption only) adds the zero test to the loads.
+///
+/// # Safety
+/// As [`crypt_sectors`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
+unsafe fn crypt<const ENC: bool, const FLAG: bool>(
+    rks: &RoundKeys,
+    k2: &RoundKeys,
+    src: *const u8,
+    dst: *mut u8,
+    len: usize,
+    sector_size: usize,
+    first_unit: u64,
+    zero: &mut [u64],
+) {
     let mut scratch = TweakScratch([0; 2 * GROUP]);
     let (rk, sectors) = (rks.0.as_ptr(), len / sector_size);
+    let (s, d, ss, fu) = (src, dst, sector_size, first_unit);
     // SAFETY: our own contract, passed on; the sector size picks the loop.
     unsafe {
         if sector_size == GROUP {
-            one_group_sectors::<ENC>(rk, k2, src, dst, sectors, first_unit, &mut scratch);
+            one_group_sectors::<ENC, FLAG>(rk, k2, s, d, sectors, fu, &mut scratch, zero);
         } else {
-            many_group_sectors::<ENC>(
-                rk,
-                k2,
-                src,
-                dst,
-                sectors,
-                sector_size,
-                first_unit,
-                &mut scratch,
-            );
+            many_group_sectors::<ENC, FLAG>(rk, k2, s, d, sectors, ss, fu, &mut scratch, zero);
         }
     }
-    // The tweaks are derived from K2; don't leave them on the stack.
+    // The tweaks are derived from K2; don't leave them on the stack, nor the round keys,
+    // tweaks and plaintext in the vector registers (this also leaves the upper halves clean
+    // for any legacy-SSE code that runs next, which Intel charges a transition penalty for).
     wipe(&mut scratch.0);
-    // Leave the upper register halves clean for any legacy-SSE code that runs next (Intel
-    // charges a transition penalty otherwise).
-    _mm256_zeroupper();
+    clear_zmm();
+}
+
+/// Where the flagging decryption of the group at `s` prefetches: one page ahead when it reads
+/// from another buffer (a mapping), the group itself (already loaded: nothing to fetch) in
+/// place, where the data was just read into the buffer and is in the cache. The address is
+/// only prefetched, never dereferenced, hence `wrapping_add`.
+#[inline(always)]
+fn prefetch_at(s: *const u8, d: *mut u8) -> *const u8 {
+    if s == d.cast_const() {
+        s
+    } else {
+        s.wrapping_add(4096)
+    }
+}
+
+/// Records sector `i`'s flag from the OR of its groups' `block_zero_bits`.
+#[inline(always)]
+fn set_flag(zero: &mut [u64], i: usize, bits: u64) {
+    zero[i / 64] |= u64::from(bits != 0) << (i % 64);
 }
 
 /// 512-byte sectors: one group each, so no tweak advances; instead the next sector's 32 tweaks
@@ -227,8 +420,9 @@ pub(crate) unsafe fn crypt_sectors<const ENC: bool>(
 /// # Safety
 /// As [`crypt_sectors`], with `sectors` sectors of 512 bytes; `rk` points at a whole
 /// `RoundKeys`.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
-unsafe fn one_group_sectors<const ENC: bool>(
+unsafe fn one_group_sectors<const ENC: bool, const FLAG: bool>(
     rk: *const [u8; BLOCK],
     k2: &RoundKeys,
     src: *const u8,
@@ -236,6 +430,7 @@ unsafe fn one_group_sectors<const ENC: bool>(
     sectors: usize,
     first_unit: u64,
     scratch: &mut TweakScratch,
+    zero: &mut [u64],
 ) {
     if sectors == 0 {
         return;
@@ -263,11 +458,17 @@ unsafe fn one_group_sectors<const ENC: bool>(
         // disjoint; every load of the group precedes its first store. It reads 240 bytes of
         // round keys at `rk` (a whole `RoundKeys`) and the 512-byte half `half` of the scratch,
         // uses no stack and leaves the flags alone. The CPU features are our caller's contract.
+        // The flagging forms also prefetch at `prefetch_at(s, d)`: a hint that never faults
+        // and changes no memory.
         unsafe {
             let (s, d) = (src.add(off), dst.add(off));
             let t = scratch.0.as_ptr().add(half * GROUP);
             if ENC {
                 group4_asm!(last, "vaesenc", "vaesenclast", rk, s, d, t)
+            } else if FLAG {
+                let zm: u64;
+                group4_asm!(last_z, rk, s, d, t, prefetch_at(s, d), zm);
+                set_flag(zero, i, block_zero_bits(zm));
             } else {
                 group4_asm!(last, "vaesdec", "vaesdeclast", rk, s, d, t)
             }
@@ -283,7 +484,7 @@ unsafe fn one_group_sectors<const ENC: bool>(
 /// `RoundKeys`.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
-unsafe fn many_group_sectors<const ENC: bool>(
+unsafe fn many_group_sectors<const ENC: bool, const FLAG: bool>(
     rk: *const [u8; BLOCK],
     k2: &RoundKeys,
     src: *const u8,
@@ -292,6 +493,7 @@ unsafe fn many_group_sectors<const ENC: bool>(
     sector_size: usize,
     first_unit: u64,
     scratch: &mut TweakScratch,
+    zero: &mut [u64],
 ) {
     let units_per_sector = (sector_size / 512) as u64;
     let groups_per_sector = sector_size / GROUP;
@@ -310,6 +512,7 @@ unsafe fn many_group_sectors<const ENC: bool>(
             scratch.start(0, broadcast_lane(enc[s / 4], s % 4));
             let (mut tw, mut twn) = scratch.0.split_at_mut(GROUP);
             let base = (done + s) * sector_size;
+            let mut zbits = 0u64;
             for g in 0..groups_per_sector {
                 let off = base + g * GROUP;
                 // SAFETY: `off + 512 <= sectors * sector_size` (a 512-byte group inside a whole
@@ -319,23 +522,40 @@ unsafe fn many_group_sectors<const ENC: bool>(
                 // (a whole `RoundKeys`), reads the 512-byte half `tw` and (the `next` form)
                 // writes the half `twn` of the scratch, uses no stack and leaves the flags
                 // alone. The CPU features are our caller's contract.
+                // The flagging forms also prefetch at `prefetch_at(s, d)`: a hint that never faults
+                // and changes no memory.
                 unsafe {
                     let (s, d) = (src.add(off), dst.add(off));
                     let (t, tn) = (tw.as_ptr(), twn.as_mut_ptr());
-                    match (ENC, g + 1 < groups_per_sector) {
-                        (true, true) => {
+                    match (ENC, FLAG, g + 1 < groups_per_sector) {
+                        (true, _, true) => {
                             group4_asm!(next, "vaesenc", "vaesenclast", rk, s, d, t, tn, poly)
                         }
-                        (false, true) => {
+                        (false, false, true) => {
                             group4_asm!(next, "vaesdec", "vaesdeclast", rk, s, d, t, tn, poly)
                         }
-                        (true, false) => group4_asm!(last, "vaesenc", "vaesenclast", rk, s, d, t),
-                        (false, false) => {
+                        (false, true, true) => {
+                            let zm: u64;
+                            group4_asm!(next_z, rk, s, d, t, tn, poly, prefetch_at(s, d), zm);
+                            zbits |= block_zero_bits(zm);
+                        }
+                        (true, _, false) => {
+                            group4_asm!(last, "vaesenc", "vaesenclast", rk, s, d, t)
+                        }
+                        (false, false, false) => {
                             group4_asm!(last, "vaesdec", "vaesdeclast", rk, s, d, t)
+                        }
+                        (false, true, false) => {
+                            let zm: u64;
+                            group4_asm!(last_z, rk, s, d, t, prefetch_at(s, d), zm);
+                            zbits |= block_zero_bits(zm);
                         }
                     }
                 }
                 core::mem::swap(&mut tw, &mut twn);
+            }
+            if FLAG {
+                set_flag(zero, done + s, zbits);
             }
         }
         done += n;
@@ -343,144 +563,5 @@ unsafe fn many_group_sectors<const ENC: bool>(
 }
 
 #[cfg(test)]
-mod tests {
-    use rand::rngs::StdRng;
-    use rand::{Rng, RngCore, SeedableRng};
-
-    use crate::crypto::xts::{Kernel, Xts, SECTOR_SIZES};
-    use crate::crypto::XtsKey;
-
-    /// The 512-bit engine and the portable one for `key`, or `None` (with a note) on a CPU
-    /// without AVX-512 + VAES, where there is nothing of this kernel to test.
-    fn pair(key: &XtsKey) -> Option<(Xts, Xts)> {
-        let Some(wide) = Xts::with_kernel(key, Kernel::AesNiVaes512) else {
-            eprintln!("NOTE: this CPU cannot run the 512-bit VAES kernel; nothing to compare");
-            return None;
-        };
-        assert_eq!(wide.kernel(), Kernel::AesNiVaes512);
-        Some((wide, Xts::new_portable(key)))
-    }
-
-    /// Unit numbers worth trying: small, random, and just below the 2^64 wrap (the tweaks of
-    /// one call then cross it).
-    fn some_unit(rng: &mut StdRng) -> u64 {
-        match rng.gen_range(0..3) {
-            0 => rng.gen_range(0..1 << 20),
-            1 => rng.gen(),
-            _ => u64::MAX - rng.gen_range(0..64),
-        }
-    }
-
-    #[test]
-    fn matches_portable_on_random_keys_data_sector_sizes_and_units() {
-        let seed: u64 = rand::random();
-        let mut rng = StdRng::seed_from_u64(seed);
-        for round in 0..48 {
-            let key = XtsKey::generate();
-            let Some((wide, portable)) = pair(&key) else {
-                return;
-            };
-            let ss = SECTOR_SIZES[round % 2];
-            // Up to 19 sectors of 512 B: partial, full and several batches of 8 tweaks.
-            let sectors = rng.gen_range(1..=if ss == 512 { 19 } else { 10 });
-            let unit = some_unit(&mut rng);
-            let mut plain = vec![0u8; ss * sectors];
-            rng.fill_bytes(&mut plain);
-            let what = format!("seed {seed} round {round}: {sectors} × {ss} B at unit {unit}");
-
-            let mut expect = plain.clone();
-            portable.encrypt_sectors(&mut expect, ss, unit);
-            let mut got = plain.clone();
-            wide.encrypt_sectors(&mut got, ss, unit);
-            assert!(got == expect, "encrypt in place, {what}");
-            let mut to = vec![0xa5u8; plain.len()];
-            wide.encrypt_sectors_to(&plain, &mut to, ss, unit);
-            assert!(to == expect, "encrypt out of place, {what}");
-
-            // Decrypt random bytes (not only our own ciphertext) and compare too.
-            let mut junk = vec![0u8; plain.len()];
-            rng.fill_bytes(&mut junk);
-            let mut expect = junk.clone();
-            portable.decrypt_sectors(&mut expect, ss, unit);
-            let mut back = vec![0x5au8; junk.len()];
-            wide.decrypt_sectors_to(&junk, &mut back, ss, unit);
-            assert!(back == expect, "decrypt out of place, {what}");
-            wide.decrypt_sectors(&mut junk, ss, unit);
-            assert!(junk == expect, "decrypt in place, {what}");
-            wide.decrypt_sectors(&mut got, ss, unit);
-            assert!(got == plain, "round trip, {what}");
-        }
-    }
-
-    #[test]
-    fn every_sector_count_across_tweak_batches() {
-        // 1..=33 sectors of 512 B: the tweaks are encrypted 8 sectors at a time in two registers
-        // of 4, so every partial batch and register occupancy shows up.
-        let key = XtsKey::generate();
-        let Some((wide, portable)) = pair(&key) else {
-            return;
-        };
-        let plain: Vec<u8> = (0..33 * 512).map(|i| (i * 31 + 7) as u8).collect();
-        for n in 1..=33 {
-            for unit in [0, 1 << 33, u64::MAX - 3] {
-                let mut expect = plain[..n * 512].to_vec();
-                portable.encrypt_sectors(&mut expect, 512, unit);
-                let mut got = plain[..n * 512].to_vec();
-                wide.encrypt_sectors(&mut got, 512, unit);
-                assert!(got == expect, "{n} sectors at unit {unit}");
-                wide.decrypt_sectors(&mut got, 512, unit);
-                assert!(
-                    got == plain[..n * 512],
-                    "{n} sectors at unit {unit}: round trip"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn unaligned_and_differently_aligned_buffers() {
-        // Source and destination each at their own offset from a 64-byte boundary (the
-        // kernel's loads and stores are 64 bytes wide), including in place at odd offsets.
-        let mut rng = StdRng::seed_from_u64(1619);
-        let key = XtsKey::generate();
-        let Some((wide, portable)) = pair(&key) else {
-            return;
-        };
-        for &ss in &SECTOR_SIZES {
-            let len = 2 * 4096;
-            let mut plain = vec![0u8; len];
-            rng.fill_bytes(&mut plain);
-            let mut expect = plain.clone();
-            portable.encrypt_sectors(&mut expect, ss, 4242);
-            for (s_off, d_off) in [(0, 1), (1, 0), (3, 17), (16, 48), (33, 33), (63, 62)] {
-                let mut src = vec![0u8; len + 64];
-                src[s_off..s_off + len].copy_from_slice(&plain);
-                let mut dst = vec![0u8; len + 64];
-                wide.encrypt_sectors_to(
-                    &src[s_off..s_off + len],
-                    &mut dst[d_off..d_off + len],
-                    ss,
-                    4242,
-                );
-                assert!(
-                    dst[d_off..d_off + len] == expect,
-                    "ss {ss} offsets {s_off}/{d_off}"
-                );
-                assert!(dst[..d_off]
-                    .iter()
-                    .chain(&dst[d_off + len..])
-                    .all(|&b| b == 0));
-                wide.encrypt_sectors(&mut src[s_off..s_off + len], ss, 4242);
-                assert!(
-                    src[s_off..s_off + len] == expect,
-                    "ss {ss} in place at {s_off}"
-                );
-                wide.decrypt_sectors_to(&expect, &mut dst[d_off..d_off + len], ss, 4242);
-                assert!(
-                    dst[d_off..d_off + len] == plain,
-                    "ss {ss} decrypt to {d_off}"
-                );
-            }
-        }
-    }
-}
+#[path = "xts_vaes512_tests.rs"]
+mod tests;

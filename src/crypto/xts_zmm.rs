@@ -63,6 +63,59 @@ fn zmm_lowers_the_clock(vendor: &[u8; 12], family: u32, model: u32) -> bool {
     vendor == b"GenuineIntel" && family == 6 && MODELS.contains(&model)
 }
 
+/// Zeroes all 32 `zmm` registers: the 512-bit kernel leaves round keys, tweaks and plaintext
+/// in them (in `zmm16`–`zmm31` too, which `vzeroall` does not touch), and a core dump or a
+/// context switch copies every thread's registers. Zero idioms (a VEX or EVEX write of an
+/// `xmm` register zeroes the rest of its `zmm`), which the CPU resolves at register renaming,
+/// then `vzeroupper` (the upper halves clean for legacy-SSE code). Measured: no visible cost on
+/// 4 KiB calls (`examples/xts_small_calls`).
+#[inline]
+#[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]
+pub(crate) fn clear_zmm() {
+    // SAFETY: only zeroes vector registers, all of which the C ABI lets a call clobber (and
+    // `clobber_abi` tells the compiler so); no memory, no stack, no flags. The CPU has
+    // AVX-512 F (this function's features).
+    unsafe {
+        core::arch::asm!(
+            "vpxord xmm16, xmm16, xmm16",
+            "vpxord xmm17, xmm17, xmm17",
+            "vpxord xmm18, xmm18, xmm18",
+            "vpxord xmm19, xmm19, xmm19",
+            "vpxord xmm20, xmm20, xmm20",
+            "vpxord xmm21, xmm21, xmm21",
+            "vpxord xmm22, xmm22, xmm22",
+            "vpxord xmm23, xmm23, xmm23",
+            "vpxord xmm24, xmm24, xmm24",
+            "vpxord xmm25, xmm25, xmm25",
+            "vpxord xmm26, xmm26, xmm26",
+            "vpxord xmm27, xmm27, xmm27",
+            "vpxord xmm28, xmm28, xmm28",
+            "vpxord xmm29, xmm29, xmm29",
+            "vpxord xmm30, xmm30, xmm30",
+            "vpxord xmm31, xmm31, xmm31",
+            "vpxor xmm0, xmm0, xmm0",
+            "vpxor xmm1, xmm1, xmm1",
+            "vpxor xmm2, xmm2, xmm2",
+            "vpxor xmm3, xmm3, xmm3",
+            "vpxor xmm4, xmm4, xmm4",
+            "vpxor xmm5, xmm5, xmm5",
+            "vpxor xmm6, xmm6, xmm6",
+            "vpxor xmm7, xmm7, xmm7",
+            "vpxor xmm8, xmm8, xmm8",
+            "vpxor xmm9, xmm9, xmm9",
+            "vpxor xmm10, xmm10, xmm10",
+            "vpxor xmm11, xmm11, xmm11",
+            "vpxor xmm12, xmm12, xmm12",
+            "vpxor xmm13, xmm13, xmm13",
+            "vpxor xmm14, xmm14, xmm14",
+            "vpxor xmm15, xmm15, xmm15",
+            "vzeroupper",
+            clobber_abi("C"),
+            options(nomem, nostack, preserves_flags),
+        )
+    }
+}
+
 /// Round key `i` of `rk` in all four lanes.
 #[inline]
 #[target_feature(enable = "aes,avx2,avx512f,avx512bw,vaes,vpclmulqdq")]

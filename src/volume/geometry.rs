@@ -61,11 +61,26 @@ fn block_is_zero(w: &[u8]) -> bool {
     a | b == 0
 }
 
-/// True if some 16-byte block of `b` (a whole number of blocks) is all zero. Branch-free over
-/// the whole slice, so the compiler can vectorize it: it runs on every sector read.
-pub(super) fn has_zero_block(b: &[u8]) -> bool {
-    b.chunks_exact(XTS_BLOCK)
-        .fold(false, |any, w| any | block_is_zero(w))
+/// True if the first 16-byte block of `b` is all zero: a cheap hint that a sector is a hole
+/// (it only routes a sector to the path that decides on its ciphertext; see `decrypt_read`).
+pub(super) fn starts_with_zero_block(b: &[u8]) -> bool {
+    block_is_zero(&b[..XTS_BLOCK])
+}
+
+/// The indices below `n` of the sectors whose bit is set in `flags` (bit `i % 64` of word
+/// `i / 64`, as `Xts::decrypt_sectors_flagging` sets them), in order.
+pub(super) fn flagged(flags: &[u64], n: usize) -> impl Iterator<Item = usize> + '_ {
+    flags.iter().enumerate().flat_map(move |(w, &word)| {
+        let mut bits = word;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                w * 64 + b
+            })
+        })
+        .take_while(move |&i| i < n)
+    })
 }
 
 /// Zeroes, in `plain`, every 16-byte block whose ciphertext in `cipher` was all zero: those
@@ -131,6 +146,21 @@ mod tests {
                 tail: Some((12288, 0, 712))
             }
         );
+    }
+
+    #[test]
+    fn flagged_lists_set_bits_below_n() {
+        let flags = [0b1001u64 | 1 << 63, 1 << 2 | 1 << 40];
+        assert_eq!(
+            flagged(&flags, 128).collect::<Vec<_>>(),
+            [0, 3, 63, 66, 104]
+        );
+        assert_eq!(flagged(&flags, 67).collect::<Vec<_>>(), [0, 3, 63, 66]);
+        assert_eq!(flagged(&[0, 0], 128).count(), 0);
+        assert!(starts_with_zero_block(&[0u8; 16]));
+        let mut b = [0u8; 32];
+        b[15] = 1;
+        assert!(!starts_with_zero_block(&b));
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub use submit::{ReadDone, SubmitDone};
 
 use crate::backend::Backend;
 use crate::crypto::{Xts, XtsKey};
-use geometry::{has_zero_block, is_zero, rezero_blocks, span, zero_blocks};
+use geometry::{flagged, is_zero, rezero_blocks, span, starts_with_zero_block, zero_blocks};
 
 /// Number of RMW lock stripes (a power of two); unrelated sectors rarely share one.
 const LOCK_STRIPES: usize = 256;
@@ -41,6 +41,9 @@ const LOCK_STRIPES: usize = 256;
 const ZERO_CHUNK: usize = 256 << 10;
 /// Most extents one block-status call returns.
 const MAX_EXTENTS: usize = 1024;
+/// Most sectors per flagging decryption of a `pread` buffer (a multiple of 64: whole flag
+/// words on the stack); 1 MiB of 4096-byte sectors is one call.
+const FLAG_RUN: usize = 256;
 
 /// What a read found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -245,34 +248,51 @@ impl Volume {
     /// encrypts each block independently, so decrypting the new blocks and keeping the zero ones
     /// zero gives, for every byte, its old or its new value — never garbage. (An encrypted block
     /// is all zero with probability 2^-128.)
+    ///
+    /// One pass: runs of sectors are decrypted by the flagging kernel, which tests each block
+    /// for zero on the value it decrypts, instead of a scan before decrypting. A flagged sector
+    /// (rare: a write or trim racing this read's `pread`) gets its ciphertext back by
+    /// re-encryption (XTS is a permutation of each sector) and is then decided on it. Where a
+    /// run would start with a sector whose first block is zero (most likely a hole), that
+    /// sector is decided on its ciphertext without being decrypted first.
     fn decrypt_read(&self, buf: &mut [u8], sector_off: u64) -> bool {
         let ss = self.ss();
         let mut all_zero = true;
-        // Decrypt runs of sectors without zero blocks with one call each.
         let n = buf.len() / ss;
         let mut i = 0;
         while i < n {
-            let sector = &buf[i * ss..(i + 1) * ss];
-            if has_zero_block(sector) {
+            if starts_with_zero_block(&buf[i * ss..]) {
+                let sector = &mut buf[i * ss..(i + 1) * ss];
                 if !is_zero(sector) {
                     all_zero = false;
-                    self.decrypt_mixed(
-                        &mut buf[i * ss..(i + 1) * ss],
-                        sector_off + (i * ss) as u64,
-                    );
+                    self.decrypt_mixed(sector, sector_off + (i * ss) as u64);
                 }
                 i += 1;
                 continue;
             }
+            // The run's first sector is not all zero: the read is not.
             all_zero = false;
+            // Only a run's first sector is looked at (see `mapped`): a hole inside the run is
+            // flagged like any zero block.
             let start = i;
-            i += 1;
-            while i < n && !has_zero_block(&buf[i * ss..(i + 1) * ss]) {
-                i += 1;
+            i = n.min(start + FLAG_RUN);
+            let first = sector_off + (start * ss) as u64;
+            let run = &mut buf[start * ss..i * ss];
+            let mut zero = [0u64; FLAG_RUN / 64];
+            if self
+                .xts
+                .decrypt_sectors_flagging(run, ss, self.unit(first), &mut zero)
+            {
+                for j in flagged(&zero, i - start) {
+                    let sector = &mut run[j * ss..(j + 1) * ss];
+                    let off = first + (j * ss) as u64;
+                    self.xts.encrypt_sectors(sector, ss, self.unit(off));
+                    // A hole stays zero; a sector with some zero blocks keeps those zero.
+                    if !is_zero(sector) {
+                        self.decrypt_mixed(sector, off);
+                    }
+                }
             }
-            let unit = self.unit(sector_off + (start * ss) as u64);
-            self.xts
-                .decrypt_sectors(&mut buf[start * ss..i * ss], ss, unit);
         }
         all_zero
     }

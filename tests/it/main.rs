@@ -67,6 +67,7 @@ mod server_tls;
 mod server_volume;
 mod volume_datadir;
 mod volume_exclusive;
+mod volume_fused_zero;
 mod volume_header;
 mod volume_header_two_crashes;
 mod volume_io;
