@@ -5,8 +5,9 @@
 //! `xts_vaes` and `xts_vaes512` are the AES-NI kernels (128-, 256- and 512-bit vectors),
 //! `xts_common` is the leaf they share (key schedules, tweak helpers) and `xts_zmm` the 512-bit
 //! kernel's leaf (CPU model preference, tweaks on `zmm`); no cycle between them.
-//! `unsafe` is allowed only in those kernels, `xts_common`, `locked`, and the two dispatch
-//! functions of `xts` (plain and flagging decryption); `xts_flag_tests` tests the flagging.
+//! `unsafe` is allowed only in those kernels, `xts_common`, `locked`, and the three dispatch
+//! functions of `xts` (plain, flagging decryption, and encryption into shared memory for mapped
+//! writes); `xts_flag_tests` tests the flagging.
 
 pub mod aead;
 pub mod keys;
