@@ -382,14 +382,42 @@ impl Xts {
         sector_size: usize,
         first_unit: u64,
     ) {
-        #[cfg(target_arch = "x86_64")]
         let (len, d) = (dst.len(), dst.as_mut_ptr());
-        #[cfg(target_arch = "x86_64")]
         let s = src.map_or(d.cast_const(), <[u8]>::as_ptr);
+        // SAFETY: `s` and `d` are valid for `len` bytes (`check` and the length assert ran);
+        // they are equal (in place) or disjoint (a `&[u8]` and a `&mut [u8]` cannot overlap);
+        // `len` is a multiple of `sector_size`, itself 512 or 4096.
+        if unsafe { self.run_kernel::<ENC>(s, d, len, sector_size, first_unit) } {
+            return;
+        }
+        if let Engine::Portable(p) = &self.engine {
+            p.run::<ENC>(src, dst, sector_size, first_unit);
+        }
+    }
+
+    /// Runs this engine's AES-NI kernel over raw pointers; `false` (nothing done) for the
+    /// portable engine, which the caller runs on slices.
+    ///
+    /// # Safety
+    /// `s` must be valid for reads and `d` for writes of `len` bytes, equal or disjoint; `len` a
+    /// multiple of `sector_size`, itself 512 or 4096. `d` may be memory other threads store to
+    /// meanwhile (a shared mapping): the kernels store to it only from their asm and read it only
+    /// when `s == d`.
+    #[allow(unsafe_code)]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    unsafe fn run_kernel<const ENC: bool>(
+        &self,
+        s: *const u8,
+        d: *mut u8,
+        len: usize,
+        sector_size: usize,
+        first_unit: u64,
+    ) -> bool {
         match &self.engine {
             #[cfg(target_arch = "x86_64")]
             Engine::AesNiVaes512(keys) => {
-                // SAFETY: as for `AesNiVaes` below, with this kernel's 512-byte group.
+                // SAFETY: our contract; the engine exists only if this kernel's `available()`
+                // said yes at construction; 512 and 4096 are multiples of its 512-byte group.
                 unsafe {
                     super::xts_vaes512::crypt_sectors::<ENC>(
                         keys.data::<ENC>(),
@@ -404,11 +432,7 @@ impl Xts {
             }
             #[cfg(target_arch = "x86_64")]
             Engine::AesNiVaes(keys) => {
-                // SAFETY: the engine exists only if this kernel's `available()` said yes at
-                // construction. `s` and `d` are valid for `len` bytes (`check` and the length
-                // assert ran); they are equal (in place) or disjoint (a `&[u8]` and a
-                // `&mut [u8]` cannot overlap); `len` is a multiple of `sector_size`, itself 512
-                // or 4096: multiples of the kernel's 256-byte group and of the 512-byte unit.
+                // SAFETY: as for `AesNiVaes512`, with this kernel's 256-byte group.
                 unsafe {
                     super::xts_vaes::crypt_sectors::<ENC>(
                         keys.data::<ENC>(),
@@ -423,13 +447,14 @@ impl Xts {
             }
             #[cfg(target_arch = "x86_64")]
             Engine::AesNi(keys) => {
-                // SAFETY: as for `AesNiVaes`, with this kernel's 128-byte group.
+                // SAFETY: as for `AesNiVaes512`, with this kernel's 128-byte group.
                 unsafe {
                     super::xts_ni::crypt_sectors::<ENC>(keys, s, d, len, sector_size, first_unit)
                 }
             }
-            Engine::Portable(p) => p.run::<ENC>(src, dst, sector_size, first_unit),
+            Engine::Portable(_) => return false,
         }
+        true
     }
 
     /// Encrypts `src` into `dst`, memory shared with other threads and with the kernel (a
@@ -468,62 +493,26 @@ impl Xts {
             len == 0 || (s as usize + len <= d as usize || d as usize + len <= s as usize),
             "XTS shared destination overlaps the source"
         );
-        match &self.engine {
-            #[cfg(target_arch = "x86_64")]
-            Engine::AesNiVaes512(keys) => {
-                // SAFETY: as in `run`: the kernel is available (checked at construction), `s` is
-                // valid for reads and `d` for writes of `len` bytes (the slices' lengths, checked
-                // equal), they are disjoint (asserted), `len` is a multiple of `sector_size`
-                // (512 or 4096, `check`). `d`'s bytes may be stored by other threads meanwhile:
-                // the kernel neither reads them nor keeps them, it only stores, from its asm.
-                unsafe {
-                    super::xts_vaes512::crypt_sectors::<true>(
-                        keys.data::<true>(),
-                        &keys.enc2,
-                        s,
-                        d,
-                        len,
-                        sector_size,
-                        first_unit,
-                    )
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Engine::AesNiVaes(keys) => {
-                // SAFETY: as for `AesNiVaes512` above, with this kernel's 256-byte group.
-                unsafe {
-                    super::xts_vaes::crypt_sectors::<true>(
-                        keys.data::<true>(),
-                        &keys.enc2,
-                        s,
-                        d,
-                        len,
-                        sector_size,
-                        first_unit,
-                    )
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            Engine::AesNi(keys) => {
-                // SAFETY: as for `AesNiVaes512` above, with this kernel's 128-byte group.
-                unsafe {
-                    super::xts_ni::crypt_sectors::<true>(keys, s, d, len, sector_size, first_unit)
-                }
-            }
-            Engine::Portable(p) => {
-                let mut buf = [0u8; 4096];
-                let out = &mut buf[..sector_size];
-                let per = (sector_size / UNIT) as u64;
-                for (i, (plain, shared)) in src
-                    .chunks_exact(sector_size)
-                    .zip(dst.chunks_exact(sector_size))
-                    .enumerate()
-                {
-                    let unit = first_unit.wrapping_add(i as u64 * per);
-                    p.run::<true>(Some(plain), out, sector_size, unit);
-                    for (c, b) in out.iter().zip(shared) {
-                        b.store(*c, std::sync::atomic::Ordering::Relaxed);
-                    }
+        // SAFETY: `s` is valid for reads and `d` for writes of `len` bytes (the slices' lengths,
+        // checked equal), they are disjoint (asserted), `len` is a multiple of `sector_size`
+        // (512 or 4096, `check`). `d`'s bytes may be stored by other threads meanwhile, which
+        // `run_kernel` allows: it neither reads them nor keeps them, it only stores, from asm.
+        if unsafe { self.run_kernel::<true>(s, d, len, sector_size, first_unit) } {
+            return;
+        }
+        if let Engine::Portable(p) = &self.engine {
+            let mut buf = [0u8; 4096];
+            let out = &mut buf[..sector_size];
+            let per = (sector_size / UNIT) as u64;
+            for (i, (plain, shared)) in src
+                .chunks_exact(sector_size)
+                .zip(dst.chunks_exact(sector_size))
+                .enumerate()
+            {
+                let unit = first_unit.wrapping_add(i as u64 * per);
+                p.run::<true>(Some(plain), out, sector_size, unit);
+                for (c, b) in out.iter().zip(shared) {
+                    b.store(*c, std::sync::atomic::Ordering::Relaxed);
                 }
             }
         }
