@@ -9,6 +9,7 @@
 
 pub mod blockdev;
 pub mod certs;
+pub mod libnbd_phase;
 pub mod xts_oracle;
 
 use std::io::Read;

@@ -12,6 +12,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use clients_common::libnbd_phase::run_phase;
+use clients_common::xts_oracle::PYTHON;
 use clients_common::{
     find_tool, report_missing, run_bounded, run_ok, skip_environment, DataDir, HEADER_BYTES, MIB,
 };
@@ -21,7 +23,6 @@ use cryptnbd::volume::{Volume, VolumeHeader};
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
 
-const PYTHON: &str = "/usr/bin/python3";
 const SIZE: u64 = 32 * MIB;
 
 /// Two volumes on one file: one reading through the mapping, one with `pread` only.
@@ -121,20 +122,8 @@ fn mapped_reads_equal_pread_reads() {
 }
 
 /// The libnbd client's phases; every phase prints "ok" when all its checks passed.
+/// (After `libnbd_phase::PRELUDE`.)
 const SCRIPT: &str = r#"
-import errno, random, sys, time
-import nbd
-
-uri, mode = sys.argv[1], sys.argv[2]
-args = [int(a) for a in sys.argv[3:]]
-h = nbd.NBD()
-h.connect_uri(uri)
-size = h.get_size()
-MIB = 1 << 20
-
-def pat(off, n):
-    # 4 KiB blocks, each one byte value derived from its index; off and n are 4 KiB multiples.
-    return b"".join(bytes([(b * 7) % 251 + 1]) * 4096 for b in range(off // 4096, (off + n) // 4096))
 
 def expect(off, n, keep):
     want = pat(off, n)
@@ -188,20 +177,8 @@ print("ok")
 
 fn phase(d: &DataDir, srv: &clients_common::Server, mode: &str, args: &[u64]) {
     let script = d.path().join("mapped.py");
-    if !script.exists() {
-        std::fs::write(&script, SCRIPT).expect("write the client script");
-    }
-    let mut c = Command::new(PYTHON);
-    c.arg(&script).arg(srv.uri("disk")).arg(mode);
-    c.args(args.iter().map(u64::to_string));
-    let out = run_bounded(&mut c, Duration::from_secs(180));
-    assert!(
-        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
-        "client phase {mode} failed: {}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        srv.log_text()
-    );
+    let out = run_phase(&script, SCRIPT, srv, mode, args, Duration::from_secs(180));
+    assert_eq!(out, "ok", "client phase {mode}");
 }
 
 /// A data directory (key store, CMK, a 32 MiB volume "disk") inside `parent`.

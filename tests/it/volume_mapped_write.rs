@@ -14,15 +14,14 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use clients_common::xts_oracle::{oracle_decrypt, python_has_cryptography};
+use clients_common::libnbd_phase::{pattern, run_phase};
+use clients_common::xts_oracle::{oracle_decrypt, python_has_cryptography, PYTHON};
 use clients_common::{find_tool, report_missing, run_bounded, run_ok, DataDir, HEADER_BYTES, MIB};
 use cryptnbd::backend::FileBackend;
 use cryptnbd::crypto::{Xts, XtsKey};
 use cryptnbd::volume::{Volume, VolumeHeader};
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
-
-const PYTHON: &str = "/usr/bin/python3";
 
 /// Two volumes with one key and one header on two files in `dir`: one writing (and reading)
 /// through mappings at every size, one with `pread`/`pwrite` only.
@@ -265,20 +264,8 @@ impl Drop for Tmpfs {
 }
 
 /// The libnbd client's phases; each prints "ok …" when all its checks passed.
+/// (After `libnbd_phase::PRELUDE`.)
 const SCRIPT: &str = r#"
-import errno, sys, time
-import nbd
-
-uri, mode = sys.argv[1], sys.argv[2]
-args = [int(a) for a in sys.argv[3:]]
-h = nbd.NBD()
-h.connect_uri(uri)
-size = h.get_size()
-MIB = 1 << 20
-
-def pat(off, n):
-    # 4 KiB blocks, each one byte value derived from its index; off and n are 4 KiB multiples.
-    return b"".join(bytes([(b * 7) % 251 + 1]) * 4096 for b in range(off // 4096, (off + n) // 4096))
 
 if mode == "until-full":
     off = 0
@@ -317,29 +304,9 @@ elif mode == "fill-check":
 h.shutdown()
 "#;
 
-fn pattern(off: u64, n: u64) -> Vec<u8> {
-    (off / 4096..(off + n) / 4096)
-        .flat_map(|b| std::iter::repeat_n(((b * 7) % 251 + 1) as u8, 4096))
-        .collect()
-}
-
 fn phase(d: &DataDir, srv: &clients_common::Server, mode: &str, args: &[u64]) -> String {
     let script = d.path().join("mapw.py");
-    if !script.exists() {
-        std::fs::write(&script, SCRIPT).expect("write the client script");
-    }
-    let mut c = Command::new(PYTHON);
-    c.arg(&script).arg(srv.uri("disk")).arg(mode);
-    c.args(args.iter().map(u64::to_string));
-    let out = run_bounded(&mut c, Duration::from_secs(240));
-    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success() && stdout.starts_with("ok"),
-        "client phase {mode} failed: {stdout}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        srv.log_text()
-    );
-    stdout
+    run_phase(&script, SCRIPT, srv, mode, args, Duration::from_secs(240))
 }
 
 /// A data directory in the temp dir with a volume "disk" of `size`, whose file is moved to `dir`
