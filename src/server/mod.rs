@@ -196,6 +196,16 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 6;
 
+/// Kernel send buffer asked for on every accepted socket: room for a queue depth of 1 MiB READ
+/// replies, so a worker's `writev` copies its reply into the socket and returns instead of
+/// sleeping until the client has read part of it (and holding the connection's writer lock
+/// meanwhile). Measured with fio, 1 MiB reads at queue depth 8, on 2 cores: over loopback TCP
+/// 2.9–3.1 GiB/s against 1.9–2.1 with the autotuned buffer, and server context switches per
+/// request 1.2 → 0.75; over a Unix socket (212 KiB default) 4.8 → 0.8 context switches per
+/// request. The kernel caps it at `net.core.wmem_max` (4 MiB on Debian) and charges only what
+/// is queued, so an idle connection costs nothing.
+const SEND_BUFFER: usize = 4 << 20;
+
 /// State shared by the accept loops and the connection threads.
 struct ServerState {
     config: ServerConfig,
@@ -419,6 +429,10 @@ async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<S
         };
         if state.shutting_down.load(Ordering::SeqCst) {
             continue;
+        }
+        if let Err(e) = stream.set_send_buffer(SEND_BUFFER) {
+            // Only speed depends on it: serve with the default buffer.
+            debug!(peer = %peer, "could not enlarge the socket send buffer: {e}");
         }
         let mut access = peer::Access::new(policy.tls.clone(), refused);
         access.identity = Some(who);

@@ -47,6 +47,15 @@ impl Stream {
         }
     }
 
+    /// Asks for a kernel send buffer of `bytes` (the kernel doubles the value for its own
+    /// bookkeeping and caps it at `net.core.wmem_max`; a TCP socket then no longer autotunes).
+    pub(crate) fn set_send_buffer(&self, bytes: usize) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => socket2::SockRef::from(s).set_send_buffer_size(bytes),
+            Stream::Unix(s) => socket2::SockRef::from(s).set_send_buffer_size(bytes),
+        }
+    }
+
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_read_timeout(t),
@@ -185,5 +194,47 @@ mod hangup_tests {
         assert!(!s.peer_hung_up());
         drop(b);
         assert!(s.peer_hung_up());
+    }
+}
+
+#[cfg(test)]
+mod buffer_tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// What the kernel grants at most: `net.core.wmem_max` (doubled for bookkeeping).
+    fn wmem_max() -> usize {
+        std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn granted(s: &Stream) -> usize {
+        match s {
+            Stream::Tcp(s) => socket2::SockRef::from(s).send_buffer_size().unwrap(),
+            Stream::Unix(s) => socket2::SockRef::from(s).send_buffer_size().unwrap(),
+        }
+    }
+
+    #[test]
+    fn send_buffer_grows_on_tcp_and_unix_sockets() {
+        let want = 4 << 20;
+        let floor = want.min(wmem_max());
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let tcp = Stream::Tcp(l.accept().unwrap().0);
+        let (a, _b) = UnixStream::pair().unwrap();
+        let unix = Stream::Unix(a);
+        for s in [tcp, unix] {
+            let before = granted(&s);
+            s.set_send_buffer(want).unwrap();
+            let after = granted(&s);
+            assert!(
+                after >= floor && after > before,
+                "{s:?}: send buffer {before} -> {after}, wanted at least {floor}"
+            );
+        }
     }
 }
