@@ -9,8 +9,8 @@
 //! its plaintext straight into the page cache instead of encrypting in place and `pwrite`-ing.
 //!
 //! [`rbd`] puts volumes on Ceph RBD images (feature `rbd`). `testing` (feature `test-utils`, and
-//! this crate's unit tests) holds the memory, slow, faulty, crashing and piecewise backends the
-//! tests use. This trait is the one place a new store plugs in.
+//! this crate's unit tests) holds the memory, slow, faulty, crashing, piecewise and async
+//! backends the tests use. This trait is the one place a new store plugs in.
 
 mod file;
 mod lend;

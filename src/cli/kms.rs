@@ -1,25 +1,23 @@
 //! `cryptnbd kms …`: the key store commands, named after the DEW KMS / AWS KMS API operations.
-//! This file only parses arguments, finds the root secret and prints results (aligned
+//! The CLI side only parses arguments, finds the root secret and prints results (aligned
 //! `field: value` lines for people, `--json` with the DEW KMS field names for scripts); all key
-//! handling is in `cryptnbd::kms`.
+//! handling is in `cryptnbd::kms`. This file parses and dispatches; beside it are `kms_root`
+//! (the root of trust: passphrase, key file, opening the store, `kms init`) and `kms_print` (the
+//! output formats).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use clap::{Args, Subcommand};
 use cryptnbd::crypto::SecretBytes;
-use cryptnbd::kms::{
-    clock, AliasInfo, AuditRecord, EncryptionContext, InitRoot, KeyMetadata, KeyStore, KmsError,
-    RootSecret, WrappedDataKey,
-};
+use cryptnbd::kms::{clock, EncryptionContext};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
+use super::kms_print::{metadata_json, print_aliases, print_audit, print_metadata, print_wrapped};
+use super::kms_root::init;
+pub use super::kms_root::{open_keystore, PASSPHRASE_ENV};
 use super::{print_fields, print_json, Global};
-
-/// The environment variable holding the key store passphrase.
-pub const PASSPHRASE_ENV: &str = "CRYPTNBD_PASSPHRASE";
 
 const KMS_AFTER_HELP: &str = "\
 KEY is a key id (UUID) or an alias (alias/NAME, or just NAME).
@@ -290,64 +288,6 @@ fn parse_length_bits(s: &str) -> Result<u32, String> {
     }
 }
 
-/// Reads a passphrase file, dropping one trailing newline.
-fn read_passphrase_file(path: &Path) -> anyhow::Result<Zeroizing<String>> {
-    let mut s = Zeroizing::new(
-        std::fs::read_to_string(path)
-            .with_context(|| format!("reading passphrase file {}", path.display()))?,
-    );
-    if s.ends_with('\n') {
-        s.pop();
-        if s.ends_with('\r') {
-            s.pop();
-        }
-    }
-    if s.is_empty() {
-        bail!("passphrase file {} is empty", path.display());
-    }
-    Ok(s)
-}
-
-/// The passphrase from `--passphrase-file`, else `$CRYPTNBD_PASSPHRASE`, else none.
-fn passphrase(file: Option<&Path>) -> anyhow::Result<Option<Zeroizing<String>>> {
-    if let Some(f) = file {
-        return read_passphrase_file(f).map(Some);
-    }
-    match std::env::var(PASSPHRASE_ENV) {
-        Ok(p) if !p.is_empty() => Ok(Some(Zeroizing::new(p))),
-        _ => Ok(None),
-    }
-}
-
-/// Opens the key store in the data directory: passphrase from `--passphrase-file`, else
-/// `$CRYPTNBD_PASSPHRASE`, else the key file `root.key` in the data directory.
-pub fn open_keystore(global: &Global) -> anyhow::Result<KeyStore> {
-    let dir = &global.data_dir;
-    if !KeyStore::exists(dir) {
-        bail!(
-            "no key store in {}: run `cryptnbd kms init` (or pass --data-dir)",
-            dir.display()
-        );
-    }
-    let root = match passphrase(global.passphrase_file.as_deref())? {
-        Some(p) => RootSecret::Passphrase(p),
-        None => RootSecret::KeyFile(dir.join("root.key")),
-    };
-    match KeyStore::open(dir, root) {
-        Ok(ks) => Ok(ks),
-        Err(
-            e @ KmsError::RootKindMismatch {
-                given: "a key file",
-                ..
-            },
-        ) => bail!("{e}: pass --passphrase-file FILE or set ${PASSPHRASE_ENV}"),
-        Err(e @ KmsError::RootKindMismatch { .. }) => bail!(
-            "{e}: drop --passphrase-file and unset ${PASSPHRASE_ENV} (the store uses root.key)"
-        ),
-        Err(e) => Err(e.into()),
-    }
-}
-
 fn context_of(pairs: Vec<(String, String)>) -> anyhow::Result<EncryptionContext> {
     let mut ctx = EncryptionContext::new();
     for (k, v) in pairs {
@@ -360,177 +300,6 @@ fn context_of(pairs: Vec<(String, String)>) -> anyhow::Result<EncryptionContext>
 
 fn decode_hex(what: &str, s: &str) -> anyhow::Result<Vec<u8>> {
     hex::decode(s.trim()).map_err(|e| anyhow::anyhow!("{what} is not valid hex: {e}"))
-}
-
-fn metadata_json(m: &KeyMetadata) -> Value {
-    let mut v = serde_json::to_value(m).expect("metadata serializes");
-    v["key_state_name"] = json!(m.key_state.name());
-    v
-}
-
-fn print_metadata(m: &KeyMetadata, json_out: bool) -> anyhow::Result<()> {
-    if json_out {
-        return print_json(&metadata_json(m));
-    }
-    let mut f = vec![
-        ("key_id", m.key_id.to_string()),
-        ("key_alias", m.key_alias.clone()),
-        ("key_description", m.key_description.clone()),
-        (
-            "key_state",
-            format!("{} ({})", m.key_state.code(), m.key_state.name()),
-        ),
-        ("creation_date", clock::rfc3339(m.creation_date)),
-        ("current_version", m.current_version.to_string()),
-        ("version_count", m.version_count.to_string()),
-    ];
-    if let Some(d) = m.scheduled_deletion_date {
-        f.push(("scheduled_deletion_date", clock::rfc3339(d)));
-    }
-    if let Some(d) = m.rotation_interval_days {
-        f.push(("rotation_interval_days", d.to_string()));
-    }
-    print_fields(&f);
-    Ok(())
-}
-
-fn print_aliases(aliases: &[AliasInfo], json_out: bool) -> anyhow::Result<()> {
-    if json_out {
-        let v: Vec<Value> = aliases
-            .iter()
-            .map(|a| {
-                json!({
-                    "alias": a.alias,
-                    "key_id": a.key_id.to_string(),
-                    "creation_date": clock::rfc3339(a.creation_date),
-                    "update_date": clock::rfc3339(a.update_date),
-                })
-            })
-            .collect();
-        return print_json(&json!({ "aliases": v }));
-    }
-    let width = aliases
-        .iter()
-        .map(|a| a.alias.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    println!("{:width$}  {:36}  UPDATED", "ALIAS", "KEY ID");
-    for a in aliases {
-        println!(
-            "{:width$}  {}  {}",
-            a.alias,
-            a.key_id,
-            clock::rfc3339(a.update_date)
-        );
-    }
-    Ok(())
-}
-
-fn print_wrapped(
-    w: &WrappedDataKey,
-    plain: Option<&SecretBytes>,
-    ctx: &EncryptionContext,
-    json_out: bool,
-) -> anyhow::Result<()> {
-    let plain_hex = plain.map(|p| Zeroizing::new(hex::encode(p.dangerous_as_bytes())));
-    if json_out {
-        let mut v = json!({
-            "key_id": w.key_id,
-            "key_version": w.key_version,
-            "cipher_text": hex::encode(&w.cipher_text),
-            "encryption_context": ctx,
-        });
-        if let Some(p) = &plain_hex {
-            v["plain_text"] = json!(p.as_str());
-            v["datakey_length"] = json!(plain.map(|p| p.len() * 8));
-        }
-        return print_json(&v);
-    }
-    let mut f = vec![
-        ("key_id", w.key_id.to_string()),
-        ("key_version", w.key_version.to_string()),
-    ];
-    if let Some(p) = &plain_hex {
-        f.push(("plain_text", p.to_string()));
-    }
-    f.push(("cipher_text", hex::encode(&w.cipher_text)));
-    print_fields(&f);
-    Ok(())
-}
-
-fn print_audit(records: &[AuditRecord], json_out: bool) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    for r in records {
-        if json_out {
-            serde_json::to_writer(&mut out, r)?;
-            writeln!(out)?;
-            continue;
-        }
-        let key = match (r.key_id, &r.key) {
-            (Some(id), _) => id.to_string(),
-            (None, Some(k)) => k.clone(),
-            (None, None) => "-".into(),
-        };
-        let ver = r.key_version.map(|v| format!("v{v}")).unwrap_or_default();
-        let ctx = if r.encryption_context.is_empty() {
-            String::new()
-        } else {
-            let pairs: Vec<_> = r
-                .encryption_context
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            format!(" context {}", pairs.join(","))
-        };
-        let outcome = match &r.error {
-            Some(e) => format!("error: {e}"),
-            None => r.outcome.clone(),
-        };
-        writeln!(
-            out,
-            "{}  {:<32} {key} {ver}{ctx}  {outcome}",
-            r.time, r.operation
-        )?;
-    }
-    Ok(())
-}
-
-fn init(global: &Global, root_key_file: Option<PathBuf>, json_out: bool) -> anyhow::Result<()> {
-    let dir = &global.data_dir;
-    let pass = passphrase(global.passphrase_file.as_deref())?;
-    let (ks, root_desc) = match (root_key_file, pass) {
-        (Some(_), Some(_)) => bail!(
-            "give either --root-key-file or a passphrase (--passphrase-file / ${PASSPHRASE_ENV}), not both"
-        ),
-        (Some(src), None) => (
-            KeyStore::init_with_key_file(dir, &src)?,
-            format!("key file {} (copied from {})", dir.join("root.key").display(), src.display()),
-        ),
-        (None, Some(p)) => (
-            KeyStore::init(dir, InitRoot::Passphrase(p))?,
-            "passphrase (Argon2id)".to_string(),
-        ),
-        (None, None) => (
-            KeyStore::init(dir, InitRoot::GenerateKeyFile)?,
-            format!("key file {}", dir.join("root.key").display()),
-        ),
-    };
-    if json_out {
-        return print_json(&json!({
-            "store_id": ks.store_id(),
-            "data_dir": dir,
-            "root": root_desc,
-        }));
-    }
-    println!(
-        "created key store {} in {}\nroot of trust: {root_desc}\n\
-         back it up: without it nothing this store wraps can ever be decrypted.\n\
-         next: cryptnbd kms create-key --alias NAME",
-        ks.store_id(),
-        dir.display()
-    );
-    Ok(())
 }
 
 pub fn run(global: &Global, args: KmsArgs) -> anyhow::Result<()> {

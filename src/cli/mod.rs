@@ -3,6 +3,8 @@
 
 pub mod check;
 pub mod kms;
+mod kms_print;
+mod kms_root;
 pub mod kms_serve;
 pub mod rbd;
 pub mod remote;

@@ -1,12 +1,13 @@
 //! Cryptographic primitives: the AES-256-XTS sector engine, the AEAD that wraps keys, and the secret
 //! key types. Nothing here knows about files, sockets or async.
 //!
-//! The XTS engine is six files: `xts` chooses the kernel (and holds the portable one), `xts_ni`,
-//! `xts_vaes` and `xts_vaes512` are the AES-NI kernels (128-, 256- and 512-bit vectors),
-//! `xts_common` is the leaf they share (key schedules, tweak helpers) and `xts_zmm` the 512-bit
-//! kernel's leaf (CPU model preference, tweaks on `zmm`); no cycle between them.
-//! `unsafe` is allowed only in those kernels, `xts_common`, `locked`, and the three dispatch
-//! functions of `xts` (plain, flagging decryption, and encryption into shared memory for mapped
+//! The XTS engine is seven files: `xts` chooses the kernel, `xts_portable` is the portable one
+//! (the `aes` crate, safe code, any target), `xts_ni`, `xts_vaes` and `xts_vaes512` are the
+//! AES-NI kernels (128-, 256- and 512-bit vectors), `xts_common` is the leaf they share (key
+//! schedules, tweak helpers) and `xts_zmm` the 512-bit kernel's leaf (CPU model preference,
+//! tweaks on `zmm`); no cycle between them. `unsafe` is allowed only in the AES-NI kernels,
+//! `xts_common`, `xts_zmm`, `locked`, and the three dispatch functions of `xts` (plain, flagging
+//! decryption, and encryption into shared memory for mapped
 //! writes); `xts_flag_tests` tests the flagging.
 
 pub mod aead;
@@ -23,6 +24,7 @@ mod xts_flag_tests;
 #[allow(unsafe_code)]
 #[cfg(target_arch = "x86_64")]
 mod xts_ni;
+mod xts_portable;
 #[allow(unsafe_code)]
 #[cfg(target_arch = "x86_64")]
 mod xts_vaes;

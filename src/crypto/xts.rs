@@ -4,19 +4,16 @@
 //!
 //! Four kernels give identical bytes (see [`Kernel`]): on x86_64 three AES-NI kernels chosen at
 //! run time (`xts_vaes512`, 32 blocks in flight with AVX-512 + VAES; `xts_vaes`, 16 blocks with
-//! AVX2 + VAES; `xts_ni`, 8 blocks with SSE), and a portable path built on the `aes` crate that
-//! runs on any target. This file is the one place a kernel is chosen; the kernels and their
-//! leaves `xts_common` (key schedules, tweak helpers) and `xts_zmm` (the 512-bit kernel's tweak
-//! helpers and CPU model preference) never import it, nor each other.
+//! AVX2 + VAES; `xts_ni`, 8 blocks with SSE), and a portable one built on the `aes` crate that
+//! runs on any target (`xts_portable`). This file is the one place a kernel is chosen; the
+//! kernels and their leaves `xts_common` (key schedules, tweak helpers) and `xts_zmm` (the
+//! 512-bit kernel's tweak helpers and CPU model preference) never import it, nor each other.
 //! The engine allocates nothing per call and holds no mutable state, so one `Xts` is shared by
 //! `&` between threads.
 
-use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
-use aes::{Aes256, Block};
-
 use super::keys::XtsKey;
 use super::locked::LockedValue;
-use super::xts_common::wipe;
+use super::xts_portable::Portable;
 
 /// Bytes in one tweak unit: the tweak counts 512-byte units whatever the sector size.
 pub const UNIT: usize = 512;
@@ -501,20 +498,7 @@ impl Xts {
             return;
         }
         if let Engine::Portable(p) = &self.engine {
-            let mut buf = [0u8; 4096];
-            let out = &mut buf[..sector_size];
-            let per = (sector_size / UNIT) as u64;
-            for (i, (plain, shared)) in src
-                .chunks_exact(sector_size)
-                .zip(dst.chunks_exact(sector_size))
-                .enumerate()
-            {
-                let unit = first_unit.wrapping_add(i as u64 * per);
-                p.run::<true>(Some(plain), out, sector_size, unit);
-                for (c, b) in out.iter().zip(shared) {
-                    b.store(*c, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
+            p.encrypt_to_shared(src, dst, sector_size, first_unit);
         }
     }
 }
@@ -542,109 +526,6 @@ fn clear_flags(sectors: usize, zero: &mut [u64]) -> &mut [u64] {
     let words = &mut zero[..words];
     words.fill(0);
     words
-}
-
-/// The portable backend: the `aes` crate (its own backend batches blocks; it zeroizes its round
-/// keys on drop with the crate's `zeroize` feature).
-struct Portable {
-    data: Aes256,
-    tweak: Aes256,
-}
-
-impl Portable {
-    fn new(key: &XtsKey) -> Self {
-        Self {
-            data: Aes256::new(key.dangerous_k1().into()),
-            tweak: Aes256::new(key.dangerous_k2().into()),
-        }
-    }
-
-    fn run<const ENC: bool>(
-        &self,
-        src: Option<&[u8]>,
-        dst: &mut [u8],
-        sector_size: usize,
-        first_unit: u64,
-    ) {
-        self.crypt::<ENC>(src, dst, sector_size, first_unit, None)
-    }
-
-    /// Encrypts (`ENC`) or decrypts; with `zero`, also flags the sectors that had an all-zero
-    /// input block (decryption only: see `Xts::decrypt_sectors_flagging`).
-    fn crypt<const ENC: bool>(
-        &self,
-        src: Option<&[u8]>,
-        dst: &mut [u8],
-        sector_size: usize,
-        first_unit: u64,
-        mut zero: Option<&mut [u64]>,
-    ) {
-        let units_per_sector = (sector_size / UNIT) as u64;
-        let nblocks = sector_size / 16;
-        // The xor with the tweak on the way in and out doubles as the copy into AES-sized
-        // blocks, and lets the out-of-place form read `src` and write `dst` without a memcpy.
-        let mut blocks = [Block::default(); 4096 / 16];
-        let mut tweaks = [[0u8; 16]; 4096 / 16];
-        for (i, out) in dst.chunks_exact_mut(sector_size).enumerate() {
-            let unit = first_unit.wrapping_add(i as u64 * units_per_sector);
-            let mut t = Block::default();
-            t[..8].copy_from_slice(&unit.to_le_bytes());
-            self.tweak.encrypt_block(&mut t);
-            let mut t: [u8; 16] = t.into();
-            for tw in tweaks[..nblocks].iter_mut() {
-                *tw = t;
-                t = mul_alpha(t);
-            }
-            let input: &[u8] = match src {
-                Some(s) => &s[i * sector_size..(i + 1) * sector_size],
-                None => out,
-            };
-            let mut any_zero = false;
-            for ((b, c), tw) in blocks.iter_mut().zip(input.chunks_exact(16)).zip(&tweaks) {
-                // One load of the block into a local: its zero test and its decryption see the
-                // same value even if `src` changes meanwhile.
-                let v = u128::from_ne_bytes(c.try_into().expect("16-byte chunk"));
-                if !ENC {
-                    any_zero |= v == 0;
-                }
-                let x = v ^ u128::from_ne_bytes(*tw);
-                b.copy_from_slice(&x.to_ne_bytes());
-            }
-            if let Some(z) = zero.as_deref_mut() {
-                z[i / 64] |= u64::from(any_zero) << (i % 64);
-            }
-            if ENC {
-                self.data.encrypt_blocks(&mut blocks[..nblocks]);
-            } else {
-                self.data.decrypt_blocks(&mut blocks[..nblocks]);
-            }
-            for ((b, c), tw) in blocks.iter().zip(out.chunks_exact_mut(16)).zip(&tweaks) {
-                for k in 0..16 {
-                    c[k] = b[k] ^ tw[k];
-                }
-            }
-        }
-        // The scratch blocks held plaintext and tweaks (derived from the key); don't leave them
-        // on the stack, nor (where we can say which) in vector registers.
-        let used = nblocks.min(dst.len() / 16);
-        for t in tweaks[..used].iter_mut() {
-            wipe(t);
-        }
-        for b in blocks[..used].iter_mut() {
-            wipe(b.as_mut_slice());
-        }
-        #[cfg(target_arch = "x86_64")]
-        super::xts_common::clear_xmm();
-    }
-}
-
-/// Multiplies a tweak by α in GF(2^128) (little-endian convention of IEEE 1619).
-#[inline(always)]
-pub(crate) fn mul_alpha(t: [u8; 16]) -> [u8; 16] {
-    let v = u128::from_le_bytes(t);
-    let carry = (v >> 127) as u8;
-    let v = (v << 1) ^ (0x87 * carry as u128);
-    v.to_le_bytes()
 }
 
 #[cfg(test)]

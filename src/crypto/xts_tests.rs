@@ -17,6 +17,8 @@ fn portable_round_keys_are_on_non_dumpable_pages() {
         assert!(flags.split_whitespace().any(|f| f == "lo"), "{flags}");
     }
 }
+use aes::cipher::KeyInit;
+use aes::Aes256;
 use xts_mode::{get_tweak_default, Xts128};
 
 fn engines(key: &XtsKey) -> Vec<Xts> {

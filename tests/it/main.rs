@@ -42,6 +42,7 @@ mod kms_http_remote;
 mod kms_http_vault;
 mod kms_props;
 mod kms_python_oracle;
+mod kms_store;
 mod nbd_wire;
 mod rbd_backend;
 mod rbd_blockdev;
