@@ -196,15 +196,16 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_RETRIES: u32 = 6;
 
-/// Kernel send buffer asked for on every accepted socket: room for a queue depth of 1 MiB READ
-/// replies, so a worker's `writev` copies its reply into the socket and returns instead of
-/// sleeping until the client has read part of it (and holding the connection's writer lock
-/// meanwhile). Measured with fio, 1 MiB reads at queue depth 8, on 2 cores: over loopback TCP
-/// 2.9–3.1 GiB/s against 1.9–2.1 with the autotuned buffer, and server context switches per
-/// request 1.2 → 0.75; over a Unix socket (212 KiB default) 4.8 → 0.8 context switches per
-/// request. The kernel caps it at `net.core.wmem_max` (4 MiB on Debian) and charges only what
-/// is queued, so an idle connection costs nothing.
-const SEND_BUFFER: usize = 4 << 20;
+/// Kernel send buffer asked for on every accepted Unix socket (the kernel doubles it): room for
+/// a 1 MiB READ reply, so a worker's `writev` copies it into the socket and returns instead of
+/// sleeping on the 212 KiB default until the client has read part of it (holding the
+/// connection's writer lock meanwhile). Measured with fio, 1 MiB reads at queue depth 8, one
+/// connection, 2 cores: 5.1–5.2 against 2.9 GiB/s and 4.8 → 0.8 server context switches per
+/// request. Larger is worse once two connections share the cores (4 MiB: 0.89× the default with
+/// two connections, the replies no longer fit the caches before the client copies them out),
+/// 512 KiB is level there. TCP keeps the kernel's autotuning, which grows to
+/// `net.ipv4.tcp_wmem` on its own (a fixed 4 MiB measured 0.96–1.04× it).
+const UNIX_SEND_BUFFER: usize = 512 << 10;
 
 /// State shared by the accept loops and the connection threads.
 struct ServerState {
@@ -430,9 +431,11 @@ async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<S
         if state.shutting_down.load(Ordering::SeqCst) {
             continue;
         }
-        if let Err(e) = stream.set_send_buffer(SEND_BUFFER) {
-            // Only speed depends on it: serve with the default buffer.
-            debug!(peer = %peer, "could not enlarge the socket send buffer: {e}");
+        if let Stream::Unix(_) = stream {
+            if let Err(e) = stream.set_send_buffer(UNIX_SEND_BUFFER) {
+                // Only speed depends on it: serve with the default buffer.
+                debug!(peer = %peer, "could not enlarge the socket send buffer: {e}");
+            }
         }
         let mut access = peer::Access::new(policy.tls.clone(), refused);
         access.identity = Some(who);
