@@ -200,8 +200,8 @@ const KEEPALIVE_RETRIES: u32 = 6;
 /// a 1 MiB READ reply, so a worker's `writev` copies it into the socket and returns instead of
 /// sleeping on the 212 KiB default until the client has read part of it (holding the
 /// connection's writer lock meanwhile). Measured with fio, 1 MiB reads at queue depth 8, one
-/// connection, 2 cores: 5.1–5.2 against 2.9 GiB/s and 4.8 → 0.8 server context switches per
-/// request. Larger is worse once two connections share the cores (4 MiB: 0.89× the default with
+/// connection, 2 cores (`tools/bench-peers`, 5 rounds, side by side): 5.3 against 3.3 GiB/s,
+/// and 4.8 → 0.8 server context switches per request. Larger is worse once two connections share the cores (4 MiB: 0.89× the default with
 /// two connections, the replies no longer fit the caches before the client copies them out),
 /// 512 KiB is level there. TCP keeps the kernel's autotuning, which grows to
 /// `net.ipv4.tcp_wmem` on its own (a fixed 4 MiB measured 0.96–1.04× it).
