@@ -5,11 +5,11 @@
 //! decided above the server (`crate::exports`): this module knows neither `kms` nor `datadir`.
 //!
 //! Threading (decided from measurements, see DESIGN.md "Performance"): tokio is used only to
-//! accept connections and to wait for the shutdown signal. Each accepted socket (TCP_NODELAY set)
-//! becomes a blocking std socket served on its own OS threads: the handshake under one deadline,
-//! then `workers_per_connection` workers in a leader/follower pattern (see `session`), so a
-//! request is read, executed (decrypted/encrypted) and answered on one thread, with no queue in
-//! between.
+//! accept connections and to wait for the shutdown signal. Each accepted socket (TCP_NODELAY set
+//! on TCP, a larger send buffer on Unix, see `UNIX_SEND_BUFFER`) becomes a blocking std socket
+//! served on its own OS threads: the handshake under one deadline, then `workers_per_connection`
+//! workers in a leader/follower pattern (see `session`), so a request is read, executed
+//! (decrypted/encrypted) and answered on one thread, with no queue in between.
 //!
 //! Shutdown: when the shutdown future resolves, accepting stops, every socket's read side is shut
 //! (blocked readers see end of stream, requests already read still run and reply), the server
@@ -201,10 +201,11 @@ const KEEPALIVE_RETRIES: u32 = 6;
 /// sleeping on the 212 KiB default until the client has read part of it (holding the
 /// connection's writer lock meanwhile). Measured with fio, 1 MiB reads at queue depth 8, one
 /// connection, 2 cores (`tools/bench-peers`, 5 rounds, side by side): 5.3 against 3.3 GiB/s,
-/// and 4.8 → 0.8 server context switches per request. Larger is worse once two connections share the cores (4 MiB: 0.89× the default with
-/// two connections, the replies no longer fit the caches before the client copies them out),
-/// 512 KiB is level there. TCP keeps the kernel's autotuning, which grows to
-/// `net.ipv4.tcp_wmem` on its own (a fixed 4 MiB measured 0.96–1.04× it).
+/// and 4.8 → 0.8 server context switches per request. Larger is worse once two connections
+/// share the cores (4 MiB: 0.89× the default with two connections; the queued replies no
+/// longer stay in the caches until the client copies them out), 512 KiB is level there. TCP
+/// keeps the kernel's autotuning, which grows to `net.ipv4.tcp_wmem` on its own (a fixed 4 MiB
+/// measured 0.96–1.04× it).
 const UNIX_SEND_BUFFER: usize = 512 << 10;
 
 /// State shared by the accept loops and the connection threads.

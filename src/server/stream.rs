@@ -219,22 +219,23 @@ mod buffer_tests {
     }
 
     #[test]
-    fn send_buffer_grows_on_tcp_and_unix_sockets() {
-        let want = 4 << 20;
+    fn send_buffer_grows_past_the_unix_default() {
+        let want = crate::server::UNIX_SEND_BUFFER;
         let floor = want.min(wmem_max());
+        let (a, _b) = UnixStream::pair().unwrap();
+        let unix = Stream::Unix(a);
+        let before = granted(&unix);
+        unix.set_send_buffer(want).unwrap();
+        let after = granted(&unix);
+        assert!(
+            after >= floor && after > before,
+            "Unix send buffer {before} -> {after}, wanted at least {floor}"
+        );
+        // TCP autotunes and may already be larger; setting it only has to be honoured.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let _c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let tcp = Stream::Tcp(l.accept().unwrap().0);
-        let (a, _b) = UnixStream::pair().unwrap();
-        let unix = Stream::Unix(a);
-        for s in [tcp, unix] {
-            let before = granted(&s);
-            s.set_send_buffer(want).unwrap();
-            let after = granted(&s);
-            assert!(
-                after >= floor && after > before,
-                "{s:?}: send buffer {before} -> {after}, wanted at least {floor}"
-            );
-        }
+        tcp.set_send_buffer(want).unwrap();
+        assert!(granted(&tcp) >= floor);
     }
 }
