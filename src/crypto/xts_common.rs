@@ -230,6 +230,40 @@ mod x86 {
         }
     }
 
+    /// Zeroes `ymm0`–`ymm15` for the AVX kernels: VEX zero idioms (a VEX write of an `xmm`
+    /// register zeroes the rest of it, up to `zmm`), then `vzeroupper`, which leaves the upper
+    /// halves clean for legacy-SSE code. Why at all: see [`clear_xmm`].
+    #[inline]
+    #[target_feature(enable = "avx")]
+    pub(crate) fn clear_ymm() {
+        // SAFETY: only zeroes vector registers, all of which the C ABI lets a call clobber (and
+        // `clobber_abi` tells the compiler so); no memory, no stack, no flags. The CPU has AVX
+        // (this function's feature).
+        unsafe {
+            core::arch::asm!(
+                "vpxor xmm0, xmm0, xmm0",
+                "vpxor xmm1, xmm1, xmm1",
+                "vpxor xmm2, xmm2, xmm2",
+                "vpxor xmm3, xmm3, xmm3",
+                "vpxor xmm4, xmm4, xmm4",
+                "vpxor xmm5, xmm5, xmm5",
+                "vpxor xmm6, xmm6, xmm6",
+                "vpxor xmm7, xmm7, xmm7",
+                "vpxor xmm8, xmm8, xmm8",
+                "vpxor xmm9, xmm9, xmm9",
+                "vpxor xmm10, xmm10, xmm10",
+                "vpxor xmm11, xmm11, xmm11",
+                "vpxor xmm12, xmm12, xmm12",
+                "vpxor xmm13, xmm13, xmm13",
+                "vpxor xmm14, xmm14, xmm14",
+                "vpxor xmm15, xmm15, xmm15",
+                "vzeroupper",
+                clobber_abi("C"),
+                options(nomem, nostack, preserves_flags),
+            )
+        }
+    }
+
     /// Multiplies a tweak by α in GF(2^128) (IEEE 1619 little-endian convention), in a register.
     #[inline]
     #[target_feature(enable = "aes,sse2")]

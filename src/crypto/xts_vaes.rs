@@ -10,7 +10,9 @@
 
 use core::arch::x86_64::*;
 
-use super::xts_common::{aes_available, encrypt_tweaks, mul_alpha, wipe, RoundKeys, BLOCK, LANES};
+use super::xts_common::{
+    aes_available, clear_ymm, encrypt_tweaks, mul_alpha, wipe, RoundKeys, BLOCK, LANES,
+};
 
 /// Blocks per group: 8 registers of 2 blocks.
 const GROUP: usize = 16;
@@ -357,29 +359,5 @@ unsafe fn crypt<const ENC: bool, const FLAG: bool>(
     // `xmm` register zeroes its upper half), all this kernel uses (no AVX-512 here), then
     // `vzeroupper`, which leaves the upper halves clean for legacy-SSE code.
     wipe(&mut scratch.0);
-    // SAFETY: only zeroes vector registers, which the C ABI lets a call clobber
-    // (`clobber_abi`); the CPU has AVX (our caller's contract).
-    unsafe {
-        core::arch::asm!(
-            "vpxor xmm0, xmm0, xmm0",
-            "vpxor xmm1, xmm1, xmm1",
-            "vpxor xmm2, xmm2, xmm2",
-            "vpxor xmm3, xmm3, xmm3",
-            "vpxor xmm4, xmm4, xmm4",
-            "vpxor xmm5, xmm5, xmm5",
-            "vpxor xmm6, xmm6, xmm6",
-            "vpxor xmm7, xmm7, xmm7",
-            "vpxor xmm8, xmm8, xmm8",
-            "vpxor xmm9, xmm9, xmm9",
-            "vpxor xmm10, xmm10, xmm10",
-            "vpxor xmm11, xmm11, xmm11",
-            "vpxor xmm12, xmm12, xmm12",
-            "vpxor xmm13, xmm13, xmm13",
-            "vpxor xmm14, xmm14, xmm14",
-            "vpxor xmm15, xmm15, xmm15",
-            "vzeroupper",
-            clobber_abi("C"),
-            options(nomem, nostack, preserves_flags),
-        )
-    };
+    clear_ymm();
 }

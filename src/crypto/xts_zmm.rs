@@ -6,7 +6,7 @@
 
 use core::arch::x86_64::*;
 
-use super::xts_common::{RoundKeys, BLOCK, ROUNDS};
+use super::xts_common::{clear_ymm, RoundKeys, BLOCK, ROUNDS};
 
 /// Sectors whose tweaks are encrypted together: two registers of four.
 pub(crate) const BATCH: usize = 8;
@@ -93,27 +93,12 @@ pub(crate) fn clear_zmm() {
             "vpxord xmm29, xmm29, xmm29",
             "vpxord xmm30, xmm30, xmm30",
             "vpxord xmm31, xmm31, xmm31",
-            "vpxor xmm0, xmm0, xmm0",
-            "vpxor xmm1, xmm1, xmm1",
-            "vpxor xmm2, xmm2, xmm2",
-            "vpxor xmm3, xmm3, xmm3",
-            "vpxor xmm4, xmm4, xmm4",
-            "vpxor xmm5, xmm5, xmm5",
-            "vpxor xmm6, xmm6, xmm6",
-            "vpxor xmm7, xmm7, xmm7",
-            "vpxor xmm8, xmm8, xmm8",
-            "vpxor xmm9, xmm9, xmm9",
-            "vpxor xmm10, xmm10, xmm10",
-            "vpxor xmm11, xmm11, xmm11",
-            "vpxor xmm12, xmm12, xmm12",
-            "vpxor xmm13, xmm13, xmm13",
-            "vpxor xmm14, xmm14, xmm14",
-            "vpxor xmm15, xmm15, xmm15",
-            "vzeroupper",
             clobber_abi("C"),
             options(nomem, nostack, preserves_flags),
         )
     }
+    // xmm0–xmm15 (and with them zmm0–zmm15), then `vzeroupper`.
+    clear_ymm();
 }
 
 /// Round key `i` of `rk` in all four lanes.
