@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// cryptnbd: an NBD server for AES-256-XTS encrypted virtual disks, with an embedded key store.
 ///
@@ -63,6 +63,10 @@ enum Command {
     Serve(Box<cli::serve::ServeArgs>),
     /// Verify the key store and volumes (header copies, key references, sizes, permissions).
     Check(cli::check::CheckArgs),
+    /// Write the man pages (cryptnbd.1, cryptnbd-serve.1, …) into a directory.
+    Manpages(cli::docs::ManpagesArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(cli::docs::CompletionsArgs),
 }
 
 fn init_tracing(verbose: u8, format: LogFormat) {
@@ -100,6 +104,12 @@ fn main() -> ExitCode {
         Command::Volume(args) => cli::volume::run(&global, args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => cli::serve::run(&global, *args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cli::check::run(&global, args),
+        Command::Manpages(args) => {
+            cli::docs::manpages(Cli::command(), &args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Completions(args) => {
+            cli::docs::completions(Cli::command(), &args).map(|()| ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
@@ -125,4 +135,37 @@ fn error_chain(e: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command a user can run shows at least one example in `--help` (and so in its man
+    /// page's EXAMPLES section).
+    #[test]
+    fn every_subcommand_has_an_example() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands() {
+                if sub.is_hide_set() || sub.get_name() == "help" {
+                    continue;
+                }
+                let name = format!("{path} {}", sub.get_name());
+                let text = sub
+                    .get_after_help()
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                if !text.contains("Example") || !text.contains("cryptnbd ") {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        cmd.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cmd, "cryptnbd", &mut missing);
+        assert!(missing.is_empty(), "no example in --help: {missing:#?}");
+    }
 }

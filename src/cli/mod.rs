@@ -2,6 +2,7 @@
 //! key store handle, plus small parsers (sizes, `k=v` contexts) and output helpers.
 
 pub mod check;
+pub mod docs;
 pub mod kms;
 mod kms_print;
 mod kms_root;

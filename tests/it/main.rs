@@ -17,6 +17,7 @@ mod lazyfs;
 mod rbd_common;
 
 mod cli_check;
+mod cli_docs;
 mod cli_kms;
 mod cli_kms_crash;
 mod cli_volume;
