@@ -7,9 +7,11 @@ use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Subcommand};
+use cryptnbd::kms::audit::AuditRotation;
 use cryptnbd::kms::{CredentialKind, CredentialScope, KeyStore, NewSecret};
 use cryptnbd::kms_http::{KmsHttpConfig, KmsHttpServer, Limits, Listen, TlsFiles};
 use serde_json::json;
@@ -50,6 +52,30 @@ pub struct ServeArgs {
     /// Sustained requests per second per credential (bursts up to twice this).
     #[arg(long, value_name = "N", default_value_t = 1000.0)]
     rate: f64,
+    /// Seconds a client has to send a request's headers, and then its body.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    request_timeout: u64,
+    /// Connections open at once from one IP address.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    max_connections_per_address: usize,
+    /// Sustained requests per second from one IP address, checked before authentication
+    /// (bursts up to twice this).
+    #[arg(long, value_name = "N", default_value_t = 1000.0)]
+    rate_per_address: f64,
+    /// Signatures of mutating requests remembered (15 minutes each) to refuse replays; when full
+    /// of live ones, mutating requests are refused with 503 until some expire.
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    replay_cache: usize,
+    /// Rotate the audit log when it would pass this size (audit.log → audit.log.1 → …).
+    #[arg(long, value_name = "BYTES", default_value_t = cryptnbd::kms::audit::DEFAULT_MAX_BYTES)]
+    audit_max_size: u64,
+    /// Rotated audit logs kept (audit.log.1 … audit.log.N).
+    #[arg(long, value_name = "N", default_value_t = cryptnbd::kms::audit::DEFAULT_KEEP)]
+    audit_keep: u32,
+    /// Seconds between the aggregated audit lines of failed authentications (one line per
+    /// address and reason, with a count; also written at shutdown).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    audit_flush_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,7 +130,7 @@ pub enum TokenCommand {
     },
 }
 
-pub fn serve(ks: KeyStore, a: ServeArgs) -> anyhow::Result<()> {
+pub fn serve(mut ks: KeyStore, a: ServeArgs) -> anyhow::Result<()> {
     let listen = match (a.listen, a.unix) {
         (Some(addr), None) => Listen::Tcp(addr),
         (None, Some(p)) => Listen::Unix(p),
@@ -127,8 +153,18 @@ pub fn serve(ks: KeyStore, a: ServeArgs) -> anyhow::Result<()> {
             max_concurrent: a.max_concurrent,
             rate_per_credential: a.rate,
             burst_per_credential: a.rate * 2.0,
+            request_timeout: Duration::from_secs(a.request_timeout.max(1)),
+            max_connections_per_address: a.max_connections_per_address,
+            rate_per_address: a.rate_per_address,
+            burst_per_address: a.rate_per_address * 2.0,
+            replay_cache_entries: a.replay_cache,
+            audit_flush_interval: Duration::from_secs(a.audit_flush_secs.max(1)),
         },
     };
+    ks.set_audit_rotation(AuditRotation {
+        max_bytes: a.audit_max_size,
+        keep: a.audit_keep,
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -325,20 +325,19 @@ impl KeyStore {
         status: u16,
         error: Option<&str>,
     ) -> Result<(), KmsError> {
-        super::audit::append(
-            &self.dir,
-            &super::AuditRecord {
-                time: clock::rfc3339(self.clock.now_unix()),
-                operation: format!("http {operation}"),
-                key: key.map(str::to_string),
-                key_id: None,
-                key_version: None,
-                encryption_context: super::EncryptionContext::new(),
-                outcome: if status < 400 { "success" } else { "error" }.into(),
-                error: error.map(|e| format!("{status}: {e}")),
-                credential: Some(credential.unwrap_or("(none)").to_string()),
-            },
-        )
+        self.append_audit(&super::AuditRecord {
+            time: clock::rfc3339(self.clock.now_unix()),
+            operation: format!("http {operation}"),
+            key: key.map(str::to_string),
+            key_id: None,
+            key_version: None,
+            encryption_context: super::EncryptionContext::new(),
+            outcome: if status < 400 { "success" } else { "error" }.into(),
+            error: error.map(|e| format!("{status}: {e}")),
+            credential: Some(credential.unwrap_or("(none)").to_string()),
+            source: None,
+            count: None,
+        })
     }
 }
 

@@ -192,6 +192,7 @@ pub struct KeyStore {
     store_id: Uuid,
     root: Key256,
     clock: Arc<dyn Clock>,
+    audit_rotation: audit::AuditRotation,
 }
 
 impl fmt::Debug for KeyStore {
@@ -314,6 +315,7 @@ impl KeyStore {
             store_id,
             root: key,
             clock,
+            audit_rotation: audit::AuditRotation::default(),
         };
         ks.audit("init", None, None, None, &EncryptionContext::new(), None)?;
         Ok(ks)
@@ -379,7 +381,10 @@ impl KeyStore {
                     outcome: "error".into(),
                     error: Some(err.to_string()),
                     credential: None,
+                    source: None,
+                    count: None,
                 },
+                &audit::AuditRotation::default(),
             );
             return Err(err);
         }
@@ -388,6 +393,7 @@ impl KeyStore {
             store_id: file.store_id,
             root: key,
             clock,
+            audit_rotation: audit::AuditRotation::default(),
         })
     }
 
@@ -398,6 +404,21 @@ impl KeyStore {
     /// The store directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// When this process rotates the audit log (`kms serve --audit-max-size`).
+    pub fn set_audit_rotation(&mut self, rotation: audit::AuditRotation) {
+        self.audit_rotation = rotation;
+    }
+
+    /// The current time as the audit log writes it.
+    pub fn audit_time(&self) -> String {
+        clock::rfc3339(self.clock.now_unix())
+    }
+
+    /// Appends a record to the audit log (rotating it as configured) and fsyncs it.
+    pub fn append_audit(&self, record: &AuditRecord) -> Result<(), KmsError> {
+        audit::append(&self.dir, record, &self.audit_rotation)
     }
 
     /// The last `n` audit records (all when `None`), oldest first.
@@ -415,20 +436,19 @@ impl KeyStore {
         context: &EncryptionContext,
         error: Option<&KmsError>,
     ) -> Result<(), KmsError> {
-        audit::append(
-            &self.dir,
-            &AuditRecord {
-                time: clock::rfc3339(self.clock.now_unix()),
-                operation: operation.into(),
-                key: key.map(str::to_string),
-                key_id,
-                key_version,
-                encryption_context: context.clone(),
-                outcome: if error.is_some() { "error" } else { "success" }.into(),
-                error: error.map(|e| e.to_string()),
-                credential: None,
-            },
-        )
+        self.append_audit(&AuditRecord {
+            time: clock::rfc3339(self.clock.now_unix()),
+            operation: operation.into(),
+            key: key.map(str::to_string),
+            key_id,
+            key_version,
+            encryption_context: context.clone(),
+            outcome: if error.is_some() { "error" } else { "success" }.into(),
+            error: error.map(|e| e.to_string()),
+            credential: None,
+            source: None,
+            count: None,
+        })
     }
 
     /// Records the outcome of an operation; a success that cannot be audited is reported as an

@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::sign;
@@ -183,14 +184,21 @@ impl RemoteKms {
         self.call(operation, body)
     }
 
-    /// Calls one DEW operation, retrying connection failures with backoff.
+    /// Calls one DEW operation, retrying connection failures with backoff. Each attempt carries
+    /// a fresh `sequence` (the API's request id): the server refuses a mutating request whose
+    /// signature it has already seen, and two identical calls in the same second would otherwise
+    /// be signed alike.
     fn call(&self, operation: &'static str, body: &Value) -> Result<Value, KmsError> {
         let path = format!("/v1.0/{}/kms/{operation}", self.project);
-        let body = serde_json::to_vec(body).expect("a JSON value serializes");
+        let mut body = body.clone();
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
-            match self.send(&path, &body).map_err(|e| *e) {
+            if let Some(m) = body.as_object_mut() {
+                m.insert("sequence".into(), Value::String(Uuid::new_v4().to_string()));
+            }
+            let bytes = Zeroizing::new(serde_json::to_vec(&body).expect("a JSON value serializes"));
+            match self.send(&path, &bytes).map_err(|e| *e) {
                 Ok(r) => return self.answer(operation, r),
                 Err(ureq::Error::Status(_, r)) => return self.answer(operation, r),
                 Err(ureq::Error::Transport(t)) => {

@@ -53,21 +53,31 @@ impl Caller {
     }
 }
 
-/// Verifies a DEW request's signature; `project` is the project id in its path.
+/// A refused authentication: what the client is told, the credential when the access key was
+/// known, and the real reason (for the audit log only: the client's answer does not say whether
+/// the access key exists).
+#[derive(Debug)]
+pub struct AuthFailure {
+    pub error: ApiError,
+    pub credential: Option<String>,
+    pub reason: String,
+}
+
+/// Verifies a DEW request's signature; `project` is the project id in its path. The checks that
+/// need no secret (date, content hash) run before the credential file is read.
 pub fn authenticate_dew(
     ks: &KeyStore,
     req: &RawRequest,
     project: &str,
     now: i64,
-) -> Result<Caller, (ApiError, Option<String>)> {
-    let unauth = |e: sign::SignError| (ApiError::unauthorized(Api::Dew, e.to_string()), None);
-    let auth = sign::parse_authorization(req.header("authorization")).map_err(unauth)?;
-    let (cred, sk) = match ks.access_key(&auth.access) {
-        Ok(Some(found)) => found,
-        Ok(None) => return Err(unauth(sign::SignError::UnknownAccessKey)),
-        Err(e) => return Err((ApiError::from_kms(Api::Dew, &e, false), None)),
+) -> Result<Caller, AuthFailure> {
+    let refuse = |e: sign::SignError, credential: Option<String>| AuthFailure {
+        error: ApiError::unauthorized(Api::Dew, e.client_message()),
+        credential,
+        reason: e.audit_reason(),
     };
-    let name = Some(cred.name.clone());
+    let auth =
+        sign::parse_authorization(req.header("authorization")).map_err(|e| refuse(e, None))?;
     let signed = sign::Request {
         method: &req.method,
         path: &req.path,
@@ -75,21 +85,29 @@ pub fn authenticate_dew(
         headers: &req.headers,
         body: &req.body,
     };
-    sign::verify(&signed, &auth, sk.dangerous_as_bytes(), now).map_err(|e| {
-        (
-            ApiError::unauthorized(Api::Dew, e.to_string()),
-            name.clone(),
-        )
-    })?;
+    sign::check_request(&signed, &auth, now).map_err(|e| refuse(e, None))?;
+    let (cred, sk) = match ks.access_key(&auth.access) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Err(refuse(sign::SignError::UnknownAccessKey, None)),
+        Err(e) => {
+            return Err(AuthFailure {
+                error: ApiError::from_kms(Api::Dew, &e, false),
+                credential: None,
+                reason: "the credential file could not be read".into(),
+            })
+        }
+    };
+    let name = Some(cred.name.clone());
+    sign::verify(&signed, &auth, sk.dangerous_as_bytes(), now)
+        .map_err(|e| refuse(e, name.clone()))?;
     if let Some(p) = &cred.project_id {
         if p != project {
-            return Err((
-                ApiError::forbidden(
-                    Api::Dew,
-                    format!("credential {} is for project {p}, not {project}", cred.name),
-                ),
-                name,
-            ));
+            let message = format!("credential {} is for project {p}, not {project}", cred.name);
+            return Err(AuthFailure {
+                error: ApiError::forbidden(Api::Dew, message.clone()),
+                credential: name,
+                reason: message,
+            });
         }
     }
     Ok(Caller {
@@ -109,13 +127,17 @@ pub fn authenticate_vault(ks: &KeyStore, req: &RawRequest) -> Result<Caller, Api
         .flat_map(|(_, v)| v.split(','))
         .map(str::trim)
         .filter(|v| !v.is_empty());
-    let Some(token) = values.next() else {
-        return Err(ApiError::new(
+    // One answer for a missing and an unknown token, as Vault gives.
+    let denied = || {
+        ApiError::new(
             Api::Vault,
             axum::http::StatusCode::FORBIDDEN,
             "KMS.0303",
-            "permission denied (no X-Vault-Token)",
-        ));
+            "permission denied",
+        )
+    };
+    let Some(token) = values.next() else {
+        return Err(denied());
     };
     if values.any(|v| v != token) {
         return Err(ApiError::bad_request(
@@ -131,12 +153,7 @@ pub fn authenticate_vault(ks: &KeyStore, req: &RawRequest) -> Result<Caller, Api
             read_only: c.read_only,
         }),
         // Vault answers 403 "permission denied" for a bad token.
-        Ok(_) => Err(ApiError::new(
-            Api::Vault,
-            axum::http::StatusCode::FORBIDDEN,
-            "KMS.0303",
-            "permission denied",
-        )),
+        Ok(_) => Err(denied()),
         Err(e) => Err(ApiError::from_kms(Api::Vault, &e, false)),
     }
 }

@@ -11,17 +11,14 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::creds::Caller;
-pub(super) use super::dew_fields::{b64, unb64, Body};
+pub(super) use super::dew_fields::{b64, unb64, Body, API};
 use super::dew_fields::{bad_param, datakey_bits, key_details, list_keys, re_encrypt};
-use super::errors::{Api, ApiError};
+use super::errors::ApiError;
 use super::Outcome;
 use crate::crypto::SecretBytes;
 use crate::kms::{blob, KeyMetadata, KeyStore, KmsError};
 
-pub(super) const API: Api = Api::Dew;
 const DEFAULT_ROTATION_DAYS: u32 = 365;
-pub(super) const MAX_LIST_LIMIT: usize = 1000;
-pub(super) const MAX_AAD_BYTES: usize = 128;
 
 /// Every operation served (others get 404 before anything else is checked).
 const KNOWN: &[&str] = &[

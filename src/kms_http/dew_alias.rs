@@ -9,8 +9,7 @@
 use serde_json::{json, Map, Value};
 
 use super::creds::Caller;
-use super::dew::API;
-use super::dew_fields::{bad_param, Body};
+use super::dew_fields::{bad_param, Body, API};
 use super::errors::ApiError;
 use super::Outcome;
 use crate::kms::{normalize_alias, AliasInfo, KeyStore, KmsError, MAX_ALIASES_PER_KEY};

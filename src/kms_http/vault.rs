@@ -133,7 +133,9 @@ pub(super) fn work(
     let rest = raw.path.strip_prefix("/v1/transit/").unwrap_or_default();
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     outcome.operation = format!("transit {} {}", raw.method, segs.first().unwrap_or(&""));
-    let caller = creds::authenticate_vault(ks, raw)?;
+    let caller = creds::authenticate_vault(ks, raw).inspect_err(|e| {
+        outcome.auth_failure = Some(e.message.clone());
+    })?;
     outcome.credential = Some(caller.name.clone());
     if !rate.allow(&caller.name) {
         return Err(ApiError::new(
