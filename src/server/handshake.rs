@@ -528,8 +528,10 @@ impl Driver<'_> {
                     AttachError::Refused { .. } => {
                         tracing::warn!(peer = %self.peer, export = %name, request = %rid, "attach refused: {detail}")
                     }
+                    // Warned about recently; one line per request still ties the id the
+                    // client sees to the cause (as "client connected" does per connection).
                     AttachError::RefusedQuietly { .. } => {
-                        tracing::debug!(peer = %self.peer, export = %name, request = %rid, "attach refused again: {detail}")
+                        tracing::info!(peer = %self.peer, export = %name, request = %rid, "attach refused again: {detail}")
                     }
                     _ => {}
                 }
