@@ -18,7 +18,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::datadir::{DataDir, DataDirError};
-use crate::kms::KeyProvider;
+use crate::kms::{KeyProvider, KmsError};
 use crate::server::refusals::{Refusal, RefusalCache, RememberedRefusal};
 use crate::server::{error_chain, AttachError, ExportInfo, ExportProvider};
 use crate::volume::Volume;
@@ -65,7 +65,8 @@ type Cause = Box<dyn std::error::Error + Send + Sync>;
 /// cache says it was logged recently, with a count when earlier repeats went unlogged.
 fn refusal(name: &str, r: Refusal, fresh: Option<Cause>) -> AttachError {
     let name = name.to_string();
-    let remembered = |reason: String| -> Cause { Box::new(RememberedRefusal { reason }) };
+    let public = r.public.clone();
+    let remembered = |reason: String| -> Cause { Box::new(RememberedRefusal { reason, public }) };
     match r.log {
         Some(0) => AttachError::Refused {
             name,
@@ -197,7 +198,9 @@ impl DataDirProvider {
             }
             // Logged by the caller (with the client that asked, or at start).
             Err(e) => {
-                let r = self.refusals.refused(name, &error_chain(&e));
+                let r = self
+                    .refusals
+                    .refused(name, &error_chain(&e), &public_reason(&e));
                 Err(refusal(name, r, Some(Box::new(e))))
             }
         }
@@ -211,7 +214,11 @@ impl ExportProvider for DataDirProvider {
             .map(|name| {
                 let description = match self.dir.info(&name) {
                     Ok(i) => i.header.describe(),
-                    Err(e) => format!("unreadable volume: {}", error_chain(&e)),
+                    Err(e) => {
+                        // The listing reaches clients: the cause (with its path) only in the log.
+                        warn!(export = %name, "cannot read the volume header: {}", error_chain(&e));
+                        "unreadable volume (the server log says why)".into()
+                    }
                 };
                 ExportInfo { name, description }
             })
@@ -229,5 +236,70 @@ impl ExportProvider for DataDirProvider {
 
     fn attach(&self, name: &str) -> Result<Arc<Volume>, AttachError> {
         self.attach_volume(name)
+    }
+
+    fn refusal_message(&self, e: &AttachError) -> String {
+        let public = match e {
+            AttachError::Refused { source, .. } | AttachError::RefusedQuietly { source, .. } => {
+                if let Some(d) = source.downcast_ref::<DataDirError>() {
+                    public_reason(d)
+                } else if let Some(r) = source.downcast_ref::<RememberedRefusal>() {
+                    r.public.clone()
+                } else {
+                    return e.to_string();
+                }
+            }
+            AttachError::NotFound(_) => return e.to_string(),
+        };
+        format!("{e}: {public}")
+    }
+}
+
+/// What a client may learn about a refused attach: the kind of trouble in words it can act on,
+/// without the data directory's paths, the KMS's URL or the CMK's id (those go to the log).
+fn public_reason(e: &DataDirError) -> String {
+    match e {
+        DataDirError::InUse { .. } => {
+            "the volume is in use (attached read-write by another server or command)".into()
+        }
+        DataDirError::Kms { source, .. } => kms_reason(source),
+        DataDirError::ContextMismatch { .. } => {
+            "its header's encryption context names another volume".into()
+        }
+        DataDirError::BadDataKey { .. } => "the key provider returned an unusable data key".into(),
+        DataDirError::Volume { .. } => "its volume file cannot be used (header or I/O)".into(),
+        DataDirError::Rbd { source, .. } if source.is_busy() => {
+            "the RBD image is in use by another gateway".into()
+        }
+        DataDirError::Rbd { .. } => "its RBD image cannot be opened".into(),
+        _ => "the server cannot open it".into(),
+    }
+}
+
+fn kms_reason(e: &KmsError) -> String {
+    match e {
+        KmsError::KeyNotUsable { state, .. } | KmsError::WrongState { state, .. } => {
+            format!("its CMK is {} (state {})", state.name(), state.code())
+        }
+        KmsError::KeyDeleted { .. } => "its CMK was deleted".into(),
+        KmsError::KeyNotFound { .. } | KmsError::AliasNotFound { .. } => {
+            "its CMK does not exist".into()
+        }
+        KmsError::Unreachable { .. } => "the KMS cannot be reached".into(),
+        KmsError::RemoteRefused(r) => {
+            // DEW error codes name the key state (KMS-API.md); the KMS's own message may name
+            // the key id, so it stays in the log.
+            let state = match r.code.as_str() {
+                "KMS.0209" => " (its CMK is disabled)",
+                "KMS.0210" => " (its CMK is pending deletion)",
+                "KMS.0208" => " (its CMK is pending activation)",
+                "KMS.0207" => " (its CMK does not exist)",
+                "KMS.0303" => " (this server has no grant for its CMK)",
+                _ => "",
+            };
+            format!("the KMS refused the data key: {}{state}", r.code)
+        }
+        KmsError::CannotDecrypt { .. } => "its data key cannot be decrypted".into(),
+        _ => "the key provider refused".into(),
     }
 }
