@@ -72,6 +72,7 @@ mod volume_fused_zero;
 mod volume_header;
 mod volume_header_two_crashes;
 mod volume_io;
+mod volume_layers;
 mod volume_mapped;
 mod volume_mapped_write;
 mod volume_model;
