@@ -10,6 +10,7 @@ pub mod rbd;
 pub mod remote;
 pub mod serve;
 pub mod volume;
+mod volume_snap;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -77,6 +77,7 @@ mod volume_mapped;
 mod volume_mapped_write;
 mod volume_model;
 mod volume_rmw;
+mod volume_snapshots;
 mod volume_torn_reads;
 mod xts_kat;
 mod xts_oracle;
