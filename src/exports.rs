@@ -226,8 +226,12 @@ impl ExportProvider for DataDirProvider {
     }
 
     fn exists(&self, name: &str) -> bool {
-        // Without reading every header, as `list` does.
+        // Without reading every header, as `list` does. Snapshots (`NAME@SNAP`, served
+        // read-only) are exported when named, without being listed.
         self.names().iter().any(|n| n == name)
+            || (name.contains('@')
+                && self.selection.includes(name)
+                && self.dir.layer_path(name).is_ok_and(|p| p.exists()))
     }
 
     fn default_export(&self) -> Option<String> {

@@ -11,6 +11,7 @@ pub mod remote;
 pub mod serve;
 pub mod serve_config;
 pub mod volume;
+mod volume_snap;
 
 use std::io::Write;
 use std::path::PathBuf;

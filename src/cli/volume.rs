@@ -138,7 +138,17 @@ enum VolumeCommand {
         #[command(flatten)]
         storage: BackendArgs,
     },
-    /// Decrypt a volume into a new raw image file (holes stay holes: the image is sparse).
+    /// Take a snapshot NAME@SNAP (no data copied; NAME must not be attached), or list/delete
+    /// snapshots. Serve one read-only as export NAME@SNAP, export or clone it.
+    Snapshot(super::volume_snap::SnapshotArgs),
+    /// Create a writable volume NEW from snapshot NAME@SNAP, sharing its data until written.
+    Clone(super::volume_snap::CloneArgs),
+    /// Copy the data a clone still shares into it, ending its dependency on the snapshot.
+    Flatten { name: String },
+    /// Copy a volume or snapshot into a new volume, re-encrypted under a new data key.
+    Copy(super::volume_snap::CopyArgs),
+    /// Decrypt a volume (or snapshot NAME@SNAP) into a new raw image file (holes stay holes:
+    /// the image is sparse).
     Export {
         name: String,
         /// The raw image to create (must not exist).
@@ -147,7 +157,7 @@ enum VolumeCommand {
     },
 }
 
-fn human(bytes: u64) -> String {
+pub(super) fn human(bytes: u64) -> String {
     indicatif::BinaryBytes(bytes).to_string()
 }
 
@@ -201,7 +211,7 @@ fn print_info(i: &VolumeInfo) {
     ]);
 }
 
-fn progress_bar(what: &str) -> ProgressBar {
+pub(super) fn progress_bar(what: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     let style = ProgressStyle::with_template(
         "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
@@ -301,12 +311,26 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
         }
         C::Info { name, out } => {
             let i = dd.info(&name)?;
+            let parent = super::volume_snap::parent_fields(&dd, &i.header);
             if out.json {
-                return print_json(&info_json(&i));
+                let mut v = info_json(&i);
+                v["parent"] = json!(parent.as_ref().map(|p| &p.0));
+                v["parent_key_id"] = json!(parent.as_ref().map(|p| &p.1));
+                return print_json(&v);
             }
             print_info(&i);
+            if let Some((p, key)) = parent {
+                print_fields(&[
+                    ("parent", p),
+                    ("parent_key_id", format!("{key} (unwritten data is read from the parent, which needs this key too, until `volume flatten`)")),
+                ]);
+            }
             Ok(())
         }
+        C::Snapshot(a) => super::volume_snap::snapshot(&dd, a),
+        C::Clone(a) => super::volume_snap::clone(global, &args.remote, &dd, a),
+        C::Flatten { name } => super::volume_snap::flatten(global, &args.remote, &dd, name),
+        C::Copy(a) => super::volume_snap::copy(global, &args.remote, &dd, a),
         C::Resize { name, size } => {
             let h = dd.resize(&name, size)?;
             println!("volume {name} is now {} ({} bytes)", human(h.size), h.size);

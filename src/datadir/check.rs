@@ -103,7 +103,9 @@ impl DataDir {
             }
         }
         let names = if names.is_empty() {
-            self.list_volumes()?
+            let mut all = self.list_volumes()?;
+            all.extend(self.all_snapshots());
+            all
         } else {
             names.to_vec()
         };
@@ -275,6 +277,9 @@ impl DataDir {
         }
         if let Some(ks) = ks {
             check_key(ks, &header, &subject, r);
+        }
+        for m in self.layer_problems(name, &header) {
+            r.add(&subject, Severity::Problem, m);
         }
     }
 
