@@ -18,7 +18,7 @@ fn official_sdk_envelope_flow_lifecycle_and_errors() {
     let dir = tempfile::tempdir().unwrap();
     cli(dir.path(), &["kms", "init"]);
     let key = access_key(dir.path(), "billing-app", &[]);
-    let server = KmsServer::start(dir.path(), &[]);
+    let mut server = KmsServer::start(dir.path(), &[]);
     let work = tempfile::tempdir().unwrap();
     let out = run_python(
         &py,
@@ -33,6 +33,8 @@ fn official_sdk_envelope_flow_lifecycle_and_errors() {
         Duration::from_secs(300),
     );
     assert!(out.contains("ALL OK"), "{out}");
+    // Failed authentications are written as aggregated lines, at the latest on shutdown.
+    server.stop();
     // Every request is audited with the credential's name, refused ones included, no secret.
     let audit = audit_text(dir.path());
     assert!(

@@ -117,6 +117,18 @@ impl KmsServer {
         KmsServer { child, url }
     }
 
+    /// Stops the server as an operator would (SIGTERM) and waits for it: it writes its pending
+    /// aggregated audit lines on the way out.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn port(&self) -> u16 {
         self.url.rsplit(':').next().unwrap().parse().unwrap()
     }
