@@ -41,6 +41,10 @@ pub struct AuditRecord {
     /// for local (CLI, attach) operations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// The grant that allowed a network request (its id), or why none applied (`none: …`);
+    /// absent where no grant was looked at (admins, key scopes, local operations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 /// Appends one record and fsyncs it.
@@ -97,6 +101,7 @@ mod tests {
             outcome: "success".into(),
             error: None,
             credential: None,
+            grant: None,
         }
     }
 

@@ -21,8 +21,10 @@ pub mod clock;
 pub mod credentials;
 mod envelope;
 mod error;
+pub mod grants;
 mod lifecycle;
 pub mod provider;
+pub mod rights;
 pub mod root;
 pub mod store;
 
@@ -43,6 +45,7 @@ pub use check::KeyReference;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use credentials::{CredentialKind, CredentialRecord, CredentialScope, NewSecret};
 pub use error::{KmsError, RemoteRefusal};
+pub use grants::{Grant, GrantIndex, NewGrant, PrincipalType};
 pub use lifecycle::normalize_alias;
 pub use provider::KeyProvider;
 use root::RootParams;
@@ -192,6 +195,8 @@ pub struct KeyStore {
     store_id: Uuid,
     root: Key256,
     clock: Arc<dyn Clock>,
+    /// The parsed grants file, reused while it is unchanged (see `grants.rs`).
+    grants_cache: grants::GrantCache,
 }
 
 impl fmt::Debug for KeyStore {
@@ -314,6 +319,7 @@ impl KeyStore {
             store_id,
             root: key,
             clock,
+            grants_cache: Default::default(),
         };
         ks.audit("init", None, None, None, &EncryptionContext::new(), None)?;
         Ok(ks)
@@ -379,6 +385,7 @@ impl KeyStore {
                     outcome: "error".into(),
                     error: Some(err.to_string()),
                     credential: None,
+                    grant: None,
                 },
             );
             return Err(err);
@@ -388,6 +395,7 @@ impl KeyStore {
             store_id: file.store_id,
             root: key,
             clock,
+            grants_cache: Default::default(),
         })
     }
 
@@ -427,6 +435,7 @@ impl KeyStore {
                 outcome: if error.is_some() { "error" } else { "success" }.into(),
                 error: error.map(|e| e.to_string()),
                 credential: None,
+                grant: None,
             },
         )
     }

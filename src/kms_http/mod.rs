@@ -7,11 +7,13 @@
 //! log), so each request's work runs on tokio's blocking pool; the async side only moves bytes.
 //! Every request, refused or not, leaves one audit line naming its credential (`creds.rs`).
 
+pub mod authz;
 pub mod client;
 pub mod creds;
 pub mod dew;
 mod dew_alias;
 mod dew_fields;
+mod dew_grants;
 pub mod errors;
 pub mod limits;
 pub mod sign;
@@ -84,6 +86,10 @@ pub struct Outcome {
     pub credential: Option<String>,
     pub operation: String,
     pub key: Option<String>,
+    /// The id of the key the request was authorized for.
+    pub key_id: Option<uuid::Uuid>,
+    /// The right that allowed it (`admin`, `scope`, a grant id) or why none did (`none: …`).
+    pub grant: Option<String>,
 }
 
 struct AppState {
@@ -192,6 +198,8 @@ async fn run_request(
             outcome.credential.as_deref(),
             &outcome.operation,
             outcome.key.as_deref(),
+            outcome.key_id,
+            outcome.grant.as_deref(),
             status,
             err.as_deref(),
         ) {
