@@ -120,5 +120,9 @@ fn official_sdk_alias_endpoints() {
         );
     }
     assert!(audit.contains(r#""credential":"orders-app""#), "{audit}");
-    assert!(audit.contains("may not use key"), "scope refusals audited");
+    // The refusal answers "not found" to the caller; the audit line says why (no right applied).
+    assert!(
+        audit.contains(r#""grant":"none: no role, key scope or grant of credential orders-app"#),
+        "scope refusals audited with their reason: {audit}"
+    );
 }

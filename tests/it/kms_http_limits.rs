@@ -209,6 +209,7 @@ fn https_with_a_private_ca_and_no_plain_http_off_loopback() {
             "s",
             "--project",
             "p",
+            "--admin",
             "--output",
             cred.to_str().unwrap(),
         ],
