@@ -31,6 +31,7 @@ mod durability_kill9;
 mod durability_powerloss;
 mod gcm_kat;
 mod kernel_guest;
+mod kms_access_golden;
 mod kms_aead_kat;
 mod kms_api;
 mod kms_golden;
