@@ -38,6 +38,7 @@ mod kms_golden;
 mod kms_golden_v2;
 mod kms_http_aliases_raw;
 mod kms_http_dew_sdk;
+mod kms_http_grants;
 mod kms_http_limits;
 mod kms_http_remote;
 mod kms_http_vault;
