@@ -41,6 +41,7 @@ mod kms_http_dew_sdk;
 mod kms_http_grants;
 mod kms_http_limits;
 mod kms_http_remote;
+mod kms_http_revoke;
 mod kms_http_vault;
 mod kms_props;
 mod kms_python_oracle;
