@@ -12,17 +12,7 @@ use serde_json::Value;
 
 /// A credential made with the CLI: (access key, secret key, user id).
 fn credential(dir: &std::path::Path, name: &str, extra: &[&str]) -> (String, String, String) {
-    let mut args = vec![
-        "kms",
-        "credential",
-        "create",
-        name,
-        "--project",
-        "p1",
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let v: Value = serde_json::from_str(&cli(dir, &args)).unwrap();
+    let v = credential_json(dir, name, "p1", extra);
     let s = |f: &str| v[f].as_str().unwrap().to_string();
     (s("access_key"), s("secret_key"), s("user_id"))
 }

@@ -25,18 +25,9 @@ fn revoking_a_gateway_grant_stops_new_attaches_only() {
     cli(&kms_dir, &["kms", "init"]);
     cli(&kms_dir, &["kms", "create-key", "--alias", "vols"]);
     let credential = |name: &str, file: &std::path::Path, extra: &[&str]| -> Value {
-        let mut args = vec![
-            "kms",
-            "credential",
-            "create",
-            name,
-            "--project",
-            "p1",
-            "--json",
-        ];
+        let mut args = vec!["--output", file.to_str().unwrap()];
         args.extend_from_slice(extra);
-        args.extend_from_slice(&["--output", file.to_str().unwrap()]);
-        serde_json::from_str(&cli(&kms_dir, &args)).unwrap()
+        credential_json(&kms_dir, name, "p1", &args)
     };
     credential("ops", &ops_cred, &["--admin"]);
     let gw = credential("storage-1", &gw_cred, &[]);
