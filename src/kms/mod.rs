@@ -11,7 +11,9 @@
 //! lifecycle (create/enable/disable/delete/rotate/alias) is in `lifecycle.rs`, several aliases per
 //! key in `aliases.rs`, the envelope
 //! operations on data keys in `envelope.rs`, the key seam ([`KeyProvider`]) in `provider.rs`, the wrapped-key format and AADs in [`blob`], errors
-//! in `error.rs`, the injectable time source in [`clock`].
+//! in `error.rs`, the injectable time source in [`clock`]. Who may use keys over the network:
+//! [`credentials`] (`credentials.json`: access keys, tokens, their user ids and roles),
+//! [`grants`] (`grants.json`: DEW grants, indexed) and [`rights`] (the decision combining them).
 
 mod aliases;
 pub mod audit;

@@ -210,3 +210,71 @@ fn cli_grants_and_least_privilege() {
         ])
     );
 }
+
+/// Vault tokens get Transit rights: a token with `--key s3 --ops datakey,decrypt` makes and opens
+/// data keys on s3 only; encrypt, rotate and other keys answer like unknown keys (404); a token
+/// with no rights can do nothing; one granted (by its user id) decrypt-data can decrypt.
+#[test]
+fn vault_tokens_have_transit_rights() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    cli(d, &["kms", "init"]);
+    cli(d, &["kms", "create-key", "--alias", "s3"]);
+    cli(d, &["kms", "create-key", "--alias", "other"]);
+    let token = |name: &str, extra: &[&str]| {
+        let mut args = vec!["kms", "token", "create", name];
+        args.extend_from_slice(extra);
+        cli(d, &args).trim().to_string()
+    };
+    let rgw = token("rgw", &["--key", "s3", "--ops", "datakey,decrypt"]);
+    let none = token("nobody", &[]);
+    let server = KmsServer::start(d, &[]);
+    let vault = |tok: &str, path: &str, body: &str| {
+        answer(
+            ureq::post(&format!("{}/v1/transit/{path}", server.url))
+                .set("x-vault-token", tok)
+                .send_bytes(body.as_bytes()),
+        )
+    };
+    let (st, v) = vault(&rgw, "datakey/plaintext/s3", "{}");
+    assert_eq!(st, 200, "{v}");
+    let ct = v["data"]["ciphertext"].as_str().unwrap().to_string();
+    let body = serde_json::json!({ "ciphertext": ct }).to_string();
+    let (st, v) = vault(&rgw, "decrypt/s3", &body);
+    assert_eq!(st, 200, "{v}");
+    for (tok, path, b) in [
+        (&rgw, "encrypt/s3", r#"{"plaintext":"aGk="}"#),
+        (&rgw, "keys/s3/rotate", "{}"),
+        (&rgw, "datakey/plaintext/other", "{}"),
+        (&rgw, "datakey/plaintext/nosuchkey", "{}"),
+        (&none, "decrypt/s3", body.as_str()),
+    ] {
+        let (st, v) = vault(tok, path, b);
+        assert_eq!(st, 404, "{path}: {v}");
+        assert!(v["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("was not found, or no role"));
+    }
+    // A grant to the rightless token's user id lets it decrypt.
+    let list: Value =
+        serde_json::from_str(&cli(d, &["kms", "credential", "list", "--json"])).unwrap();
+    let user = list["credentials"][1]["user_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    cli(
+        d,
+        &[
+            "kms",
+            "create-grant",
+            "s3",
+            "--grantee",
+            &user,
+            "--ops",
+            "decrypt-data",
+        ],
+    );
+    let (st, v) = vault(&none, "decrypt/s3", &body);
+    assert_eq!(st, 200, "{v}");
+}
