@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod kms;
+mod kms_access;
 mod kms_print;
 mod kms_root;
 pub mod kms_serve;

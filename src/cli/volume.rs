@@ -23,6 +23,7 @@ Volumes live in DATA_DIR/volumes/NAME.vol (sparse, mode 0600), or on Ceph RBD im
 
 Examples:
   cryptnbd volume create disk0 --size 10G --key alias/volumes
+  cryptnbd volume create vm1 --size 20G --key alias/vols --grant-to storage-1   # gateway's grant
   cryptnbd volume info disk0 --json
   cryptnbd volume rekey disk0                   # re-wrap under the key's newest version
   cryptnbd volume import vm1 --from vm1.raw --key alias/volumes
@@ -83,6 +84,11 @@ enum VolumeCommand {
         /// The key store key (id or alias) that wraps the volume's data key.
         #[arg(long)]
         key: String,
+        /// Grant this credential (a name in the local key store, or a user id; a user id with
+        /// --kms-url) create-datakey and decrypt-datakey on KEY for this volume's volume_id only:
+        /// the storage gateway that serves it then needs no other right.
+        #[arg(long, value_name = "CREDENTIAL")]
+        grant_to: Option<String>,
         #[command(flatten)]
         format: FormatArgs,
         #[command(flatten)]
@@ -245,6 +251,7 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             name,
             size,
             key,
+            grant_to,
             format,
             storage,
             out,
@@ -256,6 +263,13 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
                 None => dd.create_volume(ks, &name, size, &key, format.options())?,
                 Some(loc) => dd.create_rbd_volume(ks, &name, size, &key, format.options(), loc)?,
             };
+            if let Some(who) = grant_to {
+                let g = super::kms_access::grant_volume(global, &args.remote, &who, &h)
+                    .with_context(|| {
+                        format!("volume {name} was created, but granting {who} failed")
+                    })?;
+                eprintln!("granted {who} create-datakey,decrypt-datakey on key {} for volume_id {} (grant {g})", h.key_id, h.volume_id);
+            }
             if out.json {
                 return print_json(&header_json(&name, &h));
             }

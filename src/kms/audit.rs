@@ -54,6 +54,10 @@ pub struct AuditRecord {
     /// How many requests an aggregated line stands for (absent: one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// The grant that allowed a network request (its id), or why none applied (`none: …`);
+    /// absent where no grant was looked at (admins, key scopes, local operations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<String>,
 }
 
 /// Default size past which the log rotates.
@@ -213,6 +217,7 @@ mod tests {
             credential: None,
             source: None,
             count: None,
+            grant: None,
         }
     }
 

@@ -11,7 +11,9 @@
 //! lifecycle (create/enable/disable/delete/rotate/alias) is in `lifecycle.rs`, several aliases per
 //! key in `aliases.rs`, the envelope
 //! operations on data keys in `envelope.rs`, the key seam ([`KeyProvider`]) in `provider.rs`, the wrapped-key format and AADs in [`blob`], errors
-//! in `error.rs`, the injectable time source in [`clock`].
+//! in `error.rs`, the injectable time source in [`clock`]. Who may use keys over the network:
+//! [`credentials`] (`credentials.json`: access keys, tokens, their user ids and roles),
+//! [`grants`] (`grants.json`: DEW grants, indexed) and [`rights`] (the decision combining them).
 
 mod aliases;
 pub mod audit;
@@ -21,8 +23,10 @@ pub mod clock;
 pub mod credentials;
 mod envelope;
 mod error;
+pub mod grants;
 mod lifecycle;
 pub mod provider;
+pub mod rights;
 pub mod root;
 pub mod store;
 
@@ -43,6 +47,7 @@ pub use check::KeyReference;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use credentials::{CredentialKind, CredentialRecord, CredentialScope, NewSecret};
 pub use error::{KmsError, RemoteRefusal};
+pub use grants::{Grant, GrantIndex, NewGrant, PrincipalType};
 pub use lifecycle::normalize_alias;
 pub use provider::KeyProvider;
 use root::RootParams;
@@ -193,6 +198,8 @@ pub struct KeyStore {
     root: Key256,
     clock: Arc<dyn Clock>,
     audit_rotation: audit::AuditRotation,
+    /// The parsed grants file, reused while it is unchanged (see `grants.rs`).
+    grants_cache: grants::GrantCache,
 }
 
 impl fmt::Debug for KeyStore {
@@ -316,6 +323,7 @@ impl KeyStore {
             root: key,
             clock,
             audit_rotation: audit::AuditRotation::default(),
+            grants_cache: Default::default(),
         };
         ks.audit("init", None, None, None, &EncryptionContext::new(), None)?;
         Ok(ks)
@@ -383,6 +391,7 @@ impl KeyStore {
                     credential: None,
                     source: None,
                     count: None,
+                    grant: None,
                 },
                 &audit::AuditRotation::default(),
             );
@@ -394,6 +403,7 @@ impl KeyStore {
             root: key,
             clock,
             audit_rotation: audit::AuditRotation::default(),
+            grants_cache: Default::default(),
         })
     }
 
@@ -448,6 +458,7 @@ impl KeyStore {
             credential: None,
             source: None,
             count: None,
+            grant: None,
         })
     }
 

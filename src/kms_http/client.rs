@@ -272,10 +272,24 @@ impl RemoteKms {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| status.to_string());
-        let message = e["error_msg"]
+        let mut message = e["error_msg"]
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| text.chars().take(300).collect());
+        // Say what the operator of this host can check: the KMS answers alike for reasons it
+        // does not disclose to a caller.
+        match (status, code.as_str()) {
+            (401, _) => message.push_str(&format!(
+                " (access key {}: deleted or disabled on the KMS host, or a wrong secret key?)",
+                self.access_key
+            )),
+            (404, "KMS.0207") => message.push_str(&format!(
+                " (access key {}: if the key exists, this credential has no grant or scope for \
+                 {operation} on it, e.g. its grant was revoked or is for another volume_id)",
+                self.access_key
+            )),
+            _ => {}
+        }
         Err(KmsError::RemoteRefused(Box::new(RemoteRefusal {
             url: self.url.clone(),
             operation,

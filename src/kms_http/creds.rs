@@ -1,57 +1,12 @@
 //! Who is calling: authenticates a request (DEW: SDK-HMAC-SHA256 signature with an access key;
-//! Vault: `X-Vault-Token`) against the credentials in the key store, and checks that a key is in
-//! the caller's scope. Refusals are 401 (`APIGW.0301`) for authentication, 403 for scope.
+//! Vault: `X-Vault-Token`) against the credentials in the key store. Refusals are 401
+//! (`APIGW.0301`). What the caller may then do is `authz.rs`.
 
-use uuid::Uuid;
-
+pub use super::authz::Caller;
 use super::errors::{Api, ApiError};
 use super::sign;
 use super::RawRequest;
 use crate::kms::{CredentialKind, KeyStore};
-
-/// An authenticated caller (no secret: the name is what the audit log shows).
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub name: String,
-    pub keys: Option<Vec<String>>,
-    pub read_only: bool,
-}
-
-impl Caller {
-    /// Refuses (403) a key outside the caller's scope. An unknown key passes here, so the
-    /// operation itself answers 404 for it.
-    pub fn check_key(&self, ks: &KeyStore, api: Api, key: &str) -> Result<(), ApiError> {
-        let Some(scope) = &self.keys else {
-            return Ok(());
-        };
-        let Ok(id) = ks.resolve_key_id(key) else {
-            return Ok(());
-        };
-        if self.scope_ids(ks, scope).contains(&id) {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(
-                api,
-                format!("credential {} may not use key {key}", self.name),
-            ))
-        }
-    }
-
-    /// Whether the caller may see the key `id` (in listings).
-    pub fn allows_id(&self, ks: &KeyStore, id: Uuid) -> bool {
-        match &self.keys {
-            None => true,
-            Some(scope) => self.scope_ids(ks, scope).contains(&id),
-        }
-    }
-
-    fn scope_ids(&self, ks: &KeyStore, scope: &[String]) -> Vec<Uuid> {
-        scope
-            .iter()
-            .filter_map(|k| ks.resolve_key_id(k).ok())
-            .collect()
-    }
-}
 
 /// A refused authentication: what the client is told, the credential when the access key was
 /// known, and the real reason (for the audit log only: the client's answer does not say whether
@@ -110,11 +65,7 @@ pub fn authenticate_dew(
             });
         }
     }
-    Ok(Caller {
-        name: cred.name,
-        keys: cred.keys,
-        read_only: cred.read_only,
-    })
+    Ok(Caller::new(cred))
 }
 
 /// Looks up a Vault token. RGW sends `X-Vault-Token` twice: every non-empty value must be the
@@ -147,11 +98,7 @@ pub fn authenticate_vault(ks: &KeyStore, req: &RawRequest) -> Result<Caller, Api
         ));
     }
     match ks.token(token) {
-        Ok(Some(c)) if c.kind == CredentialKind::Token => Ok(Caller {
-            name: c.name,
-            keys: c.keys,
-            read_only: c.read_only,
-        }),
+        Ok(Some(c)) if c.kind == CredentialKind::Token => Ok(Caller::new(c)),
         // Vault answers 403 "permission denied" for a bad token.
         Ok(_) => Err(denied()),
         Err(e) => Err(ApiError::from_kms(Api::Vault, &e, false)),

@@ -8,11 +8,13 @@
 
 use serde_json::{json, Map, Value};
 
-use super::creds::Caller;
+use super::authz::Caller;
 use super::dew_fields::{bad_param, Body, API};
 use super::errors::ApiError;
 use super::Outcome;
-use crate::kms::{normalize_alias, AliasInfo, KeyStore, KmsError, MAX_ALIASES_PER_KEY};
+use crate::kms::{
+    normalize_alias, AliasInfo, EncryptionContext, KeyStore, KmsError, MAX_ALIASES_PER_KEY,
+};
 
 /// Default and largest page of list-aliases.
 const DEFAULT_LIMIT: u64 = 50;
@@ -70,11 +72,12 @@ pub(super) fn dispatch(
     }
     let kms = |e: KmsError| ApiError::from_kms(API, &e, false);
     let domain = ks.store_id().simple().to_string();
+    let none = EncryptionContext::new();
     match op {
         "create-alias" => {
             let key = body.str_req("key_id")?;
             outcome.key = Some(key.to_string());
-            caller.check_key(ks, API, key)?;
+            caller.check_id(ks, API, key, &["manage"], &none, outcome)?;
             let alias = alias_field("alias", body.str_req("alias")?)?;
             let a = ks.create_alias(key, &alias).map_err(kms)?;
             Ok(entity(&a, &domain))
@@ -84,8 +87,7 @@ pub(super) fn dispatch(
                 None | Some("") => None,
                 Some(k) => {
                     outcome.key = Some(k.to_string());
-                    caller.check_key(ks, API, k)?;
-                    Some(ks.resolve_key_id(k).map_err(kms)?)
+                    Some(caller.check_id(ks, API, k, &["describe-key"], &none, outcome)?)
                 }
             };
             let limit = body.num_opt("limit")?.unwrap_or(DEFAULT_LIMIT);
@@ -120,7 +122,7 @@ pub(super) fn dispatch(
         "delete-alias" => {
             let key = body.str_req("key_id")?;
             outcome.key = Some(key.to_string());
-            caller.check_key(ks, API, key)?;
+            caller.check_id(ks, API, key, &["manage"], &none, outcome)?;
             let list = match body.0.get("aliases") {
                 None | Some(Value::Null) => {
                     return Err(ApiError::bad_request(
@@ -152,9 +154,9 @@ pub(super) fn dispatch(
             let target = body.str_req("target_key_id")?;
             outcome.key = Some(target.to_string());
             let alias = alias_field("alias", body.str_req("alias")?)?;
-            caller.check_key(ks, API, target)?;
-            // Moving an alias changes the key it leaves too: that key must be in scope as well.
-            caller.check_key(ks, API, &alias)?;
+            caller.check_id(ks, API, target, &["manage"], &none, outcome)?;
+            // Moving an alias changes the key it leaves too: the caller must manage it as well.
+            caller.check(ks, API, &alias, &["manage"], &none, outcome)?;
             let a = ks.associate_alias(&alias, target).map_err(kms)?;
             Ok(entity(&a, &domain))
         }

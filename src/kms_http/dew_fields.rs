@@ -6,7 +6,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::creds::Caller;
+use super::authz::Caller;
 use super::errors::{Api, ApiError};
 use super::Outcome;
 use crate::crypto::SecretBytes;
@@ -142,8 +142,23 @@ pub(super) fn re_encrypt(
     let source = body.str_req("source_key_id")?;
     let dest = body.str_opt("destination_key_id")?.unwrap_or(source);
     outcome.key = Some(source.to_string());
-    caller.check_key(ks, API, source)?;
-    caller.check_key(ks, API, dest)?;
+    let none = EncryptionContext::new();
+    caller.check_id(
+        ks,
+        API,
+        source,
+        &["re-encrypt", "decrypt-datakey"],
+        &none,
+        outcome,
+    )?;
+    caller.check_id(
+        ks,
+        API,
+        dest,
+        &["re-encrypt", "encrypt-datakey"],
+        &none,
+        outcome,
+    )?;
     let ct = hex::decode(body.str_req("cipher_text")?).map_err(|_| {
         ApiError::bad_request(
             API,

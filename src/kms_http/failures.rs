@@ -99,6 +99,7 @@ impl FailureLog {
                 credential: Some(k.credential.unwrap_or_else(|| "(none)".into())),
                 source: Some(k.source.map_or_else(|| "unix".into(), |a| a.to_string())),
                 count: Some(c.n),
+                grant: None,
             })
             .collect();
         if table.overflow > 0 {
@@ -116,6 +117,7 @@ impl FailureLog {
                 credential: Some("(none)".into()),
                 source: Some("(many)".into()),
                 count: Some(table.overflow),
+                grant: None,
             });
         }
         lines.sort_by(|a, b| a.source.cmp(&b.source));

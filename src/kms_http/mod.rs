@@ -14,11 +14,13 @@
 //! signature (the credential file is read only now), the per-credential rate, the replay cache
 //! (`replay.rs`) for mutating DEW operations, and the operation itself.
 
+pub mod authz;
 pub mod client;
 pub mod creds;
 pub mod dew;
 mod dew_alias;
 mod dew_fields;
+mod dew_grants;
 pub mod errors;
 mod failures;
 pub mod limits;
@@ -96,6 +98,10 @@ pub struct Outcome {
     /// Set when the request failed authentication (the real reason; the client got a uniform
     /// answer): such requests are counted into aggregated audit lines, not audited one by one.
     pub auth_failure: Option<String>,
+    /// The id of the key the request was authorized for.
+    pub key_id: Option<uuid::Uuid>,
+    /// The right that allowed it (`admin`, `scope`, a grant id) or why none did (`none: …`).
+    pub grant: Option<String>,
 }
 
 struct AppState {
@@ -247,6 +253,8 @@ async fn run_request(st: Arc<AppState>, api: Api, req: Request, work: Work) -> R
             outcome.credential.as_deref(),
             &outcome.operation,
             outcome.key.as_deref(),
+            outcome.key_id,
+            outcome.grant.as_deref(),
             status,
             err.as_deref(),
         ) {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use kms_http_support::*;
 
-struct Serve {
-    child: Child,
-    log: std::path::PathBuf,
+pub(crate) struct Serve {
+    pub(crate) child: Child,
+    pub(crate) log: std::path::PathBuf,
 }
 
 impl Drop for Serve {
@@ -26,11 +26,11 @@ impl Drop for Serve {
     }
 }
 
-fn remote_args<'a>(url: &'a str, cred: &'a Path) -> Vec<&'a str> {
+pub(crate) fn remote_args<'a>(url: &'a str, cred: &'a Path) -> Vec<&'a str> {
     vec!["--kms-url", url, "--kms-credential", cred.to_str().unwrap()]
 }
 
-fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> Serve {
+pub(crate) fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> Serve {
     let log = data.parent().unwrap().join("serve.log");
     let mut child = Command::new(BIN)
         .arg("--data-dir")
@@ -66,12 +66,12 @@ fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> Serve {
     Serve { child, log }
 }
 
-fn uri(sock: &Path, name: &str) -> String {
+pub(crate) fn uri(sock: &Path, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", sock.display())
 }
 
 /// Writes fresh random data through NBD and reads it back.
-fn round_trip(sock: &Path, name: &str, tmp: &Path) {
+pub(crate) fn round_trip(sock: &Path, name: &str, tmp: &Path) {
     let src = tmp.join("src.bin");
     let back = tmp.join("back.bin");
     let _ = std::fs::remove_file(&back);
@@ -93,7 +93,7 @@ fn round_trip(sock: &Path, name: &str, tmp: &Path) {
 }
 
 /// nbdinfo on an export that must be refused; returns its output plus the server's log.
-fn refused(sock: &Path, name: &str, serve: &Serve) -> String {
+pub(crate) fn refused(sock: &Path, name: &str, serve: &Serve) -> String {
     let (ok, out, err) = common::run_bounded(
         Command::new("nbdinfo").arg(uri(sock, name)),
         Duration::from_secs(120),

@@ -64,22 +64,28 @@ pub struct AccessKey {
 }
 
 pub fn access_key(dir: &Path, name: &str, extra: &[&str]) -> AccessKey {
+    let v = credential_json(dir, name, "proj1", extra);
+    AccessKey {
+        ak: v["access_key"].as_str().unwrap().into(),
+        sk: v["secret_key"].as_str().unwrap().into(),
+        project: "proj1".into(),
+    }
+}
+
+/// `kms credential create NAME --project PROJECT --json EXTRA…`: its JSON answer (access key,
+/// secret key, user id, rights).
+pub fn credential_json(dir: &Path, name: &str, project: &str, extra: &[&str]) -> Value {
     let mut args = vec![
         "kms",
         "credential",
         "create",
         name,
         "--project",
-        "proj1",
+        project,
         "--json",
     ];
     args.extend_from_slice(extra);
-    let v: serde_json::Value = serde_json::from_str(&cli(dir, &args)).expect("json");
-    AccessKey {
-        ak: v["access_key"].as_str().unwrap().into(),
-        sk: v["secret_key"].as_str().unwrap().into(),
-        project: "proj1".into(),
-    }
+    serde_json::from_str(&cli(dir, &args)).expect("json")
 }
 
 /// `cryptnbd kms serve` on 127.0.0.1:0; killed on drop.
