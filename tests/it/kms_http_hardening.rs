@@ -24,7 +24,7 @@ fn official_sdk_re_encrypt_contexts_replay_and_signed_body() {
     };
     let dir = tempfile::tempdir().unwrap();
     cli(dir.path(), &["kms", "init"]);
-    let key = access_key(dir.path(), "hardening", &[]);
+    let key = access_key(dir.path(), "hardening", &["--admin"]);
     let server = KmsServer::start(dir.path(), &[]);
     let out = run_python(
         &py,
@@ -151,7 +151,7 @@ fn slow_body_connections_are_cut_and_another_address_is_served() {
     let dir = tempfile::tempdir().unwrap();
     cli(dir.path(), &["kms", "init"]);
     cli(dir.path(), &["kms", "create-key", "--alias", "k"]);
-    let key = access_key(dir.path(), "app", &[]);
+    let key = access_key(dir.path(), "app", &["--admin"]);
     let timeout = 3u64;
     let mut server = KmsServer::start(
         dir.path(),
@@ -266,7 +266,7 @@ fn refusals_before_authentication_are_uniform_rate_limited_and_aggregated() {
     let dir = tempfile::tempdir().unwrap();
     cli(dir.path(), &["kms", "init"]);
     cli(dir.path(), &["kms", "create-key", "--alias", "k"]);
-    let key = access_key(dir.path(), "app", &[]);
+    let key = access_key(dir.path(), "app", &["--admin"]);
     let mut server = KmsServer::start(
         dir.path(),
         &["--rate-per-address", "5", "--audit-flush-secs", "3600"],
@@ -361,7 +361,7 @@ fn audit_log_rotates_under_load_without_losing_a_line() {
     let dir = tempfile::tempdir().unwrap();
     cli(dir.path(), &["kms", "init"]);
     cli(dir.path(), &["kms", "create-key", "--alias", "k"]);
-    let key = access_key(dir.path(), "app", &[]);
+    let key = access_key(dir.path(), "app", &["--admin"]);
     let max = 4096u64;
     let server = KmsServer::start(
         dir.path(),

@@ -199,6 +199,7 @@ fn remote_volume_rekey_rewraps_through_the_kms() {
             "storage-1",
             "--project",
             "p1",
+            "--admin",
             "--output",
             c,
         ],

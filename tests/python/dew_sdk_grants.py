@@ -10,6 +10,7 @@ Prints one line per check; any failure raises (non-zero exit).
 """
 import os
 import re
+import uuid
 
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
@@ -20,6 +21,12 @@ from huaweicloudsdkkms.v2 import model as m
 ENDPOINT, PROJECT = os.environ["KMS_ENDPOINT"], os.environ["KMS_PROJECT"]
 VOLS, OTHER = os.environ["VOLS_ID"], os.environ["OTHER_ID"]
 ADMIN_USER, GW_USER, RET_USER = os.environ["ADMIN_USER"], os.environ["GW_USER"], os.environ["RET_USER"]
+
+
+def seq():
+    """A fresh `sequence` (the API's request id): the server refuses a mutating request whose
+    signature it has already seen, and two identical calls in one second sign alike."""
+    return str(uuid.uuid4())
 
 
 def client(ak, sk):
@@ -47,16 +54,16 @@ def expect_error(fn, status, code, words=()):
 
 
 def grant(c, key, user, ops, **kw):
-    body = m.CreateGrantRequestBody(key_id=key, grantee_principal=user, operations=ops, **kw)
+    body = m.CreateGrantRequestBody(key_id=key, grantee_principal=user, operations=ops, sequence=seq(), **kw)
     return c.create_grant(m.CreateGrantRequest(body=body)).grant_id
 
 
 def datakey(c, key, aad=None):
-    return c.create_datakey(m.CreateDatakeyRequest(body=m.CreateDatakeyRequestBody(key_id=key, datakey_length="512", additional_authenticated_data=aad)))
+    return c.create_datakey(m.CreateDatakeyRequest(body=m.CreateDatakeyRequestBody(key_id=key, datakey_length="512", additional_authenticated_data=aad, sequence=seq())))
 
 
 def decrypt(c, key, ct, aad=None):
-    body = m.DecryptDatakeyRequestBody(key_id=key, cipher_text=ct, datakey_cipher_length="64", additional_authenticated_data=aad)
+    body = m.DecryptDatakeyRequestBody(key_id=key, cipher_text=ct, datakey_cipher_length="64", additional_authenticated_data=aad, sequence=seq())
     return c.decrypt_datakey(m.DecryptDatakeyRequest(body=body))
 
 
@@ -83,11 +90,11 @@ def retirable(c):
 
 
 def revoke(c, key, gid):
-    return c.cancel_grant(m.CancelGrantRequest(body=m.RevokeGrantRequestBody(key_id=key, grant_id=gid)))
+    return c.cancel_grant(m.CancelGrantRequest(body=m.RevokeGrantRequestBody(key_id=key, grant_id=gid, sequence=seq())))
 
 
 def retire(c, key, gid):
-    return c.cancel_self_grant(m.CancelSelfGrantRequest(body=m.RevokeGrantRequestBody(key_id=key, grant_id=gid)))
+    return c.cancel_self_grant(m.CancelSelfGrantRequest(body=m.RevokeGrantRequestBody(key_id=key, grant_id=gid, sequence=seq())))
 
 
 # --- a new credential can do nothing, and cannot tell a key it may not use from no key ---
