@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cryptnbd::kms_http::sign;
 use kms_http_support::*;
 use serde_json::Value;
 
