@@ -1,6 +1,9 @@
 //! Who is calling: authenticates a request (DEW: SDK-HMAC-SHA256 signature with an access key;
 //! Vault: `X-Vault-Token`) against the credentials in the key store, and checks that a key is in
-//! the caller's scope. Refusals are 401 (`APIGW.0301`) for authentication, 403 for scope.
+//! the caller's scope. Refusals are 401 (`APIGW.0301`) for authentication, 403 for scope. An
+//! unknown access key and a wrong signature get one answer (and a missing and an unknown Vault
+//! token another), so the answers do not tell which credentials exist; the real reason goes to
+//! the audit log.
 
 use uuid::Uuid;
 
