@@ -1,6 +1,8 @@
 //! Who is calling: authenticates a request (DEW: SDK-HMAC-SHA256 signature with an access key;
 //! Vault: `X-Vault-Token`) against the credentials in the key store. Refusals are 401
-//! (`APIGW.0301`). What the caller may then do is `authz.rs`.
+//! (`APIGW.0301`); what the caller may then do is `authz.rs`. An unknown access key and a wrong
+//! signature get one answer (and a missing and an unknown Vault token another), so the answers do
+//! not tell which credentials exist; the real reason goes to the audit log.
 
 pub use super::authz::Caller;
 use super::errors::{Api, ApiError};

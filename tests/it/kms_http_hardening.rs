@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cryptnbd::kms_http::sign;
 use kms_http_support::*;
 use serde_json::Value;
 
@@ -45,32 +44,14 @@ fn official_sdk_re_encrypt_contexts_replay_and_signed_body() {
 /// A raw HTTP/1.1 `POST path` to the server on `port`, signed as the SDK signs when `key` is
 /// given (the exact bytes, so that a test can send them twice).
 fn request_bytes(port: u16, key: Option<&AccessKey>, path: &str, body: &[u8]) -> Vec<u8> {
-    let date = sign::format_sdk_date(now());
-    let mut headers = vec![
-        ("content-type".to_string(), "application/json".to_string()),
-        ("host".to_string(), format!("127.0.0.1:{port}")),
-        ("x-sdk-date".to_string(), date.clone()),
-    ];
-    if let Some(key) = key {
-        let names: Vec<String> = headers.iter().map(|h| h.0.clone()).collect();
-        let req = sign::Request {
-            method: "POST",
-            path,
-            query: None,
-            headers: &headers,
-            body,
-        };
-        let sts = sign::string_to_sign(&req, &names, &date).unwrap();
-        headers.push((
-            "authorization".into(),
-            format!(
-                "SDK-HMAC-SHA256 Access={}, SignedHeaders={}, Signature={}",
-                key.ak,
-                names.join(";"),
-                sign::signature(key.sk.as_bytes(), &sts)
-            ),
-        ));
-    }
+    let host = format!("127.0.0.1:{port}");
+    let headers = match key {
+        Some(key) => sdk_signed_headers(key, "POST", path, None, &host, body),
+        None => vec![
+            ("content-type".to_string(), "application/json".to_string()),
+            ("host".to_string(), host),
+        ],
+    };
     let mut msg = format!("POST {path} HTTP/1.1\r\n");
     for (n, v) in &headers {
         msg.push_str(&format!("{n}: {v}\r\n"));

@@ -210,16 +210,38 @@ pub fn signed_dew(
 ) -> (u16, Value) {
     let path = format!("/v1.0/{}/kms/{rest}", key.project);
     let host = format!("127.0.0.1:{}", server.port());
+    let headers = sdk_signed_headers(key, method, &path, query, &host, body);
+    let url = match query {
+        Some(q) => format!("{}{path}?{q}", server.url),
+        None => format!("{}{path}", server.url),
+    };
+    let mut r = ureq::request(method, &url);
+    for (n, v) in &headers {
+        r = r.set(n, v);
+    }
+    answer(r.send_bytes(body))
+}
+
+/// The headers the SDK sends (content-type, host, x-sdk-date) and the `authorization` header
+/// signing them and `body` with `key` (SDK-HMAC-SHA256, by the library's own signing code).
+pub fn sdk_signed_headers(
+    key: &AccessKey,
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    host: &str,
+    body: &[u8],
+) -> Vec<(String, String)> {
     let date = sign::format_sdk_date(now());
-    let headers = vec![
+    let mut headers = vec![
         ("content-type".to_string(), "application/json".to_string()),
-        ("host".to_string(), host),
+        ("host".to_string(), host.to_string()),
         ("x-sdk-date".to_string(), date.clone()),
     ];
     let names: Vec<String> = headers.iter().map(|h| h.0.clone()).collect();
     let req = sign::Request {
         method,
-        path: &path,
+        path,
         query,
         headers: &headers,
         body,
@@ -231,15 +253,8 @@ pub fn signed_dew(
         names.join(";"),
         sign::signature(key.sk.as_bytes(), &sts)
     );
-    let url = match query {
-        Some(q) => format!("{}{path}?{q}", server.url),
-        None => format!("{}{path}", server.url),
-    };
-    let mut r = ureq::request(method, &url).set("authorization", &auth);
-    for (n, v) in &headers {
-        r = r.set(n, v);
-    }
-    answer(r.send_bytes(body))
+    headers.push(("authorization".to_string(), auth));
+    headers
 }
 
 /// (status, JSON body, or the text when it is not JSON) of a ureq result, error statuses included.
