@@ -88,6 +88,7 @@ pub enum CredentialCommand {
     },
     /// List credentials (names, access key ids, user ids, rights; never secrets).
     List {
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -158,6 +159,7 @@ pub struct CreateGrantArgs {
     /// Only for requests whose encryption context holds KEY=VALUE (repeatable).
     #[arg(long = "context", value_name = "KEY=VALUE", value_parser = super::parse_context_pair)]
     context: Vec<(String, String)>,
+    /// Print JSON.
     #[arg(long)]
     json: bool,
 }
@@ -167,6 +169,7 @@ pub struct CreateGrantArgs {
 #[command(after_help = "Example:\n  cryptnbd kms list-grants alias/vols --json")]
 pub struct ListGrantsArgs {
     key: String,
+    /// Print JSON.
     #[arg(long)]
     json: bool,
 }
@@ -266,6 +269,13 @@ pub fn credential(ks: &KeyStore, c: CredentialCommand) -> anyhow::Result<()> {
                 ("rights", rights_text(&s.record)),
             ]);
             eprintln!("The secret key is shown only now: keep it (it cannot be shown again).");
+            if !s.record.admin && s.record.scopes.is_empty() {
+                eprintln!(
+                    "It has no rights yet: grant them with `cryptnbd kms create-grant KEY --grantee {} --ops …` \
+                     (or `volume create … --grant-to {}`).",
+                    s.record.user_id, s.record.name
+                );
+            }
             Ok(())
         }
         CredentialCommand::List { json: json_out } => {

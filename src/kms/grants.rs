@@ -128,7 +128,8 @@ pub struct GrantIndex {
 }
 
 impl GrantIndex {
-    fn build(grants: Vec<Grant>) -> Self {
+    /// Indexes `grants` (kept in their order).
+    pub fn from_grants(grants: Vec<Grant>) -> Self {
         let mut ix = GrantIndex::default();
         for (i, g) in grants.iter().enumerate() {
             ix.by_key.entry(g.key_id).or_default().push(i);
@@ -433,7 +434,7 @@ impl KeyStore {
             None => Vec::new(),
             Some(_) => parse(&bytes, &p)?,
         };
-        let ix = Arc::new(GrantIndex::build(grants));
+        let ix = Arc::new(GrantIndex::from_grants(grants));
         *cache = Some((stamp, ix.clone()));
         Ok(ix)
     }

@@ -266,4 +266,71 @@ mod tests {
             scope_operation_names().count()
         );
     }
+
+    #[test]
+    fn decisions_by_role_scope_user_and_domain_grants() {
+        use crate::kms::grants::Grant;
+        use crate::kms::CredentialKind;
+        let key = Uuid::from_u128(7);
+        let mut c = CredentialRecord {
+            name: "gw".into(),
+            kind: CredentialKind::AccessKey,
+            id: "AK".into(),
+            user_id: "u1".into(),
+            project_id: None,
+            admin: false,
+            scopes: Vec::new(),
+            legacy_keys: None,
+            read_only: false,
+            disabled: false,
+            creation_date: 0,
+            sealed_secret: None,
+            token_sha256: None,
+        };
+        let grant = |grantee: &str, t: PrincipalType, op: &str| Grant {
+            grant_id: format!("{grantee}-{op}"),
+            key_id: key,
+            grantee_principal: grantee.into(),
+            grantee_principal_type: t,
+            operations: vec![op.into()],
+            issuing_principal: "o".into(),
+            creation_date: 0,
+            name: None,
+            retiring_principal: None,
+            encryption_context_subset: EncryptionContext::new(),
+        };
+        let ix = GrantIndex::from_grants(vec![
+            grant("u1", PrincipalType::User, "decrypt-datakey"),
+            grant("dom", PrincipalType::Domain, "describe-key"),
+            // A user grant whose principal is the domain id does not apply to everyone.
+            grant("dom", PrincipalType::User, "encrypt-datakey"),
+        ]);
+        let none = EncryptionContext::new();
+        let d = |c: &CredentialRecord, op: &str| decide(c, &ix, "dom", key, op, &none);
+        assert_eq!(
+            d(&c, "decrypt-datakey"),
+            Ok(Allowed::Grant("u1-decrypt-datakey".into()))
+        );
+        assert_eq!(
+            d(&c, "describe-key"),
+            Ok(Allowed::Grant("dom-describe-key".into()))
+        );
+        assert!(d(&c, "encrypt-datakey").is_err());
+        assert!(d(&c, "manage").is_err());
+        assert!(decide(&c, &ix, "dom", Uuid::from_u128(8), "decrypt-datakey", &none).is_err());
+        c.scopes.push(KeyScope {
+            key_id: key,
+            operations: vec!["manage".into()],
+        });
+        assert_eq!(d(&c, "manage"), Ok(Allowed::Scope));
+        c.read_only = true;
+        assert!(d(&c, "manage").unwrap_err().contains("read-only"));
+        c.read_only = false;
+        c.admin = true;
+        assert_eq!(d(&c, "create-grant"), Ok(Allowed::Admin));
+        assert!(sees_key(&c, &ix, "dom", Uuid::from_u128(8)));
+        c.admin = false;
+        c.scopes.clear();
+        assert!(sees_key(&c, &ix, "dom", key) && !sees_key(&c, &ix, "dom", Uuid::from_u128(8)));
+    }
 }

@@ -139,6 +139,25 @@ impl Caller {
         }
     }
 
+    /// `re-encrypt`: the source key needs `re-encrypt` or `decrypt-datakey`, the destination
+    /// `re-encrypt` or `encrypt-datakey`. Checked without a context, so a grant limited to one
+    /// does not allow re-wrapping (an administrator's or a scope's task).
+    pub fn check_re_encrypt(
+        &self,
+        ks: &KeyStore,
+        api: Api,
+        source: &str,
+        dest: &str,
+        outcome: &mut Outcome,
+    ) -> Result<(), ApiError> {
+        let none = EncryptionContext::new();
+        let from = ["re-encrypt", "decrypt-datakey"];
+        self.check_id(ks, api, source, &from, &none, outcome)?;
+        let to = ["re-encrypt", "encrypt-datakey"];
+        self.check_id(ks, api, dest, &to, &none, outcome)?;
+        Ok(())
+    }
+
     /// Whether the caller holds any right on key `id` (to show it in listings).
     pub fn sees(&self, ks: &KeyStore, id: Uuid) -> bool {
         let Ok(grants) = ks.grant_index() else {

@@ -18,7 +18,6 @@ use crate::kms::{
 
 /// Default and largest page of list-aliases.
 const DEFAULT_LIMIT: u64 = 50;
-const MAX_LIMIT: u64 = 1000;
 
 /// `alias/name` checked as the key store will, refused naming the field.
 fn alias_field(field: &str, value: &str) -> Result<String, ApiError> {
@@ -90,16 +89,6 @@ pub(super) fn dispatch(
                     Some(caller.check_id(ks, API, k, &["describe-key"], &none, outcome)?)
                 }
             };
-            let limit = body.num_opt("limit")?.unwrap_or(DEFAULT_LIMIT);
-            if limit == 0 || limit > MAX_LIMIT {
-                return Err(bad_param("limit", "must be 1 to 1000"));
-            }
-            let start: usize = match body.str_opt("marker")? {
-                None | Some("") => 0,
-                Some(m) => m
-                    .parse()
-                    .map_err(|_| bad_param("marker", "is not a marker this server gave"))?,
-            };
             let all: Vec<AliasInfo> = ks
                 .list_aliases()
                 .map_err(kms)?
@@ -107,8 +96,8 @@ pub(super) fn dispatch(
                 .filter(|a| key.is_none_or(|k| a.key_id == k))
                 .filter(|a| caller.allows_id(ks, a.key_id))
                 .collect();
-            let end = start.saturating_add(limit as usize).min(all.len());
-            let page = all.get(start.min(all.len())..end).unwrap_or_default();
+            let (start, end) = super::dew_grants::page_range(body, DEFAULT_LIMIT, all.len())?;
+            let page = all.get(start..end).unwrap_or_default();
             let next = if end < all.len() {
                 end.to_string()
             } else {

@@ -142,23 +142,7 @@ pub(super) fn re_encrypt(
     let source = body.str_req("source_key_id")?;
     let dest = body.str_opt("destination_key_id")?.unwrap_or(source);
     outcome.key = Some(source.to_string());
-    let none = EncryptionContext::new();
-    caller.check_id(
-        ks,
-        API,
-        source,
-        &["re-encrypt", "decrypt-datakey"],
-        &none,
-        outcome,
-    )?;
-    caller.check_id(
-        ks,
-        API,
-        dest,
-        &["re-encrypt", "encrypt-datakey"],
-        &none,
-        outcome,
-    )?;
+    caller.check_re_encrypt(ks, API, source, dest, outcome)?;
     let ct = hex::decode(body.str_req("cipher_text")?).map_err(|_| {
         ApiError::bad_request(
             API,

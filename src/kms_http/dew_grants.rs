@@ -52,9 +52,14 @@ fn grant_json(g: &Grant) -> Value {
     v
 }
 
-/// One page of `all` after `marker` (an index this server gave), in DEW's list shape.
-fn page(body: &Body<'_>, all: Vec<&Grant>) -> Result<Value, ApiError> {
-    let limit = body.num_opt("limit")?.unwrap_or(100);
+/// The page `limit` (default `default`, 1..=1000) after `marker` (an index this server gave) asks
+/// for, out of `total` items: `(start, end)`.
+pub(super) fn page_range(
+    body: &Body<'_>,
+    default: u64,
+    total: usize,
+) -> Result<(usize, usize), ApiError> {
+    let limit = body.num_opt("limit")?.unwrap_or(default);
     if limit == 0 || limit > MAX_LIST_LIMIT as u64 {
         return Err(bad_param("limit", "must be 1 to 1000"));
     }
@@ -64,8 +69,14 @@ fn page(body: &Body<'_>, all: Vec<&Grant>) -> Result<Value, ApiError> {
             .parse()
             .map_err(|_| bad_param("marker", "is not a marker this server gave"))?,
     };
-    let end = start.saturating_add(limit as usize).min(all.len());
-    let items = all.get(start.min(all.len())..end).unwrap_or_default();
+    let end = start.saturating_add(limit as usize).min(total);
+    Ok((start.min(total), end))
+}
+
+/// One page of `all` in DEW's list shape.
+fn page(body: &Body<'_>, all: Vec<&Grant>) -> Result<Value, ApiError> {
+    let (start, end) = page_range(body, 100, all.len())?;
+    let items = all.get(start..end).unwrap_or_default();
     let truncated = end < all.len();
     Ok(json!({
         "grants": items.iter().map(|g| grant_json(g)).collect::<Vec<_>>(),
@@ -182,7 +193,8 @@ pub(super) fn dispatch(
                 .map_err(kms)?;
             Ok(json!({}))
         }
-        "retire-grant" => {
+        // The last of OPERATIONS: retire-grant.
+        _ => {
             let grant_id = body.str_req("grant_id")?;
             let refused = || {
                 ApiError::new(
@@ -217,14 +229,5 @@ pub(super) fn dispatch(
                 .map_err(kms)?;
             Ok(json!({}))
         }
-        other => Err(ApiError::new(
-            API,
-            axum::http::StatusCode::NOT_FOUND,
-            "KMS.0201",
-            format!(
-                "unknown operation {:?}",
-                other.chars().take(64).collect::<String>()
-            ),
-        )),
     }
 }

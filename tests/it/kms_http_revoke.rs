@@ -2,7 +2,8 @@
 //! of its own; `volume create --grant-to` gives it create-datakey/decrypt-datakey on the CMK for
 //! each volume's volume_id. Attaches work through the grants; a volume without a grant is
 //! refused; revoking a volume's grant refuses its next attach, naming the grant situation;
-//! disabling the credential refuses every new attach; a volume already attached keeps serving.
+//! disabling the credential refuses every new attach; a volume already attached keeps serving;
+//! after a restart (everything detached) only the volumes still granted attach again.
 
 use crate::common;
 use crate::kms_http_remote::{refused, remote_args, round_trip, start_serve};
@@ -102,6 +103,20 @@ fn revoking_a_gateway_grant_stops_new_attaches_only() {
         "{text}"
     );
     round_trip(&sock, "v1", tmp.path());
+
+    // Detach everything (restart the gateway) with the credential enabled again: v1 and v3
+    // re-attach through their grants, v2's revoked grant still refuses it.
+    cli(&kms_dir, &["kms", "credential", "enable", "storage-1"]);
+    drop(serve);
+    let _ = std::fs::remove_file(&sock);
+    let serve = start_serve(&store, &sock, &url, &gw_cred);
+    round_trip(&sock, "v1", tmp.path());
+    round_trip(&sock, "v3", tmp.path());
+    let text = refused(&sock, "v2", &serve);
+    assert!(
+        text.contains("KMS.0207") && text.contains("revoked"),
+        "{text}"
+    );
 
     // The KMS audit names the grant that allowed each gateway attach, and why later ones failed.
     let audit = audit_text(&kms_dir);
