@@ -219,6 +219,62 @@ if want odirect; then
 fi
 stop_server
 
+# The kernel client over TLS with a client certificate (README "Security"): nbd-client does the
+# TLS handshake itself (GnuTLS) and keeps a userspace proxy between nbd.ko and the TCP socket.
+# Loopback inside the guest only; the certificates come from tools/kernel-guest (/certs).
+if want tls; then
+  step tls-client-cert
+  ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up || fail "loopback up"
+  cn volume create tlsvol --size 64M --key alias/guest >/dev/null || fail "volume create tlsvol"
+  rm -f $SOCK
+  /usr/bin/cryptnbd --data-dir $D serve --socket $SOCK --listen 127.0.0.1:10809 \
+    --tls-cert /certs/server-cert.pem --tls-key /certs/server-key.pem \
+    --tls-client-ca /certs/ca-cert.pem --allow cn:guest-client=tlsvol >>/tmp/serve.log 2>&1 &
+  SERVER=$!
+  i=0
+  while [ ! -S $SOCK ]; do
+    i=$((i + 1))
+    [ $i -gt 300 ] && fail "TLS server did not listen"
+    sleep 0.1
+  done
+  # Without TLS the server answers every option with TLS_REQD: no device.
+  if nbd-client -N tlsvol -b 4096 127.0.0.1 10809 /dev/nbd3 >>/tmp/nbd-client.log 2>&1; then
+    nbd-client -d /dev/nbd3 >/dev/null 2>&1
+    fail "a plaintext nbd-client got the export"
+  fi
+  tls="-certfile /certs/client-cert.pem -keyfile /certs/client-key.pem -cacertfile /certs/ca-cert.pem -tlshostname localhost"
+  nbd-client -N tlsvol -b 4096 $tls 127.0.0.1 10809 /dev/nbd3 >>/tmp/nbd-client.log 2>&1 || {
+    cat /tmp/nbd-client.log
+    fail "nbd-client over TLS"
+  }
+  i=0
+  while [ "$(cat /sys/block/nbd3/size)" = 0 ]; do
+    i=$((i + 1))
+    [ $i -gt 100 ] && fail "/dev/nbd3 has no size"
+    sleep 0.1
+  done
+  /gnu/mkfs.ext4 -q -F /dev/nbd3 || fail "mkfs.ext4 over TLS"
+  mount -t ext4 /dev/nbd3 /mnt || fail "mount over TLS"
+  dd if=/dev/urandom of=/mnt/tls.bin bs=64k count=32 2>/dev/null || fail "write over TLS"
+  (cd /mnt && sha256sum tls.bin >/tmp/tlssums) || fail sha256sum
+  umount /mnt || fail umount
+  detach /dev/nbd3
+  nbd-client -N tlsvol -b 4096 $tls 127.0.0.1 10809 /dev/nbd3 >>/tmp/nbd-client.log 2>&1 ||
+    fail "nbd-client over TLS again"
+  /gnu/fsck.ext4 -fn /dev/nbd3 >/tmp/fsck.log 2>&1 || {
+    cat /tmp/fsck.log
+    fail "fsck.ext4 -fn over TLS"
+  }
+  mount -t ext4 -o ro /dev/nbd3 /mnt || fail "mount over TLS again"
+  (cd /mnt && sha256sum -c /tmp/tlssums) || fail "checksums over TLS"
+  umount /mnt || fail umount
+  detach /dev/nbd3
+  grep -q "TLS established" /tmp/serve.log || fail "the server saw no TLS session"
+  echo "GUEST-INFO $(grep -c 'TLS established' /tmp/serve.log) TLS sessions; client cn:guest-client"
+  stop_server
+  ok
+fi
+
 # The README's by-hand recovery: the wrapped DEK and its context from `volume info --json`,
 # unwrapped with `kms decrypt-datakey`, and the volume file opened by dm-crypt directly.
 if want fs; then
