@@ -6,7 +6,8 @@
 //! that joins `server`, `datadir` and `kms`; the server itself knows neither of the latter two.
 //!
 //! A refused attach (disabled or deleted CMK, corrupt header, volume in use) is logged at warn with
-//! its reason and returned, typed, to the client that asked; it is remembered for a few seconds
+//! its reason and returned, typed, to the server, which tells the client only the public part
+//! (`public_reason`: what it can act on, never a path, a KMS URL or a key id); it is remembered for a few seconds
 //! (see [`crate::server::refusals`]) so repeated requests cost neither an unwrap nor an audit
 //! record, and re-enabling the key is enough for a client shortly after. An attached volume keeps
 //! working until the server stops.

@@ -383,6 +383,24 @@ fn run_with(
     keys: Arc<dyn KeyProvider>,
     dir: &Path,
 ) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("cryptnbd-accept")
+        .build()
+        .context("starting the async runtime")?;
+    // The handlers are in place before any socket exists: a signal sent as soon as the socket
+    // appears (a script stopping the server it just started) is handled, not fatal. Every stream
+    // exists before the first signal, so a quick second one is never missed.
+    let (mut int, mut term, mut hup) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        )
+    };
     let rules = access_rules(&args)?;
     let tls = rules.tls().is_some();
     if !args.listen.is_empty() && !tls && !args.insecure_no_tls {
@@ -485,18 +503,7 @@ fn run_with(
         );
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name("cryptnbd-accept")
-        .build()
-        .context("starting the async runtime")?;
     rt.block_on(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        // Both streams exist before the first signal, so a quick second one is never missed.
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
         // SIGHUP: the TLS files, CRLs and rules as they are now (from --config when given),
         // all or nothing: a broken file keeps the old settings (and says why), so a botched
         // rotation never stops the server. Serving connections the new settings refuse close.

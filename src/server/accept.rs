@@ -96,7 +96,13 @@ pub(super) async fn accept_loop(
                         let who = Who {
                             identity: format!("uid:{}", c.uid()),
                             authenticated: true,
-                            source: conns::Source::Uid(c.uid()),
+                            // The server's own user (the operator) has no per-source share:
+                            // it can read the data directory anyway.
+                            source: if c.uid() == own_uid {
+                                conns::Source::Unknown
+                            } else {
+                                conns::Source::Uid(c.uid())
+                            },
                             peer: Peer {
                                 principals,
                                 own_user: c.uid() == own_uid,

@@ -28,7 +28,8 @@ use tracing::warn;
 use super::policy::{Peer, Rules};
 use super::stream::Stream;
 
-/// Where a connection comes from, for the per-source handshake limit.
+/// Where a connection comes from, for the per-source handshake limit (`Unknown`: no share,
+/// only the server-wide allowance).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Source {
     Ip(std::net::IpAddr),

@@ -1,7 +1,7 @@
 //! Who may talk to the server, decided per listener and per connection: the TLS mode of a
 //! listener, Unix peer credentials (SO_PEERCRED, SO_PEERGROUPS) against `--allow-uid`/`--allow-gid`,
 //! socket file permissions for sockets outside the data directory, and what one connection has
-//! proved (its [`Peer`]), from which `policy` derives the exports it may use.
+//! proved (its `Peer`), from which `policy` derives the exports it may use.
 //!
 //! A refused Unix peer is not simply hung up on: it gets the NBD greeting and an
 //! NBD_REP_ERR_POLICY reply naming the reason to every option, so `nbdinfo` and qemu print

@@ -480,15 +480,38 @@ fn send_error(
     queued(sh, out)
 }
 
-/// Replies with a volume error: its errno from [`errno_for`], its message (which names the
-/// operation and range, never data or keys).
+/// Replies with a volume error: its errno from [`errno_for`] and a message for the client that
+/// names the operation and the OS error but not the backing file (a server path) — the log line
+/// has the whole chain under the request id the client sees.
 fn send_volume_error(
     sh: &Shared,
     req: &Request,
     e: &VolumeError,
     out: &mut Vec<u8>,
 ) -> Result<(), SessionError> {
-    send_error(sh, req, errno_for(e), &error_chain(e), out)
+    let msg = match e {
+        VolumeError::OutOfRange { .. } | VolumeError::ReadOnly { .. } | VolumeError::Invalid(_) => {
+            error_chain(e)
+        }
+        _ => {
+            let rid = format!("{:08x}", rand::random::<u32>());
+            warn!(
+                command = command_name(req.command),
+                offset = req.offset,
+                len = req.len,
+                request = %rid,
+                "request failed: {}",
+                error_chain(e)
+            );
+            match e {
+                VolumeError::Io { what, cause, .. } => {
+                    format!("{what} failed: {cause} (request {rid})")
+                }
+                _ => format!("the volume failed (request {rid}; the server log has the details)"),
+            }
+        }
+    };
+    send_error(sh, req, errno_for(e), &msg, out)
 }
 
 fn reply_result(
