@@ -1,12 +1,17 @@
 //! Crashes (an abort at a failpoint: no unwinding, no cleanup, like `kill -9`) in the middle of
 //! `volume snapshot`, `copy`, `flatten` and `snapshot delete`, through the real binary: after
 //! each, every volume still reads exactly what it held, `check` finds no problem (a leftover is
-//! at most a warning), and running the command again completes it.
+//! at most a warning), and running the command again completes it. The same on the power-loss
+//! file system (tests/lazyfs): each command, finished, survives a torn power loss; interrupted,
+//! it leaves the old state after one.
 
 use std::path::Path;
 
 use assert_cmd::Command;
 use cryptnbd::datadir::FAILPOINT_ENV;
+
+use crate::clients_common::{find_tool, report_missing, skip_environment};
+use crate::lazyfs;
 
 const MIB: usize = 1 << 20;
 
@@ -40,7 +45,12 @@ fn crash_at(dir: &Path, point: &str, args: &[&str]) {
 
 /// The decrypted contents of volume (or snapshot) `name`.
 fn contents(dir: &Path, name: &str) -> Vec<u8> {
-    let to = dir.join(format!("export-{name}.raw"));
+    contents_via(dir, dir, name)
+}
+
+/// [`contents`], exporting through a file in `work`.
+fn contents_via(dir: &Path, work: &Path, name: &str) -> Vec<u8> {
+    let to = work.join(format!("export-{name}.raw"));
     let _ = std::fs::remove_file(&to);
     ok(
         dir,
@@ -129,4 +139,84 @@ fn snapshot_copy_flatten_and_delete_survive_a_crash_at_each_step() {
     assert_eq!(contents(d, "v"), want);
     assert!(ok(d, &["volume", "snapshot", "list", "v"]).contains("no snapshots"));
     check_clean(d);
+}
+
+#[test]
+fn snapshot_copy_flatten_and_delete_survive_power_loss() {
+    let test = "snapshot_copy_flatten_and_delete_survive_power_loss";
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return skip_environment(test, "no /dev/fuse");
+    }
+    if find_tool("fusermount3").is_none() {
+        report_missing(test, "fusermount3 (Debian package fuse3)");
+        return;
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mounted = match lazyfs::LazyFs::mount(mnt.path()) {
+        Ok(m) => m,
+        Err(e) => return skip_environment(test, &format!("cannot mount FUSE: {e}")),
+    };
+    let fs = &mounted.fs;
+    let mut rng = rand::thread_rng();
+    let d = &mnt.path().join("data");
+    let w = work.path();
+    ok(d, &["kms", "init"]);
+    ok(d, &["kms", "create-key", "--alias", "a"]);
+    ok(d, &["kms", "create-key", "--alias", "b"]);
+    let img = w.join("img.raw");
+    std::fs::write(&img, image()).unwrap();
+    ok(
+        d,
+        &[
+            "volume",
+            "import",
+            "v",
+            "--from",
+            img.to_str().unwrap(),
+            "--key",
+            "alias/a",
+        ],
+    );
+    let want = image();
+    let same = |names: &[&str]| {
+        for n in names {
+            assert_eq!(contents_via(d, w, n), want, "{n} after a power loss");
+        }
+    };
+    // Interrupted, then the plug pulled: the old state.
+    crash_at(d, "snapshot-linked", &["volume", "snapshot", "v@s1"]);
+    fs.power_loss_torn(&mut rng);
+    same(&["v"]);
+    check_clean(d);
+    // Each command finished, then the plug pulled: its result is there.
+    let steps: [&[&str]; 5] = [
+        &["volume", "snapshot", "v@s1"],
+        &["volume", "clone", "v@s1", "c", "--key", "alias/b"],
+        &["volume", "copy", "v@s1", "w", "--key", "alias/b"],
+        &["volume", "flatten", "c"],
+        &["volume", "snapshot", "delete", "v@s1"],
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        if i == 3 {
+            crash_at(d, "flatten-half", step);
+            fs.power_loss_torn(&mut rng);
+            same(&["v", "c"]);
+        }
+        ok(d, step);
+        fs.power_loss_torn(&mut rng);
+        match i {
+            0 => same(&["v", "v@s1"]),
+            1 => same(&["v", "v@s1", "c"]),
+            2 => same(&["v", "v@s1", "c", "w"]),
+            3 => {
+                same(&["v", "c", "w"]);
+                let info = ok(d, &["volume", "info", "c", "--json"]);
+                assert!(info.contains("\"parent\": null"), "{info}");
+            }
+            _ => same(&["v", "c", "w"]),
+        }
+        check_clean(d);
+    }
+    assert!(ok(d, &["volume", "snapshot", "list", "v"]).contains("no snapshots"));
 }
