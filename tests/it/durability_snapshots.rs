@@ -76,28 +76,27 @@ fn image() -> Vec<u8> {
     b
 }
 
+/// A key store in `d` with keys `alias/a` and `alias/b`, and volume `v` (under a) imported from
+/// [`image`] (written in `work`); returns the image.
+fn setup(d: &Path, work: &Path) -> Vec<u8> {
+    ok(d, &["kms", "init"]);
+    ok(d, &["kms", "create-key", "--alias", "a"]);
+    ok(d, &["kms", "create-key", "--alias", "b"]);
+    let img = work.join("img.raw");
+    std::fs::write(&img, image()).unwrap();
+    let from = img.to_str().unwrap();
+    ok(
+        d,
+        &["volume", "import", "v", "--from", from, "--key", "alias/a"],
+    );
+    image()
+}
+
 #[test]
 fn snapshot_copy_flatten_and_delete_survive_a_crash_at_each_step() {
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
-    ok(d, &["kms", "init"]);
-    ok(d, &["kms", "create-key", "--alias", "a"]);
-    ok(d, &["kms", "create-key", "--alias", "b"]);
-    let img = d.join("img.raw");
-    std::fs::write(&img, image()).unwrap();
-    ok(
-        d,
-        &[
-            "volume",
-            "import",
-            "v",
-            "--from",
-            img.to_str().unwrap(),
-            "--key",
-            "alias/a",
-        ],
-    );
-    let want = image();
+    let want = setup(d, d);
 
     // Snapshot: crash between linking the snapshot and putting the new live layer in place.
     crash_at(d, "snapshot-linked", &["volume", "snapshot", "v@s1"]);
@@ -161,24 +160,7 @@ fn snapshot_copy_flatten_and_delete_survive_power_loss() {
     let mut rng = rand::thread_rng();
     let d = &mnt.path().join("data");
     let w = work.path();
-    ok(d, &["kms", "init"]);
-    ok(d, &["kms", "create-key", "--alias", "a"]);
-    ok(d, &["kms", "create-key", "--alias", "b"]);
-    let img = w.join("img.raw");
-    std::fs::write(&img, image()).unwrap();
-    ok(
-        d,
-        &[
-            "volume",
-            "import",
-            "v",
-            "--from",
-            img.to_str().unwrap(),
-            "--key",
-            "alias/a",
-        ],
-    );
-    let want = image();
+    let want = setup(d, w);
     let same = |names: &[&str]| {
         for n in names {
             assert_eq!(contents_via(d, w, n), want, "{n} after a power loss");
