@@ -345,3 +345,24 @@ impl DataDir {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names_are_checked_in_both_parts() {
+        assert_eq!(split_layer_name("vm1").unwrap(), ("vm1", None));
+        assert_eq!(split_layer_name("vm1@mon").unwrap(), ("vm1", Some("mon")));
+        for bad in ["vm1@", "@mon", "vm1@mon@tue", "vm1@../x", "a b@c", "vm1@.x"] {
+            assert!(split_layer_name(bad).is_err(), "{bad:?}");
+        }
+        let d = DataDir::new("/tmp/x");
+        assert!(d
+            .layer_path("vm1@mon")
+            .unwrap()
+            .ends_with("volumes/vm1@mon.vol"));
+        // Plain volume names stay strict: no volume can be created as NAME@SNAP.
+        assert!(d.volume_path("vm1@mon").is_err());
+    }
+}
