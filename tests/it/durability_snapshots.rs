@@ -119,6 +119,13 @@ fn snapshot_copy_flatten_and_delete_survive_a_crash_at_each_step() {
 
     // Flatten: crash half-way; the clone reads the same, the retry completes.
     ok(d, &["volume", "clone", "v@s1", "c", "--key", "alias/b"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(d, &["volume", "info", "c", "--json"])).unwrap();
+    assert_eq!(info["parent"], "v@s1");
+    let v_info: serde_json::Value =
+        serde_json::from_str(&ok(d, &["volume", "info", "v", "--json"])).unwrap();
+    assert_eq!(info["parent_key_id"], v_info["key_id"]);
+    assert_ne!(info["key_id"], v_info["key_id"]);
     crash_at(d, "flatten-half", &["volume", "flatten", "c"]);
     check_clean(d);
     assert_eq!(contents(d, "c"), want);
