@@ -129,6 +129,10 @@ impl DataDir {
             copied += vol.copy_up(pos, n as usize).map_err(Self::vol_err(name))?;
             pos += n;
             progress(pos, size);
+            if pos == size / 2 {
+                vol.flush().map_err(Self::vol_err(name))?;
+                super::rbd_intent::failpoint("flatten-half");
+            }
         }
         vol.flush().map_err(Self::vol_err(name))?;
         let mut h = vol.header().clone();
@@ -183,7 +187,11 @@ impl DataDir {
         dst: &Volume,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<(), DataDirError> {
+        let half = src.size() / 2;
         self.for_each_data(src_name, src, &mut progress, |pos, data| {
+            if pos >= half {
+                super::rbd_intent::failpoint("copy-half");
+            }
             dst.write(pos, data, false).map_err(Self::vol_err(dst_name))
         })?;
         dst.flush().map_err(Self::vol_err(dst_name))

@@ -5,6 +5,9 @@
 //! (`decrypt-datakey` on the header's wrapped DEK), rekey (`re-encrypt`, header only), plus the
 //! header-only ones (info, resize, delete) and raw image import/export.
 //!
+//! Snapshots (`volumes/NAME@SNAP.vol`), clones, flatten and copies are in `snapshot` and
+//! `layers`.
+//!
 //! A volume lives in a file, or on a Ceph RBD image named by a small reference file
 //! (`volumes/NAME.rbd`, see [`rbd`]); both hold the same header and data area.
 //!

@@ -26,6 +26,7 @@ use std::path::Path;
 use uuid::Uuid;
 
 use super::create::remove_stale_temporaries;
+use super::rbd_intent::failpoint;
 use super::{check_name, io_err, sync_dir, try_lock, DataDir, DataDirError};
 use crate::backend::{Backend, FileBackend};
 use crate::volume::{merge_into_child, ParentRef, VolumeHeader};
@@ -128,6 +129,7 @@ impl DataDir {
             std::fs::hard_link(&head_path, &snap_path)
                 .map_err(io_err("linking the snapshot", &snap_path))?;
             sync_dir(&dir)?;
+            failpoint("snapshot-linked");
             std::fs::rename(&tmp, &head_path)
                 .map_err(io_err("renaming the new head to", &head_path))?;
             sync_dir(&dir)
@@ -177,7 +179,8 @@ impl DataDir {
 
     /// What `check` finds wrong with layer `name`'s place in its chain: a missing or mismatched
     /// parent, a snapshot interrupted half-way (reported, then undone by the next attach).
-    pub(super) fn layer_problems(&self, name: &str, h: &VolumeHeader) -> Vec<String> {
+    /// Each finding comes with whether it is a problem (else a warning).
+    pub(super) fn layer_problems(&self, name: &str, h: &VolumeHeader) -> Vec<(bool, String)> {
         let mut out = Vec::new();
         if let Some(p) = &h.parent {
             let parent = self
@@ -185,21 +188,27 @@ impl DataDir {
                 .ok()
                 .and_then(|path| FileBackend::open(&path, true).ok());
             match parent.map(|b| VolumeHeader::read_from(&b)) {
-                None => out.push(format!(
-                    "its parent layer {} is missing: the data it shares cannot be read",
-                    p.name
+                None => out.push((
+                    true,
+                    format!(
+                        "its parent layer {} is missing: the data it shares cannot be read",
+                        p.name
+                    ),
                 )),
-                Some(Err(e)) => out.push(format!("its parent layer {} is unreadable: {e}", p.name)),
+                Some(Err(e)) => out.push((
+                    true,
+                    format!("its parent layer {} is unreadable: {e}", p.name),
+                )),
                 Some(Ok(ph)) => {
                     if ph.volume_id != p.volume_id
                         || ph.layer_id != Some(p.layer_id)
                         || ph.size != p.size
                         || ph.sector_size != h.sector_size
                     {
-                        out.push(format!(
+                        out.push((true, format!(
                             "its parent layer {} is not the layer it was made on (expected volume {} layer {} of {} bytes, found volume {} layer {:?} of {} bytes)",
                             p.name, p.volume_id, p.layer_id, p.size, ph.volume_id, ph.layer_id, ph.size
-                        ));
+                        )));
                     }
                 }
             }
@@ -210,7 +219,7 @@ impl DataDir {
                 if std::fs::metadata(&sp).map(|m| (m.dev(), m.ino())).ok()
                     == head.as_ref().ok().copied()
                 {
-                    out.push(format!("{snap} is a snapshot interrupted before it completed (it names the live volume); the next attach or snapshot of {name} removes it"));
+                    out.push((false, format!("{snap} is a snapshot interrupted before it completed (it names the live volume); the next attach or snapshot of {name} removes it")));
                 }
             }
         }
@@ -324,6 +333,7 @@ impl DataDir {
         for (child_name, _) in deps {
             let child = self.open_locked(&child_name, true, true)?;
             merge_into_child(&snap, &child, &sh, &mut progress).map_err(Self::vol_err(target))?;
+            failpoint("snapshot-delete-merged");
             let mut ch = VolumeHeader::read_from(&child).map_err(Self::vol_err(&child_name))?;
             ch.parent = sh.parent.clone();
             ch.write_update(&child)
@@ -333,5 +343,26 @@ impl DataDir {
         sync_dir(&self.volumes_dir())?;
         tracing::info!(snapshot = target, "snapshot deleted");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_names_are_checked_in_both_parts() {
+        assert_eq!(split_layer_name("vm1").unwrap(), ("vm1", None));
+        assert_eq!(split_layer_name("vm1@mon").unwrap(), ("vm1", Some("mon")));
+        for bad in ["vm1@", "@mon", "vm1@mon@tue", "vm1@../x", "a b@c", "vm1@.x"] {
+            assert!(split_layer_name(bad).is_err(), "{bad:?}");
+        }
+        let d = DataDir::new("/tmp/x");
+        assert!(d
+            .layer_path("vm1@mon")
+            .unwrap()
+            .ends_with("volumes/vm1@mon.vol"));
+        // Plain volume names stay strict: no volume can be created as NAME@SNAP.
+        assert!(d.volume_path("vm1@mon").is_err());
     }
 }

@@ -239,17 +239,24 @@ pub fn merge_into_child(
         child
             .read_at(&mut cbuf[..n], base + pos)
             .map_err(|e| VolumeError::io(format!("reading {n} bytes at {pos} of"), &ct, e))?;
-        for (k, (p, c)) in pbuf[..n]
-            .chunks_exact(ss)
-            .zip(cbuf[..n].chunks_exact(ss))
-            .enumerate()
-        {
-            if is_zero(c) && !is_zero(p) {
-                let off = base + pos + (k * ss) as u64;
-                child
-                    .write_at(p, off)
-                    .map_err(|e| VolumeError::io("merging a sector into", &ct, e))?;
+        // Runs of sectors to take from the parent, written one run at a time.
+        let take = |k: usize| {
+            let r = k * ss..(k + 1) * ss;
+            is_zero(&cbuf[r.clone()]) && !is_zero(&pbuf[r])
+        };
+        let mut k = 0;
+        while k < n / ss {
+            if !take(k) {
+                k += 1;
+                continue;
             }
+            let start = k;
+            while k < n / ss && take(k) {
+                k += 1;
+            }
+            child
+                .write_at(&pbuf[start * ss..k * ss], base + pos + (start * ss) as u64)
+                .map_err(|e| VolumeError::io("merging sectors into", &ct, e))?;
         }
         pos += n as u64;
         progress(pos, size);

@@ -4,6 +4,9 @@
 //! flush/FUA, trim and write-zeroes (hole punching), and block status. This file holds the read
 //! and write paths; `allocation` holds trim, write-zeroes, block status and cache.
 //!
+//! A volume may be a child layer over a read-only parent (a snapshot or a clone's origin): its
+//! never-written sectors are read from the parent chain (see `layer`).
+//!
 //! It knows nothing of NBD or CMKs: the header carries the key metadata opaquely, and whoever
 //! attaches the volume turns it into an [`XtsKey`] (see `crate::datadir`).
 //!

@@ -29,6 +29,7 @@ mod clients_nbdsh;
 mod clients_qemu;
 mod durability_kill9;
 mod durability_powerloss;
+mod durability_snapshots;
 mod gcm_kat;
 mod kernel_guest;
 mod kms_access_golden;

@@ -54,6 +54,10 @@ fn a_snapshot_is_point_in_time_and_served_read_only() {
     drop(v);
     let snaps = f.dd.snapshots("vol").unwrap();
     assert_eq!(snaps.len(), 1);
+    // A layered volume cannot be resized (flatten first), a snapshot not changed at all.
+    let e = f.dd.resize("vol", 2 * SIZE).unwrap_err();
+    assert!(e.to_string().contains("flatten"), "{e}");
+    assert!(f.dd.rekey(f.keys(), "vol@s1", None).is_err());
     assert_eq!(snaps[0].name, "vol@s1");
     if !require_tool(QEMU_IO) {
         return;
