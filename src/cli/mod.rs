@@ -9,6 +9,7 @@ pub mod kms_serve;
 pub mod rbd;
 pub mod remote;
 pub mod serve;
+pub mod vhost;
 pub mod volume;
 
 use std::io::Write;
