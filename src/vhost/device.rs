@@ -48,8 +48,10 @@ pub(crate) struct BlkDevice {
     config: Vec<u8>,
     event_idx: AtomicBool,
     mem: RwLock<Option<Mem>>,
-    /// Set once the VM's memory table was mapped: without it a failed connection most likely
-    /// means the VM's RAM is not shared.
+    /// The VM set the device's features (it is starting the device) ...
+    started: AtomicBool,
+    /// ... and its memory table was mapped. Started but never mapped: the VM's RAM is not
+    /// shared (QEMU then sends no memory table and gives up on the device).
     mapped: AtomicBool,
     /// Held (shared) while a queue is being worked on; `quiesce` takes it exclusively to wait
     /// for requests in flight and stop new ones.
@@ -68,6 +70,7 @@ impl BlkDevice {
             config,
             event_idx: AtomicBool::new(false),
             mem: RwLock::new(None),
+            started: AtomicBool::new(false),
             mapped: AtomicBool::new(false),
             running: RwLock::new(true),
             scratch: (0..MAX_QUEUES)
@@ -76,8 +79,9 @@ impl BlkDevice {
         }
     }
 
-    pub(crate) fn memory_was_mapped(&self) -> bool {
-        self.mapped.load(Ordering::Acquire)
+    /// Whether the VM tried to start the device without its memory ever being mapped.
+    pub(crate) fn started_without_memory(&self) -> bool {
+        self.started.load(Ordering::Acquire) && !self.mapped.load(Ordering::Acquire)
     }
 
     /// Waits for the requests being worked on and refuses to start more.
@@ -192,6 +196,10 @@ impl VhostUserBackend for BlkDevice {
             f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
         f
+    }
+
+    fn acked_features(&self, _features: u64) {
+        self.started.store(true, Ordering::Release);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

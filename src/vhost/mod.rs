@@ -183,15 +183,16 @@ fn serve_loop(listener: UnixListener, export: VhostBlkExport, shared: &Shared) {
         stop_workers(&daemon);
         device.quiesce();
         match result {
+            _ if device.started_without_memory() => error!(
+                socket = %socket,
+                "the VM started the disk but sent no memory it can share ({}): its RAM must be \
+                 shared: QEMU needs `-object memory-backend-memfd,id=mem,size=…,share=on -numa \
+                 node,memdev=mem` (or memory-backend-file with share=on)",
+                result.err().map_or_else(|| "then left".to_string(), |e| e.to_string())
+            ),
             Ok(()) | Err(Error::HandleRequest(VuError::Disconnected | VuError::PartialMessage)) => {
                 info!(socket = %socket, "VM disconnected")
             }
-            Err(e) if !device.memory_was_mapped() => error!(
-                socket = %socket,
-                "the VM's connection failed before its memory could be mapped: {e}. Is the VM's \
-                 RAM shared? QEMU needs `-object memory-backend-memfd,id=mem,size=…,share=on \
-                 -numa node,memdev=mem` (or memory-backend-file with share=on)"
-            ),
             Err(e) => warn!(socket = %socket, "VM connection ended: {e}"),
         }
         if !export.volume.is_read_only() {

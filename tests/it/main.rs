@@ -66,6 +66,7 @@ mod server_refusal_cache;
 mod server_sticky_writeback;
 mod server_tls;
 mod server_volume;
+mod vhost_guest;
 mod volume_datadir;
 mod volume_exclusive;
 mod volume_fused_zero;
