@@ -254,3 +254,69 @@ impl VhostUserBackend for BlkDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::testing::MemBackend;
+    use crate::crypto::XtsKey;
+    use crate::volume::VolumeHeader;
+
+    fn device(sector: u32, read_only: bool) -> BlkDevice {
+        let h = VolumeHeader::new(uuid::Uuid::new_v4(), 64 << 20, sector);
+        let v = Volume::with_key(
+            Box::new(MemBackend::new()),
+            h,
+            &XtsKey::generate(),
+            read_only,
+        );
+        BlkDevice::new(Arc::new(v.unwrap()), "test.sock".into())
+    }
+
+    fn u32_at(c: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(c[at..at + 4].try_into().unwrap())
+    }
+
+    #[test]
+    fn the_config_space_describes_the_volume() {
+        let d = device(4096, false);
+        let c = d.get_config(0, 60);
+        assert_eq!(
+            u64::from_le_bytes(c[..8].try_into().unwrap()),
+            (64 << 20) / 512
+        );
+        assert_eq!(u32_at(&c, 20), 4096, "blk_size = the encryption sector");
+        assert_eq!(u32_at(&c, 12), MAX_QUEUE_SIZE as u32 - 2, "seg_max");
+        assert_eq!(u32_at(&c, 44), 8, "discard alignment in 512-byte sectors");
+        // A field read on its own, and reads past what we fill, answer zeroes.
+        assert_eq!(d.get_config(20, 4), 4096u32.to_le_bytes());
+        assert_eq!(d.get_config(56, 8), [1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(d.get_config(1000, 4), [0; 4]);
+        assert_eq!(u32_at(&device(512, false).get_config(0, 60), 20), 512);
+    }
+
+    #[test]
+    fn read_only_volumes_offer_ro_and_no_discard() {
+        let bit = |f: u64, b: u32| f & (1 << b) != 0;
+        let rw = device(4096, false).features();
+        let ro = device(4096, true).features();
+        for b in [
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_MQ,
+        ] {
+            assert!(bit(rw, b) && bit(ro, b), "feature bit {b}");
+        }
+        assert!(!bit(rw, VIRTIO_BLK_F_RO) && bit(ro, VIRTIO_BLK_F_RO));
+        assert!(bit(rw, VIRTIO_BLK_F_DISCARD) && !bit(ro, VIRTIO_BLK_F_DISCARD));
+        assert!(bit(rw, VIRTIO_BLK_F_WRITE_ZEROES) && !bit(ro, VIRTIO_BLK_F_WRITE_ZEROES));
+    }
+
+    #[test]
+    fn the_serial_is_the_volume_id() {
+        let d = device(4096, false);
+        let id = d.volume.header().volume_id.simple().to_string();
+        assert_eq!(&d.serial[..], &id.as_bytes()[..20]);
+    }
+}
