@@ -30,4 +30,5 @@ pub mod kms;
 pub mod kms_http;
 pub mod nbd;
 pub mod server;
+pub mod vhost;
 pub mod volume;

@@ -11,6 +11,7 @@ pub mod rbd;
 pub mod remote;
 pub mod serve;
 pub mod serve_config;
+pub mod vhost;
 pub mod volume;
 mod volume_snap;
 

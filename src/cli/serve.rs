@@ -158,6 +158,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub(crate) handshake_timeout: Duration,
 
+    /// PATH=EXPORT: also serve the volume EXPORT to one VM as a vhost-user-blk disk on the Unix
+    /// socket PATH (repeatable; mode and group as --socket-mode/--socket-group). QEMU:
+    /// `-chardev socket,id=vu,path=PATH,reconnect=1 -device vhost-user-blk-pci,chardev=vu` with
+    /// the VM's RAM shared (`memory-backend-memfd,share=on`).
+    #[arg(long = "vhost-user-blk", value_name = "PATH=EXPORT", value_parser = super::vhost::parse_spec)]
+    vhost_user_blk: Vec<(PathBuf, String)>,
+
     /// At shutdown, how long clients get to finish requests in flight before being cut.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     shutdown_grace: Duration,
@@ -503,6 +510,13 @@ fn run_with(
         );
     }
 
+    let vhost = super::vhost::start_all(
+        &args.vhost_user_blk,
+        &*provider,
+        args.socket_mode,
+        socket_gid,
+    )?;
+
     rt.block_on(async move {
         // SIGHUP: the TLS files, CRLs and rules as they are now (from --config when given),
         // all or nothing: a broken file keeps the old settings (and says why), so a botched
@@ -536,6 +550,7 @@ fn run_with(
                 eprintln!("second signal: exiting now without waiting for clients");
                 std::process::exit(130);
             });
+            let _ = tokio::task::spawn_blocking(move || super::vhost::stop_all(vhost)).await;
         };
         serve(config, listeners, provider, shutdown)
             .await

@@ -73,6 +73,7 @@ mod server_reload;
 mod server_sticky_writeback;
 mod server_tls;
 mod server_volume;
+mod vhost_guest;
 mod volume_datadir;
 mod volume_exclusive;
 mod volume_fused_zero;
