@@ -73,6 +73,17 @@ pub fn parse_context_pair(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// Prints `text` and a newline on standard output as one write, ignoring a closed output: a
+/// daemon whose stdout reader went away (a supervisor, a test that read what it needed) must
+/// keep serving, where `println!` would panic on the broken pipe.
+pub fn say(text: &str) {
+    let mut line = String::with_capacity(text.len() + 1);
+    line.push_str(text);
+    line.push('\n');
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
+}
+
 /// Pretty JSON on standard output (the `--json` form of every command).
 pub fn print_json(v: &Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();

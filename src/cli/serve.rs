@@ -347,7 +347,7 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
             .create(dir)
             .with_context(|| format!("creating the data directory {}", dir.display()))?;
         let p = super::remote::key_provider(global, &args.remote)?;
-        println!("Data keys come from the {}.", p.describe());
+        super::say(&format!("Data keys come from the {}.", p.describe()));
         Arc::from(p)
     } else {
         Arc::new(local_keystore(global)?)
@@ -374,10 +374,10 @@ fn local_keystore(global: &Global) -> anyhow::Result<KeyStore> {
             );
         }
         let ks = setup_default(dir)?;
-        println!(
+        super::say(&format!(
             "Set up {}: a key store (root key in root.key), the CMK {DEFAULT_KEY} and a 1 GiB encrypted volume {DEFAULT_VOLUME}.",
             dir.display()
-        );
+        ));
         ks
     } else {
         super::kms::open_keystore(global)?
@@ -502,12 +502,16 @@ fn run_with(
     if names.is_empty() {
         warn!("no volumes to export yet: create one with `cryptnbd volume create NAME --size 10G`");
     }
-    println!("Serving {} export(s): {}", names.len(), names.join(", "));
+    super::say(&format!(
+        "Serving {} export(s): {}",
+        names.len(),
+        names.join(", ")
+    ));
     if let Some(first) = attached.first().or(names.first()) {
-        println!(
+        super::say(&format!(
             "Attach {first} with:\n{}",
             attach_commands(first, &tcp_bound, &unix, tls)
-        );
+        ));
     }
 
     let vhost = super::vhost::start_all(

@@ -51,11 +51,11 @@ pub fn start_all(
             volume,
         })?;
         set_socket_permissions(path, socket_mode, socket_gid)?;
-        println!(
+        super::say(&format!(
             "VM disk {name} (vhost-user-blk) on {}:\n  qemu-system-x86_64 ... -object memory-backend-memfd,id=mem,size=RAM,share=on -numa node,memdev=mem \\\n    -chardev socket,id={name},path={},reconnect=1 -device vhost-user-blk-pci,chardev={name},num-queues=2",
             path.display(),
             path.display()
-        );
+        ));
         servers.push(server);
     }
     Ok(servers)

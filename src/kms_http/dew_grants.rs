@@ -15,8 +15,8 @@
 use serde_json::{json, Value};
 
 use super::authz::Caller;
-use super::dew_fields::{Body, API, MAX_LIST_LIMIT};
 use super::dew_fields::bad_param;
+use super::dew_fields::{Body, API, MAX_LIST_LIMIT};
 use super::errors::ApiError;
 use super::Outcome;
 use crate::kms::{EncryptionContext, Grant, KeyStore, KmsError, NewGrant, PrincipalType};

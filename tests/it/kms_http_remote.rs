@@ -44,10 +44,10 @@ pub(crate) fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> S
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Keep draining after the caller stopped listening: the server's later lines must not
+        // meet a closed pipe.
         for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
+            let _ = tx.send(l);
         }
     });
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -82,7 +82,11 @@ pub(crate) fn round_trip(sock: &Path, name: &str, tmp: &Path) {
         Command::new("nbdcopy").arg(&src).arg(uri(sock, name)),
         Duration::from_secs(120),
     );
-    assert!(ok, "nbdcopy write failed: {out}{err}");
+    assert!(
+        ok,
+        "nbdcopy write failed: {out}{err}\nserve log:\n{}",
+        std::fs::read_to_string(tmp.join("serve.log")).unwrap_or_default()
+    );
     let (ok, out, err) = common::run_bounded(
         Command::new("nbdcopy").arg(uri(sock, name)).arg(&back),
         Duration::from_secs(120),
@@ -237,7 +241,11 @@ fn remote_volume_rekey_rewraps_through_the_kms() {
         Command::new("nbdcopy").arg(uri(&sock, "v1")).arg(&back),
         Duration::from_secs(120),
     );
-    assert!(ok, "nbdcopy read failed: {out}{err}");
+    assert!(
+        ok,
+        "nbdcopy read failed: {out}{err}\nserve log:\n{}",
+        std::fs::read_to_string(&serve.log).unwrap_or_default()
+    );
     let before = std::fs::read(tmp.path().join("src.bin")).unwrap();
     assert_eq!(&std::fs::read(&back).unwrap()[..before.len()], &before[..]);
     round_trip(&sock, "v1", tmp.path());
