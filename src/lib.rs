@@ -23,6 +23,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod datadir;
 pub mod exports;

@@ -2,6 +2,7 @@
 //! key store handle, plus small parsers (sizes, `k=v` contexts) and output helpers.
 
 pub mod check;
+pub mod ctl;
 pub mod kms;
 mod kms_print;
 mod kms_root;
@@ -9,6 +10,7 @@ pub mod kms_serve;
 pub mod rbd;
 pub mod remote;
 pub mod serve;
+pub mod serve_ops;
 pub mod volume;
 
 use std::io::Write;

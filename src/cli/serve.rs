@@ -24,7 +24,7 @@ use cryptnbd::exports::{DataDirProvider, ExportSelection};
 use cryptnbd::kms::{InitRoot, KeyProvider, KeyStore};
 use cryptnbd::server::peer::{resolve_group, set_socket_permissions};
 use cryptnbd::server::{
-    serve, AllowEntry, AllowList, Listener, TlsConfig, TlsFiles, TlsMode, UnixPeerPolicy,
+    serve_with, AllowEntry, AllowList, Listener, TlsConfig, TlsFiles, TlsMode, UnixPeerPolicy,
 };
 
 use super::Global;
@@ -129,6 +129,9 @@ pub struct ServeArgs {
     /// At shutdown, how long clients get to finish requests in flight before being cut.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     shutdown_grace: Duration,
+
+    #[command(flatten)]
+    ops: super::serve_ops::OpsArgs,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -411,6 +414,13 @@ fn run_with(
         keys,
         selection,
     ));
+    let ops = super::serve_ops::start(
+        &args.ops,
+        dir,
+        provider.clone(),
+        tls.clone(),
+        config.shutdown_grace,
+    )?;
     let attached = provider.attach_all();
     let names = provider.names();
     if names.is_empty() {
@@ -440,15 +450,9 @@ fn run_with(
         // keeps the old settings (and says why), so a botched rotation never stops the server.
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                match &tls {
-                    Some(t) => match t.reload() {
-                        Ok(()) => info!("SIGHUP: TLS certificate, key and client CA reloaded"),
-                        Err(e) => warn!(
-                            "SIGHUP: keeping the previous TLS settings: {}",
-                            error_chain(&e)
-                        ),
-                    },
-                    None => info!("SIGHUP: no TLS configured, nothing to reload"),
+                match super::serve_ops::reload(tls.as_ref()) {
+                    Ok(m) => info!("SIGHUP: {m}"),
+                    Err(m) => warn!("SIGHUP: {m}"),
                 }
             }
         });
@@ -467,21 +471,9 @@ fn run_with(
                 std::process::exit(130);
             });
         };
-        serve(config, listeners, provider, shutdown)
+        serve_with(config, listeners, provider, shutdown, ops.server.clone())
             .await
             .map_err(anyhow::Error::from)
     })?;
     Ok(())
-}
-
-/// An error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

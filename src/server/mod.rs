@@ -20,11 +20,13 @@
 mod budget;
 mod conns;
 pub mod export;
+mod handle;
 mod handshake;
 mod inflight;
 pub mod peer;
 pub mod refusals;
 mod session;
+pub mod stats;
 mod stream;
 pub mod tls;
 mod transport;
@@ -40,7 +42,9 @@ use std::time::Duration;
 
 use tracing::{debug, error, info, warn};
 
+pub use conns::ConnInfo;
 pub use export::{errno_for, error_chain, AttachError, ExportInfo, ExportProvider};
+pub use handle::{Detached, ServerHandle};
 pub use handshake::HandshakeError;
 pub use peer::{TlsMode, UnixPeerPolicy};
 pub use session::SessionError;
@@ -220,6 +224,8 @@ struct ServerState {
     attached: Mutex<Vec<(String, Arc<Volume>)>>,
     /// Request buffer memory shared by every connection.
     budget: Arc<budget::Budget>,
+    /// Counters and detached exports, shared with the operator's handle.
+    handle: ServerHandle,
 }
 
 impl ServerState {
@@ -228,6 +234,13 @@ impl ServerState {
         if !v.iter().any(|(_, x)| Arc::ptr_eq(x, e)) {
             v.push((name.to_string(), e.clone()));
         }
+    }
+
+    /// Drops the server's reference to `name`'s volume (detach), returning it.
+    fn forget(&self, name: &str) -> Option<Arc<Volume>> {
+        let mut v = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        let i = v.iter().position(|(n, _)| n == name)?;
+        Some(v.remove(i).1)
     }
 
     fn live(&self) -> usize {
@@ -254,6 +267,17 @@ pub async fn serve(
     provider: Arc<dyn ExportProvider>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    serve_with(config, listeners, provider, shutdown, ServerHandle::new()).await
+}
+
+/// [`serve`], observed and driven through `handle` (counters, connections, detach).
+pub async fn serve_with(
+    config: ServerConfig,
+    listeners: Vec<Listener>,
+    provider: Arc<dyn ExportProvider>,
+    shutdown: impl Future<Output = ()>,
+    handle: ServerHandle,
+) -> Result<(), ServerError> {
     config.validate()?;
     if listeners.is_empty() {
         return Err(
@@ -268,7 +292,9 @@ pub async fn serve(
         attached: Mutex::new(Vec::new()),
         budget: budget::Budget::new(config.buffer_budget),
         config,
+        handle: handle.clone(),
     });
+    handle.bind(state.clone());
     let mut socket_files = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     for l in listeners {
@@ -438,6 +464,9 @@ async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<S
                 debug!(peer = %peer, "could not enlarge the socket send buffer: {e}");
             }
         }
+        if refused.is_some() {
+            state.handle.stats().refused(stats::RefusalReason::Peer);
+        }
         let mut access = peer::Access::new(policy.tls.clone(), refused);
         access.identity = Some(who);
         if let Err(e) = start_connection(&state, stream, peer.clone(), access) {
@@ -471,7 +500,13 @@ fn start_connection(
     }
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
     let handle = stream.try_clone()?;
-    if let Err(n) = state.conns.register(id, handle) {
+    state
+        .handle
+        .stats()
+        .connections_accepted
+        .fetch_add(1, Ordering::Relaxed);
+    if let Err(n) = state.conns.register(id, handle, &peer) {
+        state.handle.stats().refused(stats::RefusalReason::Limit);
         warn!(
             peer = %peer,
             "refusing connection: {n} connections are already in the handshake (--max-connections {})",
@@ -519,13 +554,28 @@ fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut acce
             return;
         }
         Err(e) => {
+            // A refused Unix peer was counted when it was accepted.
+            if access.refused.is_none() {
+                state
+                    .handle
+                    .stats()
+                    .refused(stats::RefusalReason::Handshake);
+            }
             warn!(conn = id, peer = %peer, "handshake failed: {}", error_chain(&e));
             let _ = conn.shutdown(Shutdown::Both);
             return;
         }
     };
-    state.remember(&neg.name, &neg.export);
     let export = neg.name.clone();
+    let conn_stats = Arc::new(stats::ConnStats::default());
+    state.conns.set_export(id, &export, conn_stats.clone());
+    if state.handle.is_detached(&export) {
+        // Detached while this handshake attached it: the operator's detach wins.
+        info!(conn = id, peer = %peer, export = %export, "export detached: closing");
+        let _ = conn.shutdown(Shutdown::Both);
+        return;
+    }
+    state.remember(&neg.name, &neg.export);
     info!(
         conn = id,
         peer = %peer,
@@ -536,7 +586,8 @@ fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut acce
         flags = format_args!("{:#x}", neg.flags),
         "serving export"
     );
-    match session::run(conn, neg, &state.config, state.budget.clone()) {
+    let counters = (state.handle.stats().export(&export), conn_stats);
+    match session::run(conn, neg, &state.config, state.budget.clone(), counters) {
         Ok(()) => info!(conn = id, peer = %peer, export = %export, "client disconnected"),
         Err(e) => {
             warn!(conn = id, peer = %peer, export = %export, "connection closed: {}", error_chain(&e))

@@ -44,6 +44,7 @@ mod kms_props;
 mod kms_python_oracle;
 mod kms_store;
 mod nbd_wire;
+mod ops_ctl;
 mod rbd_backend;
 mod rbd_blockdev;
 mod rbd_clients;
