@@ -55,6 +55,8 @@ pub struct DataDirProvider {
     refusals: RefusalCache,
     /// Exports the operator detached: refused until attached again.
     detached: Mutex<HashSet<String>>,
+    /// Attaches that failed, by reason (`crate::metrics::nbd::attach_reason`), for metrics.
+    failures: Mutex<HashMap<&'static str, u64>>,
 }
 
 /// How long a refused attach is answered from memory (and so how soon re-enabling a key helps).
@@ -109,6 +111,7 @@ impl DataDirProvider {
             attaching: Mutex::new(()),
             refusals: RefusalCache::new(REFUSAL_TTL, REFUSAL_LOG_INTERVAL),
             detached: Mutex::new(HashSet::new()),
+            failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -133,6 +136,14 @@ impl DataDirProvider {
         self.detached().remove(name);
         self.refusals.clear(name);
         self.attach_volume(name)
+    }
+
+    /// Attaches that failed since start, by reason, sorted.
+    pub fn attach_failures(&self) -> Vec<(&'static str, u64)> {
+        let m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(k, v)| (*k, *v)).collect();
+        v.sort();
+        v
     }
 
     /// Whether the operator detached `name`.
@@ -245,6 +256,12 @@ impl DataDirProvider {
             }
             // Logged by the caller (with the client that asked, or at start).
             Err(e) => {
+                *self
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(crate::metrics::nbd::attach_reason(&e))
+                    .or_default() += 1;
                 let r = self.refusals.refused(name, &error_chain(&e));
                 Err(refusal(name, r, Some(Box::new(e))))
             }

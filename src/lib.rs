@@ -29,6 +29,7 @@ pub mod datadir;
 pub mod exports;
 pub mod kms;
 pub mod kms_http;
+pub mod metrics;
 pub mod nbd;
 pub mod server;
 pub mod volume;

@@ -50,6 +50,9 @@ pub struct ServeArgs {
     /// Sustained requests per second per credential (bursts up to twice this).
     #[arg(long, value_name = "N", default_value_t = 1000.0)]
     rate: f64,
+    /// Serve Prometheus metrics (GET /metrics) on ADDR:PORT (loopback advised) or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<cryptnbd::metrics::MetricsAddr>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -134,7 +137,15 @@ pub fn serve(ks: KeyStore, a: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let server = KmsHttpServer::bind(Arc::new(ks), config).await?;
+        let observer = match &a.metrics {
+            Some(addr) => {
+                let m = Arc::new(cryptnbd::metrics::kms::KmsMetrics::default());
+                cryptnbd::metrics::spawn(addr, Arc::new(m.registry())).await?;
+                Some(m as Arc<dyn cryptnbd::kms_http::RequestObserver>)
+            }
+            None => None,
+        };
+        let server = KmsHttpServer::bind_observed(Arc::new(ks), config, observer).await?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "kms listening on {scheme}://{}", server.local_addr())?;
         out.flush()?;

@@ -471,6 +471,7 @@ fn run_with(
                 std::process::exit(130);
             });
         };
+        ops.spawn_metrics().await?;
         serve_with(config, listeners, provider, shutdown, ops.server.clone())
             .await
             .map_err(anyhow::Error::from)

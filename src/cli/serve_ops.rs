@@ -13,7 +13,9 @@ use cryptnbd::control::listener::{ControlGuard, ControlListener};
 use cryptnbd::control::service::Service;
 use cryptnbd::control::SOCKET_NAME;
 use cryptnbd::exports::DataDirProvider;
+use cryptnbd::metrics::MetricsAddr;
 use cryptnbd::server::{error_chain, ServerHandle, TlsConfig};
+use prometheus_client::registry::Registry;
 
 #[derive(Args, Debug, Default)]
 pub struct OpsArgs {
@@ -25,12 +27,28 @@ pub struct OpsArgs {
     /// Open no control socket.
     #[arg(long, conflicts_with = "ctl")]
     no_ctl: bool,
+
+    /// Serve Prometheus metrics (GET /metrics) on ADDR:PORT (loopback advised: it shows export
+    /// names and traffic, no secrets) or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<MetricsAddr>,
 }
 
 /// What `serve` keeps running beside the NBD server.
 pub struct Running {
     pub server: ServerHandle,
     _ctl: Option<ControlGuard>,
+    metrics: Option<(MetricsAddr, Arc<Registry>)>,
+}
+
+impl Running {
+    /// Starts the metrics endpoint, if asked for, on the current runtime.
+    pub async fn spawn_metrics(&self) -> anyhow::Result<()> {
+        if let Some((addr, registry)) = &self.metrics {
+            cryptnbd::metrics::spawn(addr, registry.clone()).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Where the control socket of the server on `data_dir` is, unless `--ctl` says otherwise.
@@ -47,6 +65,10 @@ pub fn start(
     grace: Duration,
 ) -> anyhow::Result<Running> {
     let server = ServerHandle::new();
+    let metrics = args.metrics.clone().map(|a| {
+        let r = cryptnbd::metrics::nbd::registry(server.clone(), Some(provider.clone()));
+        (a, Arc::new(r))
+    });
     let ctl = if args.no_ctl {
         None
     } else {
@@ -63,7 +85,11 @@ pub fn start(
                 .context("starting the control socket")?,
         )
     };
-    Ok(Running { server, _ctl: ctl })
+    Ok(Running {
+        server,
+        _ctl: ctl,
+        metrics,
+    })
 }
 
 /// Reloads what can change while serving: the TLS certificate, key and client CA. A broken file

@@ -86,7 +86,14 @@ pub struct Outcome {
     pub key: Option<String>,
 }
 
+/// Told about every finished request (operation name as audited, HTTP status, time taken), e.g.
+/// by the metrics endpoint (`crate::metrics::kms`).
+pub trait RequestObserver: Send + Sync {
+    fn request(&self, operation: &str, status: u16, took: std::time::Duration);
+}
+
 struct AppState {
+    observer: Option<Arc<dyn RequestObserver>>,
     store: Arc<KeyStore>,
     limits: Limits,
     rate: limits::RateLimiter,
@@ -181,6 +188,7 @@ async fn run_request(
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     let st2 = st.clone();
+    let started = std::time::Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
         let mut outcome = Outcome::default();
         let result = work(&st2.store, &st2.rate, &raw, &mut outcome);
@@ -198,6 +206,9 @@ async fn run_request(
             tracing::warn!(error = %chain(&e), "could not write the audit log");
         }
         tracing::info!(credential = ?outcome.credential, operation = %outcome.operation, key = ?outcome.key, status, "kms request");
+        if let Some(o) = &st2.observer {
+            o.request(&outcome.operation, status, started.elapsed());
+        }
         result
     })
     .await;
@@ -378,6 +389,15 @@ pub struct KmsHttpServer {
 impl KmsHttpServer {
     /// Binds the listener and loads TLS files; refuses plain HTTP on a non-loopback address.
     pub async fn bind(store: Arc<KeyStore>, config: KmsHttpConfig) -> Result<Self, KmsHttpError> {
+        Self::bind_observed(store, config, None).await
+    }
+
+    /// [`KmsHttpServer::bind`], telling `observer` about every request.
+    pub async fn bind_observed(
+        store: Arc<KeyStore>,
+        config: KmsHttpConfig,
+        observer: Option<Arc<dyn RequestObserver>>,
+    ) -> Result<Self, KmsHttpError> {
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let (bound, local) = match &config.listen {
             Listen::Tcp(addr) => {
@@ -403,6 +423,7 @@ impl KmsHttpServer {
         };
         let limits = config.limits.clone();
         let st = Arc::new(AppState {
+            observer,
             store,
             rate: limits::RateLimiter::new(limits.rate_per_credential, limits.burst_per_credential),
             permits: tokio::sync::Semaphore::new(limits.max_concurrent.max(1)),

@@ -45,6 +45,7 @@ mod kms_python_oracle;
 mod kms_store;
 mod nbd_wire;
 mod ops_ctl;
+mod ops_metrics;
 mod rbd_backend;
 mod rbd_blockdev;
 mod rbd_clients;
