@@ -32,4 +32,5 @@ pub mod kms_http;
 pub mod metrics;
 pub mod nbd;
 pub mod server;
+pub mod systemd;
 pub mod volume;

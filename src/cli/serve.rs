@@ -358,8 +358,12 @@ fn run_with(
             args.listen
         );
     }
+    // Socket activation: inherited sockets stand in for the listeners bound to the same address
+    // (keeping their rules); the others are served like --listen (TCP) or --socket (Unix).
+    let mut inherited = super::serve_ops::take_inherited(&args.ops)?;
     let (tcp, unix) = if args.listen.is_empty() && args.socket.is_empty() {
-        (Vec::new(), vec![dir.join("nbd.sock")])
+        let default = inherited.is_empty().then(|| dir.join("nbd.sock"));
+        (Vec::new(), default.into_iter().collect())
     } else {
         (args.listen.clone(), args.socket.clone())
     };
@@ -383,7 +387,11 @@ fn run_with(
             Some(t) => TlsMode::Required(t.clone()),
             None => TlsMode::Off,
         };
-        let l = Listener::bind_tcp(*a)?.with_tls(mode);
+        let l = match super::serve_ops::inherited_tcp(&mut inherited, *a) {
+            Some(l) => l,
+            None => Listener::bind_tcp(*a)?,
+        }
+        .with_tls(mode);
         tcp_bound.push(l.tcp_addr().unwrap_or(*a));
         listeners.push(l);
     }
@@ -392,12 +400,22 @@ fn run_with(
             Some(t) => TlsMode::Optional(t.clone()),
             None => TlsMode::Off,
         };
-        let l = Listener::bind_unix(p)?
-            .with_tls(mode)
-            .with_peer_policy(peers.clone());
-        set_socket_permissions(p, args.socket_mode, socket_gid)?;
-        listeners.push(l);
+        let l = match super::serve_ops::inherited_unix(&mut inherited, p) {
+            Some(l) => l,
+            None => {
+                let l = Listener::bind_unix(p)?;
+                set_socket_permissions(p, args.socket_mode, socket_gid)?;
+                l
+            }
+        };
+        listeners.push(l.with_tls(mode).with_peer_policy(peers.clone()));
     }
+    listeners.extend(super::serve_ops::other_inherited(
+        inherited,
+        tls.as_ref(),
+        args.insecure_no_tls,
+        &peers,
+    )?);
 
     let mut only: Vec<String> = args.export.clone();
     for n in &args.read_only {
@@ -462,6 +480,7 @@ fn run_with(
                 _ = term.recv() => {}
             }
             info!("signal received: shutting down (send it again to exit at once)");
+            cryptnbd::systemd::notify_stopping();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = int.recv() => {}
@@ -472,6 +491,7 @@ fn run_with(
             });
         };
         ops.spawn_metrics().await?;
+        ops.ready();
         serve_with(config, listeners, provider, shutdown, ops.server.clone())
             .await
             .map_err(anyhow::Error::from)

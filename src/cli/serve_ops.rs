@@ -12,10 +12,15 @@ use clap::Args;
 use cryptnbd::control::listener::{ControlGuard, ControlListener};
 use cryptnbd::control::service::Service;
 use cryptnbd::control::SOCKET_NAME;
+use std::net::SocketAddr;
+
 use cryptnbd::exports::DataDirProvider;
 use cryptnbd::metrics::MetricsAddr;
 use cryptnbd::server::{error_chain, ServerHandle, TlsConfig};
+use cryptnbd::server::{Listener, TlsMode, UnixPeerPolicy};
+use cryptnbd::systemd::{self, Inherited, InheritedSocket};
 use prometheus_client::registry::Registry;
+use tracing::info;
 
 #[derive(Args, Debug, Default)]
 pub struct OpsArgs {
@@ -32,6 +37,92 @@ pub struct OpsArgs {
     /// names and traffic, no secrets) or unix:PATH.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<MetricsAddr>,
+
+    /// Exit (gracefully, as on SIGTERM) when the parent process exits: for servers started by a
+    /// client tool, e.g. `nbdinfo -- [ cryptnbd serve … ]`.
+    #[arg(long)]
+    exit_with_parent: bool,
+}
+
+/// Takes the sockets of socket activation (`LISTEN_FDS`), after `--exit-with-parent` is set up
+/// (before anything else, so a parent that dies during start-up is noticed).
+pub fn take_inherited(args: &OpsArgs) -> anyhow::Result<Vec<Inherited>> {
+    if args.exit_with_parent {
+        systemd::exit_with_parent().context("--exit-with-parent")?;
+    }
+    let v = systemd::inherited_sockets()?;
+    for s in &v {
+        info!(
+            name = s.name.as_deref().unwrap_or("-"),
+            "inherited a listening socket (socket activation): {:?}", s.socket
+        );
+    }
+    Ok(v)
+}
+
+/// The inherited TCP socket bound to `addr`, if any, in place of binding it.
+pub fn inherited_tcp(v: &mut Vec<Inherited>, addr: SocketAddr) -> Option<Listener> {
+    let i = v.iter().position(|s| match &s.socket {
+        InheritedSocket::Tcp(t) => t.local_addr().ok() == Some(addr),
+        InheritedSocket::Unix(_) => false,
+    })?;
+    match v.remove(i).socket {
+        InheritedSocket::Tcp(t) => Some(Listener::from_tcp(t)),
+        InheritedSocket::Unix(_) => None,
+    }
+}
+
+/// The inherited Unix socket bound to `path`, if any, in place of binding it.
+pub fn inherited_unix(v: &mut Vec<Inherited>, path: &Path) -> Option<Listener> {
+    let i = v.iter().position(|s| match &s.socket {
+        InheritedSocket::Unix(u) => {
+            u.local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+                == Some(path.to_path_buf())
+        }
+        InheritedSocket::Tcp(_) => false,
+    })?;
+    match v.remove(i).socket {
+        InheritedSocket::Unix(u) => Some(Listener::from_unix(u)),
+        InheritedSocket::Tcp(_) => None,
+    }
+}
+
+/// Inherited sockets that stand for no configured listener: TCP ones get the rules of
+/// `--listen` (TLS required, or refused without TLS unless --insecure-no-tls), Unix ones those
+/// of `--socket` (TLS offered, peer credentials checked).
+pub fn other_inherited(
+    v: Vec<Inherited>,
+    tls: Option<&Arc<TlsConfig>>,
+    insecure_no_tls: bool,
+    peers: &UnixPeerPolicy,
+) -> anyhow::Result<Vec<Listener>> {
+    v.into_iter()
+        .map(|s| match s.socket {
+            InheritedSocket::Tcp(t) => {
+                let mode = match tls {
+                    Some(t) => TlsMode::Required(t.clone()),
+                    None if insecure_no_tls => TlsMode::Off,
+                    None => anyhow::bail!(
+                        "an inherited TCP socket ({:?}) would serve disks without TLS: give \
+                         --tls-cert/--tls-key, or --insecure-no-tls",
+                        t.local_addr()
+                    ),
+                };
+                Ok(Listener::from_tcp(t).with_tls(mode))
+            }
+            InheritedSocket::Unix(u) => {
+                let mode = match tls {
+                    Some(t) => TlsMode::Optional(t.clone()),
+                    None => TlsMode::Off,
+                };
+                Ok(Listener::from_unix(u)
+                    .with_tls(mode)
+                    .with_peer_policy(peers.clone()))
+            }
+        })
+        .collect()
 }
 
 /// What `serve` keeps running beside the NBD server.
@@ -42,6 +133,20 @@ pub struct Running {
 }
 
 impl Running {
+    /// Tells the service manager the server is ready, and keeps its watchdog fed.
+    pub fn ready(&self) {
+        systemd::notify_ready();
+        systemd::notify_status("serving");
+        if let Some(every) = systemd::watchdog_interval() {
+            tokio::spawn(async move {
+                loop {
+                    systemd::notify_watchdog();
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
+    }
+
     /// Starts the metrics endpoint, if asked for, on the current runtime.
     pub async fn spawn_metrics(&self) -> anyhow::Result<()> {
         if let Some((addr, registry)) = &self.metrics {

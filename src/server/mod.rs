@@ -66,10 +66,11 @@ pub struct Listener {
 #[derive(Debug)]
 enum ListenerKind {
     Tcp(StdTcpListener),
-    /// A Unix socket; the file is removed when the server stops.
+    /// A Unix socket; the file is removed when the server stops, unless it was inherited.
     Unix {
         listener: StdUnixListener,
         path: PathBuf,
+        owned: bool,
     },
 }
 
@@ -138,7 +139,28 @@ impl Listener {
         Ok(Listener::plain(ListenerKind::Unix {
             listener,
             path: path.to_path_buf(),
+            owned: true,
         }))
+    }
+
+    /// A TCP listener bound by someone else (socket activation).
+    pub fn from_tcp(listener: StdTcpListener) -> Self {
+        Listener::plain(ListenerKind::Tcp(listener))
+    }
+
+    /// A Unix listener bound by someone else (socket activation): its file is left in place at
+    /// shutdown, it belongs to whoever bound it.
+    pub fn from_unix(listener: StdUnixListener) -> Self {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("(inherited socket)"));
+        Listener::plain(ListenerKind::Unix {
+            listener,
+            path,
+            owned: false,
+        })
     }
 
     /// The TCP address, if this is a TCP listener.
@@ -318,9 +340,15 @@ pub async fn serve_with(
                 t.set_nonblocking(true).map_err(lerr)?;
                 AsyncListener::Tcp(tokio::net::TcpListener::from_std(t).map_err(lerr)?)
             }
-            ListenerKind::Unix { listener, path } => {
+            ListenerKind::Unix {
+                listener,
+                path,
+                owned,
+            } => {
                 listener.set_nonblocking(true).map_err(lerr)?;
-                socket_files.push(path.clone());
+                if owned {
+                    socket_files.push(path.clone());
+                }
                 AsyncListener::Unix(
                     tokio::net::UnixListener::from_std(listener).map_err(lerr)?,
                     path,

@@ -46,6 +46,7 @@ mod kms_store;
 mod nbd_wire;
 mod ops_ctl;
 mod ops_metrics;
+mod ops_systemd;
 mod rbd_backend;
 mod rbd_blockdev;
 mod rbd_clients;
