@@ -2,20 +2,13 @@
 //! scraped from the endpoint counts exactly the requests and bytes fio reports, and the latency
 //! histograms count every read and write.
 
+use crate::common::free_port;
 use std::io::{Read, Write};
 use std::process::Command;
 use std::time::Duration;
 
 use crate::clients_common::{have_tools, run_ok_within};
 use crate::ops_ctl::Serve;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// `GET /metrics` over a plain socket: the body.
 fn scrape(port: u16) -> String {

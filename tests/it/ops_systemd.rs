@@ -3,6 +3,7 @@
 //! passed by `systemd-socket-activate` is served (with --listen's rules: plain only with
 //! --insecure-no-tls, refused otherwise); `sd_notify` sends READY=1, WATCHDOG=1 and STOPPING=1.
 
+use crate::common::free_port;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -81,14 +82,6 @@ fn libnbd_starts_the_server_with_socket_activation() {
         !data.join("nbd.sock").exists(),
         "an activated server opens no socket of its own"
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]
