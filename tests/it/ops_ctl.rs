@@ -19,6 +19,7 @@ use crate::common::raw::RawClient;
 pub(crate) struct Serve {
     pub child: Child,
     pub data: PathBuf,
+    ctl: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -37,9 +38,14 @@ impl Serve {
             .stderr(Stdio::null())
             .spawn()
             .expect("start cryptnbd serve");
+        let ctl = extra
+            .windows(2)
+            .find(|w| w[0] == "--ctl")
+            .map_or_else(|| data.join("ctl.sock"), |w| PathBuf::from(w[1]));
         let s = Serve {
             child,
             data,
+            ctl,
             _tmp: tmp,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -55,7 +61,7 @@ impl Serve {
     }
 
     pub(crate) fn ctl_sock(&self) -> PathBuf {
-        self.data.join("ctl.sock")
+        self.ctl.clone()
     }
 
     /// Runs `cryptnbd --data-dir DATA ARGS…`.
@@ -292,4 +298,57 @@ fn ctl_top_shows_throughput_per_export() {
         let w_iops: f64 = cols[cols.len() - 4].parse().unwrap();
         assert!(w_iops > 0.0, "{r}");
     }
+}
+
+/// The peer's uid is checked even when the socket file's mode would let anyone connect: another
+/// user gets no answer, the owner (root here) does.
+#[test]
+fn ctl_socket_refuses_other_users_by_peer_credentials() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("ctl_socket_refuses_other_users_by_peer_credentials: needs root to act as another user; the unit test control::listener covers the check");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ctl = dir.path().join("ctl.sock");
+    let s = Serve::start(&["--ctl", ctl.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::metadata(&ctl).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // Widen the file mode on purpose: only the peer-credential check stands in the way now.
+    std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let script = r#"
+import os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(30)
+s.connect(sys.argv[1])
+try:
+    s.sendall(b'{"v":1,"op":"detach","export":"disk0"}\n')
+    print(repr(s.recv(4096)))
+except (BrokenPipeError, ConnectionResetError):
+    print("b''")
+"#;
+    let o = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .arg(&ctl)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "b''",
+        "no answer"
+    );
+    let st = Serve::export(
+        &raw(&ctl, b"{\"v\":1,\"op\":\"status\"}\n")["result"],
+        "disk0",
+    )
+    .clone();
+    assert_eq!(
+        st["state"], "attached",
+        "the refused request changed nothing"
+    );
+    drop(s);
 }
