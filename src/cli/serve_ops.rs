@@ -181,14 +181,28 @@ pub fn start(
             .ctl
             .clone()
             .unwrap_or_else(|| default_ctl_path(data_dir));
-        let l = ControlListener::bind(&path)
-            .with_context(|| format!("opening the control socket {}", path.display()))?;
-        let reload = Box::new(move || reload(tls.as_ref()));
-        let svc = Service::new(provider, server.clone(), reload, grace);
-        Some(
-            l.spawn(Arc::new(svc))
-                .context("starting the control socket")?,
-        )
+        match ControlListener::bind(&path) {
+            Ok(l) => {
+                let reload = Box::new(move || reload(tls.as_ref()));
+                let svc = Service::new(provider, server.clone(), reload, grace);
+                Some(
+                    l.spawn(Arc::new(svc))
+                        .context("starting the control socket")?,
+                )
+            }
+            // A second server on one data directory (other exports, other sockets) is allowed:
+            // the default control socket stays with the first one.
+            Err(e) if args.ctl.is_none() && e.kind() == std::io::ErrorKind::AddrInUse => {
+                tracing::warn!(
+                    "{e}: this server runs without a control socket (give it one with --ctl PATH)"
+                );
+                None
+            }
+            Err(e) => {
+                return Err(anyhow::Error::from(e)
+                    .context(format!("opening the control socket {}", path.display())))
+            }
+        }
     };
     Ok(Running {
         server,
