@@ -7,10 +7,11 @@
 //!
 //! A refused attach (disabled or deleted CMK, corrupt header, volume in use) is logged at warn with
 //! its reason and returned, typed, to the server, which tells the client only the public part
-//! (`public_reason`: what it can act on, never a path, a KMS URL or a key id); it is remembered for a few seconds
-//! (see [`crate::server::refusals`]) so repeated requests cost neither an unwrap nor an audit
+//! (`public_reason`: what it can act on, never a path, a KMS URL or a key id); it is remembered
+//! for a few seconds (see [`crate::server::refusals`]) so repeated requests cost neither an unwrap nor an audit
 //! record, and re-enabling the key is enough for a client shortly after. An attached volume keeps
-//! working until the server stops.
+//! working until the server stops or the operator detaches it ([`DataDirProvider::detach`], from
+//! the control socket): then it is refused until attached again ([`DataDirProvider::attach_now`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -53,6 +54,10 @@ pub struct DataDirProvider {
     attaching: Mutex<()>,
     /// Recent refusals, answered without touching the volume or the key store again.
     refusals: RefusalCache,
+    /// Exports the operator detached: refused until attached again.
+    detached: Mutex<HashSet<String>>,
+    /// Attaches that failed, by reason (`crate::metrics::nbd::attach_reason`), for metrics.
+    failures: Mutex<HashMap<&'static str, u64>>,
 }
 
 /// How long a refused attach is answered from memory (and so how soon re-enabling a key helps).
@@ -107,7 +112,54 @@ impl DataDirProvider {
             attached: RwLock::new(HashMap::new()),
             attaching: Mutex::new(()),
             refusals: RefusalCache::new(REFUSAL_TTL, REFUSAL_LOG_INTERVAL),
+            detached: Mutex::new(HashSet::new()),
+            failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn detached(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.detached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses `name` from now on and hands back its cached volume (the caller closes the
+    /// connections and drops it, which zeroizes the data key once the last user is gone).
+    pub fn detach(&self, name: &str) -> Option<Arc<Volume>> {
+        let _attaching = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
+        self.detached().insert(name.to_string());
+        self.attached
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+    }
+
+    /// Attaches `name` now (a volume created after the server started, or one detached),
+    /// forgetting an earlier refusal.
+    pub fn attach_now(&self, name: &str) -> Result<Arc<Volume>, AttachError> {
+        self.detached().remove(name);
+        self.refusals.clear(name);
+        self.attach_volume(name)
+    }
+
+    /// Attaches that failed since start, by reason, sorted.
+    pub fn attach_failures(&self) -> Vec<(&'static str, u64)> {
+        let m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(k, v)| (*k, *v)).collect();
+        v.sort();
+        v
+    }
+
+    /// Whether the operator detached `name`.
+    pub fn is_detached(&self, name: &str) -> bool {
+        self.detached().contains(name)
+    }
+
+    /// The volume of `name` if it is attached now.
+    pub fn attached_volume(&self, name: &str) -> Option<Arc<Volume>> {
+        self.attached
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// The names exported now (volumes that exist and are selected).
@@ -172,6 +224,16 @@ impl DataDirProvider {
         if !self.selection.includes(name) {
             return Err(AttachError::NotFound(name.to_string()));
         }
+        if self.detached().contains(name) {
+            let reason = format!("detached by the operator (`cryptnbd ctl attach {name}`)");
+            return Err(AttachError::Refused {
+                name: name.to_string(),
+                source: Box::new(RememberedRefusal {
+                    public: "detached by the operator".into(),
+                    reason,
+                }),
+            });
+        }
         let ro = self.selection.read_only.contains(name);
         match self.dir.attach(&*self.keys, name, ro) {
             Ok(vol) => {
@@ -199,6 +261,12 @@ impl DataDirProvider {
             }
             // Logged by the caller (with the client that asked, or at start).
             Err(e) => {
+                *self
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(crate::metrics::nbd::attach_reason(&e))
+                    .or_default() += 1;
                 let r = self
                     .refusals
                     .refused(name, &error_chain(&e), &public_reason(&e));

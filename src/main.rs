@@ -63,6 +63,8 @@ enum Command {
     Serve(Box<cli::serve::ServeArgs>),
     /// Verify the key store and volumes (header copies, key references, sizes, permissions).
     Check(cli::check::CheckArgs),
+    /// Talk to a running `serve` through its control socket.
+    Ctl(cli::ctl::CtlArgs),
 }
 
 fn init_tracing(verbose: u8, format: LogFormat) {
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
         Command::Volume(args) => cli::volume::run(&global, args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => cli::serve::run(&global, *args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cli::check::run(&global, args),
+        Command::Ctl(args) => cli::ctl::run(&global, args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -71,6 +71,9 @@ pub struct ServeArgs {
     /// address and reason, with a count; also written at shutdown).
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     audit_flush_secs: u64,
+    /// Serve Prometheus metrics (GET /metrics) on ADDR:PORT (loopback advised) or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<cryptnbd::metrics::MetricsAddr>,
 }
 
 pub fn serve(mut ks: KeyStore, a: ServeArgs) -> anyhow::Result<()> {
@@ -113,7 +116,15 @@ pub fn serve(mut ks: KeyStore, a: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let server = KmsHttpServer::bind(Arc::new(ks), config).await?;
+        let observer = match &a.metrics {
+            Some(addr) => {
+                let m = Arc::new(cryptnbd::metrics::kms::KmsMetrics::default());
+                cryptnbd::metrics::spawn(addr, Arc::new(m.registry())).await?;
+                Some(m as Arc<dyn cryptnbd::kms_http::RequestObserver>)
+            }
+            None => None,
+        };
+        let server = KmsHttpServer::bind_observed(Arc::new(ks), config, observer).await?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "kms listening on {scheme}://{}", server.local_addr())?;
         out.flush()?;

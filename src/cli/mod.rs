@@ -2,6 +2,7 @@
 //! key store handle, plus small parsers (sizes, `k=v` contexts) and output helpers.
 
 pub mod check;
+pub mod ctl;
 pub mod kms;
 mod kms_access;
 mod kms_print;
@@ -12,6 +13,7 @@ pub mod remote;
 pub mod serve;
 pub mod serve_config;
 pub mod vhost;
+pub mod serve_ops;
 pub mod volume;
 mod volume_snap;
 

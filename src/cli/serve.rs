@@ -24,7 +24,7 @@ use cryptnbd::exports::{DataDirProvider, ExportSelection};
 use cryptnbd::kms::{InitRoot, KeyProvider, KeyStore};
 use cryptnbd::server::peer::{resolve_group, set_socket_permissions};
 use cryptnbd::server::{
-    serve, AllowEntry, AllowList, Listener, Policy, Rules, TlsConfig, TlsFiles, TlsMode,
+    serve_with, AllowEntry, AllowList, Listener, Policy, Rules, TlsConfig, TlsFiles, TlsMode,
     UnixPeerPolicy,
 };
 
@@ -34,7 +34,7 @@ const DEFAULT_VOLUME: &str = "disk0";
 const DEFAULT_KEY: &str = "alias/default";
 const DEFAULT_SIZE: u64 = 1 << 30;
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
     /// Read settings from this TOML file: its keys are the long names of these options
     /// (`allow = ["cn:host-a=disk0"]`, `tls-cert = "/etc/cryptnbd/server.pem"`,
@@ -168,6 +168,9 @@ pub struct ServeArgs {
     /// At shutdown, how long clients get to finish requests in flight before being cut.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     shutdown_grace: Duration,
+
+    #[command(flatten)]
+    ops: super::serve_ops::OpsArgs,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -444,8 +447,12 @@ fn run_with(
         );
     }
     let policy = Arc::new(Policy::new(rules));
+    // Socket activation: inherited sockets stand in for the listeners bound to the same address
+    // (keeping their rules); the others are served like --listen (TCP) or --socket (Unix).
+    let mut inherited = super::serve_ops::take_inherited(&args.ops)?;
     let (tcp, unix) = if args.listen.is_empty() && args.socket.is_empty() {
-        (Vec::new(), vec![dir.join("nbd.sock")])
+        let default = inherited.is_empty().then(|| dir.join("nbd.sock"));
+        (Vec::new(), default.into_iter().collect())
     } else {
         (args.listen.clone(), args.socket.clone())
     };
@@ -466,21 +473,38 @@ fn run_with(
     let mut tcp_bound = Vec::new();
     for a in &tcp {
         let mode = if tls { TlsMode::Required } else { TlsMode::Off };
-        let l = Listener::bind_tcp(*a)?
-            .with_tls(mode)
-            .with_policy(policy.clone());
+        let l = match super::serve_ops::inherited_tcp(&mut inherited, *a) {
+            Some(l) => l,
+            None => Listener::bind_tcp(*a)?,
+        }
+        .with_tls(mode)
+        .with_policy(policy.clone());
         tcp_bound.push(l.tcp_addr().unwrap_or(*a));
         listeners.push(l);
     }
     for p in &unix {
         let mode = if tls { TlsMode::Optional } else { TlsMode::Off };
-        let l = Listener::bind_unix(p)?
-            .with_tls(mode)
-            .with_policy(policy.clone())
-            .with_peer_policy(peers.clone());
-        set_socket_permissions(p, args.socket_mode, socket_gid)?;
-        listeners.push(l);
+        let l = match super::serve_ops::inherited_unix(&mut inherited, p) {
+            Some(l) => l,
+            None => {
+                let l = Listener::bind_unix(p)?;
+                set_socket_permissions(p, args.socket_mode, socket_gid)?;
+                l
+            }
+        };
+        listeners.push(
+            l.with_tls(mode)
+                .with_policy(policy.clone())
+                .with_peer_policy(peers.clone()),
+        );
     }
+    listeners.extend(super::serve_ops::other_inherited(
+        inherited,
+        tls,
+        &policy,
+        args.insecure_no_tls,
+        &peers,
+    )?);
 
     let mut only: Vec<String> = args.export.clone();
     for n in &args.read_only {
@@ -497,6 +521,32 @@ fn run_with(
         keys,
         selection,
     ));
+    // What SIGHUP and `ctl reload` do: the TLS files, CRLs and rules as they are now (from
+    // --config when given), all or nothing: a broken file keeps the old settings (and says why),
+    // so a botched rotation never stops the server. Serving connections the new settings refuse
+    // close.
+    let reload: super::serve_ops::Reload = {
+        let config_file = args.config.clone();
+        let args = args.clone();
+        let policy = policy.clone();
+        Arc::new(move || {
+            let fresh = match &config_file {
+                Some(f) => super::serve_config::merged(f).and_then(|a| access_rules(&a)),
+                None => access_rules(&args),
+            };
+            fresh
+                .and_then(|r| policy.replace(r).map_err(anyhow::Error::from))
+                .map(|()| "TLS certificate, key, client CA, CRLs and --allow rules reloaded".into())
+                .map_err(|e| format!("keeping the previous settings: {e:#}"))
+        })
+    };
+    let ops = super::serve_ops::start(
+        &args.ops,
+        dir,
+        provider.clone(),
+        reload.clone(),
+        config.shutdown_grace,
+    )?;
     let attached = provider.attach_all();
     let names = provider.names();
     if names.is_empty() {
@@ -522,21 +572,11 @@ fn run_with(
     )?;
 
     rt.block_on(async move {
-        // SIGHUP: the TLS files, CRLs and rules as they are now (from --config when given),
-        // all or nothing: a broken file keeps the old settings (and says why), so a botched
-        // rotation never stops the server. Serving connections the new settings refuse close.
-        let config_file = args.config.clone();
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                let fresh = match &config_file {
-                    Some(f) => super::serve_config::merged(f).and_then(|a| access_rules(&a)),
-                    None => access_rules(&args),
-                };
-                match fresh.and_then(|r| policy.replace(r).map_err(anyhow::Error::from)) {
-                    Ok(()) => info!(
-                        "SIGHUP: TLS certificate, key, client CA, CRLs and --allow rules reloaded"
-                    ),
-                    Err(e) => warn!("SIGHUP: keeping the previous settings: {e:#}"),
+                match reload() {
+                    Ok(m) => info!("SIGHUP: {m}"),
+                    Err(m) => warn!("SIGHUP: {m}"),
                 }
             }
         });
@@ -546,6 +586,7 @@ fn run_with(
                 _ = term.recv() => {}
             }
             info!("signal received: shutting down (send it again to exit at once)");
+            cryptnbd::systemd::notify_stopping();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = int.recv() => {}
@@ -556,7 +597,9 @@ fn run_with(
             });
             let _ = tokio::task::spawn_blocking(move || super::vhost::stop_all(vhost)).await;
         };
-        serve(config, listeners, provider, shutdown)
+        ops.spawn_metrics().await?;
+        ops.ready();
+        serve_with(config, listeners, provider, shutdown, ops.server.clone())
             .await
             .map_err(anyhow::Error::from)
     })?;

@@ -346,13 +346,17 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
         C::Flatten { name } => super::volume_snap::flatten(global, &args.remote, &dd, name),
         C::Copy(a) => super::volume_snap::copy(global, &args.remote, &dd, a),
         C::Resize { name, size } => {
-            let h = dd.resize(&name, size)?;
+            let h = dd
+                .resize(&name, size)
+                .map_err(|e| super::ctl::explain_in_use(global, &name, e))?;
             println!("volume {name} is now {} ({} bytes)", human(h.size), h.size);
             Ok(())
         }
         C::Rekey { name, key } => {
             let ks = super::remote::key_provider(global, &args.remote)?;
-            let h = dd.rekey(ks.as_ref(), &name, key.as_deref())?;
+            let h = dd
+                .rekey(ks.as_ref(), &name, key.as_deref())
+                .map_err(|e| super::ctl::explain_in_use(global, &name, e))?;
             println!(
                 "volume {name}: data key now wrapped by key {} version {} (data unchanged)",
                 h.key_id, h.key_version
@@ -371,7 +375,8 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             if !yes {
                 confirm_delete(&name)?;
             }
-            dd.delete(&name)?;
+            dd.delete(&name)
+                .map_err(|e| super::ctl::explain_in_use(global, &name, e))?;
             println!("deleted volume {name}");
             Ok(())
         }

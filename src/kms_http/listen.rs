@@ -12,7 +12,8 @@ use tokio::net::{TcpListener, UnixListener};
 use tower::ServiceExt;
 
 use super::{
-    failures, limits, replay, router, AppState, KmsHttpConfig, KmsHttpError, Listen, Peer, TlsFiles,
+    failures, limits, replay, router, AppState, KmsHttpConfig, KmsHttpError, Listen, Peer,
+    RequestObserver, TlsFiles,
 };
 use crate::kms::KeyStore;
 
@@ -73,6 +74,15 @@ pub struct KmsHttpServer {
 impl KmsHttpServer {
     /// Binds the listener and loads TLS files; refuses plain HTTP on a non-loopback address.
     pub async fn bind(store: Arc<KeyStore>, config: KmsHttpConfig) -> Result<Self, KmsHttpError> {
+        Self::bind_observed(store, config, None).await
+    }
+
+    /// [`KmsHttpServer::bind`], telling `observer` about every request.
+    pub async fn bind_observed(
+        store: Arc<KeyStore>,
+        config: KmsHttpConfig,
+        observer: Option<Arc<dyn RequestObserver>>,
+    ) -> Result<Self, KmsHttpError> {
         let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
         let (bound, local) = match &config.listen {
             Listen::Tcp(addr) => {
@@ -98,6 +108,7 @@ impl KmsHttpServer {
         };
         let limits = config.limits.clone();
         let st = Arc::new(AppState {
+            observer,
             store,
             rate: limits::RateLimiter::new(limits.rate_per_credential, limits.burst_per_credential),
             addr_rate: limits::RateLimiter::new(limits.rate_per_address, limits.burst_per_address),

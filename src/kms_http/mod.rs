@@ -104,7 +104,14 @@ pub struct Outcome {
     pub grant: Option<String>,
 }
 
+/// Told about every finished request (operation name as audited, HTTP status, time taken), e.g.
+/// by the metrics endpoint (`crate::metrics::kms`).
+pub trait RequestObserver: Send + Sync {
+    fn request(&self, operation: &str, status: u16, took: std::time::Duration);
+}
+
 struct AppState {
+    observer: Option<Arc<dyn RequestObserver>>,
     store: Arc<KeyStore>,
     limits: Limits,
     rate: limits::RateLimiter,
@@ -175,6 +182,9 @@ async fn run_request(st: Arc<AppState>, api: Api, req: Request, work: Work) -> R
             status.as_u16(),
             reason,
         );
+        if let Some(o) = &st.observer {
+            o.request("(before authentication)", status.as_u16(), std::time::Duration::ZERO);
+        }
         let mut r = ApiError::new(api, status, "APIGW.0308", reason).into_response();
         if status != StatusCode::TOO_MANY_REQUESTS {
             // The rest of the body may still be trickling in: do not wait for it.
@@ -233,6 +243,7 @@ async fn run_request(st: Arc<AppState>, api: Api, req: Request, work: Work) -> R
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     let st2 = st.clone();
+    let started = std::time::Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
         let mut outcome = Outcome::default();
         let result = work(&st2, &raw, &mut outcome);
@@ -261,6 +272,9 @@ async fn run_request(st: Arc<AppState>, api: Api, req: Request, work: Work) -> R
             tracing::warn!(error = %chain(&e), "could not write the audit log");
         }
         tracing::info!(credential = ?outcome.credential, operation = %outcome.operation, key = ?outcome.key, status, "kms request");
+        if let Some(o) = &st2.observer {
+            o.request(&outcome.operation, status, started.elapsed());
+        }
         result
     })
     .await;

@@ -14,9 +14,9 @@ use super::access::Principal;
 use super::policy::Peer;
 use super::stream::Stream;
 use super::{
-    conns, error_chain, handshake, peer, session, transport, AsyncListener, HandshakeError,
-    ListenerPolicy, ServerState, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_RETRIES,
-    UNIX_SEND_BUFFER,
+    conns, error_chain, handshake, peer, session, stats, transport, AsyncListener,
+    HandshakeError, ListenerPolicy, ServerState, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL,
+    KEEPALIVE_RETRIES, UNIX_SEND_BUFFER,
 };
 
 /// Who a freshly accepted peer is, before any option.
@@ -148,6 +148,9 @@ pub(super) async fn accept_loop(
                 debug!(peer = %peer, "could not enlarge the socket send buffer: {e}");
             }
         }
+        if refused.is_some() {
+            state.handle.stats().refused(stats::RefusalReason::Peer);
+        }
         let mut access = peer::Access::new(policy.tls, policy.policy.clone(), refused);
         access.identity = Some(who.identity);
         access.authenticated = who.authenticated;
@@ -184,7 +187,13 @@ fn start_connection(
     }
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
     let handle = stream.try_clone()?;
-    if let Err(why) = state.conns.register(id, handle, source) {
+    state
+        .handle
+        .stats()
+        .connections_accepted
+        .fetch_add(1, Ordering::Relaxed);
+    if let Err(why) = state.conns.register(id, handle, source, &peer) {
+        state.handle.stats().refused(stats::RefusalReason::Limit);
         warn!(peer = %peer, "refusing connection: {why}");
         let _ = stream.shutdown(Shutdown::Both);
         return Ok(());
@@ -239,13 +248,28 @@ fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut acce
             return;
         }
         Err(e) => {
+            // A refused Unix peer was counted when it was accepted.
+            if access.refused.is_none() {
+                state
+                    .handle
+                    .stats()
+                    .refused(stats::RefusalReason::Handshake);
+            }
             warn!(conn = id, peer = %peer, "handshake failed: {}", error_chain(&e));
             let _ = conn.shutdown(Shutdown::Both);
             return;
         }
     };
-    state.remember(&neg.name, &neg.export);
     let export = neg.name.clone();
+    let conn_stats = Arc::new(stats::ConnStats::default());
+    state.conns.set_export(id, &export, conn_stats.clone());
+    if state.handle.is_detached(&export) {
+        // Detached while this handshake attached it: the operator's detach wins.
+        info!(conn = id, peer = %peer, export = %export, "export detached: closing");
+        let _ = conn.shutdown(Shutdown::Both);
+        return;
+    }
+    state.remember(&neg.name, &neg.export);
     info!(
         conn = id,
         peer = %peer,
@@ -256,7 +280,8 @@ fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut acce
         flags = format_args!("{:#x}", neg.flags),
         "serving export"
     );
-    match session::run(conn, neg, &state.config, state.budget.clone()) {
+    let counters = (state.handle.stats().export(&export), conn_stats);
+    match session::run(conn, neg, &state.config, state.budget.clone(), counters) {
         Ok(()) => info!(conn = id, peer = %peer, export = %export, "client disconnected"),
         Err(e) => {
             warn!(conn = id, peer = %peer, export = %export, "connection closed: {}", error_chain(&e))

@@ -22,10 +22,12 @@
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use tracing::warn;
 
 use super::policy::{Peer, Rules};
+use super::stats::ConnStats;
 use super::stream::Stream;
 
 /// Where a connection comes from, for the per-source handshake limit (`Unknown`: no share,
@@ -61,6 +63,26 @@ struct Entry {
     /// Shut down by the registry (replaced, or refused by a reload): counts against no limit
     /// while its thread ends.
     closing: bool,
+    /// Where it came from (address, or socket and uid/pid), for status.
+    peer: String,
+    /// The export it is served, once in transmission, and its counters.
+    stats: Option<(String, Arc<ConnStats>)>,
+    since: (Instant, SystemTime),
+}
+
+/// A live connection as `status` shows it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub id: u64,
+    pub peer: String,
+    /// `uid:N`, `cert:NAME` or `ip:ADDR` (what the connection limits group by).
+    pub identity: Option<String>,
+    /// `None` while still in the handshake.
+    pub export: Option<String>,
+    pub requests: u64,
+    pub bytes: u64,
+    pub connected_at: SystemTime,
+    pub uptime: std::time::Duration,
 }
 
 impl Entry {
@@ -97,8 +119,14 @@ impl Registry {
     }
 
     /// Registers a new connection in the handshake; `Err(why)` at the server-wide or this
-    /// source's handshake limit.
-    pub(crate) fn register(&self, id: u64, stream: Stream, source: Source) -> Result<(), String> {
+    /// source's handshake limit. `peer` is how status names it.
+    pub(crate) fn register(
+        &self,
+        id: u64,
+        stream: Stream,
+        source: Source,
+        peer: &str,
+    ) -> Result<(), String> {
         let mut c = self.lock();
         let handshaking = c.values().filter(|e| e.handshaking()).count();
         if handshaking >= self.limits.serving {
@@ -127,6 +155,9 @@ impl Registry {
                 source,
                 serving: None,
                 closing: false,
+                peer: peer.to_string(),
+                stats: None,
+                since: (Instant::now(), SystemTime::now()),
             },
         );
         Ok(())
@@ -225,6 +256,49 @@ impl Registry {
         closed
     }
 
+    /// Connection `id` is now served `export`, counting into `stats`.
+    pub(crate) fn set_export(&self, id: u64, export: &str, stats: Arc<ConnStats>) {
+        if let Some(e) = self.lock().get_mut(&id) {
+            e.stats = Some((export.to_string(), stats));
+        }
+    }
+
+    /// Every live connection, by id.
+    pub(crate) fn snapshot(&self) -> Vec<ConnInfo> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut v: Vec<ConnInfo> = self
+            .lock()
+            .iter()
+            .map(|(id, e)| ConnInfo {
+                id: *id,
+                peer: e.peer.clone(),
+                identity: e.serving.as_ref().and_then(|s| s.identity.clone()),
+                export: e.stats.as_ref().map(|(n, _)| n.clone()),
+                requests: e.stats.as_ref().map_or(0, |(_, s)| s.requests.load(Relaxed)),
+                bytes: e.stats.as_ref().map_or(0, |(_, s)| s.bytes.load(Relaxed)),
+                connected_at: e.since.1,
+                uptime: e.since.0.elapsed(),
+            })
+            .collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Shuts down the connections serving `export`; returns how many there are.
+    pub(crate) fn shutdown_export(&self, export: &str, how: Shutdown) -> usize {
+        let c = self.lock();
+        let mut n = 0;
+        for e in c.values() {
+            let serves = e.stats.as_ref().is_some_and(|(x, _)| x == export)
+                || e.serving.as_ref().is_some_and(|s| s.export == export);
+            if serves {
+                let _ = e.stream.shutdown(how);
+                n += 1;
+            }
+        }
+        n
+    }
+
     pub(crate) fn remove(&self, id: u64) {
         self.lock().remove(&id);
     }
@@ -275,16 +349,16 @@ mod tests {
         for id in 1..=2 {
             let (s, p) = stream();
             peers.push(p);
-            r.register(id, s, Source::Unknown).unwrap();
+            r.register(id, s, Source::Unknown, "p").unwrap();
             r.admit(id, cand(Some("a"), true)).unwrap();
         }
         // Serving is full, yet new handshakes may start.
         let (s, _p3) = stream();
-        r.register(3, s, Source::Unknown).unwrap();
+        r.register(3, s, Source::Unknown, "p").unwrap();
         let (s, _p4) = stream();
-        r.register(4, s, Source::Unknown).unwrap();
+        r.register(4, s, Source::Unknown, "p").unwrap();
         let (s, _p5) = stream();
-        let e = r.register(5, s, Source::Unknown).unwrap_err();
+        let e = r.register(5, s, Source::Unknown, "p").unwrap_err();
         assert!(e.contains("--max-connections"), "{e}");
         // A stranger is refused; client "a" replaces its own oldest connection (1).
         assert!(r.admit(3, cand(Some("b"), true)).is_err());
@@ -311,13 +385,13 @@ mod tests {
         for id in 1..=3 {
             let (s, p) = stream();
             keep.push(p);
-            r.register(id, s, attacker.clone()).unwrap();
+            r.register(id, s, attacker.clone(), "p").unwrap();
         }
         let (s, _p) = stream();
-        let e = r.register(4, s, attacker).unwrap_err();
+        let e = r.register(4, s, attacker, "p").unwrap_err();
         assert!(e.contains("--max-handshakes-per-source 3"), "{e}");
         let (s, _p) = stream();
-        r.register(5, s, Source::Ip("127.0.0.1".parse().unwrap()))
+        r.register(5, s, Source::Ip("127.0.0.1".parse().unwrap()), "p")
             .expect("another address still gets in");
     }
 
@@ -332,7 +406,7 @@ mod tests {
         for id in 1..=4 {
             let (s, p) = stream();
             peers.push(p);
-            r.register(id, s, Source::Unknown).unwrap();
+            r.register(id, s, Source::Unknown, "p").unwrap();
         }
         for id in 1..=2 {
             r.admit(id, cand(Some("ip:10.0.0.1"), false)).unwrap();
@@ -352,5 +426,47 @@ mod tests {
             peers[0].read(&mut buf).is_err(),
             "connection 1 is still open"
         );
+    }
+
+    #[test]
+    fn connections_of_one_export_are_listed_and_closed_together() {
+        let r = Registry::new(Limits {
+            serving: 4,
+            handshakes_per_source: 8,
+            per_client: 8,
+        });
+        let mut peers = Vec::new();
+        for (id, export) in [(1, "a"), (2, "b"), (3, "a")] {
+            let (s, p) = stream();
+            peers.push(p);
+            r.register(id, s, Source::Unknown, &format!("peer{id}"))
+                .unwrap();
+            r.admit(
+                id,
+                Candidate {
+                    export,
+                    ..cand(Some("u"), true)
+                },
+            )
+            .unwrap();
+            let st = Arc::new(ConnStats::default());
+            st.requests.store(id, std::sync::atomic::Ordering::Relaxed);
+            r.set_export(id, export, st);
+        }
+        let (s, _p) = stream();
+        r.register(4, s, Source::Unknown, "peer4").unwrap();
+        let snap = r.snapshot();
+        assert_eq!(snap.len(), 4);
+        assert_eq!(snap[0].peer, "peer1");
+        assert_eq!(snap[0].identity.as_deref(), Some("u"));
+        assert_eq!(snap[2].export.as_deref(), Some("a"));
+        assert_eq!(snap[2].requests, 3);
+        assert_eq!(snap[3].export, None, "still in the handshake");
+        assert_eq!(r.shutdown_export("a", Shutdown::Both), 2);
+        let mut buf = [0u8; 1];
+        assert_eq!(peers[0].read(&mut buf).unwrap(), 0);
+        assert_eq!(peers[2].read(&mut buf).unwrap(), 0);
+        peers[1].set_nonblocking(true).unwrap();
+        assert!(peers[1].read(&mut buf).is_err(), "export b stays open");
     }
 }

@@ -22,12 +22,14 @@ pub mod access;
 mod budget;
 mod conns;
 pub mod export;
+mod handle;
 mod handshake;
 mod inflight;
 pub mod peer;
 pub mod policy;
 pub mod refusals;
 mod session;
+pub mod stats;
 mod stream;
 pub mod tls;
 mod transport;
@@ -44,7 +46,9 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 pub use access::{AllowEntry, AllowList, ExportAccess, Principal, RuleError};
+pub use conns::ConnInfo;
 pub use export::{errno_for, error_chain, AttachError, ExportInfo, ExportProvider};
+pub use handle::{Detached, ServerHandle};
 pub use handshake::HandshakeError;
 pub use peer::{TlsMode, UnixPeerPolicy};
 pub use policy::{Policy, Rules};
@@ -67,10 +71,11 @@ pub struct Listener {
 #[derive(Debug)]
 enum ListenerKind {
     Tcp(StdTcpListener),
-    /// A Unix socket; the file is removed when the server stops.
+    /// A Unix socket; the file is removed when the server stops, unless it was inherited.
     Unix {
         listener: StdUnixListener,
         path: PathBuf,
+        owned: bool,
     },
 }
 
@@ -147,7 +152,28 @@ impl Listener {
         Ok(Listener::plain(ListenerKind::Unix {
             listener,
             path: path.to_path_buf(),
+            owned: true,
         }))
+    }
+
+    /// A TCP listener bound by someone else (socket activation).
+    pub fn from_tcp(listener: StdTcpListener) -> Self {
+        Listener::plain(ListenerKind::Tcp(listener))
+    }
+
+    /// A Unix listener bound by someone else (socket activation): its file is left in place at
+    /// shutdown, it belongs to whoever bound it.
+    pub fn from_unix(listener: StdUnixListener) -> Self {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("(inherited socket)"));
+        Listener::plain(ListenerKind::Unix {
+            listener,
+            path,
+            owned: false,
+        })
     }
 
     /// The TCP address, if this is a TCP listener.
@@ -233,6 +259,8 @@ struct ServerState {
     attached: Mutex<Vec<(String, Arc<Volume>)>>,
     /// Request buffer memory shared by every connection.
     budget: Arc<budget::Budget>,
+    /// Counters and detached exports, shared with the operator's handle.
+    handle: ServerHandle,
 }
 
 impl ServerState {
@@ -241,6 +269,13 @@ impl ServerState {
         if !v.iter().any(|(_, x)| Arc::ptr_eq(x, e)) {
             v.push((name.to_string(), e.clone()));
         }
+    }
+
+    /// Drops the server's reference to `name`'s volume (detach), returning it.
+    fn forget(&self, name: &str) -> Option<Arc<Volume>> {
+        let mut v = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        let i = v.iter().position(|(n, _)| n == name)?;
+        Some(v.remove(i).1)
     }
 
     fn live(&self) -> usize {
@@ -268,6 +303,17 @@ pub async fn serve(
     provider: Arc<dyn ExportProvider>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    serve_with(config, listeners, provider, shutdown, ServerHandle::new()).await
+}
+
+/// [`serve`], observed and driven through `handle` (counters, connections, detach).
+pub async fn serve_with(
+    config: ServerConfig,
+    listeners: Vec<Listener>,
+    provider: Arc<dyn ExportProvider>,
+    shutdown: impl Future<Output = ()>,
+    handle: ServerHandle,
+) -> Result<(), ServerError> {
     config.validate()?;
     if listeners.is_empty() {
         return Err(
@@ -286,7 +332,9 @@ pub async fn serve(
         attached: Mutex::new(Vec::new()),
         budget: budget::Budget::new(config.buffer_budget),
         config,
+        handle: handle.clone(),
     });
+    handle.bind(state.clone());
     let mut socket_files = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut watched: Vec<Arc<Policy>> = Vec::new();
@@ -316,9 +364,15 @@ pub async fn serve(
                 t.set_nonblocking(true).map_err(lerr)?;
                 AsyncListener::Tcp(tokio::net::TcpListener::from_std(t).map_err(lerr)?)
             }
-            ListenerKind::Unix { listener, path } => {
+            ListenerKind::Unix {
+                listener,
+                path,
+                owned,
+            } => {
                 listener.set_nonblocking(true).map_err(lerr)?;
-                socket_files.push(path.clone());
+                if owned {
+                    socket_files.push(path.clone());
+                }
                 AsyncListener::Unix(
                     tokio::net::UnixListener::from_std(listener).map_err(lerr)?,
                     path,
