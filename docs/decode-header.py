@@ -54,7 +54,7 @@ def decode_copy(buf):
     body[16:20] = b"\0\0\0\0"
     if crc32c(bytes(body)) != stored:
         raise Invalid("checksum mismatch")
-    if version != 1:
+    if version not in (1, 2):
         raise Invalid("unsupported format version %d" % version)
     if length < FIXED_LEN:
         raise Invalid("length %d below the fixed part" % length)
@@ -84,6 +84,27 @@ def decode_copy(buf):
             pair.append(b[pos:pos + n].decode())
             pos += n
         context.append(tuple(pair))
+    layered = []
+    if version == 2:
+        if pos + 17 > length:
+            raise Invalid("layer fields run past the end")
+        layered.append(("layer_id", uuid.UUID(bytes=b[pos:pos + 16])))
+        marker = b[pos + 16]
+        pos += 17
+        if marker == 1:
+            if pos + 42 > length:
+                raise Invalid("parent runs past the end")
+            layered.append(("parent_volume_id", uuid.UUID(bytes=b[pos:pos + 16])))
+            layered.append(("parent_layer_id", uuid.UUID(bytes=b[pos + 16:pos + 32])))
+            (psize, plen) = struct.unpack_from("<QH", b, pos + 32)
+            pos += 42
+            if pos + plen > length:
+                raise Invalid("parent name runs past the end")
+            layered.append(("parent_size", psize))
+            layered.append(("parent_name", b[pos:pos + plen].decode()))
+            pos += plen
+        elif marker != 0:
+            raise Invalid("parent marker %d" % marker)
     if pos != length:
         raise Invalid("%d trailing bytes" % (length - pos))
     if data_offset != HEADER_REGION:
@@ -109,6 +130,7 @@ def decode_copy(buf):
         fields.append(("wrapped_dek_cmk_version", struct.unpack(">I", wrapped[21:25])[0]))
     for k, v in context:
         fields.append(("context." + k, v))
+    fields.extend(layered)
     fields.append(("checksum", "ok"))
     return generation, fields
 

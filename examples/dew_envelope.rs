@@ -8,7 +8,7 @@
 //!    and the file is decrypted locally. The KMS never sees the file.
 //!
 //! ```text
-//! cryptnbd kms credential create app --project p1 --output app.cred
+//! cryptnbd kms credential create app --project p1 --key alias/apps --ops create-datakey,decrypt-datakey --output app.cred
 //! cargo run --example dew_envelope -- encrypt https://kms:8443 app.cred alias/apps report.pdf
 //! cargo run --example dew_envelope -- decrypt https://kms:8443 app.cred alias/apps report.pdf.enc
 //! ```

@@ -3,6 +3,11 @@
 //! fixed time, and it prints requests/s and p50/p99 latency per operation.
 //!
 //! `kms_load URL CREDENTIAL_FILE KEY [CLIENTS=16] [SECONDS=10]`
+//!
+//! `kms_load --fill-grants DATA_DIR KEY USER_ID N` (before serving): puts N grants on KEY in the
+//! key store at DATA_DIR (root key file): one to USER_ID (create-datakey, decrypt-datakey), the
+//! others to N-1 other principals, written at once, so the load then measures the grant lookup
+//! of a key with N grants.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,8 +23,39 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
+/// `--fill-grants DATA_DIR KEY USER_ID N`.
+fn fill_grants(args: &[String]) -> anyhow::Result<()> {
+    use cryptnbd::kms::{EncryptionContext, KeyStore, NewGrant, PrincipalType, RootSecret};
+    let [dir, key, user, n] = args else {
+        bail!("usage: kms_load --fill-grants DATA_DIR KEY USER_ID N");
+    };
+    let n: usize = n.parse()?;
+    let dir = std::path::Path::new(dir);
+    let ks = KeyStore::open(dir, RootSecret::KeyFile(dir.join("root.key")))?;
+    let grant = |grantee: String, ops: &[&str]| NewGrant {
+        key: key.clone(),
+        grantee_principal: grantee,
+        grantee_principal_type: PrincipalType::User,
+        operations: ops.iter().map(|s| s.to_string()).collect(),
+        name: None,
+        retiring_principal: None,
+        encryption_context_subset: EncryptionContext::new(),
+        issuing_principal: "load".into(),
+    };
+    let mut all: Vec<NewGrant> = (1..n)
+        .map(|i| grant(format!("filler{i}"), &["decrypt-datakey"]))
+        .collect();
+    all.push(grant(user.clone(), &["create-datakey", "decrypt-datakey"]));
+    ks.create_grants(&all)?;
+    println!("{} grants on {key}", ks.grant_index()?.len());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--fill-grants") {
+        return fill_grants(&args[1..]);
+    }
     if args.len() < 3 {
         bail!("usage: kms_load URL CREDENTIAL_FILE KEY [CLIENTS] [SECONDS]");
     }

@@ -9,12 +9,20 @@ use crate::nbd::MAX_PAYLOAD;
 /// [`ServerConfig::validate`] (the server does too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
-    /// Connections served at once; one more is closed at once with a log line.
+    /// Connections served at once; one more is closed at once with a log line. Connections in
+    /// the handshake have an allowance of the same size of their own.
     pub max_connections: usize,
+    /// Connections one source (TCP address, Unix uid) may have in the handshake at once: idle
+    /// connections from one host cannot use up the handshake allowance of everyone.
+    pub max_handshakes_per_source: usize,
+    /// Serving connections one client identity (certificate, Unix uid, else TCP address) may
+    /// hold; the server's own user is exempt.
+    pub max_connections_per_client: usize,
     /// Worker threads per connection in the transmission phase (leader/follower: each reads a
     /// request, runs it inline, writes its reply).
     pub workers_per_connection: usize,
-    /// The whole handshake (greeting to GO/EXPORT_NAME) must finish within this time.
+    /// The whole handshake (greeting to GO/EXPORT_NAME, STARTTLS included) must finish within
+    /// this time (qemu-nbd allows 10 s too).
     pub handshake_timeout: Duration,
     /// Options a client may send in one handshake.
     pub max_options: usize,
@@ -41,8 +49,10 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_connections: 64,
+            max_handshakes_per_source: 8,
+            max_connections_per_client: 16,
             workers_per_connection: 2,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
             max_options: 512,
             max_option_len: 64 * 1024,
             max_payload: MAX_PAYLOAD,
@@ -64,6 +74,12 @@ impl ServerConfig {
         let bad = |m: String| Err(ConfigError(m));
         if self.max_connections == 0 {
             return bad("max_connections must be at least 1".into());
+        }
+        if self.max_handshakes_per_source == 0 || self.max_connections_per_client == 0 {
+            return bad(
+                "max_handshakes_per_source and max_connections_per_client must be at least 1"
+                    .into(),
+            );
         }
         if !(1..=64).contains(&self.workers_per_connection) {
             return bad(format!(

@@ -6,10 +6,12 @@
 //! that joins `server`, `datadir` and `kms`; the server itself knows neither of the latter two.
 //!
 //! A refused attach (disabled or deleted CMK, corrupt header, volume in use) is logged at warn with
-//! its reason and returned, typed, to the client that asked; it is remembered for a few seconds
-//! (see [`crate::server::refusals`]) so repeated requests cost neither an unwrap nor an audit
+//! its reason and returned, typed, to the server, which tells the client only the public part
+//! (`public_reason`: what it can act on, never a path, a KMS URL or a key id); it is remembered
+//! for a few seconds (see [`crate::server::refusals`]) so repeated requests cost neither an unwrap nor an audit
 //! record, and re-enabling the key is enough for a client shortly after. An attached volume keeps
-//! working until the server stops.
+//! working until the server stops or the operator detaches it ([`DataDirProvider::detach`], from
+//! the control socket): then it is refused until attached again ([`DataDirProvider::attach_now`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,7 +20,7 @@ use std::time::Duration;
 use tracing::{info, warn};
 
 use crate::datadir::{DataDir, DataDirError};
-use crate::kms::KeyProvider;
+use crate::kms::{KeyProvider, KmsError};
 use crate::server::refusals::{Refusal, RefusalCache, RememberedRefusal};
 use crate::server::{error_chain, AttachError, ExportInfo, ExportProvider};
 use crate::volume::Volume;
@@ -52,6 +54,10 @@ pub struct DataDirProvider {
     attaching: Mutex<()>,
     /// Recent refusals, answered without touching the volume or the key store again.
     refusals: RefusalCache,
+    /// Exports the operator detached: refused until attached again.
+    detached: Mutex<HashSet<String>>,
+    /// Attaches that failed, by reason (`crate::metrics::nbd::attach_reason`), for metrics.
+    failures: Mutex<HashMap<&'static str, u64>>,
 }
 
 /// How long a refused attach is answered from memory (and so how soon re-enabling a key helps).
@@ -65,7 +71,8 @@ type Cause = Box<dyn std::error::Error + Send + Sync>;
 /// cache says it was logged recently, with a count when earlier repeats went unlogged.
 fn refusal(name: &str, r: Refusal, fresh: Option<Cause>) -> AttachError {
     let name = name.to_string();
-    let remembered = |reason: String| -> Cause { Box::new(RememberedRefusal { reason }) };
+    let public = r.public.clone();
+    let remembered = |reason: String| -> Cause { Box::new(RememberedRefusal { reason, public }) };
     match r.log {
         Some(0) => AttachError::Refused {
             name,
@@ -105,7 +112,54 @@ impl DataDirProvider {
             attached: RwLock::new(HashMap::new()),
             attaching: Mutex::new(()),
             refusals: RefusalCache::new(REFUSAL_TTL, REFUSAL_LOG_INTERVAL),
+            detached: Mutex::new(HashSet::new()),
+            failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn detached(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.detached.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Refuses `name` from now on and hands back its cached volume (the caller closes the
+    /// connections and drops it, which zeroizes the data key once the last user is gone).
+    pub fn detach(&self, name: &str) -> Option<Arc<Volume>> {
+        let _attaching = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
+        self.detached().insert(name.to_string());
+        self.attached
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+    }
+
+    /// Attaches `name` now (a volume created after the server started, or one detached),
+    /// forgetting an earlier refusal.
+    pub fn attach_now(&self, name: &str) -> Result<Arc<Volume>, AttachError> {
+        self.detached().remove(name);
+        self.refusals.clear(name);
+        self.attach_volume(name)
+    }
+
+    /// Attaches that failed since start, by reason, sorted.
+    pub fn attach_failures(&self) -> Vec<(&'static str, u64)> {
+        let m = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = m.iter().map(|(k, v)| (*k, *v)).collect();
+        v.sort();
+        v
+    }
+
+    /// Whether the operator detached `name`.
+    pub fn is_detached(&self, name: &str) -> bool {
+        self.detached().contains(name)
+    }
+
+    /// The volume of `name` if it is attached now.
+    pub fn attached_volume(&self, name: &str) -> Option<Arc<Volume>> {
+        self.attached
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// The names exported now (volumes that exist and are selected).
@@ -170,6 +224,16 @@ impl DataDirProvider {
         if !self.selection.includes(name) {
             return Err(AttachError::NotFound(name.to_string()));
         }
+        if self.detached().contains(name) {
+            let reason = format!("detached by the operator (`cryptnbd ctl attach {name}`)");
+            return Err(AttachError::Refused {
+                name: name.to_string(),
+                source: Box::new(RememberedRefusal {
+                    public: "detached by the operator".into(),
+                    reason,
+                }),
+            });
+        }
         let ro = self.selection.read_only.contains(name);
         match self.dir.attach(&*self.keys, name, ro) {
             Ok(vol) => {
@@ -197,7 +261,15 @@ impl DataDirProvider {
             }
             // Logged by the caller (with the client that asked, or at start).
             Err(e) => {
-                let r = self.refusals.refused(name, &error_chain(&e));
+                *self
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(crate::metrics::nbd::attach_reason(&e))
+                    .or_default() += 1;
+                let r = self
+                    .refusals
+                    .refused(name, &error_chain(&e), &public_reason(&e));
                 Err(refusal(name, r, Some(Box::new(e))))
             }
         }
@@ -211,7 +283,11 @@ impl ExportProvider for DataDirProvider {
             .map(|name| {
                 let description = match self.dir.info(&name) {
                     Ok(i) => i.header.describe(),
-                    Err(e) => format!("unreadable volume: {}", error_chain(&e)),
+                    Err(e) => {
+                        // The listing reaches clients: the cause (with its path) only in the log.
+                        warn!(export = %name, "cannot read the volume header: {}", error_chain(&e));
+                        "unreadable volume (the server log says why)".into()
+                    }
                 };
                 ExportInfo { name, description }
             })
@@ -219,8 +295,12 @@ impl ExportProvider for DataDirProvider {
     }
 
     fn exists(&self, name: &str) -> bool {
-        // Without reading every header, as `list` does.
+        // Without reading every header, as `list` does. Snapshots (`NAME@SNAP`, served
+        // read-only) are exported when named, without being listed.
         self.names().iter().any(|n| n == name)
+            || (name.contains('@')
+                && self.selection.includes(name)
+                && self.dir.layer_path(name).is_ok_and(|p| p.exists()))
     }
 
     fn default_export(&self) -> Option<String> {
@@ -229,5 +309,70 @@ impl ExportProvider for DataDirProvider {
 
     fn attach(&self, name: &str) -> Result<Arc<Volume>, AttachError> {
         self.attach_volume(name)
+    }
+
+    fn refusal_message(&self, e: &AttachError) -> String {
+        let public = match e {
+            AttachError::Refused { source, .. } | AttachError::RefusedQuietly { source, .. } => {
+                if let Some(d) = source.downcast_ref::<DataDirError>() {
+                    public_reason(d)
+                } else if let Some(r) = source.downcast_ref::<RememberedRefusal>() {
+                    r.public.clone()
+                } else {
+                    return e.to_string();
+                }
+            }
+            AttachError::NotFound(_) => return e.to_string(),
+        };
+        format!("{e}: {public}")
+    }
+}
+
+/// What a client may learn about a refused attach: the kind of trouble in words it can act on,
+/// without the data directory's paths, the KMS's URL or the CMK's id (those go to the log).
+fn public_reason(e: &DataDirError) -> String {
+    match e {
+        DataDirError::InUse { .. } => {
+            "the volume is in use (attached read-write by another server or command)".into()
+        }
+        DataDirError::Kms { source, .. } => kms_reason(source),
+        DataDirError::ContextMismatch { .. } => {
+            "its header's encryption context names another volume".into()
+        }
+        DataDirError::BadDataKey { .. } => "the key provider returned an unusable data key".into(),
+        DataDirError::Volume { .. } => "its volume file cannot be used (header or I/O)".into(),
+        DataDirError::Rbd { source, .. } if source.is_busy() => {
+            "the RBD image is in use by another gateway".into()
+        }
+        DataDirError::Rbd { .. } => "its RBD image cannot be opened".into(),
+        _ => "the server cannot open it".into(),
+    }
+}
+
+fn kms_reason(e: &KmsError) -> String {
+    match e {
+        KmsError::KeyNotUsable { state, .. } | KmsError::WrongState { state, .. } => {
+            format!("its CMK is {} (state {})", state.name(), state.code())
+        }
+        KmsError::KeyDeleted { .. } => "its CMK was deleted".into(),
+        KmsError::KeyNotFound { .. } | KmsError::AliasNotFound { .. } => {
+            "its CMK does not exist".into()
+        }
+        KmsError::Unreachable { .. } => "the KMS cannot be reached".into(),
+        KmsError::RemoteRefused(r) => {
+            // DEW error codes name the key state (KMS-API.md); the KMS's own message may name
+            // the key id, so it stays in the log.
+            let state = match r.code.as_str() {
+                "KMS.0209" => " (its CMK is disabled)",
+                "KMS.0210" => " (its CMK is pending deletion)",
+                "KMS.0208" => " (its CMK is pending activation)",
+                "KMS.0207" => " (its CMK does not exist)",
+                "KMS.0303" => " (this server has no grant for its CMK)",
+                _ => "",
+            };
+            format!("the KMS refused the data key: {}{state}", r.code)
+        }
+        KmsError::CannotDecrypt { .. } => "its data key cannot be decrypted".into(),
+        _ => "the key provider refused".into(),
     }
 }

@@ -23,11 +23,15 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod datadir;
 pub mod exports;
 pub mod kms;
 pub mod kms_http;
+pub mod metrics;
 pub mod nbd;
 pub mod server;
+pub mod systemd;
+pub mod vhost;
 pub mod volume;

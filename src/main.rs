@@ -63,6 +63,8 @@ enum Command {
     Serve(Box<cli::serve::ServeArgs>),
     /// Verify the key store and volumes (header copies, key references, sizes, permissions).
     Check(cli::check::CheckArgs),
+    /// Talk to a running `serve` through its control socket.
+    Ctl(cli::ctl::CtlArgs),
     /// Write the man pages (cryptnbd.1, cryptnbd-serve.1, …) into a directory.
     Manpages(cli::docs::ManpagesArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
         Command::Volume(args) => cli::volume::run(&global, args).map(|()| ExitCode::SUCCESS),
         Command::Serve(args) => cli::serve::run(&global, *args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => cli::check::run(&global, args),
+        Command::Ctl(args) => cli::ctl::run(&global, args).map(|()| ExitCode::SUCCESS),
         Command::Manpages(args) => {
             cli::docs::manpages(Cli::command(), &args).map(|()| ExitCode::SUCCESS)
         }

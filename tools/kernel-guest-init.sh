@@ -61,10 +61,11 @@ cn volume create mc --size 128M --key alias/guest >/dev/null || fail "volume cre
 ok
 
 SERVER=
+# serve [OPTIONS]: starts the server on $SOCK (plus OPTIONS) and waits until it listens.
 serve() {
   rm -f $SOCK
   # Not through the `cn` function: $! must be the server itself, not a subshell.
-  /usr/bin/cryptnbd --data-dir $D serve --socket $SOCK ${GUEST_ONLY:+-v} >>/tmp/serve.log 2>&1 &
+  /usr/bin/cryptnbd --data-dir $D serve --socket $SOCK "$@" ${GUEST_ONLY:+-v} >>/tmp/serve.log 2>&1 &
   SERVER=$!
   i=0
   while [ ! -S $SOCK ]; do
@@ -78,12 +79,14 @@ stop_server() {
   wait $SERVER || fail "server exited with an error on SIGTERM"
   SERVER=
 }
-# attach DEV EXPORT [nbd-client options]: connects and waits until the device has its size.
+# attach DEV EXPORT [nbd-client options]: connects to $TARGET and waits until the device has its
+# size.
+TARGET="-unix $SOCK"
 attach() {
   dev=$1 exp=$2
   shift 2
   # The argument order the README and `cryptnbd serve` show.
-  nbd-client -N $exp "$@" -unix $SOCK $dev >>/tmp/nbd-client.log 2>&1 || {
+  nbd-client -N $exp "$@" $TARGET $dev >>/tmp/nbd-client.log 2>&1 || {
     cat /tmp/nbd-client.log
     fail "nbd-client $exp $*"
   }
@@ -218,6 +221,45 @@ if want odirect; then
   ok
 fi
 stop_server
+
+# The kernel client over TLS with a client certificate (README "Security"): nbd-client does the
+# TLS handshake itself (GnuTLS) and keeps a userspace proxy between nbd.ko and the TCP socket.
+# Loopback inside the guest only; the certificates come from tools/kernel-guest (/certs).
+if want tls; then
+  step tls-client-cert
+  ip link set lo up 2>/dev/null || ifconfig lo 127.0.0.1 up || fail "loopback up"
+  cn volume create tlsvol --size 64M --key alias/guest >/dev/null || fail "volume create tlsvol"
+  serve --listen 127.0.0.1:10809 --tls-cert /certs/server-cert.pem \
+    --tls-key /certs/server-key.pem --tls-client-ca /certs/ca-cert.pem --allow cn:guest-client=tlsvol
+  # Without TLS the server answers every option with TLS_REQD: no device.
+  if nbd-client -N tlsvol -b 4096 127.0.0.1 10809 /dev/nbd3 >>/tmp/nbd-client.log 2>&1; then
+    nbd-client -d /dev/nbd3 >/dev/null 2>&1
+    fail "a plaintext nbd-client got the export"
+  fi
+  tls="-certfile /certs/client-cert.pem -keyfile /certs/client-key.pem -cacertfile /certs/ca-cert.pem -tlshostname localhost"
+  TARGET="127.0.0.1 10809"
+  attach /dev/nbd3 tlsvol -b 4096 $tls
+  /gnu/mkfs.ext4 -q -F /dev/nbd3 || fail "mkfs.ext4 over TLS"
+  mount -t ext4 /dev/nbd3 /mnt || fail "mount over TLS"
+  dd if=/dev/urandom of=/mnt/tls.bin bs=64k count=32 2>/dev/null || fail "write over TLS"
+  (cd /mnt && sha256sum tls.bin >/tmp/tlssums) || fail sha256sum
+  umount /mnt || fail umount
+  detach /dev/nbd3
+  attach /dev/nbd3 tlsvol -b 4096 $tls
+  /gnu/fsck.ext4 -fn /dev/nbd3 >/tmp/fsck.log 2>&1 || {
+    cat /tmp/fsck.log
+    fail "fsck.ext4 -fn over TLS"
+  }
+  mount -t ext4 -o ro /dev/nbd3 /mnt || fail "mount over TLS again"
+  (cd /mnt && sha256sum -c /tmp/tlssums) || fail "checksums over TLS"
+  umount /mnt || fail umount
+  detach /dev/nbd3
+  TARGET="-unix $SOCK"
+  grep -q "TLS established" /tmp/serve.log || fail "the server saw no TLS session"
+  echo "GUEST-INFO $(grep -c 'TLS established' /tmp/serve.log) TLS sessions; client cn:guest-client"
+  stop_server
+  ok
+fi
 
 # The README's by-hand recovery: the wrapped DEK and its context from `volume info --json`,
 # unwrapped with `kms decrypt-datakey`, and the volume file opened by dm-crypt directly.

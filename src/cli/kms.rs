@@ -253,12 +253,21 @@ enum KmsCommand {
     },
     /// Serve the key store over HTTPS: the DEW KMS API and the Vault Transit API.
     Serve(super::kms_serve::ServeArgs),
-    /// Access keys (AK/SK) for the DEW KMS API.
+    /// Access keys (AK/SK) for the DEW KMS API, each with a user id to grant to.
     #[command(subcommand)]
-    Credential(super::kms_serve::CredentialCommand),
+    Credential(super::kms_access::CredentialCommand),
     /// Tokens for the Vault Transit API.
     #[command(subcommand)]
-    Token(super::kms_serve::TokenCommand),
+    Token(super::kms_access::TokenCommand),
+    /// Let a credential (by user id) run named operations on one key, optionally only with a
+    /// given encryption context (e.g. one volume_id).
+    CreateGrant(super::kms_access::CreateGrantArgs),
+    /// List the grants on a key.
+    ListGrants(super::kms_access::ListGrantsArgs),
+    /// Take a grant back (the key owner's side): the grantee's next request under it is refused.
+    RevokeGrant(super::kms_access::RemoveGrantArgs),
+    /// Retire a grant that is no longer needed (the grantee's or retiring principal's side).
+    RetireGrant(super::kms_access::RemoveGrantArgs),
     /// Show the audit log (one line per key operation; never any key material).
     Audit {
         /// Only the last N entries.
@@ -312,8 +321,12 @@ pub fn run(global: &Global, args: KmsArgs) -> anyhow::Result<()> {
     match cmd {
         C::Init { .. } => unreachable!("handled above"),
         C::Serve(a) => super::kms_serve::serve(ks, a),
-        C::Credential(c) => super::kms_serve::credential(&ks, c),
-        C::Token(c) => super::kms_serve::token(&ks, c),
+        C::Credential(c) => super::kms_access::credential(&ks, c),
+        C::Token(c) => super::kms_access::token(&ks, c),
+        C::CreateGrant(a) => super::kms_access::create_grant(&ks, a),
+        C::ListGrants(a) => super::kms_access::list_grants(&ks, a),
+        C::RevokeGrant(a) => super::kms_access::remove_grant(&ks, "revoke-grant", a),
+        C::RetireGrant(a) => super::kms_access::remove_grant(&ks, "retire-grant", a),
         C::CreateKey {
             alias,
             description,

@@ -140,9 +140,16 @@ pub(super) fn print_audit(records: &[AuditRecord], json_out: bool) -> anyhow::Re
             Some(e) => format!("error: {e}"),
             None => r.outcome.clone(),
         };
+        // Aggregated lines (refused requests counted per client address).
+        let agg = match (r.count, &r.source) {
+            (Some(n), Some(src)) => format!("  ×{n} from {src}"),
+            (Some(n), None) => format!("  ×{n}"),
+            (None, Some(src)) => format!("  from {src}"),
+            (None, None) => String::new(),
+        };
         writeln!(
             out,
-            "{}  {:<32} {key} {ver}{ctx}  {outcome}",
+            "{}  {:<32} {key} {ver}{ctx}  {outcome}{agg}",
             r.time, r.operation
         )?;
     }

@@ -1,20 +1,17 @@
-//! `cryptnbd kms serve` (the key store as an HTTPS service: DEW KMS API + Vault Transit API) and
-//! the credentials it accepts: `kms credential create|list|delete` (DEW access keys) and
-//! `kms token create` (Vault tokens). Secrets are printed once and never again.
+//! `cryptnbd kms serve`: the key store as an HTTPS service (DEW KMS API + Vault Transit API).
+//! The credentials it accepts and their rights are `kms_access.rs`.
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::{Args, Subcommand};
-use cryptnbd::kms::{CredentialKind, CredentialScope, KeyStore, NewSecret};
+use clap::Args;
+use cryptnbd::kms::audit::AuditRotation;
+use cryptnbd::kms::KeyStore;
 use cryptnbd::kms_http::{KmsHttpConfig, KmsHttpServer, Limits, Listen, TlsFiles};
-use serde_json::json;
-
-use super::{print_fields, print_json};
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -50,61 +47,36 @@ pub struct ServeArgs {
     /// Sustained requests per second per credential (bursts up to twice this).
     #[arg(long, value_name = "N", default_value_t = 1000.0)]
     rate: f64,
+    /// Seconds a client has to send a request's headers, and then its body.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    request_timeout: u64,
+    /// Connections open at once from one IP address.
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    max_connections_per_address: usize,
+    /// Sustained requests per second from one IP address, checked before authentication
+    /// (bursts up to twice this).
+    #[arg(long, value_name = "N", default_value_t = 1000.0)]
+    rate_per_address: f64,
+    /// Signatures of mutating requests remembered (15 minutes each) to refuse replays; when full
+    /// of live ones, mutating requests are refused with 503 until some expire.
+    #[arg(long, value_name = "N", default_value_t = 1 << 20)]
+    replay_cache: usize,
+    /// Rotate the audit log when it would pass this size (audit.log → audit.log.1 → …).
+    #[arg(long, value_name = "BYTES", default_value_t = cryptnbd::kms::audit::DEFAULT_MAX_BYTES)]
+    audit_max_size: u64,
+    /// Rotated audit logs kept (audit.log.1 … audit.log.N).
+    #[arg(long, value_name = "N", default_value_t = cryptnbd::kms::audit::DEFAULT_KEEP)]
+    audit_keep: u32,
+    /// Seconds between the aggregated audit lines of failed authentications (one line per
+    /// address and reason, with a count; also written at shutdown).
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    audit_flush_secs: u64,
+    /// Serve Prometheus metrics (GET /metrics) on ADDR:PORT (loopback advised) or unix:PATH.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<cryptnbd::metrics::MetricsAddr>,
 }
 
-#[derive(Subcommand, Debug)]
-pub enum CredentialCommand {
-    /// Create an access key (AK/SK) for the DEW KMS API; the secret key is shown only now.
-    #[command(
-        after_help = "Example:\n  cryptnbd kms credential create billing --project 0a1b2c --keys alias/apps \\\n      --output billing.cred"
-    )]
-    Create {
-        /// A name for the credential (shown in the audit log).
-        name: String,
-        /// The project id it signs for (the {project_id} of the API path); any when omitted.
-        #[arg(long, value_name = "ID")]
-        project: Option<String>,
-        /// Keys it may use (ids or aliases, comma-separated); all keys when omitted.
-        #[arg(long, value_name = "KEY,…", value_delimiter = ',')]
-        keys: Option<Vec<String>>,
-        /// May use keys but not create or change them.
-        #[arg(long)]
-        read_only: bool,
-        /// Also write {access_key, secret_key, project_id} to FILE (mode 0600, must not exist):
-        /// the --kms-credential file of a storage host.
-        #[arg(long, value_name = "FILE")]
-        output: Option<PathBuf>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// List credentials (names, access key ids, scopes; never secrets).
-    List {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Delete a credential (access key or token) by name.
-    Delete { name: String },
-}
-
-#[derive(Subcommand, Debug)]
-pub enum TokenCommand {
-    /// Create a token for the Vault Transit API; it is shown only now (stored hashed).
-    #[command(
-        after_help = "Example:\n  cryptnbd kms token create rgw --keys alias/s3 > /etc/ceph/vault.token"
-    )]
-    Create {
-        name: String,
-        /// Keys it may use (Vault key names / aliases, comma-separated); all keys when omitted.
-        #[arg(long, value_name = "KEY,…", value_delimiter = ',')]
-        keys: Option<Vec<String>>,
-        /// May use keys but not create, rotate or configure them.
-        #[arg(long)]
-        read_only: bool,
-    },
-}
-
-pub fn serve(ks: KeyStore, a: ServeArgs) -> anyhow::Result<()> {
+pub fn serve(mut ks: KeyStore, a: ServeArgs) -> anyhow::Result<()> {
     let listen = match (a.listen, a.unix) {
         (Some(addr), None) => Listen::Tcp(addr),
         (None, Some(p)) => Listen::Unix(p),
@@ -127,14 +99,32 @@ pub fn serve(ks: KeyStore, a: ServeArgs) -> anyhow::Result<()> {
             max_concurrent: a.max_concurrent,
             rate_per_credential: a.rate,
             burst_per_credential: a.rate * 2.0,
+            request_timeout: Duration::from_secs(a.request_timeout.max(1)),
+            max_connections_per_address: a.max_connections_per_address,
+            rate_per_address: a.rate_per_address,
+            burst_per_address: a.rate_per_address * 2.0,
+            replay_cache_entries: a.replay_cache,
+            audit_flush_interval: Duration::from_secs(a.audit_flush_secs.max(1)),
         },
     };
+    ks.set_audit_rotation(AuditRotation {
+        max_bytes: a.audit_max_size,
+        keep: a.audit_keep,
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let server = KmsHttpServer::bind(Arc::new(ks), config).await?;
+        let observer = match &a.metrics {
+            Some(addr) => {
+                let m = Arc::new(cryptnbd::metrics::kms::KmsMetrics::default());
+                cryptnbd::metrics::spawn(addr, Arc::new(m.registry())).await?;
+                Some(m as Arc<dyn cryptnbd::kms_http::RequestObserver>)
+            }
+            None => None,
+        };
+        let server = KmsHttpServer::bind_observed(Arc::new(ks), config, observer).await?;
         let mut out = std::io::stdout().lock();
         writeln!(out, "kms listening on {scheme}://{}", server.local_addr())?;
         out.flush()?;
@@ -158,146 +148,4 @@ async fn shutdown_signal() {
         }
     }
     tracing::info!("kms serve: shutting down");
-}
-
-fn write_private_file(path: &PathBuf, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-fn scope_fields(s: &NewSecret) -> Vec<(&'static str, String)> {
-    vec![
-        ("name", s.record.name.clone()),
-        (
-            "keys",
-            s.record
-                .keys
-                .as_ref()
-                .map(|k| k.join(","))
-                .unwrap_or_else(|| "(all)".into()),
-        ),
-        ("read_only", s.record.read_only.to_string()),
-    ]
-}
-
-pub fn credential(ks: &KeyStore, c: CredentialCommand) -> anyhow::Result<()> {
-    match c {
-        CredentialCommand::Create {
-            name,
-            project,
-            keys,
-            read_only,
-            output,
-            json: json_out,
-        } => {
-            let s = ks.create_credential(
-                &name,
-                CredentialKind::AccessKey,
-                CredentialScope {
-                    project_id: project.clone(),
-                    keys,
-                    read_only,
-                },
-            )?;
-            let file = json!({
-                "access_key": s.record.id,
-                "secret_key": s.dangerous_secret(),
-                "project_id": project,
-            });
-            if let Some(path) = &output {
-                let mut bytes = serde_json::to_vec_pretty(&file)?;
-                bytes.push(b'\n');
-                write_private_file(path, &bytes)?;
-            }
-            if json_out {
-                let mut v = file;
-                v["name"] = json!(s.record.name);
-                v["keys"] = json!(s.record.keys);
-                v["read_only"] = json!(s.record.read_only);
-                return print_json(&v);
-            }
-            let mut f = scope_fields(&s);
-            f.insert(1, ("access_key", s.record.id.clone()));
-            f.insert(2, ("secret_key", s.dangerous_secret().to_string()));
-            f.insert(3, ("project_id", project.unwrap_or_else(|| "(any)".into())));
-            print_fields(&f);
-            eprintln!("The secret key is shown only now: keep it (it cannot be shown again).");
-            Ok(())
-        }
-        CredentialCommand::List { json: json_out } => {
-            let list = ks.list_credentials()?;
-            if json_out {
-                let v: Vec<_> = list
-                    .iter()
-                    .map(|c| {
-                        json!({"name": c.name, "kind": c.kind, "id": c.id, "project_id": c.project_id,
-                               "keys": c.keys, "read_only": c.read_only, "creation_date": c.creation_date})
-                    })
-                    .collect();
-                return print_json(&json!({ "credentials": v }));
-            }
-            for c in list {
-                println!(
-                    "{:<20} {:<11} {:<22} keys={} {}",
-                    c.name,
-                    match c.kind {
-                        CredentialKind::AccessKey => "access-key",
-                        CredentialKind::Token => "token",
-                    },
-                    c.id,
-                    c.keys
-                        .map(|k| k.join(","))
-                        .unwrap_or_else(|| "(all)".into()),
-                    if c.read_only { "read-only" } else { "" }
-                );
-            }
-            Ok(())
-        }
-        CredentialCommand::Delete { name } => {
-            ks.delete_credential(&name)?;
-            println!("deleted credential {name}");
-            Ok(())
-        }
-    }
-}
-
-pub fn token(ks: &KeyStore, c: TokenCommand) -> anyhow::Result<()> {
-    let TokenCommand::Create {
-        name,
-        keys,
-        read_only,
-    } = c;
-    let s = ks.create_credential(
-        &name,
-        CredentialKind::Token,
-        CredentialScope {
-            project_id: None,
-            keys,
-            read_only,
-        },
-    )?;
-    // Only the token on stdout, so `> token-file` gives what RGW's rgw_crypt_vault_token_file wants.
-    println!("{}", s.dangerous_secret());
-    eprintln!(
-        "token for {} (keys: {}{}) — shown only now",
-        s.record.name,
-        s.record
-            .keys
-            .as_ref()
-            .map(|k| k.join(","))
-            .unwrap_or_else(|| "all".into()),
-        if s.record.read_only {
-            ", read-only"
-        } else {
-            ""
-        }
-    );
-    Ok(())
 }

@@ -2,15 +2,21 @@
 //! key store handle, plus small parsers (sizes, `k=v` contexts) and output helpers.
 
 pub mod check;
+pub mod ctl;
 pub mod docs;
 pub mod kms;
+mod kms_access;
 mod kms_print;
 mod kms_root;
 pub mod kms_serve;
 pub mod rbd;
 pub mod remote;
 pub mod serve;
+pub mod serve_config;
+pub mod serve_ops;
+pub mod vhost;
 pub mod volume;
+mod volume_snap;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -68,6 +74,17 @@ pub fn parse_context_pair(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{s:?} is not key=value")),
     }
+}
+
+/// Prints `text` and a newline on standard output as one write, ignoring a closed output: a
+/// daemon whose stdout reader went away (a supervisor, a test that read what it needed) must
+/// keep serving, where `println!` would panic on the broken pipe.
+pub fn say(text: &str) {
+    let mut line = String::with_capacity(text.len() + 1);
+    line.push_str(text);
+    line.push('\n');
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes()).and_then(|()| out.flush());
 }
 
 /// Pretty JSON on standard output (the `--json` form of every command).

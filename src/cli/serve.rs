@@ -24,7 +24,8 @@ use cryptnbd::exports::{DataDirProvider, ExportSelection};
 use cryptnbd::kms::{InitRoot, KeyProvider, KeyStore};
 use cryptnbd::server::peer::{resolve_group, set_socket_permissions};
 use cryptnbd::server::{
-    serve, AllowEntry, AllowList, Listener, TlsConfig, TlsFiles, TlsMode, UnixPeerPolicy,
+    serve_with, AllowEntry, AllowList, Listener, Policy, Rules, TlsConfig, TlsFiles, TlsMode,
+    UnixPeerPolicy,
 };
 
 use super::Global;
@@ -33,8 +34,16 @@ const DEFAULT_VOLUME: &str = "disk0";
 const DEFAULT_KEY: &str = "alias/default";
 const DEFAULT_SIZE: u64 = 1 << 30;
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file: its keys are the long names of these options
+    /// (`allow = ["cn:host-a=disk0"]`, `tls-cert = "/etc/cryptnbd/server.pem"`,
+    /// `tls-no-client-auth = true`). An option given on the command line wins over the file
+    /// (a list given there replaces the file's list). SIGHUP reads the file again: TLS files,
+    /// CRLs and --allow rules take effect together; the rest is read at start only.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
+
     /// Listen on this TCP address (repeatable). Requires TLS (--tls-cert, --tls-key) unless
     /// --insecure-no-tls. Default: no TCP, only the Unix socket `nbd.sock` in the data directory;
     /// once any --listen or --socket is given, only those.
@@ -60,14 +69,28 @@ pub struct ServeArgs {
     tls_key: Option<PathBuf>,
 
     /// CA certificate(s) (PEM): clients must present a certificate signed by one (mutual TLS).
+    /// Required with --listen and TLS unless --tls-no-client-auth.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
 
-    /// CLIENT=EXPORT[,EXPORT]: the TLS client whose certificate has CN or SAN CLIENT may list
-    /// and open only these exports (`*` = all). Repeatable; once given, clients not named get no
-    /// export. Needs --tls-client-ca.
-    #[arg(long, value_name = "CLIENT=EXPORTS", requires = "tls_client_ca")]
-    allow: Vec<String>,
+    /// Certificate revocation list (PEM) of the client CA: listed client certificates are
+    /// refused, and on reload their connections closed. Repeatable; needs --tls-client-ca.
+    #[arg(long, value_name = "FILE", requires = "tls_client_ca")]
+    tls_crl: Vec<PathBuf>,
+
+    /// TLS on TCP without client certificates: every host that completes STARTTLS reads and
+    /// writes the exports (encrypted but not authenticated). Only with --allow rules or on
+    /// trusted networks.
+    #[arg(long, requires = "tls_cert", conflicts_with = "tls_client_ca")]
+    tls_no_client_auth: bool,
+
+    /// CLIENT=EXPORT[,EXPORT]: the client proving CLIENT may list and open only these exports
+    /// (`*` = all). CLIENT is `cn:NAME`, `dns:NAME`, `ip:ADDR`, `uri:URI` (SPIFFE IDs),
+    /// `email:ADDR` (certificate names; need --tls-client-ca), `uid:USER` or `gid:GROUP` (Unix
+    /// peers, name or number), or an untyped NAME (any certificate CN or SAN). Repeatable; once
+    /// TLS or any rule is configured, a peer gets only what it is given.
+    #[arg(long, value_name = "CLIENT=EXPORTS")]
+    pub(crate) allow: Vec<String>,
 
     /// Unix sockets: let only this uid connect (repeatable; the server's own uid always may).
     #[arg(long, value_name = "UID")]
@@ -105,7 +128,16 @@ pub struct ServeArgs {
 
     /// Connections served at once; more are closed immediately.
     #[arg(long, default_value_t = 64, value_name = "N")]
-    max_connections: usize,
+    pub(crate) max_connections: usize,
+
+    /// Connections one source (TCP address, Unix uid) may have in the handshake at once.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    max_handshakes_per_source: usize,
+
+    /// Serving connections one client (certificate, Unix uid, else TCP address) may hold; the
+    /// server's own user is exempt.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    max_connections_per_client: usize,
 
     /// Worker threads per connection (each reads, runs and answers one request at a time, so
     /// this is also how many requests of one connection are in flight at once). Default: 2, or
@@ -122,13 +154,23 @@ pub struct ServeArgs {
     #[command(flatten)]
     remote: super::remote::RemoteKmsArgs,
 
-    /// Time a client has to finish the handshake (e.g. 30s, 2m).
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    handshake_timeout: Duration,
+    /// Time a client has to finish the whole handshake, STARTTLS included (e.g. 10s, 1m).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub(crate) handshake_timeout: Duration,
+
+    /// PATH=EXPORT: also serve the volume EXPORT to one VM as a vhost-user-blk disk on the Unix
+    /// socket PATH (repeatable; mode and group as --socket-mode/--socket-group). QEMU:
+    /// `-chardev socket,id=vu,path=PATH,reconnect=1 -device vhost-user-blk-pci,chardev=vu` with
+    /// the VM's RAM shared (`memory-backend-memfd,share=on`).
+    #[arg(long = "vhost-user-blk", value_name = "PATH=EXPORT", value_parser = super::vhost::parse_spec)]
+    vhost_user_blk: Vec<(PathBuf, String)>,
 
     /// At shutdown, how long clients get to finish requests in flight before being cut.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     shutdown_grace: Duration,
+
+    #[command(flatten)]
+    ops: super::serve_ops::OpsArgs,
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -199,23 +241,28 @@ pub fn attach_commands(name: &str, tcp: &[SocketAddr], unix: &[PathBuf], tls: bo
     s
 }
 
-/// The TLS configuration the arguments ask for, if any.
-fn tls_config(args: &ServeArgs) -> anyhow::Result<Option<Arc<TlsConfig>>> {
-    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
-        return Ok(None);
-    };
+/// The access settings the arguments ask for: TLS files (read and checked now) and rules.
+pub(super) fn access_rules(args: &ServeArgs) -> anyhow::Result<Rules> {
     let allow = args
         .allow
         .iter()
         .map(|a| a.parse::<AllowEntry>())
         .collect::<Result<Vec<_>, _>>()?;
-    let files = TlsFiles {
-        cert: cert.clone(),
-        key: key.clone(),
-        client_ca: args.tls_client_ca.clone(),
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let files = TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca.clone(),
+                crls: args.tls_crl.clone(),
+            };
+            Some(Arc::new(
+                TlsConfig::load(files).context("loading the TLS files")?,
+            ))
+        }
+        _ => None,
     };
-    let tls = TlsConfig::load(files, AllowList::new(allow)).context("loading the TLS files")?;
-    Ok(Some(Arc::new(tls)))
+    Ok(Rules::new(AllowList::new(allow), tls)?)
 }
 
 /// On a data directory without a key store: a key store with a generated root key, the CMK
@@ -272,6 +319,10 @@ fn has_rbd_volumes(dir: &std::path::Path) -> bool {
 }
 
 pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
+    let args = match &args.config {
+        Some(file) => super::serve_config::merged(file)?,
+        None => args,
+    };
     let workers = args.workers.unwrap_or_else(|| {
         if has_rbd_volumes(&global.data_dir) {
             DEFAULT_WORKERS_RBD
@@ -281,6 +332,8 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
     });
     let config = ServerConfig {
         max_connections: args.max_connections,
+        max_handshakes_per_source: args.max_handshakes_per_source,
+        max_connections_per_client: args.max_connections_per_client,
         workers_per_connection: workers,
         handshake_timeout: args.handshake_timeout,
         shutdown_grace: args.shutdown_grace,
@@ -297,7 +350,7 @@ pub fn run(global: &Global, args: ServeArgs) -> anyhow::Result<()> {
             .create(dir)
             .with_context(|| format!("creating the data directory {}", dir.display()))?;
         let p = super::remote::key_provider(global, &args.remote)?;
-        println!("Data keys come from the {}.", p.describe());
+        super::say(&format!("Data keys come from the {}.", p.describe()));
         Arc::from(p)
     } else {
         Arc::new(local_keystore(global)?)
@@ -324,10 +377,10 @@ fn local_keystore(global: &Global) -> anyhow::Result<KeyStore> {
             );
         }
         let ks = setup_default(dir)?;
-        println!(
+        super::say(&format!(
             "Set up {}: a key store (root key in root.key), the CMK {DEFAULT_KEY} and a 1 GiB encrypted volume {DEFAULT_VOLUME}.",
             dir.display()
-        );
+        ));
         ks
     } else {
         super::kms::open_keystore(global)?
@@ -340,23 +393,66 @@ fn run_with(
     keys: Arc<dyn KeyProvider>,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    let tls = tls_config(&args)?;
-    if !args.listen.is_empty() && tls.is_none() && !args.insecure_no_tls {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("cryptnbd-accept")
+        .build()
+        .context("starting the async runtime")?;
+    // The handlers are in place before any socket exists: a signal sent as soon as the socket
+    // appears (a script stopping the server it just started) is handled, not fatal. Every stream
+    // exists before the first signal, so a quick second one is never missed.
+    let (mut int, mut term, mut hup) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        )
+    };
+    let rules = access_rules(&args)?;
+    let tls = rules.tls().is_some();
+    if !args.listen.is_empty() && !tls && !args.insecure_no_tls {
         anyhow::bail!(
             "--listen serves disks over TCP, which needs TLS: give --tls-cert FILE --tls-key FILE \
-             (and --tls-client-ca FILE for client certificates), or --insecure-no-tls if every \
-             host that can reach the port may read and write the decrypted disks"
+             --tls-client-ca FILE, or --insecure-no-tls if every host that can reach the port may \
+             read and write the decrypted disks"
         );
     }
-    if args.insecure_no_tls && tls.is_none() && !args.listen.is_empty() {
+    if !args.listen.is_empty() && tls && args.tls_client_ca.is_none() && !args.tls_no_client_auth {
+        anyhow::bail!(
+            "--listen with TLS needs client certificates: give --tls-client-ca FILE (the CA that \
+             signs them), or --tls-no-client-auth if every host that completes TLS may use the \
+             exports that --allow does not restrict"
+        );
+    }
+    if args.insecure_no_tls && !tls && !args.listen.is_empty() {
         warn!(
             "--insecure-no-tls: TCP clients are neither authenticated nor encrypted; anyone who \
              reaches {:?} reads and writes the decrypted disks",
             args.listen
         );
     }
+    if args.tls_no_client_auth && !args.listen.is_empty() {
+        warn!(
+            "--tls-no-client-auth: TCP clients are encrypted but not authenticated; any host that \
+             reaches {:?} and completes TLS gets {}",
+            args.listen,
+            if rules.allow().is_empty() {
+                "every export"
+            } else {
+                "what the uid:/gid: rules give it: nothing"
+            }
+        );
+    }
+    let policy = Arc::new(Policy::new(rules));
+    // Socket activation: inherited sockets stand in for the listeners bound to the same address
+    // (keeping their rules); the others are served like --listen (TCP) or --socket (Unix).
+    let mut inherited = super::serve_ops::take_inherited(&args.ops)?;
     let (tcp, unix) = if args.listen.is_empty() && args.socket.is_empty() {
-        (Vec::new(), vec![dir.join("nbd.sock")])
+        let default = inherited.is_empty().then(|| dir.join("nbd.sock"));
+        (Vec::new(), default.into_iter().collect())
     } else {
         (args.listen.clone(), args.socket.clone())
     };
@@ -376,25 +472,39 @@ fn run_with(
     let mut listeners = Vec::new();
     let mut tcp_bound = Vec::new();
     for a in &tcp {
-        let mode = match &tls {
-            Some(t) => TlsMode::Required(t.clone()),
-            None => TlsMode::Off,
-        };
-        let l = Listener::bind_tcp(*a)?.with_tls(mode);
+        let mode = if tls { TlsMode::Required } else { TlsMode::Off };
+        let l = match super::serve_ops::inherited_tcp(&mut inherited, *a) {
+            Some(l) => l,
+            None => Listener::bind_tcp(*a)?,
+        }
+        .with_tls(mode)
+        .with_policy(policy.clone());
         tcp_bound.push(l.tcp_addr().unwrap_or(*a));
         listeners.push(l);
     }
     for p in &unix {
-        let mode = match &tls {
-            Some(t) => TlsMode::Optional(t.clone()),
-            None => TlsMode::Off,
+        let mode = if tls { TlsMode::Optional } else { TlsMode::Off };
+        let l = match super::serve_ops::inherited_unix(&mut inherited, p) {
+            Some(l) => l,
+            None => {
+                let l = Listener::bind_unix(p)?;
+                set_socket_permissions(p, args.socket_mode, socket_gid)?;
+                l
+            }
         };
-        let l = Listener::bind_unix(p)?
-            .with_tls(mode)
-            .with_peer_policy(peers.clone());
-        set_socket_permissions(p, args.socket_mode, socket_gid)?;
-        listeners.push(l);
+        listeners.push(
+            l.with_tls(mode)
+                .with_policy(policy.clone())
+                .with_peer_policy(peers.clone()),
+        );
     }
+    listeners.extend(super::serve_ops::other_inherited(
+        inherited,
+        tls,
+        &policy,
+        args.insecure_no_tls,
+        &peers,
+    )?);
 
     let mut only: Vec<String> = args.export.clone();
     for n in &args.read_only {
@@ -411,44 +521,62 @@ fn run_with(
         keys,
         selection,
     ));
+    // What SIGHUP and `ctl reload` do: the TLS files, CRLs and rules as they are now (from
+    // --config when given), all or nothing: a broken file keeps the old settings (and says why),
+    // so a botched rotation never stops the server. Serving connections the new settings refuse
+    // close.
+    let reload: super::serve_ops::Reload = {
+        let config_file = args.config.clone();
+        let args = args.clone();
+        let policy = policy.clone();
+        Arc::new(move || {
+            let fresh = match &config_file {
+                Some(f) => super::serve_config::merged(f).and_then(|a| access_rules(&a)),
+                None => access_rules(&args),
+            };
+            fresh
+                .and_then(|r| policy.replace(r).map_err(anyhow::Error::from))
+                .map(|()| "TLS certificate, key, client CA, CRLs and --allow rules reloaded".into())
+                .map_err(|e| format!("keeping the previous settings: {e:#}"))
+        })
+    };
+    let ops = super::serve_ops::start(
+        &args.ops,
+        dir,
+        provider.clone(),
+        reload.clone(),
+        config.shutdown_grace,
+    )?;
     let attached = provider.attach_all();
     let names = provider.names();
     if names.is_empty() {
         warn!("no volumes to export yet: create one with `cryptnbd volume create NAME --size 10G`");
     }
-    println!("Serving {} export(s): {}", names.len(), names.join(", "));
+    super::say(&format!(
+        "Serving {} export(s): {}",
+        names.len(),
+        names.join(", ")
+    ));
     if let Some(first) = attached.first().or(names.first()) {
-        println!(
+        super::say(&format!(
             "Attach {first} with:\n{}",
-            attach_commands(first, &tcp_bound, &unix, tls.is_some())
-        );
+            attach_commands(first, &tcp_bound, &unix, tls)
+        ));
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name("cryptnbd-accept")
-        .build()
-        .context("starting the async runtime")?;
+    let vhost = super::vhost::start_all(
+        &args.vhost_user_blk,
+        &*provider,
+        args.socket_mode,
+        socket_gid,
+    )?;
+
     rt.block_on(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        // Both streams exist before the first signal, so a quick second one is never missed.
-        let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-        // SIGHUP: new connections use the certificate files as they are now; a broken file
-        // keeps the old settings (and says why), so a botched rotation never stops the server.
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
-                match &tls {
-                    Some(t) => match t.reload() {
-                        Ok(()) => info!("SIGHUP: TLS certificate, key and client CA reloaded"),
-                        Err(e) => warn!(
-                            "SIGHUP: keeping the previous TLS settings: {}",
-                            error_chain(&e)
-                        ),
-                    },
-                    None => info!("SIGHUP: no TLS configured, nothing to reload"),
+                match reload() {
+                    Ok(m) => info!("SIGHUP: {m}"),
+                    Err(m) => warn!("SIGHUP: {m}"),
                 }
             }
         });
@@ -458,6 +586,7 @@ fn run_with(
                 _ = term.recv() => {}
             }
             info!("signal received: shutting down (send it again to exit at once)");
+            cryptnbd::systemd::notify_stopping();
             tokio::spawn(async move {
                 tokio::select! {
                     _ = int.recv() => {}
@@ -466,22 +595,13 @@ fn run_with(
                 eprintln!("second signal: exiting now without waiting for clients");
                 std::process::exit(130);
             });
+            let _ = tokio::task::spawn_blocking(move || super::vhost::stop_all(vhost)).await;
         };
-        serve(config, listeners, provider, shutdown)
+        ops.spawn_metrics().await?;
+        ops.ready();
+        serve_with(config, listeners, provider, shutdown, ops.server.clone())
             .await
             .map_err(anyhow::Error::from)
     })?;
     Ok(())
-}
-
-/// An error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -23,6 +23,7 @@ Volumes live in DATA_DIR/volumes/NAME.vol (sparse, mode 0600), or on Ceph RBD im
 
 Examples:
   cryptnbd volume create disk0 --size 10G --key alias/volumes
+  cryptnbd volume create vm1 --size 20G --key alias/vols --grant-to storage-1   # gateway's grant
   cryptnbd volume info disk0 --json
   cryptnbd volume rekey disk0                   # re-wrap under the key's newest version
   cryptnbd volume import vm1 --from vm1.raw --key alias/volumes
@@ -83,6 +84,11 @@ enum VolumeCommand {
         /// The key store key (id or alias) that wraps the volume's data key.
         #[arg(long)]
         key: String,
+        /// Grant this credential (a name in the local key store, or a user id; a user id with
+        /// --kms-url) create-datakey and decrypt-datakey on KEY for this volume's volume_id only:
+        /// the storage gateway that serves it then needs no other right.
+        #[arg(long, value_name = "CREDENTIAL")]
+        grant_to: Option<String>,
         #[command(flatten)]
         format: FormatArgs,
         #[command(flatten)]
@@ -138,7 +144,17 @@ enum VolumeCommand {
         #[command(flatten)]
         storage: BackendArgs,
     },
-    /// Decrypt a volume into a new raw image file (holes stay holes: the image is sparse).
+    /// Take a snapshot NAME@SNAP (no data copied; NAME must not be attached), or list/delete
+    /// snapshots. Serve one read-only as export NAME@SNAP, export or clone it.
+    Snapshot(super::volume_snap::SnapshotArgs),
+    /// Create a writable volume NEW from snapshot NAME@SNAP, sharing its data until written.
+    Clone(super::volume_snap::CloneArgs),
+    /// Copy the data a clone still shares into it, ending its dependency on the snapshot.
+    Flatten { name: String },
+    /// Copy a volume or snapshot into a new volume, re-encrypted under a new data key.
+    Copy(super::volume_snap::CopyArgs),
+    /// Decrypt a volume (or snapshot NAME@SNAP) into a new raw image file (holes stay holes:
+    /// the image is sparse).
     Export {
         name: String,
         /// The raw image to create (must not exist).
@@ -147,7 +163,7 @@ enum VolumeCommand {
     },
 }
 
-fn human(bytes: u64) -> String {
+pub(super) fn human(bytes: u64) -> String {
     indicatif::BinaryBytes(bytes).to_string()
 }
 
@@ -201,7 +217,7 @@ fn print_info(i: &VolumeInfo) {
     ]);
 }
 
-fn progress_bar(what: &str) -> ProgressBar {
+pub(super) fn progress_bar(what: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     let style = ProgressStyle::with_template(
         "{msg} [{bar:40}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}",
@@ -235,6 +251,7 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             name,
             size,
             key,
+            grant_to,
             format,
             storage,
             out,
@@ -246,6 +263,13 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
                 None => dd.create_volume(ks, &name, size, &key, format.options())?,
                 Some(loc) => dd.create_rbd_volume(ks, &name, size, &key, format.options(), loc)?,
             };
+            if let Some(who) = grant_to {
+                let g = super::kms_access::grant_volume(global, &args.remote, &who, &h)
+                    .with_context(|| {
+                        format!("volume {name} was created, but granting {who} failed")
+                    })?;
+                eprintln!("granted {who} create-datakey,decrypt-datakey on key {} for volume_id {} (grant {g})", h.key_id, h.volume_id);
+            }
             if out.json {
                 return print_json(&header_json(&name, &h));
             }
@@ -301,20 +325,38 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
         }
         C::Info { name, out } => {
             let i = dd.info(&name)?;
+            let parent = super::volume_snap::parent_fields(&dd, &i.header);
             if out.json {
-                return print_json(&info_json(&i));
+                let mut v = info_json(&i);
+                v["parent"] = json!(parent.as_ref().map(|p| &p.0));
+                v["parent_key_id"] = json!(parent.as_ref().map(|p| &p.1));
+                return print_json(&v);
             }
             print_info(&i);
+            if let Some((p, key)) = parent {
+                print_fields(&[
+                    ("parent", p),
+                    ("parent_key_id", format!("{key} (unwritten data is read from the parent, which needs this key too, until `volume flatten`)")),
+                ]);
+            }
             Ok(())
         }
+        C::Snapshot(a) => super::volume_snap::snapshot(&dd, a),
+        C::Clone(a) => super::volume_snap::clone(global, &args.remote, &dd, a),
+        C::Flatten { name } => super::volume_snap::flatten(global, &args.remote, &dd, name),
+        C::Copy(a) => super::volume_snap::copy(global, &args.remote, &dd, a),
         C::Resize { name, size } => {
-            let h = dd.resize(&name, size)?;
+            let h = dd
+                .resize(&name, size)
+                .map_err(|e| super::ctl::explain_in_use(global, &name, e))?;
             println!("volume {name} is now {} ({} bytes)", human(h.size), h.size);
             Ok(())
         }
         C::Rekey { name, key } => {
             let ks = super::remote::key_provider(global, &args.remote)?;
-            let h = dd.rekey(ks.as_ref(), &name, key.as_deref())?;
+            let h = dd
+                .rekey(ks.as_ref(), &name, key.as_deref())
+                .map_err(|e| super::ctl::explain_in_use(global, &name, e))?;
             println!(
                 "volume {name}: data key now wrapped by key {} version {} (data unchanged)",
                 h.key_id, h.key_version
@@ -333,7 +375,8 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             if !yes {
                 confirm_delete(&name)?;
             }
-            dd.delete(&name)?;
+            dd.delete(&name)
+                .map_err(|e| super::ctl::explain_in_use(global, &name, e))?;
             println!("deleted volume {name}");
             Ok(())
         }

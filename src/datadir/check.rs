@@ -103,7 +103,9 @@ impl DataDir {
             }
         }
         let names = if names.is_empty() {
-            self.list_volumes()?
+            let mut all = self.list_volumes()?;
+            all.extend(self.all_snapshots());
+            all
         } else {
             names.to_vec()
         };
@@ -165,7 +167,7 @@ impl DataDir {
                 let n = e.file_name().to_string_lossy().into_owned();
                 if n.starts_with('.') && n.ends_with(".tmp") {
                     r.add(s, Severity::Warning, format!(
-                        "{} is a partial volume left by an interrupted create or import (removed by the next create or import of that name, or delete it)",
+                        "{} is a partial volume left by an interrupted create, import, copy, clone or snapshot (removed by the next one of that name, or delete it)",
                         e.path().display()
                     ));
                 }
@@ -275,6 +277,14 @@ impl DataDir {
         }
         if let Some(ks) = ks {
             check_key(ks, &header, &subject, r);
+        }
+        for (problem, m) in self.layer_problems(name, &header) {
+            let severity = if problem {
+                Severity::Problem
+            } else {
+                Severity::Warning
+            };
+            r.add(&subject, severity, m);
         }
     }
 

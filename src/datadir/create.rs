@@ -27,9 +27,21 @@ impl DataDir {
         key: &str,
         opts: CreateOptions,
     ) -> Result<NewVolume, DataDirError> {
-        let path = self.volume_path(name)?;
+        self.volume_path(name)?;
         self.check_free(name)?;
         let (header, xts) = self.new_header(keys, name, size, key, opts)?;
+        self.build_with(name, &header, &xts)
+    }
+
+    /// [`DataDir::build_new`] with a header and DEK the caller made (a clone's).
+    pub(crate) fn build_with(
+        &self,
+        name: &str,
+        header: &crate::volume::VolumeHeader,
+        xts: &crate::crypto::XtsKey,
+    ) -> Result<NewVolume, DataDirError> {
+        let path = self.volume_path(name)?;
+        self.check_free(name)?;
 
         let dir = self.volumes_dir();
         let first = !dir.exists();
@@ -55,7 +67,7 @@ impl DataDir {
         let guard = TempFile(tmp.clone());
         // Held by the open file until it is closed: tells cleaners this one is alive.
         try_lock(&file, true, name, &tmp)?;
-        let volume = Volume::create(FileBackend::new(file, &tmp), &header, &xts)
+        let volume = Volume::create(FileBackend::new(file, &tmp), header, xts)
             .map_err(Self::vol_err(name))?;
         Ok(NewVolume {
             volume,
@@ -115,7 +127,7 @@ impl Drop for TempFile {
 
 /// Removes `.NAME.vol.*.tmp` files of `dir` that no live process holds locked: what a create or
 /// import killed half-way left behind.
-fn remove_stale_temporaries(dir: &Path, name: &str) {
+pub(super) fn remove_stale_temporaries(dir: &Path, name: &str) {
     let prefix = format!(".{name}.vol.");
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;

@@ -5,6 +5,9 @@
 //! (`decrypt-datakey` on the header's wrapped DEK), rekey (`re-encrypt`, header only), plus the
 //! header-only ones (info, resize, delete) and raw image import/export.
 //!
+//! Snapshots (`volumes/NAME@SNAP.vol`), clones, flatten and copies are in `snapshot` and
+//! `layers`.
+//!
 //! A volume lives in a file, or on a Ceph RBD image named by a small reference file
 //! (`volumes/NAME.rbd`, see [`rbd`]); both hold the same header and data area.
 //!
@@ -23,19 +26,23 @@ use std::path::{Path, PathBuf};
 use uuid::Uuid;
 
 use crate::backend::rbd::RbdError;
-use crate::backend::{Backend, FileBackend};
+use crate::backend::FileBackend;
 use crate::crypto::{KeyError, XtsKey};
 use crate::kms::{EncryptionContext, KeyProvider, KmsError};
 use crate::volume::{Volume, VolumeError, VolumeHeader};
 
 mod check;
 mod create;
+mod header_ops;
+mod layers;
 mod rbd;
 mod rbd_intent;
+mod snapshot;
 mod transfer;
 
 pub use check::{CheckReport, Finding, Severity};
 pub use rbd_intent::{IntentFinding, FAILPOINT_ENV};
+pub use snapshot::{split_layer_name, SnapshotInfo};
 
 const MAX_NAME_LEN: usize = 64;
 
@@ -101,6 +108,22 @@ pub enum DataDirError {
         #[source]
         source: RbdError,
     },
+
+    /// An offline snapshot was asked of a volume a server (or another command) has attached.
+    #[error("cannot snapshot volume {name:?}: it is attached read-write (by a running `cryptnbd serve` or another command); snapshots of an attached volume are not supported yet: stop the server (or detach the volume) and retry")]
+    SnapshotAttached { name: String },
+
+    /// A layer's parent (a snapshot it was made from) is not in the data directory.
+    #[error("volume {name:?}: its parent layer {parent:?} is missing ({}): the data it shares cannot be read", path.display())]
+    MissingParent {
+        name: String,
+        parent: String,
+        path: PathBuf,
+    },
+
+    /// A snapshot that clones still depend on cannot be deleted.
+    #[error("cannot delete snapshot {name:?}: the volumes {clones:?} are clones of it and read their unwritten data from it; `cryptnbd volume flatten` them (or delete them) first")]
+    HasClones { name: String, clones: Vec<String> },
 
     #[error("invalid request for volume {name:?}: {reason}")]
     Invalid { name: String, reason: String },
@@ -268,8 +291,14 @@ impl DataDir {
         Ok(names)
     }
 
+    /// `volumes/NAME.vol`, or `volumes/NAME@SNAP.vol` for a snapshot, after checking the name.
+    pub fn layer_path(&self, name: &str) -> Result<PathBuf, DataDirError> {
+        split_layer_name(name)?;
+        Ok(self.volumes_dir().join(format!("{name}.vol")))
+    }
+
     fn existing(&self, name: &str) -> Result<PathBuf, DataDirError> {
-        let path = self.volume_path(name)?;
+        let path = self.layer_path(name)?;
         if !path.exists() {
             return Err(DataDirError::NotFound {
                 name: name.to_string(),
@@ -410,12 +439,17 @@ impl DataDir {
         if let Some(loc) = self.rbd_location(name)? {
             return self.attach_rbd(keys, name, &loc, read_only);
         }
+        // Snapshots are always read-only.
+        let read_only = read_only || split_layer_name(name)?.1.is_some();
         // Read-write attaches are exclusive (two writers' read-modify-write locks would not see
         // each other); read-only attaches share.
         let backend = self.open_locked(name, !read_only, !read_only)?;
+        self.recover_snapshots(name, &backend);
         let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
         let key = self.unwrap_key(keys, name, &h)?;
-        Volume::with_key(Box::new(backend), h, &key, read_only).map_err(Self::vol_err(name))
+        let vol =
+            Volume::with_key(Box::new(backend), h, &key, read_only).map_err(Self::vol_err(name))?;
+        self.attach_parents(keys, name, vol, 0)
     }
 
     /// The header and allocation of a volume (no key store access).
@@ -439,87 +473,11 @@ impl DataDir {
         })
     }
 
-    /// Grows a volume to `new_size` bytes (a multiple of its sector size). The file is extended
-    /// (sparsely) and synced before the header says so, so a crash leaves the old or new size.
-    pub fn resize(&self, name: &str, new_size: u64) -> Result<VolumeHeader, DataDirError> {
-        if let Some(loc) = self.rbd_location(name)? {
-            return Self::resize_on(name, &self.open_rbd_exclusive(name, &loc)?, new_size);
-        }
-        Self::resize_on(name, &self.open_locked(name, true, true)?, new_size)
-    }
-
-    fn resize_on(
-        name: &str,
-        backend: &dyn Backend,
-        new_size: u64,
-    ) -> Result<VolumeHeader, DataDirError> {
-        let header = VolumeHeader::read_from(backend).map_err(Self::vol_err(name))?;
-        if new_size < header.size {
-            return Err(DataDirError::Shrink {
-                name: name.to_string(),
-                current: header.size,
-                requested: new_size,
-            });
-        }
-        if new_size == header.size {
-            return Ok(header);
-        }
-        let written = VolumeHeader::grow(backend, new_size).map_err(Self::vol_err(name))?;
-        tracing::info!(
-            volume = name,
-            old = header.size,
-            new = new_size,
-            "volume resized"
-        );
-        Ok(written)
-    }
-
-    /// Re-wraps the volume's DEK under the newest version of `key` (or of its current key) via
-    /// the key store's `re-encrypt`: the plaintext DEK never leaves the key store, only the
-    /// header changes (crash-safe), the data is untouched.
-    pub fn rekey(
-        &self,
-        keys: &dyn KeyProvider,
-        name: &str,
-        key: Option<&str>,
-    ) -> Result<VolumeHeader, DataDirError> {
-        if let Some(loc) = self.rbd_location(name)? {
-            return Self::rekey_on(keys, name, &self.open_rbd_exclusive(name, &loc)?, key);
-        }
-        Self::rekey_on(keys, name, &self.open_locked(name, true, true)?, key)
-    }
-
-    fn rekey_on(
-        keys: &dyn KeyProvider,
-        name: &str,
-        backend: &dyn Backend,
-        key: Option<&str>,
-    ) -> Result<VolumeHeader, DataDirError> {
-        let header = VolumeHeader::read_from(backend).map_err(Self::vol_err(name))?;
-        let w = keys
-            .re_encrypt(
-                &header.wrapped_dek,
-                &header.encryption_context,
-                key,
-                &header.encryption_context,
-            )
-            .map_err(|source| DataDirError::Kms {
-                name: name.to_string(),
-                action: "rekey",
-                source,
-            })?;
-        let mut next = header.clone();
-        next.key_id = w.key_id;
-        next.key_version = w.key_version;
-        next.wrapped_dek = w.cipher_text;
-        let written = next.write_update(backend).map_err(Self::vol_err(name))?;
-        tracing::info!(volume = name, key_id = %written.key_id, key_version = written.key_version,
-            "volume rekeyed");
-        Ok(written)
-    }
-
     /// Deletes a volume file (refused while it is attached).
     pub fn delete(&self, name: &str) -> Result<(), DataDirError> {
+        if split_layer_name(name)?.1.is_some() {
+            return self.delete_snapshot(name, |_, _| {});
+        }
         if let Some(loc) = self.rbd_location(name)? {
             return self.delete_rbd(name, &loc);
         }
@@ -530,6 +488,17 @@ impl DataDir {
         tracing::info!(volume = name, "volume deleted");
         Ok(())
     }
+}
+
+/// Refuses an operation that changes a volume on a snapshot (`NAME@SNAP`, read-only).
+fn refuse_snapshot(name: &str, action: &str) -> Result<(), DataDirError> {
+    if split_layer_name(name)?.1.is_some() {
+        return Err(DataDirError::Invalid {
+            name: name.to_string(),
+            reason: format!("a snapshot is read-only: cannot {action} it"),
+        });
+    }
+    Ok(())
 }
 
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), DataDirError> {

@@ -47,6 +47,10 @@ impl DataDir {
 
     /// The image behind volume `name`, or `None` when it is not an RBD volume.
     pub fn rbd_location(&self, name: &str) -> Result<Option<RbdLocation>, DataDirError> {
+        if super::snapshot::split_layer_name(name)?.1.is_some() {
+            // Snapshots (`NAME@SNAP`) are layer files, never RBD references.
+            return Ok(None);
+        }
         let path = self.rbd_reference_path(name)?;
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,

@@ -132,27 +132,12 @@ impl DataDir {
         let copy = || -> Result<(), DataDirError> {
             out.set_len(size).map_err(io_err("sizing the image", to))?;
             let out = FileBackend::new(out, to);
-            let mut buf = vec![0u8; COPY_CHUNK];
-            let mut pos = 0u64;
-            while pos < size {
-                let want = (size - pos).min(COPY_CHUNK as u64);
-                let ext = vol.block_status(pos, want).map_err(Self::vol_err(name))?;
-                for e in ext {
-                    if !e.hole {
-                        let n = e.length as usize;
-                        let data = &mut buf[..n];
-                        let outcome = vol.read(pos, data).map_err(Self::vol_err(name))?;
-                        if !outcome.all_zero && data.iter().any(|&b| b != 0) {
-                            out.write_at(data, pos).map_err(io_err(
-                                format!("writing {n} bytes at offset {pos} of"),
-                                to,
-                            ))?;
-                        }
-                    }
-                    pos += e.length;
-                }
-                progress(pos, size);
-            }
+            self.for_each_data(name, &vol, &mut progress, |pos, data| {
+                out.write_at(data, pos).map_err(io_err(
+                    format!("writing {} bytes at offset {pos} of", data.len()),
+                    to,
+                ))
+            })?;
             out.sync().map_err(io_err("syncing the image", to))
         };
         if let Err(e) = copy() {
@@ -161,5 +146,36 @@ impl DataDir {
             return Err(e);
         }
         Ok(size)
+    }
+
+    /// Reads volume `vol` in order and calls `each(offset, plaintext)` for every piece that is
+    /// not a hole and not all zeroes (so holes stay holes in whatever `each` writes);
+    /// `progress(done, total)` as it goes.
+    pub(super) fn for_each_data(
+        &self,
+        name: &str,
+        vol: &Volume,
+        progress: &mut impl FnMut(u64, u64),
+        mut each: impl FnMut(u64, &mut [u8]) -> Result<(), DataDirError>,
+    ) -> Result<(), DataDirError> {
+        let size = vol.size();
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let mut pos = 0u64;
+        while pos < size {
+            let want = (size - pos).min(COPY_CHUNK as u64);
+            let ext = vol.block_status(pos, want).map_err(Self::vol_err(name))?;
+            for e in ext {
+                if !e.hole {
+                    let data = &mut buf[..e.length as usize];
+                    let outcome = vol.read(pos, data).map_err(Self::vol_err(name))?;
+                    if !outcome.all_zero && data.iter().any(|&b| b != 0) {
+                        each(pos, data)?;
+                    }
+                }
+                pos += e.length;
+            }
+            progress(pos, size);
+        }
+        Ok(())
     }
 }

@@ -19,13 +19,17 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use super::rights::{self, KeyScope};
 use super::{blob, clock, store, KeyStore, KmsError};
 use crate::crypto::{aead, SecretBytes};
 
 pub const CREDENTIALS_FILE: &str = "credentials.json";
 const TEMP_PREFIX: &str = ".credentials.json.tmp.";
 const FORMAT_NAME: &str = "cryptnbd-credentials";
-const FORMAT_VERSION: u32 = 1;
+/// Version 2 gives each credential a user id and explicit rights (`admin`, `scopes`); version 1
+/// (`keys`, where none meant every key) is read and migrated (see `rights.rs`).
+const FORMAT_VERSION: u32 = 2;
+const FORMAT_VERSION_1: u32 = 1;
 const MAX_FILE_BYTES: u64 = 16 << 20;
 /// Prefix of every token, so a leaked one is recognisable in a secret scanner.
 const TOKEN_PREFIX: &str = "cnt.";
@@ -45,14 +49,27 @@ pub struct CredentialRecord {
     pub kind: CredentialKind,
     /// The access key id (AK); for a token, the first characters of its hash (to name it).
     pub id: String,
+    /// The stable principal to grant to (`grantee_principal`): 32 hex digits, never reused.
+    #[serde(default)]
+    pub user_id: String,
     /// The project id the credential signs for (DEW API path `/v1.0/{project_id}/kms/…`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project_id: Option<String>,
-    /// The keys (ids or aliases) it may use; `None` = all keys.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keys: Option<Vec<String>>,
+    /// Every key, every operation, and creating keys and grants (format 2).
+    #[serde(default)]
+    pub admin: bool,
+    /// Named operations on named keys (by id), besides grants (format 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<KeyScope>,
+    /// Format 1 only: the keys (ids or aliases) it could use, `None` meaning all keys. Read to
+    /// migrate, never written.
+    #[serde(default, rename = "keys", skip_serializing)]
+    pub legacy_keys: Option<Vec<String>>,
     #[serde(default)]
     pub read_only: bool,
+    /// A disabled credential authenticates nothing until enabled again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
     pub creation_date: u64,
     /// Access key: hex of the secret key sealed under the root key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,11 +86,14 @@ struct CredentialsFile {
     credentials: Vec<CredentialRecord>,
 }
 
-/// What a new credential may do.
+/// What a new credential may do. Nothing by default: no key until `admin` or `scopes` (or a
+/// grant, given separately) say so.
 #[derive(Debug, Clone, Default)]
 pub struct CredentialScope {
     pub project_id: Option<String>,
-    pub keys: Option<Vec<String>>,
+    pub admin: bool,
+    /// (key id or alias, operations): aliases are resolved to ids now.
+    pub scopes: Vec<(String, Vec<String>)>,
     pub read_only: bool,
 }
 
@@ -143,7 +163,7 @@ fn load(dir: &Path) -> Result<CredentialsFile, KmsError> {
         return Err(corrupt(format!("it is larger than {MAX_FILE_BYTES} bytes")));
     }
     let file: CredentialsFile = serde_json::from_slice(&buf).map_err(|e| corrupt(e.to_string()))?;
-    if file.format != FORMAT_NAME || file.version != FORMAT_VERSION {
+    if file.format != FORMAT_NAME || !(FORMAT_VERSION_1..=FORMAT_VERSION).contains(&file.version) {
         return Err(corrupt(format!(
             "format {:?} version {} (this program reads {FORMAT_NAME} version {FORMAT_VERSION})",
             file.format, file.version
@@ -152,8 +172,9 @@ fn load(dir: &Path) -> Result<CredentialsFile, KmsError> {
     Ok(file)
 }
 
-fn save(dir: &Path, file: &CredentialsFile) -> Result<(), KmsError> {
+fn save(dir: &Path, file: &mut CredentialsFile) -> Result<(), KmsError> {
     let p = path(dir);
+    file.version = FORMAT_VERSION;
     let mut bytes = serde_json::to_vec_pretty(file).expect("the credentials file serializes");
     bytes.push(b'\n');
     store::replace_file(
@@ -174,6 +195,35 @@ fn token_hash(token: &str) -> String {
 }
 
 impl KeyStore {
+    /// The credentials file with format-1 records given their format-2 meaning (in memory).
+    fn load_credentials(&self) -> Result<(CredentialsFile, Vec<String>), KmsError> {
+        let mut file = load(&self.dir)?;
+        let mut notes = Vec::new();
+        if file.version == FORMAT_VERSION_1 {
+            // The store is replaced by rename: reading it without its lock sees a whole version.
+            let store = store::load(&self.dir)?;
+            notes = rights::migrate_v1(&mut file.credentials, &store);
+        }
+        Ok((file, notes))
+    }
+
+    /// Rewrites a format-1 credentials file as format 2; returns what each credential became
+    /// (nothing when there was nothing to migrate).
+    pub fn migrate_credentials(&self) -> Result<Vec<String>, KmsError> {
+        let notes = {
+            let _lock = store::lock_exclusive(&self.dir)?;
+            let (mut file, notes) = self.load_credentials()?;
+            if notes.is_empty() {
+                return Ok(notes);
+            }
+            save(&self.dir, &mut file)?;
+            notes
+        };
+        let none = super::EncryptionContext::new();
+        self.audit("migrate-credentials", None, None, None, &none, None)?;
+        Ok(notes)
+    }
+
     /// Creates a named credential. Names are unique across both kinds.
     pub fn create_credential(
         &self,
@@ -191,14 +241,24 @@ impl KeyStore {
                 "credential name {name:?} must be 1 to 64 letters, digits, '-', '_' or '.'"
             )));
         }
-        // Check the keys exist now, so a typo is found at creation, not at the first request.
-        if let Some(keys) = &scope.keys {
-            for k in keys {
-                self.describe_key(k)?;
+        // Keys are resolved to ids now (a typo is found at creation; moving an alias later
+        // does not move the right).
+        let mut scopes: Vec<KeyScope> = Vec::new();
+        for (k, ops) in &scope.scopes {
+            let key_id = self.resolve_key_id(k)?;
+            let operations = rights::scope_operations(ops)?;
+            match scopes.iter_mut().find(|s| s.key_id == key_id) {
+                Some(s) => {
+                    s.operations.extend(operations);
+                    s.operations.sort();
+                    s.operations.dedup();
+                }
+                None => scopes.push(KeyScope { key_id, operations }),
             }
         }
         const UPPER: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
         const MIXED: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+        const HEX: &[u8] = b"0123456789abcdef";
         let now = self.clock.now_unix();
         let (id, secret, sealed, hash) = match kind {
             CredentialKind::AccessKey => {
@@ -222,66 +282,92 @@ impl KeyStore {
             name: name.into(),
             kind,
             id,
+            user_id: random_text(32, HEX).to_string(),
             project_id: scope.project_id,
-            keys: scope.keys,
+            admin: scope.admin,
+            scopes,
+            legacy_keys: None,
             read_only: scope.read_only,
+            disabled: false,
             creation_date: now,
             sealed_secret: sealed,
             token_sha256: hash,
         };
         {
             let _lock = store::lock_exclusive(&self.dir)?;
-            let mut file = load(&self.dir)?;
+            let (mut file, _) = self.load_credentials()?;
             if file.credentials.iter().any(|c| c.name == name) {
                 return Err(KmsError::InvalidArgument(format!(
                     "a credential named {name:?} already exists"
                 )));
             }
             file.credentials.push(record.clone());
-            save(&self.dir, &file)?;
+            save(&self.dir, &mut file)?;
         }
         let none = super::EncryptionContext::new();
         self.audit("create-credential", Some(name), None, None, &none, None)?;
         Ok(NewSecret { record, secret })
     }
 
-    /// All credentials (no secrets: sealed keys and hashes only).
+    /// All credentials (no secrets: sealed keys and hashes only), format-1 ones as migrated.
     pub fn list_credentials(&self) -> Result<Vec<CredentialRecord>, KmsError> {
         let _lock = store::lock_shared(&self.dir)?;
-        Ok(load(&self.dir)?.credentials)
+        Ok(self.load_credentials()?.0.credentials)
+    }
+
+    /// The credential named `name`, with `f` applied under the exclusive lock and saved.
+    fn change_credential(
+        &self,
+        operation: &str,
+        name: &str,
+        f: impl FnOnce(&mut CredentialsFile, usize),
+    ) -> Result<(), KmsError> {
+        {
+            let _lock = store::lock_exclusive(&self.dir)?;
+            let (mut file, _) = self.load_credentials()?;
+            let Some(i) = file.credentials.iter().position(|c| c.name == name) else {
+                return Err(KmsError::InvalidArgument(format!(
+                    "no credential named {name:?}"
+                )));
+            };
+            f(&mut file, i);
+            save(&self.dir, &mut file)?;
+        }
+        let none = super::EncryptionContext::new();
+        self.audit(operation, Some(name), None, None, &none, None)
     }
 
     /// Removes a credential by name; later requests signed with it are refused.
     pub fn delete_credential(&self, name: &str) -> Result<(), KmsError> {
-        {
-            let _lock = store::lock_exclusive(&self.dir)?;
-            let mut file = load(&self.dir)?;
-            let before = file.credentials.len();
-            file.credentials.retain(|c| c.name != name);
-            if file.credentials.len() == before {
-                return Err(KmsError::InvalidArgument(format!(
-                    "no credential named {name:?}"
-                )));
-            }
-            save(&self.dir, &file)?;
-        }
-        let none = super::EncryptionContext::new();
-        self.audit("delete-credential", Some(name), None, None, &none, None)
+        self.change_credential("delete-credential", name, |file, i| {
+            file.credentials.remove(i);
+        })
     }
 
-    /// The credential with access key id `ak` and its unsealed secret key, if there is one.
+    /// Disables (or enables again) a credential: while disabled it authenticates nothing.
+    pub fn set_credential_disabled(&self, name: &str, disabled: bool) -> Result<(), KmsError> {
+        let op = if disabled {
+            "disable-credential"
+        } else {
+            "enable-credential"
+        };
+        self.change_credential(op, name, |file, i| file.credentials[i].disabled = disabled)
+    }
+
+    /// The credential with access key id `ak` and its unsealed secret key, if there is one and
+    /// it is not disabled.
     pub fn access_key(
         &self,
         ak: &str,
     ) -> Result<Option<(CredentialRecord, SecretBytes)>, KmsError> {
         let file = {
             let _lock = store::lock_shared(&self.dir)?;
-            load(&self.dir)?
+            self.load_credentials()?.0
         };
         let Some(c) = file
             .credentials
             .into_iter()
-            .find(|c| c.kind == CredentialKind::AccessKey && c.id == ak)
+            .find(|c| c.kind == CredentialKind::AccessKey && c.id == ak && !c.disabled)
         else {
             return Ok(None);
         };
@@ -300,15 +386,17 @@ impl KeyStore {
         Ok(Some((c, sk)))
     }
 
-    /// The token credential whose hash matches `token`, if any (compared in constant time).
+    /// The token credential whose hash matches `token`, if any and not disabled (compared in
+    /// constant time).
     pub fn token(&self, token: &str) -> Result<Option<CredentialRecord>, KmsError> {
         let file = {
             let _lock = store::lock_shared(&self.dir)?;
-            load(&self.dir)?
+            self.load_credentials()?.0
         };
         let want = token_hash(token);
         Ok(file.credentials.into_iter().find(|c| {
             c.kind == CredentialKind::Token
+                && !c.disabled
                 && c.token_sha256
                     .as_deref()
                     .is_some_and(|h| bool::from(h.as_bytes().ct_eq(want.as_bytes())))
@@ -316,29 +404,33 @@ impl KeyStore {
     }
 
     /// Records one network request in the audit log: which credential (by name, never its
-    /// secret), which operation on which key, and how it ended.
+    /// secret), which operation on which key, the right that allowed it (`admin`, `scope`, a
+    /// grant id) or why none did, and how it ended.
+    #[allow(clippy::too_many_arguments)]
     pub fn audit_request(
         &self,
         credential: Option<&str>,
         operation: &str,
         key: Option<&str>,
+        key_id: Option<uuid::Uuid>,
+        grant: Option<&str>,
         status: u16,
         error: Option<&str>,
     ) -> Result<(), KmsError> {
-        super::audit::append(
-            &self.dir,
-            &super::AuditRecord {
-                time: clock::rfc3339(self.clock.now_unix()),
-                operation: format!("http {operation}"),
-                key: key.map(str::to_string),
-                key_id: None,
-                key_version: None,
-                encryption_context: super::EncryptionContext::new(),
-                outcome: if status < 400 { "success" } else { "error" }.into(),
-                error: error.map(|e| format!("{status}: {e}")),
-                credential: Some(credential.unwrap_or("(none)").to_string()),
-            },
-        )
+        self.append_audit(&super::AuditRecord {
+            time: clock::rfc3339(self.clock.now_unix()),
+            operation: format!("http {operation}"),
+            key: key.map(str::to_string),
+            key_id,
+            key_version: None,
+            encryption_context: super::EncryptionContext::new(),
+            outcome: if status < 400 { "success" } else { "error" }.into(),
+            error: error.map(|e| format!("{status}: {e}")),
+            credential: Some(credential.unwrap_or("(none)").to_string()),
+            source: None,
+            count: None,
+            grant: grant.map(str::to_string),
+        })
     }
 }
 

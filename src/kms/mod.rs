@@ -11,7 +11,9 @@
 //! lifecycle (create/enable/disable/delete/rotate/alias) is in `lifecycle.rs`, several aliases per
 //! key in `aliases.rs`, the envelope
 //! operations on data keys in `envelope.rs`, the key seam ([`KeyProvider`]) in `provider.rs`, the wrapped-key format and AADs in [`blob`], errors
-//! in `error.rs`, the injectable time source in [`clock`].
+//! in `error.rs`, the injectable time source in [`clock`]. Who may use keys over the network:
+//! [`credentials`] (`credentials.json`: access keys, tokens, their user ids and roles),
+//! [`grants`] (`grants.json`: DEW grants, indexed) and [`rights`] (the decision combining them).
 
 mod aliases;
 pub mod audit;
@@ -21,8 +23,10 @@ pub mod clock;
 pub mod credentials;
 mod envelope;
 mod error;
+pub mod grants;
 mod lifecycle;
 pub mod provider;
+pub mod rights;
 pub mod root;
 pub mod store;
 
@@ -43,6 +47,7 @@ pub use check::KeyReference;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use credentials::{CredentialKind, CredentialRecord, CredentialScope, NewSecret};
 pub use error::{KmsError, RemoteRefusal};
+pub use grants::{Grant, GrantIndex, NewGrant, PrincipalType};
 pub use lifecycle::normalize_alias;
 pub use provider::KeyProvider;
 use root::RootParams;
@@ -192,6 +197,9 @@ pub struct KeyStore {
     store_id: Uuid,
     root: Key256,
     clock: Arc<dyn Clock>,
+    audit_rotation: audit::AuditRotation,
+    /// The parsed grants file, reused while it is unchanged (see `grants.rs`).
+    grants_cache: grants::GrantCache,
 }
 
 impl fmt::Debug for KeyStore {
@@ -314,6 +322,8 @@ impl KeyStore {
             store_id,
             root: key,
             clock,
+            audit_rotation: audit::AuditRotation::default(),
+            grants_cache: Default::default(),
         };
         ks.audit("init", None, None, None, &EncryptionContext::new(), None)?;
         Ok(ks)
@@ -379,7 +389,11 @@ impl KeyStore {
                     outcome: "error".into(),
                     error: Some(err.to_string()),
                     credential: None,
+                    source: None,
+                    count: None,
+                    grant: None,
                 },
+                &audit::AuditRotation::default(),
             );
             return Err(err);
         }
@@ -388,6 +402,8 @@ impl KeyStore {
             store_id: file.store_id,
             root: key,
             clock,
+            audit_rotation: audit::AuditRotation::default(),
+            grants_cache: Default::default(),
         })
     }
 
@@ -398,6 +414,21 @@ impl KeyStore {
     /// The store directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// When this process rotates the audit log (`kms serve --audit-max-size`).
+    pub fn set_audit_rotation(&mut self, rotation: audit::AuditRotation) {
+        self.audit_rotation = rotation;
+    }
+
+    /// The current time as the audit log writes it.
+    pub fn audit_time(&self) -> String {
+        clock::rfc3339(self.clock.now_unix())
+    }
+
+    /// Appends a record to the audit log (rotating it as configured) and fsyncs it.
+    pub fn append_audit(&self, record: &AuditRecord) -> Result<(), KmsError> {
+        audit::append(&self.dir, record, &self.audit_rotation)
     }
 
     /// The last `n` audit records (all when `None`), oldest first.
@@ -415,20 +446,20 @@ impl KeyStore {
         context: &EncryptionContext,
         error: Option<&KmsError>,
     ) -> Result<(), KmsError> {
-        audit::append(
-            &self.dir,
-            &AuditRecord {
-                time: clock::rfc3339(self.clock.now_unix()),
-                operation: operation.into(),
-                key: key.map(str::to_string),
-                key_id,
-                key_version,
-                encryption_context: context.clone(),
-                outcome: if error.is_some() { "error" } else { "success" }.into(),
-                error: error.map(|e| e.to_string()),
-                credential: None,
-            },
-        )
+        self.append_audit(&AuditRecord {
+            time: clock::rfc3339(self.clock.now_unix()),
+            operation: operation.into(),
+            key: key.map(str::to_string),
+            key_id,
+            key_version,
+            encryption_context: context.clone(),
+            outcome: if error.is_some() { "error" } else { "success" }.into(),
+            error: error.map(|e| e.to_string()),
+            credential: None,
+            source: None,
+            count: None,
+            grant: None,
+        })
     }
 
     /// Records the outcome of an operation; a success that cannot be audited is reported as an

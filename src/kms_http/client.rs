@@ -15,6 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::sign;
@@ -183,14 +184,21 @@ impl RemoteKms {
         self.call(operation, body)
     }
 
-    /// Calls one DEW operation, retrying connection failures with backoff.
+    /// Calls one DEW operation, retrying connection failures with backoff. Each attempt carries
+    /// a fresh `sequence` (the API's request id): the server refuses a mutating request whose
+    /// signature it has already seen, and two identical calls in the same second would otherwise
+    /// be signed alike.
     fn call(&self, operation: &'static str, body: &Value) -> Result<Value, KmsError> {
         let path = format!("/v1.0/{}/kms/{operation}", self.project);
-        let body = serde_json::to_vec(body).expect("a JSON value serializes");
+        let mut body = body.clone();
         let mut backoff = FIRST_BACKOFF;
         let mut attempt = 1;
         loop {
-            match self.send(&path, &body).map_err(|e| *e) {
+            if let Some(m) = body.as_object_mut() {
+                m.insert("sequence".into(), Value::String(Uuid::new_v4().to_string()));
+            }
+            let bytes = Zeroizing::new(serde_json::to_vec(&body).expect("a JSON value serializes"));
+            match self.send(&path, &bytes).map_err(|e| *e) {
                 Ok(r) => return self.answer(operation, r),
                 Err(ureq::Error::Status(_, r)) => return self.answer(operation, r),
                 Err(ureq::Error::Transport(t)) => {
@@ -264,10 +272,24 @@ impl RemoteKms {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| status.to_string());
-        let message = e["error_msg"]
+        let mut message = e["error_msg"]
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| text.chars().take(300).collect());
+        // Say what the operator of this host can check: the KMS answers alike for reasons it
+        // does not disclose to a caller.
+        match (status, code.as_str()) {
+            (401, _) => message.push_str(&format!(
+                " (access key {}: deleted or disabled on the KMS host, or a wrong secret key?)",
+                self.access_key
+            )),
+            (404, "KMS.0207") => message.push_str(&format!(
+                " (access key {}: if the key exists, this credential has no grant or scope for \
+                 {operation} on it, e.g. its grant was revoked or is for another volume_id)",
+                self.access_key
+            )),
+            _ => {}
+        }
         Err(KmsError::RemoteRefused(Box::new(RemoteRefusal {
             url: self.url.clone(),
             operation,

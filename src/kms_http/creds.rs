@@ -1,73 +1,40 @@
 //! Who is calling: authenticates a request (DEW: SDK-HMAC-SHA256 signature with an access key;
-//! Vault: `X-Vault-Token`) against the credentials in the key store, and checks that a key is in
-//! the caller's scope. Refusals are 401 (`APIGW.0301`) for authentication, 403 for scope.
+//! Vault: `X-Vault-Token`) against the credentials in the key store. Refusals are 401
+//! (`APIGW.0301`); what the caller may then do is `authz.rs`. An unknown access key and a wrong
+//! signature get one answer (and a missing and an unknown Vault token another), so the answers do
+//! not tell which credentials exist; the real reason goes to the audit log.
 
-use uuid::Uuid;
-
+pub use super::authz::Caller;
 use super::errors::{Api, ApiError};
 use super::sign;
 use super::RawRequest;
 use crate::kms::{CredentialKind, KeyStore};
 
-/// An authenticated caller (no secret: the name is what the audit log shows).
-#[derive(Debug, Clone)]
-pub struct Caller {
-    pub name: String,
-    pub keys: Option<Vec<String>>,
-    pub read_only: bool,
+/// A refused authentication: what the client is told, the credential when the access key was
+/// known, and the real reason (for the audit log only: the client's answer does not say whether
+/// the access key exists).
+#[derive(Debug)]
+pub struct AuthFailure {
+    pub error: ApiError,
+    pub credential: Option<String>,
+    pub reason: String,
 }
 
-impl Caller {
-    /// Refuses (403) a key outside the caller's scope. An unknown key passes here, so the
-    /// operation itself answers 404 for it.
-    pub fn check_key(&self, ks: &KeyStore, api: Api, key: &str) -> Result<(), ApiError> {
-        let Some(scope) = &self.keys else {
-            return Ok(());
-        };
-        let Ok(id) = ks.resolve_key_id(key) else {
-            return Ok(());
-        };
-        if self.scope_ids(ks, scope).contains(&id) {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden(
-                api,
-                format!("credential {} may not use key {key}", self.name),
-            ))
-        }
-    }
-
-    /// Whether the caller may see the key `id` (in listings).
-    pub fn allows_id(&self, ks: &KeyStore, id: Uuid) -> bool {
-        match &self.keys {
-            None => true,
-            Some(scope) => self.scope_ids(ks, scope).contains(&id),
-        }
-    }
-
-    fn scope_ids(&self, ks: &KeyStore, scope: &[String]) -> Vec<Uuid> {
-        scope
-            .iter()
-            .filter_map(|k| ks.resolve_key_id(k).ok())
-            .collect()
-    }
-}
-
-/// Verifies a DEW request's signature; `project` is the project id in its path.
+/// Verifies a DEW request's signature; `project` is the project id in its path. The checks that
+/// need no secret (date, content hash) run before the credential file is read.
 pub fn authenticate_dew(
     ks: &KeyStore,
     req: &RawRequest,
     project: &str,
     now: i64,
-) -> Result<Caller, (ApiError, Option<String>)> {
-    let unauth = |e: sign::SignError| (ApiError::unauthorized(Api::Dew, e.to_string()), None);
-    let auth = sign::parse_authorization(req.header("authorization")).map_err(unauth)?;
-    let (cred, sk) = match ks.access_key(&auth.access) {
-        Ok(Some(found)) => found,
-        Ok(None) => return Err(unauth(sign::SignError::UnknownAccessKey)),
-        Err(e) => return Err((ApiError::from_kms(Api::Dew, &e, false), None)),
+) -> Result<Caller, AuthFailure> {
+    let refuse = |e: sign::SignError, credential: Option<String>| AuthFailure {
+        error: ApiError::unauthorized(Api::Dew, e.client_message()),
+        credential,
+        reason: e.audit_reason(),
     };
-    let name = Some(cred.name.clone());
+    let auth =
+        sign::parse_authorization(req.header("authorization")).map_err(|e| refuse(e, None))?;
     let signed = sign::Request {
         method: &req.method,
         path: &req.path,
@@ -75,28 +42,32 @@ pub fn authenticate_dew(
         headers: &req.headers,
         body: &req.body,
     };
-    sign::verify(&signed, &auth, sk.dangerous_as_bytes(), now).map_err(|e| {
-        (
-            ApiError::unauthorized(Api::Dew, e.to_string()),
-            name.clone(),
-        )
-    })?;
+    sign::check_request(&signed, &auth, now).map_err(|e| refuse(e, None))?;
+    let (cred, sk) = match ks.access_key(&auth.access) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Err(refuse(sign::SignError::UnknownAccessKey, None)),
+        Err(e) => {
+            return Err(AuthFailure {
+                error: ApiError::from_kms(Api::Dew, &e, false),
+                credential: None,
+                reason: "the credential file could not be read".into(),
+            })
+        }
+    };
+    let name = Some(cred.name.clone());
+    sign::verify(&signed, &auth, sk.dangerous_as_bytes(), now)
+        .map_err(|e| refuse(e, name.clone()))?;
     if let Some(p) = &cred.project_id {
         if p != project {
-            return Err((
-                ApiError::forbidden(
-                    Api::Dew,
-                    format!("credential {} is for project {p}, not {project}", cred.name),
-                ),
-                name,
-            ));
+            let message = format!("credential {} is for project {p}, not {project}", cred.name);
+            return Err(AuthFailure {
+                error: ApiError::forbidden(Api::Dew, message.clone()),
+                credential: name,
+                reason: message,
+            });
         }
     }
-    Ok(Caller {
-        name: cred.name,
-        keys: cred.keys,
-        read_only: cred.read_only,
-    })
+    Ok(Caller::new(cred))
 }
 
 /// Looks up a Vault token. RGW sends `X-Vault-Token` twice: every non-empty value must be the
@@ -109,13 +80,17 @@ pub fn authenticate_vault(ks: &KeyStore, req: &RawRequest) -> Result<Caller, Api
         .flat_map(|(_, v)| v.split(','))
         .map(str::trim)
         .filter(|v| !v.is_empty());
-    let Some(token) = values.next() else {
-        return Err(ApiError::new(
+    // One answer for a missing and an unknown token, as Vault gives.
+    let denied = || {
+        ApiError::new(
             Api::Vault,
             axum::http::StatusCode::FORBIDDEN,
             "KMS.0303",
-            "permission denied (no X-Vault-Token)",
-        ));
+            "permission denied",
+        )
+    };
+    let Some(token) = values.next() else {
+        return Err(denied());
     };
     if values.any(|v| v != token) {
         return Err(ApiError::bad_request(
@@ -125,18 +100,9 @@ pub fn authenticate_vault(ks: &KeyStore, req: &RawRequest) -> Result<Caller, Api
         ));
     }
     match ks.token(token) {
-        Ok(Some(c)) if c.kind == CredentialKind::Token => Ok(Caller {
-            name: c.name,
-            keys: c.keys,
-            read_only: c.read_only,
-        }),
+        Ok(Some(c)) if c.kind == CredentialKind::Token => Ok(Caller::new(c)),
         // Vault answers 403 "permission denied" for a bad token.
-        Ok(_) => Err(ApiError::new(
-            Api::Vault,
-            axum::http::StatusCode::FORBIDDEN,
-            "KMS.0303",
-            "permission denied",
-        )),
+        Ok(_) => Err(denied()),
         Err(e) => Err(ApiError::from_kms(Api::Vault, &e, false)),
     }
 }

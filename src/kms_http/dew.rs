@@ -10,18 +10,15 @@
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::creds::Caller;
-pub(super) use super::dew_fields::{b64, unb64, Body};
+use super::authz::{dew_right, Caller};
+pub(super) use super::dew_fields::{b64, unb64, Body, API};
 use super::dew_fields::{bad_param, datakey_bits, key_details, list_keys, re_encrypt};
-use super::errors::{Api, ApiError};
+use super::errors::ApiError;
 use super::Outcome;
 use crate::crypto::SecretBytes;
 use crate::kms::{blob, KeyMetadata, KeyStore, KmsError};
 
-pub(super) const API: Api = Api::Dew;
 const DEFAULT_ROTATION_DAYS: u32 = 365;
-pub(super) const MAX_LIST_LIMIT: usize = 1000;
-pub(super) const MAX_AAD_BYTES: usize = 128;
 
 /// Every operation served (others get 404 before anything else is checked).
 const KNOWN: &[&str] = &[
@@ -75,6 +72,9 @@ pub(super) fn dispatch(
     body: &Body<'_>,
     outcome: &mut Outcome,
 ) -> Result<Value, ApiError> {
+    if super::dew_grants::OPERATIONS.contains(&op) {
+        return super::dew_grants::dispatch(ks, caller, op, body, outcome);
+    }
     if !KNOWN.contains(&op) {
         return Err(ApiError::new(
             API,
@@ -94,13 +94,13 @@ pub(super) fn dispatch(
     }
     let kms = |e: KmsError| ApiError::from_kms(API, &e, false);
     let domain = ks.store_id().simple().to_string();
-    // Every operation but a few names its key in key_id: check it against the scope first.
+    // Every operation but a few names its key in key_id: check the caller's rights on it first.
     let key = match op {
         "create-key" | "list-keys" | "gen-random" | "decrypt-data" | "re-encrypt" => None,
         _ => {
             let k = body.str_req("key_id")?;
             outcome.key = Some(k.to_string());
-            caller.check_key(ks, API, k)?;
+            caller.check_id(ks, API, k, &[dew_right(op)], &body.context()?, outcome)?;
             Some(k)
         }
     };
@@ -108,15 +108,7 @@ pub(super) fn dispatch(
     let info = |m: KeyMetadata| json!({"key_info": {"key_id": m.key_id.to_string(), "key_state": m.key_state.code().to_string()}});
     Ok(match op {
         "create-key" => {
-            if caller.keys.is_some() {
-                return Err(ApiError::forbidden(
-                    API,
-                    format!(
-                        "credential {} is limited to some keys: it cannot create keys",
-                        caller.name
-                    ),
-                ));
-            }
+            caller.require_admin(API, "create keys")?;
             if let Some(spec) = body.str_opt("key_spec")? {
                 if spec != "AES_256" {
                     return Err(bad_param(
@@ -258,7 +250,7 @@ pub(super) fn dispatch(
             if let Ok(p) = blob::parse_bounded(&ct, blob::MAX_DATA_BLOB) {
                 let id = p.key_id.to_string();
                 outcome.key = Some(id.clone());
-                caller.check_key(ks, API, &id)?;
+                caller.check_id(ks, API, &id, &["decrypt-data"], &body.context()?, outcome)?;
             }
             let u = ks
                 .decrypt_data(body.str_opt("key_id")?, &ct, &body.context()?)

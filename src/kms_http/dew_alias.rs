@@ -8,16 +8,16 @@
 
 use serde_json::{json, Map, Value};
 
-use super::creds::Caller;
-use super::dew::API;
-use super::dew_fields::{bad_param, Body};
+use super::authz::Caller;
+use super::dew_fields::{bad_param, Body, API};
 use super::errors::ApiError;
 use super::Outcome;
-use crate::kms::{normalize_alias, AliasInfo, KeyStore, KmsError, MAX_ALIASES_PER_KEY};
+use crate::kms::{
+    normalize_alias, AliasInfo, EncryptionContext, KeyStore, KmsError, MAX_ALIASES_PER_KEY,
+};
 
 /// Default and largest page of list-aliases.
 const DEFAULT_LIMIT: u64 = 50;
-const MAX_LIMIT: u64 = 1000;
 
 /// `alias/name` checked as the key store will, refused naming the field.
 fn alias_field(field: &str, value: &str) -> Result<String, ApiError> {
@@ -71,11 +71,12 @@ pub(super) fn dispatch(
     }
     let kms = |e: KmsError| ApiError::from_kms(API, &e, false);
     let domain = ks.store_id().simple().to_string();
+    let none = EncryptionContext::new();
     match op {
         "create-alias" => {
             let key = body.str_req("key_id")?;
             outcome.key = Some(key.to_string());
-            caller.check_key(ks, API, key)?;
+            caller.check_id(ks, API, key, &["manage"], &none, outcome)?;
             let alias = alias_field("alias", body.str_req("alias")?)?;
             let a = ks.create_alias(key, &alias).map_err(kms)?;
             Ok(entity(&a, &domain))
@@ -85,19 +86,8 @@ pub(super) fn dispatch(
                 None | Some("") => None,
                 Some(k) => {
                     outcome.key = Some(k.to_string());
-                    caller.check_key(ks, API, k)?;
-                    Some(ks.resolve_key_id(k).map_err(kms)?)
+                    Some(caller.check_id(ks, API, k, &["describe-key"], &none, outcome)?)
                 }
-            };
-            let limit = body.num_opt("limit")?.unwrap_or(DEFAULT_LIMIT);
-            if limit == 0 || limit > MAX_LIMIT {
-                return Err(bad_param("limit", "must be 1 to 1000"));
-            }
-            let start: usize = match body.str_opt("marker")? {
-                None | Some("") => 0,
-                Some(m) => m
-                    .parse()
-                    .map_err(|_| bad_param("marker", "is not a marker this server gave"))?,
             };
             let all: Vec<AliasInfo> = ks
                 .list_aliases()
@@ -106,8 +96,8 @@ pub(super) fn dispatch(
                 .filter(|a| key.is_none_or(|k| a.key_id == k))
                 .filter(|a| caller.allows_id(ks, a.key_id))
                 .collect();
-            let end = start.saturating_add(limit as usize).min(all.len());
-            let page = all.get(start.min(all.len())..end).unwrap_or_default();
+            let (start, end) = super::dew_grants::page_range(body, DEFAULT_LIMIT, all.len())?;
+            let page = all.get(start..end).unwrap_or_default();
             let next = if end < all.len() {
                 end.to_string()
             } else {
@@ -121,7 +111,7 @@ pub(super) fn dispatch(
         "delete-alias" => {
             let key = body.str_req("key_id")?;
             outcome.key = Some(key.to_string());
-            caller.check_key(ks, API, key)?;
+            caller.check_id(ks, API, key, &["manage"], &none, outcome)?;
             let list = match body.0.get("aliases") {
                 None | Some(Value::Null) => {
                     return Err(ApiError::bad_request(
@@ -153,9 +143,9 @@ pub(super) fn dispatch(
             let target = body.str_req("target_key_id")?;
             outcome.key = Some(target.to_string());
             let alias = alias_field("alias", body.str_req("alias")?)?;
-            caller.check_key(ks, API, target)?;
-            // Moving an alias changes the key it leaves too: that key must be in scope as well.
-            caller.check_key(ks, API, &alias)?;
+            caller.check_id(ks, API, target, &["manage"], &none, outcome)?;
+            // Moving an alias changes the key it leaves too: the caller must manage it as well.
+            caller.check(ks, API, &alias, &["manage"], &none, outcome)?;
             let a = ks.associate_alias(&alias, target).map_err(kms)?;
             Ok(entity(&a, &domain))
         }

@@ -1,16 +1,22 @@
 //! The DEW KMS API's request fields and answers: typed access to a JSON body (every refusal
 //! names the field and uses the API's code), the `KeyDetails` form of a key, base64 helpers, and
 //! the operations with more than a few lines (re-encrypt, list-keys with its marker pagination,
-//! the data key length rules). Dispatch is in `dew.rs`.
+//! the data key length rules). Dispatch is in `dew.rs`, which depends on this file, never the
+//! other way round: the API's constants live here.
 
 use serde_json::{json, Map, Value};
 
-use super::creds::Caller;
-use super::dew::{API, MAX_AAD_BYTES, MAX_LIST_LIMIT};
-use super::errors::ApiError;
+use super::authz::Caller;
+use super::errors::{Api, ApiError};
 use super::Outcome;
 use crate::crypto::SecretBytes;
 use crate::kms::{blob, EncryptionContext, KeyMetadata, KeyStore};
+
+pub(super) const API: Api = Api::Dew;
+/// Largest page of `list-keys` (and the default).
+pub(super) const MAX_LIST_LIMIT: usize = 1000;
+/// Largest `additional_authenticated_data` the API accepts.
+pub(super) const MAX_AAD_BYTES: usize = 128;
 
 /// Typed access to the JSON body; every refusal names the field.
 pub(crate) struct Body<'a>(pub &'a Map<String, Value>);
@@ -67,27 +73,34 @@ impl Body<'_> {
 
     /// `additional_authenticated_data` (≤ 128 bytes) and/or the older `encryption_context`.
     pub(super) fn context(&self) -> Result<EncryptionContext, ApiError> {
+        self.context_with_prefix("")
+    }
+
+    /// The context of one side of `re-encrypt`: `{prefix}additional_authenticated_data` and
+    /// `{prefix}encryption_context` (`prefix` is `source_` or `destination_`), bound under the
+    /// same names as [`Body::context`] binds them, so a blob made with an AAD re-encrypts with the
+    /// same AAD given as the source one.
+    pub(super) fn context_with_prefix(&self, prefix: &str) -> Result<EncryptionContext, ApiError> {
         let mut c = EncryptionContext::new();
-        if let Some(aad) = self.str_opt("additional_authenticated_data")? {
+        let f = format!("{prefix}additional_authenticated_data");
+        if let Some(aad) = self.str_opt(&f)? {
             if aad.len() > MAX_AAD_BYTES {
-                return Err(bad_param(
-                    "additional_authenticated_data",
-                    "must be at most 128 bytes",
-                ));
+                return Err(bad_param(&f, "must be at most 128 bytes"));
             }
             c.insert("additional_authenticated_data".into(), aad.into());
         }
-        match self.0.get("encryption_context") {
+        let f = format!("{prefix}encryption_context");
+        match self.0.get(&f) {
             None | Some(Value::Null) => {}
             Some(Value::Object(m)) => {
                 for (k, v) in m {
-                    let v = v.as_str().ok_or_else(|| {
-                        bad_param("encryption_context", "must map names to strings")
-                    })?;
+                    let v = v
+                        .as_str()
+                        .ok_or_else(|| bad_param(&f, "must map names to strings"))?;
                     c.insert(k.clone(), v.into());
                 }
             }
-            Some(_) => return Err(bad_param("encryption_context", "must be an object")),
+            Some(_) => return Err(bad_param(&f, "must be an object")),
         }
         Ok(c)
     }
@@ -129,8 +142,7 @@ pub(super) fn re_encrypt(
     let source = body.str_req("source_key_id")?;
     let dest = body.str_opt("destination_key_id")?.unwrap_or(source);
     outcome.key = Some(source.to_string());
-    caller.check_key(ks, API, source)?;
-    caller.check_key(ks, API, dest)?;
+    caller.check_re_encrypt(ks, API, source, dest, outcome)?;
     let ct = hex::decode(body.str_req("cipher_text")?).map_err(|_| {
         ApiError::bad_request(
             API,
@@ -138,32 +150,6 @@ pub(super) fn re_encrypt(
             "the parameter cipher_text must be hexadecimal",
         )
     })?;
-    // `{source,destination}_additional_authenticated_data`, and (as `encryption_context` for the
-    // other operations) `{source,destination}_encryption_context` objects.
-    let aad = |side: &str| -> Result<EncryptionContext, ApiError> {
-        let mut c = EncryptionContext::new();
-        let f = format!("{side}_additional_authenticated_data");
-        if let Some(a) = body.str_opt(&f)? {
-            if a.len() > MAX_AAD_BYTES {
-                return Err(bad_param(&f, "must be at most 128 bytes"));
-            }
-            c.insert("additional_authenticated_data".into(), a.into());
-        }
-        let f = format!("{side}_encryption_context");
-        match body.0.get(&f) {
-            None | Some(Value::Null) => {}
-            Some(Value::Object(m)) => {
-                for (k, v) in m {
-                    let v = v
-                        .as_str()
-                        .ok_or_else(|| bad_param(&f, "must map names to strings"))?;
-                    c.insert(k.clone(), v.into());
-                }
-            }
-            Some(_) => return Err(bad_param(&f, "must be an object")),
-        }
-        Ok(c)
-    };
     // The blob names its key: it must be the source key the caller named.
     let source_id = ks
         .resolve_key_id(source)
@@ -191,9 +177,9 @@ pub(super) fn re_encrypt(
     let w = ks
         .re_encrypt(
             &ct,
-            &aad("source_additional_authenticated_data")?,
+            &body.context_with_prefix("source_")?,
             Some(dest),
-            &aad("destination_additional_authenticated_data")?,
+            &body.context_with_prefix("destination_")?,
         )
         .map_err(|e| ApiError::from_kms(API, &e, true))?;
     Ok(

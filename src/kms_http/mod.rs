@@ -5,19 +5,31 @@
 //! This module sits over [`crate::kms`] beside `server` (it knows nothing of NBD or volumes).
 //! Every key store call does blocking file I/O (the store re-reads its file and fsyncs its audit
 //! log), so each request's work runs on tokio's blocking pool; the async side only moves bytes.
-//! Every request, refused or not, leaves one audit line naming its credential (`creds.rs`).
+//! Every authenticated request, refused or not, leaves one audit line naming its credential
+//! (`creds.rs`); requests refused before anyone is authenticated (bad signatures, unknown keys,
+//! the per-address limits of `limits.rs`) are counted into aggregated lines (`failures.rs`).
+//!
+//! Order of the checks, cheapest and least revealing first: per-address connection cap (at
+//! accept), header deadline (hyper), per-address rate, body deadline and size, then the
+//! signature (the credential file is read only now), the per-credential rate, the replay cache
+//! (`replay.rs`) for mutating DEW operations, and the operation itself.
 
+pub mod authz;
 pub mod client;
 pub mod creds;
 pub mod dew;
 mod dew_alias;
 mod dew_fields;
+mod dew_grants;
 pub mod errors;
+mod failures;
 pub mod limits;
+mod listen;
+pub mod replay;
 pub mod sign;
 pub mod vault;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -29,12 +41,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
 use serde_json::{Map, Value};
-use tokio::net::{TcpListener, UnixListener};
-use tower::ServiceExt;
 
 use crate::kms::KeyStore;
 pub use errors::{Api, ApiError, KmsHttpError};
 pub use limits::Limits;
+pub use listen::KmsHttpServer;
 
 /// Where to listen.
 #[derive(Debug, Clone)]
@@ -84,14 +95,38 @@ pub struct Outcome {
     pub credential: Option<String>,
     pub operation: String,
     pub key: Option<String>,
+    /// Set when the request failed authentication (the real reason; the client got a uniform
+    /// answer): such requests are counted into aggregated audit lines, not audited one by one.
+    pub auth_failure: Option<String>,
+    /// The id of the key the request was authorized for.
+    pub key_id: Option<uuid::Uuid>,
+    /// The right that allowed it (`admin`, `scope`, a grant id) or why none did (`none: …`).
+    pub grant: Option<String>,
+}
+
+/// Told about every finished request (operation name as audited, HTTP status, time taken), e.g.
+/// by the metrics endpoint (`crate::metrics::kms`).
+pub trait RequestObserver: Send + Sync {
+    fn request(&self, operation: &str, status: u16, took: std::time::Duration);
 }
 
 struct AppState {
+    observer: Option<Arc<dyn RequestObserver>>,
     store: Arc<KeyStore>,
     limits: Limits,
     rate: limits::RateLimiter,
+    addr_rate: limits::RateLimiter<IpAddr>,
+    replay: replay::ReplayCache,
+    failures: failures::FailureLog,
     permits: tokio::sync::Semaphore,
 }
+
+/// The client's IP address, put on each request by the connection that carries it (none on a
+/// Unix socket, whose clients the socket's permissions already vouch for).
+#[derive(Debug, Clone, Copy)]
+struct Peer(Option<IpAddr>);
+
+type Work = fn(&AppState, &RawRequest, &mut Outcome) -> Result<Response, ApiError>;
 
 /// `e` and its sources, for logs.
 pub fn chain(e: &dyn std::error::Error) -> String {
@@ -132,35 +167,66 @@ fn json_object(api: Api, body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-/// Reads the request (bounded body) and runs `work` on the blocking pool, under the concurrency
-/// bound; then writes the audit line.
-async fn run_request(
-    st: Arc<AppState>,
-    api: Api,
-    req: Request,
-    work: fn(
-        &KeyStore,
-        &limits::RateLimiter,
-        &RawRequest,
-        &mut Outcome,
-    ) -> Result<Response, ApiError>,
-) -> Response {
+/// Checks the per-address rate, reads the request (bounded in size and time) and runs `work`
+/// on the blocking pool, under the concurrency bound; then writes the audit line (or counts the
+/// failure into an aggregated one).
+async fn run_request(st: Arc<AppState>, api: Api, req: Request, work: Work) -> Response {
+    let peer = req.extensions().get::<Peer>().and_then(|p| p.0);
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, st.limits.max_body_bytes).await {
-        Ok(b) => b,
-        Err(_) => {
-            return ApiError::new(
-                api,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "KMS.0202",
-                format!(
-                    "the request body is larger than {} bytes",
-                    st.limits.max_body_bytes
-                ),
-            )
-            .into_response()
+    let refuse = |status: StatusCode, reason: &str| {
+        st.failures.record(
+            &st.store,
+            peer,
+            None,
+            "(before authentication)",
+            status.as_u16(),
+            reason,
+        );
+        if let Some(o) = &st.observer {
+            o.request(
+                "(before authentication)",
+                status.as_u16(),
+                std::time::Duration::ZERO,
+            );
         }
+        let mut r = ApiError::new(api, status, "APIGW.0308", reason).into_response();
+        if status != StatusCode::TOO_MANY_REQUESTS {
+            // The rest of the body may still be trickling in: do not wait for it.
+            r.headers_mut()
+                .insert("connection", axum::http::HeaderValue::from_static("close"));
+        }
+        r
     };
+    if let Some(ip) = peer {
+        if !st.addr_rate.allow(&ip) {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests from this address",
+            );
+        }
+    }
+    let limit = st.limits.max_body_bytes;
+    let body =
+        match tokio::time::timeout(st.limits.request_timeout, axum::body::to_bytes(body, limit))
+            .await
+        {
+            Ok(Ok(b)) => b,
+            Ok(Err(_)) => {
+                return ApiError::new(
+                    api,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "KMS.0202",
+                    format!("the request body is larger than {limit} bytes"),
+                )
+                .into_response()
+            }
+            Err(_) => {
+                return refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the request body did not arrive in time",
+                )
+            }
+        };
     let raw = RawRequest {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
@@ -181,23 +247,38 @@ async fn run_request(
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
     let st2 = st.clone();
+    let started = std::time::Instant::now();
     let joined = tokio::task::spawn_blocking(move || {
         let mut outcome = Outcome::default();
-        let result = work(&st2.store, &st2.rate, &raw, &mut outcome);
+        let result = work(&st2, &raw, &mut outcome);
         let (status, err) = match &result {
             Ok(r) => (r.status().as_u16(), None),
             Err(e) => (e.status.as_u16(), Some(e.message.clone())),
         };
-        if let Err(e) = st2.store.audit_request(
+        if let Some(reason) = &outcome.auth_failure {
+            st2.failures.record(
+                &st2.store,
+                peer,
+                outcome.credential.as_deref(),
+                &outcome.operation,
+                status,
+                reason,
+            );
+        } else if let Err(e) = st2.store.audit_request(
             outcome.credential.as_deref(),
             &outcome.operation,
             outcome.key.as_deref(),
+            outcome.key_id,
+            outcome.grant.as_deref(),
             status,
             err.as_deref(),
         ) {
             tracing::warn!(error = %chain(&e), "could not write the audit log");
         }
         tracing::info!(credential = ?outcome.credential, operation = %outcome.operation, key = ?outcome.key, status, "kms request");
+        if let Some(o) = &st2.observer {
+            o.request(&outcome.operation, status, started.elapsed());
+        }
         result
     })
     .await;
@@ -215,12 +296,8 @@ async fn run_request(
 }
 
 /// The DEW request path: authenticate, rate-limit, parse, dispatch.
-fn dew_work(
-    ks: &KeyStore,
-    rate: &limits::RateLimiter,
-    raw: &RawRequest,
-    outcome: &mut Outcome,
-) -> Result<Response, ApiError> {
+fn dew_work(st: &AppState, raw: &RawRequest, outcome: &mut Outcome) -> Result<Response, ApiError> {
+    let (ks, rate) = (&*st.store, &st.rate);
     // /v1.0/{project_id}/kms/{operation}, and the alias resources whose method is the operation:
     // kms/aliases (POST create, GET list, DELETE delete) and kms/alias/associate (POST).
     let segs: Vec<&str> = raw.path.split('/').collect();
@@ -233,6 +310,7 @@ fn dew_work(
         (["", "v1.0", p, "kms", op], _) => (*p, *op, "POST"),
         _ => {
             outcome.operation = "dew (unknown path)".into();
+            outcome.auth_failure = Some("unknown path".into());
             return Err(ApiError::new(
                 Api::Dew,
                 StatusCode::NOT_FOUND,
@@ -242,9 +320,10 @@ fn dew_work(
         }
     };
     outcome.operation = op.chars().take(64).collect();
-    let caller = creds::authenticate_dew(ks, raw, project, now_unix()).map_err(|(e, name)| {
-        outcome.credential = name;
-        e
+    let caller = creds::authenticate_dew(ks, raw, project, now_unix()).map_err(|f| {
+        outcome.credential = f.credential;
+        outcome.auth_failure = Some(f.reason);
+        f.error
     })?;
     outcome.credential = Some(caller.name.clone());
     if !rate.allow(&caller.name) {
@@ -263,6 +342,9 @@ fn dew_work(
             format!("use {method}"),
         ));
     }
+    if !replay::is_read_only(op) {
+        refuse_replay(st, raw)?;
+    }
     let alias_path = segs.len() != 5 || segs[4] == "aliases";
     if alias_path {
         // list-aliases takes its parameters in the query; the others in a JSON body.
@@ -279,22 +361,57 @@ fn dew_work(
     Ok(axum::Json(v).into_response())
 }
 
+/// Accepts a mutating request's signature once (see `replay.rs`). Runs after authentication, so
+/// the header and date are known to be well formed.
+fn refuse_replay(st: &AppState, raw: &RawRequest) -> Result<(), ApiError> {
+    let signature = sign::parse_authorization(raw.header("authorization"))
+        .map(|a| a.signature)
+        .unwrap_or_default();
+    let date = raw
+        .header("x-sdk-date")
+        .and_then(sign::parse_sdk_date)
+        .unwrap_or_default();
+    match st.replay.check(&signature, date, now_unix()) {
+        Ok(()) => Ok(()),
+        Err(replay::Refusal::Replayed) => Err(ApiError::unauthorized(
+            Api::Dew,
+            "replayed request: this signature was already used (identical requests in the same \
+             second need a distinct `sequence` field)",
+        )),
+        Err(replay::Refusal::Full) => Err(ApiError::new(
+            Api::Dew,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "APIGW.0308",
+            "too many recent requests to check them for replay: retry later",
+        )),
+    }
+}
+
+fn vault_work(
+    st: &AppState,
+    raw: &RawRequest,
+    outcome: &mut Outcome,
+) -> Result<Response, ApiError> {
+    vault::work(&st.store, &st.rate, raw, outcome)
+}
+
 async fn dew_handler(State(st): State<Arc<AppState>>, req: Request) -> Response {
     run_request(st, Api::Dew, req, dew_work).await
 }
 
 async fn vault_handler(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    run_request(st, Api::Vault, req, vault::work).await
+    run_request(st, Api::Vault, req, vault_work).await
 }
 
 /// Any other path: 404, audited like every request.
 fn unknown_work(
-    _: &KeyStore,
-    _: &limits::RateLimiter,
+    _: &AppState,
     raw: &RawRequest,
     outcome: &mut Outcome,
 ) -> Result<Response, ApiError> {
     outcome.operation = "unknown path".into();
+    // Nobody is authenticated on an unknown path: counted like a failed authentication.
+    outcome.auth_failure = Some("unknown path".into());
     let api = if raw.path.starts_with("/v1/") {
         Api::Vault
     } else {
@@ -318,176 +435,4 @@ fn router(st: Arc<AppState>) -> Router {
         .route("/v1/transit/{*rest}", any(vault_handler))
         .fallback(fallback_handler)
         .with_state(st)
-}
-
-/// Connections open at once (each idle one costs a task and a socket); more wait to be accepted.
-const MAX_CONNECTIONS: usize = 1024;
-/// Time a client has to send a request's headers (bounds slow or idle connections).
-const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, KmsHttpError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let read = |p: &PathBuf| {
-        std::fs::read(p).map_err(|source| KmsHttpError::TlsFile {
-            path: p.clone(),
-            source,
-        })
-    };
-    let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(&read(&files.cert_chain)?)
-            .filter_map(Result::ok)
-            .collect();
-    if certs.is_empty() {
-        return Err(KmsHttpError::TlsContent {
-            path: files.cert_chain.clone(),
-            what: "certificate",
-        });
-    }
-    let key = PrivateKeyDer::from_pem_slice(&read(&files.private_key)?).map_err(|_| {
-        KmsHttpError::TlsContent {
-            path: files.private_key.clone(),
-            what: "private key",
-        }
-    })?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-    .map_err(|source| KmsHttpError::Tls {
-        cert: files.cert_chain.clone(),
-        source,
-    })?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
-}
-
-enum Bound {
-    Tcp(TcpListener),
-    Unix(UnixListener),
-}
-
-/// A bound (not yet serving) KMS HTTP service.
-pub struct KmsHttpServer {
-    bound: Bound,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    router: Router,
-    local: String,
-}
-
-impl KmsHttpServer {
-    /// Binds the listener and loads TLS files; refuses plain HTTP on a non-loopback address.
-    pub async fn bind(store: Arc<KeyStore>, config: KmsHttpConfig) -> Result<Self, KmsHttpError> {
-        let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
-        let (bound, local) = match &config.listen {
-            Listen::Tcp(addr) => {
-                if tls.is_none() && !addr.ip().is_loopback() {
-                    return Err(KmsHttpError::PlainHttpNotLoopback { addr: *addr });
-                }
-                let l = TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| KmsHttpError::Bind {
-                        what: addr.to_string(),
-                        source,
-                    })?;
-                let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                (Bound::Tcp(l), local)
-            }
-            Listen::Unix(p) => {
-                let l = UnixListener::bind(p).map_err(|source| KmsHttpError::Bind {
-                    what: p.display().to_string(),
-                    source,
-                })?;
-                (Bound::Unix(l), p.display().to_string())
-            }
-        };
-        let limits = config.limits.clone();
-        let st = Arc::new(AppState {
-            store,
-            rate: limits::RateLimiter::new(limits.rate_per_credential, limits.burst_per_credential),
-            permits: tokio::sync::Semaphore::new(limits.max_concurrent.max(1)),
-            limits,
-        });
-        Ok(KmsHttpServer {
-            bound,
-            tls,
-            router: router(st),
-            local,
-        })
-    }
-
-    /// The bound address (`127.0.0.1:PORT`) or socket path.
-    pub fn local_addr(&self) -> &str {
-        &self.local
-    }
-
-    /// Serves until `shutdown` completes; connections in progress are dropped then.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        let conns = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let permit = tokio::select! {
-                _ = &mut shutdown => return,
-                p = conns.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            };
-            let accepted: std::io::Result<Box<dyn Conn>> = tokio::select! {
-                _ = &mut shutdown => return,
-                a = accept(&self.bound) => a,
-            };
-            let stream = match accepted {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let router = self.router.clone();
-            let tls = self.tls.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                match tls {
-                    Some(acc) => {
-                        match tokio::time::timeout(HEADER_TIMEOUT, acc.accept(stream)).await {
-                            Ok(Ok(s)) => serve_conn(s, router).await,
-                            Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                            Err(_) => tracing::debug!("TLS handshake timed out"),
-                        }
-                    }
-                    None => serve_conn(stream, router).await,
-                }
-            });
-        }
-    }
-}
-
-trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Conn for T {}
-
-async fn accept(bound: &Bound) -> std::io::Result<Box<dyn Conn>> {
-    Ok(match bound {
-        Bound::Tcp(l) => {
-            let (s, _) = l.accept().await?;
-            let _ = s.set_nodelay(true);
-            Box::new(s)
-        }
-        Bound::Unix(l) => Box::new(l.accept().await?.0),
-    })
-}
-
-async fn serve_conn<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
-    stream: S,
-    router: Router,
-) {
-    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        router.clone().oneshot(req.map(axum::body::Body::new))
-    });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-        .await
-    {
-        tracing::debug!(error = %e, "connection ended with an error");
-    }
 }

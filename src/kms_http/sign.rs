@@ -4,6 +4,11 @@
 //! HMAC-SHA256 keyed with the secret key. The server recomputes it from what it received and
 //! compares in constant time; `X-Sdk-Date` must be within 15 minutes of the server's clock.
 //!
+//! The body hash in the canonical request is always computed from the body received, never taken
+//! from the request: an `X-Sdk-Content-Sha256` header (which the SDK sends for non-JSON bodies) is
+//! accepted only when it is signed and equals that hash, and `UNSIGNED-PAYLOAD` is refused, so a
+//! signature always covers the body that is executed.
+//!
 //! The same code signs (for the remote-KMS client) and verifies (for the server), so both ends
 //! agree by construction; the integration tests check the server against the official SDK.
 
@@ -35,6 +40,32 @@ pub enum SignError {
     UnknownAccessKey,
     #[error("the signature does not match")]
     Mismatch,
+    #[error("X-Sdk-Content-Sha256 must be signed and equal the SHA-256 of the body (no UNSIGNED-PAYLOAD)")]
+    ContentHash,
+}
+
+impl SignError {
+    /// What the client is told. An unknown access key and a wrong signature get the same answer,
+    /// so a caller cannot probe which access keys exist; the audit log keeps the real reason.
+    pub fn client_message(&self) -> String {
+        match self {
+            SignError::UnknownAccessKey | SignError::Mismatch => {
+                "verify aksk signature fail (unknown access key or wrong signature)".into()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The reason for the audit log, without the parts that vary per request (so that failures
+    /// aggregate into one line per reason).
+    pub fn audit_reason(&self) -> String {
+        match self {
+            SignError::Expired(_) => "signature expired (X-Sdk-Date more than 900 s away)".into(),
+            SignError::Algorithm(_) => "unsupported signing algorithm".into(),
+            SignError::MissingHeader(_) => "a signed header is missing".into(),
+            other => other.to_string(),
+        }
+    }
 }
 
 /// The parsed `Authorization: SDK-HMAC-SHA256 Access=…, SignedHeaders=…, Signature=…` header.
@@ -178,10 +209,11 @@ pub fn string_to_sign(
             .ok_or_else(|| SignError::MissingHeader(n.chars().take(64).collect()))?;
         headers.push_str(&format!("{n}:{}\n", v.trim()));
     }
-    let body_hash = match req.header("x-sdk-content-sha256") {
-        Some(h) => h.to_string(),
-        None if req.body.is_empty() => EMPTY_BODY_SHA256.to_string(),
-        None => hex::encode(Sha256::digest(req.body)),
+    // Always the hash of the body at hand (see the module doc and `check_request`).
+    let body_hash = if req.body.is_empty() {
+        EMPTY_BODY_SHA256.to_string()
+    } else {
+        hex::encode(Sha256::digest(req.body))
     };
     let canonical = format!(
         "{}\n{}\n{}\n{}\n{}\n{}",
@@ -258,13 +290,11 @@ pub fn format_sdk_date(unix: i64) -> String {
     )
 }
 
-/// Verifies `req` against `auth` with `secret_key`, at server time `now` (Unix seconds).
-pub fn verify(
-    req: &Request<'_>,
-    auth: &Authorization,
-    secret_key: &[u8],
-    now: i64,
-) -> Result<(), SignError> {
+/// The checks that need no secret (run before the access key is looked up, so they answer the
+/// same whether or not it exists): a signed `X-Sdk-Date` within [`MAX_SKEW_SECS`] of `now`, and
+/// an `X-Sdk-Content-Sha256`, if any, signed and equal to the body's hash. Returns the date in
+/// Unix seconds.
+pub fn check_request(req: &Request<'_>, auth: &Authorization, now: i64) -> Result<i64, SignError> {
     if !auth.signed_headers.iter().any(|h| h == "x-sdk-date") {
         return Err(SignError::Date);
     }
@@ -274,6 +304,33 @@ pub fn verify(
     if skew.abs() > MAX_SKEW_SECS {
         return Err(SignError::Expired(skew));
     }
+    let mut content = req
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "x-sdk-content-sha256");
+    if let Some((_, v)) = content.next() {
+        let signed = auth
+            .signed_headers
+            .iter()
+            .any(|h| h == "x-sdk-content-sha256");
+        let actual = hex::encode(Sha256::digest(req.body));
+        if !signed || content.next().is_some() || !v.trim().eq_ignore_ascii_case(&actual) {
+            return Err(SignError::ContentHash);
+        }
+    }
+    Ok(when)
+}
+
+/// Verifies `req` against `auth` with `secret_key`, at server time `now` (Unix seconds):
+/// [`check_request`], then the signature.
+pub fn verify(
+    req: &Request<'_>,
+    auth: &Authorization,
+    secret_key: &[u8],
+    now: i64,
+) -> Result<(), SignError> {
+    check_request(req, auth, now)?;
+    let date = req.header("x-sdk-date").ok_or(SignError::Date)?;
     let sts = string_to_sign(req, &auth.signed_headers, date)?;
     let expected = signature(secret_key, &sts);
     if bool::from(expected.as_bytes().ct_eq(auth.signature.as_bytes())) {
@@ -359,5 +416,67 @@ mod tests {
             parse_authorization(Some("V11-HMAC-SHA256 Access=a")),
             Err(SignError::Algorithm(_))
         ));
+    }
+
+    /// The attack of issue 20: a signature made for one body, resent with another body and an
+    /// `X-Sdk-Content-Sha256` naming the first body's hash.
+    #[test]
+    fn content_hash_header_cannot_substitute_the_body() {
+        let date = format_sdk_date(1000);
+        let base = vec![
+            ("host".to_string(), "127.0.0.1:1".to_string()),
+            ("x-sdk-date".to_string(), date.clone()),
+        ];
+        let first: &[u8] = br#"{"key_id":"alias/a"}"#;
+        let other: &[u8] = br#"{"key_id":"alias/victim"}"#;
+        let names: Vec<String> = ["host", "x-sdk-date"].map(String::from).to_vec();
+        let req = |headers: &'static [(String, String)], body: &'static [u8]| Request {
+            method: "POST",
+            path: "/v1.0/p/kms/describe-key",
+            query: None,
+            headers,
+            body,
+        };
+        let leak = |v: Vec<(String, String)>| -> &'static [(String, String)] { v.leak() };
+        let plain = leak(base.clone());
+        let sts = string_to_sign(&req(plain, first), &names, &date).unwrap();
+        let auth = Authorization {
+            access: "AK".into(),
+            signed_headers: names.clone(),
+            signature: signature(b"sk", &sts),
+        };
+        assert_eq!(verify(&req(plain, first), &auth, b"sk", 1000), Ok(()));
+        let mut with_hash = base.clone();
+        with_hash.push((
+            "x-sdk-content-sha256".into(),
+            hex::encode(Sha256::digest(first)),
+        ));
+        let with_hash = leak(with_hash);
+        assert_eq!(
+            verify(&req(with_hash, other), &auth, b"sk", 1000),
+            Err(SignError::ContentHash),
+            "an unsigned content hash is refused"
+        );
+        // Signed, but naming another body than the one sent.
+        let mut signed_names = names.clone();
+        signed_names.push("x-sdk-content-sha256".into());
+        let sts = string_to_sign(&req(with_hash, first), &signed_names, &date).unwrap();
+        let auth2 = Authorization {
+            access: "AK".into(),
+            signed_headers: signed_names.clone(),
+            signature: signature(b"sk", &sts),
+        };
+        assert_eq!(verify(&req(with_hash, first), &auth2, b"sk", 1000), Ok(()));
+        assert_eq!(
+            verify(&req(with_hash, other), &auth2, b"sk", 1000),
+            Err(SignError::ContentHash)
+        );
+        let mut unsigned_payload = base;
+        unsigned_payload.push(("x-sdk-content-sha256".into(), "UNSIGNED-PAYLOAD".into()));
+        let unsigned_payload = leak(unsigned_payload);
+        assert_eq!(
+            verify(&req(unsigned_payload, first), &auth2, b"sk", 1000),
+            Err(SignError::ContentHash)
+        );
     }
 }

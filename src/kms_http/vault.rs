@@ -13,7 +13,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-use super::creds::{self, Caller};
+use super::authz::Caller;
+use super::creds;
 use super::dew::{b64, unb64};
 use super::dew_fields::unb64_secret;
 use super::errors::{Api, ApiError};
@@ -133,7 +134,9 @@ pub(super) fn work(
     let rest = raw.path.strip_prefix("/v1/transit/").unwrap_or_default();
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     outcome.operation = format!("transit {} {}", raw.method, segs.first().unwrap_or(&""));
-    let caller = creds::authenticate_vault(ks, raw)?;
+    let caller = creds::authenticate_vault(ks, raw).inspect_err(|e| {
+        outcome.auth_failure = Some(e.message.clone());
+    })?;
     outcome.credential = Some(caller.name.clone());
     if !rate.allow(&caller.name) {
         return Err(ApiError::new(
@@ -151,18 +154,21 @@ pub(super) fn work(
                 .as_deref()
                 .is_some_and(|q| q.split('&').any(|p| p == "list=true")));
     let method = raw.method.as_str();
-    let use_key = |name: &str, outcome: &mut Outcome| -> Result<(), ApiError> {
+    // The right each route needs (Transit's names map onto these: `rights::TRANSIT_OPERATIONS`).
+    let use_key = |name: &str, op: &str, outcome: &mut Outcome| -> Result<(), ApiError> {
         outcome.key = Some(name.to_string());
-        caller.check_key(ks, API, name)
+        caller
+            .check(ks, API, name, &[op], &context(&body)?, outcome)
+            .map(|_| ())
     };
     match (method, segs.as_slice()) {
         (_, ["keys"]) if listing => list(ks, &caller),
         ("POST" | "PUT", ["keys", name]) => {
-            use_key(name, outcome)?;
+            use_key(name, "describe-key", outcome)?;
             create(ks, &caller, name, &body)
         }
         ("GET", ["keys", name]) => {
-            use_key(name, outcome)?;
+            use_key(name, "describe-key", outcome)?;
             Ok(ok(key_info(&ks.describe_key(name).map_err(kms)?, name)))
         }
         ("DELETE", ["keys", name]) => {
@@ -170,18 +176,18 @@ pub(super) fn work(
             Err(bad(format!("deletion is not allowed for key {name}: schedule it with the DEW API's schedule-key-deletion or `cryptnbd kms schedule-key-deletion`")))
         }
         ("POST" | "PUT", ["keys", name, "rotate"]) => {
-            use_key(name, outcome)?;
+            use_key(name, "manage", outcome)?;
             writable(&caller)?;
             let m = ks.rotate_key(name).map_err(kms)?;
             Ok(ok(key_info(&m, name)))
         }
         ("POST" | "PUT", ["keys", name, "config"]) => {
-            use_key(name, outcome)?;
+            use_key(name, "manage", outcome)?;
             writable(&caller)?;
             config(ks, name, &body)
         }
         ("POST" | "PUT", ["encrypt", name]) => {
-            use_key(name, outcome)?;
+            use_key(name, "encrypt-data", outcome)?;
             let plain =
                 field(&body, "plaintext")?.ok_or_else(|| bad("missing plaintext to encrypt"))?;
             let plain =
@@ -198,7 +204,7 @@ pub(super) fn work(
             ))
         }
         ("POST" | "PUT", ["decrypt", name]) => {
-            use_key(name, outcome)?;
+            use_key(name, "decrypt-data", outcome)?;
             let ct = parse_ciphertext(
                 field(&body, "ciphertext")?.ok_or_else(|| bad("missing ciphertext to decrypt"))?,
             )?;
@@ -210,7 +216,7 @@ pub(super) fn work(
             ))
         }
         ("POST" | "PUT", ["rewrap", name]) => {
-            use_key(name, outcome)?;
+            use_key(name, "re-encrypt", outcome)?;
             let ct = parse_ciphertext(
                 field(&body, "ciphertext")?.ok_or_else(|| bad("missing ciphertext to rewrap"))?,
             )?;
@@ -220,7 +226,12 @@ pub(super) fn work(
             ))
         }
         ("POST" | "PUT", ["datakey", kind @ ("plaintext" | "wrapped"), name]) => {
-            use_key(name, outcome)?;
+            let op = if *kind == "plaintext" {
+                "create-datakey"
+            } else {
+                "create-datakey-without-plaintext"
+            };
+            use_key(name, op, outcome)?;
             let bits = number(&body, "bits")?.unwrap_or(256);
             if !matches!(bits, 128 | 256 | 512) {
                 return Err(bad("bits must be 128, 256 or 512"));
@@ -310,15 +321,7 @@ fn create(
         Err(KmsError::KeyNotFound { .. }) => {}
         Err(e) => return Err(kms(e)),
     }
-    if caller.keys.is_some() {
-        return Err(ApiError::forbidden(
-            API,
-            format!(
-                "credential {} is limited to some keys: it cannot create keys",
-                caller.name
-            ),
-        ));
-    }
+    caller.require_admin(API, "create keys")?;
     let m = ks
         .create_key(name, "created through the Vault transit API")
         .map_err(kms)?;

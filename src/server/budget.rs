@@ -37,6 +37,14 @@ impl Budget {
         })
     }
 
+    /// Bytes reserved now, and the limit (for status and metrics).
+    pub(crate) fn in_use(&self) -> (usize, usize) {
+        (
+            *self.used.lock().unwrap_or_else(|p| p.into_inner()),
+            self.limit,
+        )
+    }
+
     /// Reserves `n` bytes, waiting up to `wait` for other requests to give memory back, and
     /// giving up early once `cancel` says so (the connection is closing or its peer left).
     fn reserve(&self, n: usize, wait: Duration, cancel: &dyn Fn() -> bool) -> bool {

@@ -54,6 +54,12 @@ pub trait ExportProvider: Send + Sync {
         self.list().iter().any(|e| e.name == name)
     }
     fn attach(&self, name: &str) -> Result<Arc<Volume>, AttachError>;
+    /// What a client is told about a refused attach: what it needs to act (the key is disabled,
+    /// the volume is in use), never a server path, a KMS URL or a key id; the server log has the
+    /// whole chain. The default says only that the export cannot be attached.
+    fn refusal_message(&self, e: &AttachError) -> String {
+        e.to_string()
+    }
     /// What NBD_INFO_DESCRIPTION says about the attached export `name`.
     fn description(&self, _name: &str, volume: &Volume) -> String {
         volume.header().describe()

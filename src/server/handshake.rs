@@ -19,7 +19,8 @@ use std::time::Instant;
 use tracing::debug;
 
 use super::export::{error_chain, AttachError, ExportInfo, ExportProvider};
-use super::peer::Access;
+use super::peer::{Access, TlsMode};
+use super::tls::certificate_principals;
 use super::transport::Conn;
 use crate::config::ServerConfig;
 use crate::nbd::option::{self as opt, InfoRequest, MetaContextRequest, OptionHeader};
@@ -85,6 +86,11 @@ pub enum HandshakeError {
     Tls(#[source] io::Error),
 }
 
+/// A short id tying a refusal the client sees to its log line.
+fn request_id() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
 /// Transmission flags for `export`.
 pub(crate) fn transmission_flags(export: &Volume, structured: bool) -> u16 {
     let mut f = FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_SEND_CACHE;
@@ -102,8 +108,8 @@ pub(crate) fn transmission_flags(export: &Volume, structured: bool) -> u16 {
     f
 }
 
-/// Asks the connection limit for a serving slot for this client (`Err`: why not).
-pub(crate) type Admit<'a> = &'a dyn Fn(Option<&str>) -> Result<(), String>;
+/// Asks the connection limits for a serving slot for this client and export (`Err`: why not).
+pub(crate) type Admit<'a> = &'a dyn Fn(&Access, &str) -> Result<(), String>;
 
 struct Driver<'a> {
     stream: &'a mut Conn,
@@ -248,7 +254,7 @@ impl Driver<'_> {
         }
         let default = self.provider.default_export();
         match default {
-            Some(d) if self.access.exports.permits(&d) => Some(d),
+            Some(d) if self.access.exports().permits(&d) => Some(d),
             // The default export is not this client's: its first permitted one stands in.
             _ => self.visible().into_iter().next().map(|e| e.name),
         }
@@ -257,28 +263,32 @@ impl Driver<'_> {
     /// The exports this client may see.
     fn visible(&self) -> Vec<ExportInfo> {
         let mut v = self.provider.list();
-        v.retain(|e| self.access.exports.permits(&e.name));
+        let access = self.access.exports();
+        v.retain(|e| access.permits(&e.name));
         v
     }
 
     /// `Some(message)` when this client may not use `name` (whether or not it exists: a
-    /// refused client learns nothing about other clients' exports).
+    /// refused client learns nothing about other clients' exports). The message names the rule
+    /// that decides, and what the client proved.
     fn forbidden(&self, name: &str) -> Option<String> {
-        if self.access.exports.permits(name) {
+        if self.access.exports().permits(name) {
             return None;
         }
+        let who = self.access.peer.label();
         tracing::warn!(
             peer = %self.peer,
-            client = self.access.client.as_deref().unwrap_or("-"),
+            client = %who,
             export = %name,
-            "export refused: not allowed for this client (--allow)"
+            "export refused: no --allow rule gives it to this client"
         );
+        let hint = if self.access.peer.tls || self.access.tls == TlsMode::Off {
+            ""
+        } else {
+            "; without TLS only uid:/gid: rules apply"
+        };
         Some(format!(
-            "export {name:?} is not available to this client ({})",
-            self.access
-                .client
-                .as_deref()
-                .unwrap_or("no client certificate")
+            "export {name:?} is not available to this client ({who}): no --allow rule gives it{hint}"
         ))
     }
 
@@ -306,7 +316,8 @@ impl Driver<'_> {
         if self.stream.is_tls() {
             return self.error(option, REP_ERR_INVALID, "TLS is already running");
         }
-        let Some(tls) = self.access.tls.config().cloned() else {
+        let tls = self.access.policy.current().tls().cloned();
+        let Some(tls) = tls.filter(|_| self.access.tls != TlsMode::Off) else {
             return self.error(
                 option,
                 REP_ERR_UNSUP,
@@ -334,15 +345,23 @@ impl Driver<'_> {
         // What was negotiated in the clear does not carry over (NBD protocol, STARTTLS).
         self.structured = false;
         self.meta_for = None;
-        let names = self.stream.peer_names();
-        self.access.exports = tls.allow().access_for(&names);
-        self.access.client = names.first().cloned();
-        if let Some(n) = &self.access.client {
-            self.access.identity = Some(format!("cert:{n}"));
+        let chain = self.stream.peer_chain();
+        let p = &mut self.access.peer;
+        p.tls = true;
+        if let Some(leaf) = chain.first() {
+            let names = certificate_principals(leaf);
+            // The certificate, not the address or uid it came from, is who this client is.
+            self.access.identity = Some(format!(
+                "cert:{}",
+                names.first().map(|n| n.to_string()).unwrap_or_default()
+            ));
+            self.access.authenticated = true;
+            p.principals.extend(names);
         }
+        p.cert_chain = chain;
         tracing::info!(
             peer = %self.peer,
-            client = self.access.client.as_deref().unwrap_or("-"),
+            client = %self.access.peer.label(),
             "TLS established"
         );
         Ok(())
@@ -494,14 +513,25 @@ impl Driver<'_> {
                     AttachError::NotFound(_) => REP_ERR_UNKNOWN,
                     _ => REP_ERR_POLICY,
                 };
-                // The client's message, made once from the whole typed chain.
-                let message = error_chain(&e);
+                // The client gets what it can act on and a request id; the log has the whole
+                // typed chain (paths, KMS URL, key id) under the same id.
+                let rid = request_id();
+                let detail = error_chain(&e);
+                let message = match e {
+                    AttachError::NotFound(_) => self.provider.refusal_message(&e),
+                    _ => format!(
+                        "{} (request {rid}; the server log has the details)",
+                        self.provider.refusal_message(&e)
+                    ),
+                };
                 match e {
                     AttachError::Refused { .. } => {
-                        tracing::warn!(peer = %self.peer, export = %name, "attach refused: {message}")
+                        tracing::warn!(peer = %self.peer, export = %name, request = %rid, "attach refused: {detail}")
                     }
+                    // Warned about recently; one line per request still ties the id the
+                    // client sees to the cause (as "client connected" does per connection).
                     AttachError::RefusedQuietly { .. } => {
-                        tracing::debug!(peer = %self.peer, export = %name, "attach refused again: {message}")
+                        tracing::info!(peer = %self.peer, export = %name, request = %rid, "attach refused again: {detail}")
                     }
                     _ => {}
                 }
@@ -510,7 +540,7 @@ impl Driver<'_> {
             }
         };
         if option == OPT_GO {
-            if let Err(why) = (self.admit)(self.access.identity.as_deref()) {
+            if let Err(why) = (self.admit)(self.access, &name) {
                 tracing::warn!(peer = %self.peer, export = %name, "refusing GO: {why}");
                 self.error(option, REP_ERR_POLICY, &why)?;
                 return Ok(None);
@@ -579,7 +609,7 @@ impl Driver<'_> {
             return Err(HandshakeError::Refused(why));
         }
         let export = self.attach(&name).map_err(HandshakeError::ExportName)?;
-        (self.admit)(self.access.identity.as_deref()).map_err(HandshakeError::Refused)?;
+        (self.admit)(self.access, &name).map_err(HandshakeError::Refused)?;
         let flags = transmission_flags(&export, self.structured);
         opt::encode_export_name_reply(&mut self.out, export.size(), flags, self.no_zeroes);
         self.send("sending the export information")?;

@@ -17,14 +17,19 @@
 //! `shutdown_grace`, e.g. a client that stopped reading replies), then flushes every export that
 //! was attached.
 
+mod accept;
+pub mod access;
 mod budget;
 mod conns;
 pub mod export;
+mod handle;
 mod handshake;
 mod inflight;
 pub mod peer;
+pub mod policy;
 pub mod refusals;
 mod session;
+pub mod stats;
 mod stream;
 pub mod tls;
 mod transport;
@@ -38,17 +43,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
+pub use access::{AllowEntry, AllowList, ExportAccess, Principal, RuleError};
+pub use conns::ConnInfo;
 pub use export::{errno_for, error_chain, AttachError, ExportInfo, ExportProvider};
+pub use handle::{Detached, ServerHandle};
 pub use handshake::HandshakeError;
 pub use peer::{TlsMode, UnixPeerPolicy};
+pub use policy::{Policy, Rules};
 pub use session::SessionError;
-pub use tls::{AllowEntry, AllowList, TlsConfig, TlsError, TlsFiles};
+pub use tls::{TlsConfig, TlsError, TlsFiles};
 
 use crate::config::{ConfigError, ServerConfig};
 use crate::volume::{Volume, VolumeError};
-use stream::Stream;
 
 /// A bound listening socket handed to [`serve`], with who may use it: its TLS mode and (Unix)
 /// which local users may connect. Built plain; add security with the `with_*` methods.
@@ -57,15 +65,17 @@ pub struct Listener {
     kind: ListenerKind,
     tls: TlsMode,
     peers: UnixPeerPolicy,
+    policy: Arc<Policy>,
 }
 
 #[derive(Debug)]
 enum ListenerKind {
     Tcp(StdTcpListener),
-    /// A Unix socket; the file is removed when the server stops.
+    /// A Unix socket; the file is removed when the server stops, unless it was inherited.
     Unix {
         listener: StdUnixListener,
         path: PathBuf,
+        owned: bool,
     },
 }
 
@@ -76,14 +86,21 @@ impl Listener {
         self
     }
 
+    /// Decides who gets which export by `policy` (shared by the listeners of one server, and
+    /// replaced as a whole on reload). Default: no TLS, no rules.
+    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
     /// Checks Unix peer credentials against `peers` (ignored on TCP listeners).
     pub fn with_peer_policy(mut self, peers: UnixPeerPolicy) -> Self {
         self.peers = peers;
         self
     }
 
-    pub fn tls(&self) -> &TlsMode {
-        &self.tls
+    pub fn tls(&self) -> TlsMode {
+        self.tls
     }
 
     /// The socket file, if this is a Unix listener.
@@ -99,6 +116,7 @@ impl Listener {
             kind,
             tls: TlsMode::Off,
             peers: UnixPeerPolicy::default(),
+            policy: Arc::new(Policy::default()),
         }
     }
 
@@ -134,7 +152,28 @@ impl Listener {
         Ok(Listener::plain(ListenerKind::Unix {
             listener,
             path: path.to_path_buf(),
+            owned: true,
         }))
+    }
+
+    /// A TCP listener bound by someone else (socket activation).
+    pub fn from_tcp(listener: StdTcpListener) -> Self {
+        Listener::plain(ListenerKind::Tcp(listener))
+    }
+
+    /// A Unix listener bound by someone else (socket activation): its file is left in place at
+    /// shutdown, it belongs to whoever bound it.
+    pub fn from_unix(listener: StdUnixListener) -> Self {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("(inherited socket)"));
+        Listener::plain(ListenerKind::Unix {
+            listener,
+            path,
+            owned: false,
+        })
     }
 
     /// The TCP address, if this is a TCP listener.
@@ -149,8 +188,8 @@ impl Listener {
     pub fn describe(&self) -> String {
         let tls = match &self.tls {
             TlsMode::Off => "",
-            TlsMode::Optional(_) => " (TLS offered)",
-            TlsMode::Required(_) => " (TLS required)",
+            TlsMode::Optional => " (TLS offered)",
+            TlsMode::Required => " (TLS required)",
         };
         match &self.kind {
             ListenerKind::Tcp(l) => match l.local_addr() {
@@ -220,6 +259,8 @@ struct ServerState {
     attached: Mutex<Vec<(String, Arc<Volume>)>>,
     /// Request buffer memory shared by every connection.
     budget: Arc<budget::Budget>,
+    /// Counters and detached exports, shared with the operator's handle.
+    handle: ServerHandle,
 }
 
 impl ServerState {
@@ -228,6 +269,13 @@ impl ServerState {
         if !v.iter().any(|(_, x)| Arc::ptr_eq(x, e)) {
             v.push((name.to_string(), e.clone()));
         }
+    }
+
+    /// Drops the server's reference to `name`'s volume (detach), returning it.
+    fn forget(&self, name: &str) -> Option<Arc<Volume>> {
+        let mut v = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        let i = v.iter().position(|(n, _)| n == name)?;
+        Some(v.remove(i).1)
     }
 
     fn live(&self) -> usize {
@@ -244,6 +292,7 @@ enum AsyncListener {
 struct ListenerPolicy {
     tls: TlsMode,
     peers: UnixPeerPolicy,
+    policy: Arc<Policy>,
 }
 
 /// Serves NBD on `listeners` until `shutdown` resolves, then stops accepting, lets requests in
@@ -254,6 +303,17 @@ pub async fn serve(
     provider: Arc<dyn ExportProvider>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    serve_with(config, listeners, provider, shutdown, ServerHandle::new()).await
+}
+
+/// [`serve`], observed and driven through `handle` (counters, connections, detach).
+pub async fn serve_with(
+    config: ServerConfig,
+    listeners: Vec<Listener>,
+    provider: Arc<dyn ExportProvider>,
+    shutdown: impl Future<Output = ()>,
+    handle: ServerHandle,
+) -> Result<(), ServerError> {
     config.validate()?;
     if listeners.is_empty() {
         return Err(
@@ -262,16 +322,27 @@ pub async fn serve(
     }
     let state = Arc::new(ServerState {
         provider,
-        conns: conns::Registry::new(config.max_connections),
+        conns: conns::Registry::new(conns::Limits {
+            serving: config.max_connections,
+            handshakes_per_source: config.max_handshakes_per_source,
+            per_client: config.max_connections_per_client,
+        }),
         next_id: AtomicU64::new(1),
         shutting_down: AtomicBool::new(false),
         attached: Mutex::new(Vec::new()),
         budget: budget::Budget::new(config.buffer_budget),
         config,
+        handle: handle.clone(),
     });
+    handle.bind(state.clone());
     let mut socket_files = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
+    let mut watched: Vec<Arc<Policy>> = Vec::new();
     for l in listeners {
+        if !watched.iter().any(|p| Arc::ptr_eq(p, &l.policy)) {
+            watched.push(l.policy.clone());
+            tasks.spawn(recheck_on_reload(l.policy.subscribe(), state.clone()));
+        }
         let what = l.describe();
         let lerr = |source| ServerError::Listener {
             what: what.clone(),
@@ -280,6 +351,7 @@ pub async fn serve(
         let policy = Arc::new(ListenerPolicy {
             tls: l.tls,
             peers: l.peers,
+            policy: l.policy,
         });
         if let (ListenerKind::Tcp(_), TlsMode::Off) = (&l.kind, &policy.tls) {
             warn!(
@@ -292,9 +364,15 @@ pub async fn serve(
                 t.set_nonblocking(true).map_err(lerr)?;
                 AsyncListener::Tcp(tokio::net::TcpListener::from_std(t).map_err(lerr)?)
             }
-            ListenerKind::Unix { listener, path } => {
+            ListenerKind::Unix {
+                listener,
+                path,
+                owned,
+            } => {
                 listener.set_nonblocking(true).map_err(lerr)?;
-                socket_files.push(path.clone());
+                if owned {
+                    socket_files.push(path.clone());
+                }
                 AsyncListener::Unix(
                     tokio::net::UnixListener::from_std(listener).map_err(lerr)?,
                     path,
@@ -302,7 +380,7 @@ pub async fn serve(
             }
         };
         info!("listening on {what}");
-        tasks.spawn(accept_loop(al, policy, state.clone()));
+        tasks.spawn(accept::accept_loop(al, policy, state.clone()));
     }
 
     shutdown.await;
@@ -354,192 +432,16 @@ pub async fn serve(
     }
 }
 
-async fn accept_loop(l: AsyncListener, policy: Arc<ListenerPolicy>, state: Arc<ServerState>) {
-    let own_uid = nix::unistd::geteuid().as_raw();
-    loop {
-        let accepted = match &l {
-            AsyncListener::Tcp(t) => t.accept().await.and_then(|(s, peer)| {
-                s.set_nodelay(true)?;
-                let s = s.into_std()?;
-                // Dead peers (a host that vanished) are noticed within minutes, not hours,
-                // and their connection slot is freed.
-                let ka = socket2::TcpKeepalive::new()
-                    .with_time(KEEPALIVE_IDLE)
-                    .with_interval(KEEPALIVE_INTERVAL)
-                    .with_retries(KEEPALIVE_RETRIES);
-                socket2::SockRef::from(&s).set_tcp_keepalive(&ka)?;
-                Ok((
-                    Stream::Tcp(s),
-                    peer.to_string(),
-                    None,
-                    format!("ip:{}", peer.ip()),
-                ))
-            }),
-            AsyncListener::Unix(u, path) => u.accept().await.and_then(|(s, _)| {
-                let refused = match s.peer_cred() {
-                    Ok(c) => policy
-                        .peers
-                        .check(
-                            Some(peer::PeerCred {
-                                uid: c.uid(),
-                                gid: c.gid(),
-                                pid: c.pid(),
-                                // Without the list only the primary group can match.
-                                groups: peer::peer_groups(&s).unwrap_or_default(),
-                            }),
-                            own_uid,
-                        )
-                        .err()
-                        .map(|why| {
-                            warn!(
-                                socket = %path.display(),
-                                uid = c.uid(),
-                                gid = c.gid(),
-                                pid = c.pid().unwrap_or(0),
-                                "refusing a Unix peer: {why}"
-                            );
-                            why
-                        }),
-                    Err(e) => policy.peers.check(None, own_uid).err().map(|why| {
-                        warn!(socket = %path.display(), "refusing a Unix peer: {why}: {e}");
-                        why
-                    }),
-                };
-                let (peer, who) = match s.peer_cred() {
-                    Ok(c) => (
-                        format!(
-                            "unix:{} uid={} pid={}",
-                            path.display(),
-                            c.uid(),
-                            c.pid().unwrap_or(0)
-                        ),
-                        format!("uid:{}", c.uid()),
-                    ),
-                    Err(_) => (format!("unix:{}", path.display()), "unix".into()),
-                };
-                Ok((Stream::Unix(s.into_std()?), peer, refused, who))
-            }),
-        };
-        let (stream, peer, refused, who) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // EMFILE and friends: back off rather than spin.
-                warn!("accepting a connection failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        if state.shutting_down.load(Ordering::SeqCst) {
-            continue;
-        }
-        if let Stream::Unix(_) = stream {
-            if let Err(e) = stream.set_send_buffer(UNIX_SEND_BUFFER) {
-                // Only speed depends on it: serve with the default buffer.
-                debug!(peer = %peer, "could not enlarge the socket send buffer: {e}");
-            }
-        }
-        let mut access = peer::Access::new(policy.tls.clone(), refused);
-        access.identity = Some(who);
-        if let Err(e) = start_connection(&state, stream, peer.clone(), access) {
-            warn!(peer = %peer, "could not start serving a connection: {e}");
-        }
-    }
-}
-
-/// Removes a connection from the registry when its thread ends, even by a panic.
-struct ConnGuard {
+/// Checks serving connections again whenever the access settings are replaced.
+async fn recheck_on_reload(
+    mut rx: tokio::sync::watch::Receiver<Arc<Rules>>,
     state: Arc<ServerState>,
-    id: u64,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        self.state.conns.remove(self.id);
-    }
-}
-
-fn start_connection(
-    state: &Arc<ServerState>,
-    stream: Stream,
-    peer: String,
-    access: peer::Access,
-) -> io::Result<()> {
-    // The async side hands over a non-blocking socket; the session uses blocking I/O.
-    match &stream {
-        Stream::Tcp(s) => s.set_nonblocking(false)?,
-        Stream::Unix(s) => s.set_nonblocking(false)?,
-    }
-    let id = state.next_id.fetch_add(1, Ordering::SeqCst);
-    let handle = stream.try_clone()?;
-    if let Err(n) = state.conns.register(id, handle) {
-        warn!(
-            peer = %peer,
-            "refusing connection: {n} connections are already in the handshake (--max-connections {})",
-            state.config.max_connections
+) {
+    while rx.changed().await.is_ok() {
+        let rules = rx.borrow_and_update().clone();
+        let closed = state.conns.recheck(&rules);
+        info!(
+            "access settings replaced: {closed} serving connection(s) refused by them are closing"
         );
-        let _ = stream.shutdown(Shutdown::Both);
-        return Ok(());
-    }
-    let guard = ConnGuard {
-        state: state.clone(),
-        id,
-    };
-    std::thread::Builder::new()
-        .name(format!("nbd-conn-{id}"))
-        .spawn(move || {
-            let _guard = guard;
-            connection(&_guard.state, stream, &peer, id, access);
-        })
-        .map(|_| ())
-}
-
-fn connection(state: &ServerState, stream: Stream, peer: &str, id: u64, mut access: peer::Access) {
-    info!(conn = id, peer = %peer, "client connected");
-    let mut conn = transport::Conn::Plain(stream);
-    let admit = |who: Option<&str>| state.conns.admit(id, who);
-    let neg = match handshake::run(
-        &mut conn,
-        &state.config,
-        &*state.provider,
-        peer,
-        &mut access,
-        &admit,
-    ) {
-        Ok(handshake::HandshakeEnd::Transmission(n)) => n,
-        Ok(handshake::HandshakeEnd::Aborted) => {
-            info!(conn = id, peer = %peer, "client ended the handshake (NBD_OPT_ABORT)");
-            // The handshake's socket timeouts still apply, so this cannot hang.
-            if let Err(e) = conn.close_notify() {
-                debug!(conn = id, "could not send TLS close_notify: {e}");
-            }
-            return;
-        }
-        Err(HandshakeError::ClientClosed) => {
-            info!(conn = id, peer = %peer, "client closed the connection during the handshake");
-            return;
-        }
-        Err(e) => {
-            warn!(conn = id, peer = %peer, "handshake failed: {}", error_chain(&e));
-            let _ = conn.shutdown(Shutdown::Both);
-            return;
-        }
-    };
-    state.remember(&neg.name, &neg.export);
-    let export = neg.name.clone();
-    info!(
-        conn = id,
-        peer = %peer,
-        export = %export,
-        structured = neg.structured,
-        tls = conn.is_tls(),
-        client = access.client.as_deref().unwrap_or("-"),
-        flags = format_args!("{:#x}", neg.flags),
-        "serving export"
-    );
-    match session::run(conn, neg, &state.config, state.budget.clone()) {
-        Ok(()) => info!(conn = id, peer = %peer, export = %export, "client disconnected"),
-        Err(e) => {
-            warn!(conn = id, peer = %peer, export = %export, "connection closed: {}", error_chain(&e))
-        }
     }
 }

@@ -1,6 +1,7 @@
 //! Who may talk to the server, decided per listener and per connection: the TLS mode of a
-//! listener, Unix peer credentials (SO_PEERCRED, SO_PEERGROUPS) against `--allow-uid`/`--allow-gid`, socket file
-//! permissions for sockets outside the data directory, and the exports one connection may use.
+//! listener, Unix peer credentials (SO_PEERCRED, SO_PEERGROUPS) against `--allow-uid`/`--allow-gid`,
+//! socket file permissions for sockets outside the data directory, and what one connection has
+//! proved (its `Peer`), from which `policy` derives the exports it may use.
 //!
 //! A refused Unix peer is not simply hung up on: it gets the NBD greeting and an
 //! NBD_REP_ERR_POLICY reply naming the reason to every option, so `nbdinfo` and qemu print
@@ -10,30 +11,25 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::tls::{ExportAccess, TlsConfig};
+use super::access::ExportAccess;
+use super::policy::{Peer, Policy};
 
-/// Whether a listener offers or requires TLS (STARTTLS during option haggling).
-#[derive(Debug, Clone, Default)]
+/// Whether a listener offers or requires TLS (STARTTLS during option haggling). The certificate
+/// files come from the server's [`Policy`], so a reload changes them for every listener at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum TlsMode {
     /// No TLS: STARTTLS is answered with NBD_REP_ERR_UNSUP.
     #[default]
     Off,
     /// STARTTLS is accepted, but clients may also go on without it.
-    Optional(Arc<TlsConfig>),
+    Optional,
     /// Every option but STARTTLS gets NBD_REP_ERR_TLS_REQD until TLS is up.
-    Required(Arc<TlsConfig>),
+    Required,
 }
 
 impl TlsMode {
-    pub fn config(&self) -> Option<&Arc<TlsConfig>> {
-        match self {
-            TlsMode::Off => None,
-            TlsMode::Optional(c) | TlsMode::Required(c) => Some(c),
-        }
-    }
-
     pub fn is_required(&self) -> bool {
-        matches!(self, TlsMode::Required(_))
+        matches!(self, TlsMode::Required)
     }
 }
 
@@ -187,25 +183,34 @@ pub fn set_socket_permissions(
 #[derive(Debug, Clone)]
 pub(crate) struct Access {
     pub tls: TlsMode,
+    /// The settings in force (rules and TLS files).
+    pub policy: Arc<Policy>,
     /// Set when the peer was refused: every option gets this as an NBD_REP_ERR_POLICY message.
     pub refused: Option<String>,
-    pub exports: ExportAccess,
-    /// The client's certificate names once TLS is up, for log lines.
-    pub client: Option<String>,
-    /// Who the client is for the connection limit (its certificate name after TLS, else its
-    /// Unix uid or TCP address): at the limit it may replace its own oldest connection.
+    /// What the client proved.
+    pub peer: Peer,
+    /// Who the client is for the connection limits: its certificate names after TLS, else its
+    /// Unix uid or TCP address. `authenticated` when it is a certificate or a uid (then it may
+    /// replace its own oldest connection at a limit); an address is shared behind NAT.
     pub identity: Option<String>,
+    pub authenticated: bool,
 }
 
 impl Access {
-    pub(crate) fn new(tls: TlsMode, refused: Option<String>) -> Self {
+    pub(crate) fn new(tls: TlsMode, policy: Arc<Policy>, refused: Option<String>) -> Self {
         Self {
             tls,
+            policy,
             refused,
-            exports: ExportAccess::All,
-            client: None,
+            peer: Peer::default(),
             identity: None,
+            authenticated: false,
         }
+    }
+
+    /// The exports this client may list and open under the settings in force now.
+    pub(crate) fn exports(&self) -> ExportAccess {
+        self.policy.current().exports_for(&self.peer)
     }
 }
 

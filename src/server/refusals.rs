@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 /// What to tell about a refusal.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
-    /// Why the attach was refused (as first found).
+    /// Why the attach was refused (as first found), for the log.
     pub reason: String,
+    /// What the client may be told (no path, URL or key id).
+    pub public: String,
     /// `Some(n)`: log this refusal now, `n` earlier ones went unlogged since the last log line.
     /// `None`: a repeat inside the log interval; log it at debug level only.
     pub log: Option<u64>,
@@ -25,6 +27,7 @@ pub struct Refusal {
 
 struct Entry {
     reason: String,
+    public: String,
     /// The refusal is answered from memory until then.
     until: Instant,
     /// When a refusal of this name was last logged, and how many were not since.
@@ -38,6 +41,8 @@ struct Entry {
 #[error("{reason}")]
 pub struct RememberedRefusal {
     pub reason: String,
+    /// What the client may be told.
+    pub public: String,
 }
 
 /// Refused attaches by export name.
@@ -74,8 +79,8 @@ impl RefusalCache {
     }
 
     /// Records that attaching `name` was refused for `reason`; says whether to log it.
-    pub fn refused(&self, name: &str, reason: &str) -> Refusal {
-        self.refused_at(name, reason, Instant::now())
+    pub fn refused(&self, name: &str, reason: &str, public: &str) -> Refusal {
+        self.refused_at(name, reason, public, Instant::now())
     }
 
     /// Forgets `name` (it attached).
@@ -93,14 +98,15 @@ impl RefusalCache {
         if now >= e.until {
             return None;
         }
-        let reason = e.reason.clone();
+        let (reason, public) = (e.reason.clone(), e.public.clone());
         Some(Refusal {
             reason,
+            public,
             log: Self::note(e, now, self.log_interval),
         })
     }
 
-    fn refused_at(&self, name: &str, reason: &str, now: Instant) -> Refusal {
+    fn refused_at(&self, name: &str, reason: &str, public: &str, now: Instant) -> Refusal {
         let mut m = self.lock();
         if m.len() >= MAX_ENTRIES && !m.contains_key(name) {
             m.retain(|_, e| now < e.until);
@@ -121,6 +127,7 @@ impl RefusalCache {
                 e.until = until;
                 Refusal {
                     reason: reason.to_string(),
+                    public: public.to_string(),
                     log: Self::note(e, now, self.log_interval),
                 }
             }
@@ -130,6 +137,7 @@ impl RefusalCache {
                     name.to_string(),
                     Entry {
                         reason: reason.to_string(),
+                        public: public.to_string(),
                         until,
                         logged: now,
                         unlogged: 0,
@@ -137,6 +145,7 @@ impl RefusalCache {
                 );
                 Refusal {
                     reason: reason.to_string(),
+                    public: public.to_string(),
                     log: Some(0),
                 }
             }
@@ -168,7 +177,7 @@ mod tests {
         let c = RefusalCache::new(2 * S, 60 * S);
         let t0 = Instant::now();
         assert_eq!(c.cached_at("v", t0), None);
-        let r = c.refused_at("v", "key disabled", t0);
+        let r = c.refused_at("v", "key disabled", "p", t0);
         assert_eq!(r.log, Some(0), "the first refusal is logged");
         let hit = c.cached_at("v", t0 + S).expect("cached");
         assert_eq!(hit.reason, "key disabled");
@@ -181,14 +190,14 @@ mod tests {
     fn repeats_are_logged_once_per_interval_with_a_count() {
         let c = RefusalCache::new(S, 10 * S);
         let t0 = Instant::now();
-        c.refused_at("v", "r", t0);
+        c.refused_at("v", "r", "p", t0);
         for i in 1..=5 {
             assert_eq!(c.cached_at("v", t0 + S / 10 * i).unwrap().log, None);
         }
         // Expired and refused again by the key store, same reason: still quiet.
-        assert_eq!(c.refused_at("v", "r", t0 + 3 * S).log, None);
+        assert_eq!(c.refused_at("v", "r", "p", t0 + 3 * S).log, None);
         // After the interval: one line, counting the 6 unlogged refusals.
-        assert_eq!(c.refused_at("v", "r", t0 + 11 * S).log, Some(6));
+        assert_eq!(c.refused_at("v", "r", "p", t0 + 11 * S).log, Some(6));
         assert_eq!(c.cached_at("v", t0 + 11 * S).unwrap().log, None);
     }
 
@@ -196,8 +205,8 @@ mod tests {
     fn a_different_reason_is_logged_at_once_and_success_clears() {
         let c = RefusalCache::new(S, 60 * S);
         let t0 = Instant::now();
-        c.refused_at("v", "disabled", t0);
-        assert_eq!(c.refused_at("v", "deleted", t0 + 2 * S).log, Some(0));
+        c.refused_at("v", "disabled", "p", t0);
+        assert_eq!(c.refused_at("v", "deleted", "p", t0 + 2 * S).log, Some(0));
         assert_eq!(c.cached_at("v", t0 + 2 * S).unwrap().reason, "deleted");
         c.clear("v");
         assert_eq!(c.cached_at("v", t0 + 2 * S), None);
@@ -208,7 +217,12 @@ mod tests {
         let c = RefusalCache::new(60 * S, 60 * S);
         let t0 = Instant::now();
         for i in 0..MAX_ENTRIES + 10 {
-            c.refused_at(&format!("n{i}"), "r", t0 + Duration::from_millis(i as u64));
+            c.refused_at(
+                &format!("n{i}"),
+                "r",
+                "p",
+                t0 + Duration::from_millis(i as u64),
+            );
         }
         assert!(c.lock().len() <= MAX_ENTRIES);
         assert!(c.cached_at(&format!("n{}", MAX_ENTRIES + 9), t0).is_some());

@@ -28,6 +28,7 @@ use std::io::{self, BufReader, IoSlice, Read};
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::Instant;
 
 use tracing::{debug, warn};
 
@@ -35,6 +36,7 @@ use super::budget::{Budget, WorkBuf, FREE_BYTES};
 use super::export::{errno_for, error_chain};
 use super::handshake::Negotiated;
 use super::inflight::{self, InFlight};
+use super::stats::{ConnStats, ErrorKind, ExportStats};
 use super::stream::{read_exact_or_eof, write_all_vectored, Stream};
 use super::transport::{Conn, ReadHalf, WriteHalf};
 use crate::config::ServerConfig;
@@ -87,6 +89,9 @@ struct Shared {
     max_discard: u64,
     /// Requests submitted without waiting, whose replies the replier sends (see `inflight`).
     inflight: Arc<InFlight>,
+    /// The export's and this connection's counters (relaxed atomic adds per request).
+    stats: Arc<ExportStats>,
+    conn_stats: Arc<ConnStats>,
 }
 
 impl Shared {
@@ -138,6 +143,7 @@ pub(crate) fn run(
     neg: Negotiated,
     cfg: &ServerConfig,
     budget: Arc<Budget>,
+    (stats, conn_stats): (Arc<ExportStats>, Arc<ConnStats>),
 ) -> Result<(), SessionError> {
     let io_err = |what| move |source| SessionError::Io { what, source };
     conn.set_read_timeout(None)
@@ -163,6 +169,8 @@ pub(crate) fn run(
         structured: neg.structured,
         meta_context: neg.meta_context,
         max_discard: cfg.max_discard,
+        stats,
+        conn_stats,
     };
     let workers = cfg.workers_per_connection.max(1);
     let result = std::thread::scope(|s| {
@@ -273,9 +281,20 @@ fn worker_loop(sh: &Shared, buf: &mut WorkBuf, out: &mut Vec<u8>) -> Result<(), 
         let mut reader = Some(r);
         let large = buf.len() > FREE_BYTES;
         match verdict {
-            Verdict::Run => execute(sh, &req, buf, out, &mut reader)?,
-            Verdict::Fail(errno, msg) => send_error(sh, &req, errno, &msg, out)?,
+            Verdict::Run => {
+                // Requests submitted without waiting (`inflight`) count until submitted.
+                let started = Instant::now();
+                sh.stats.start(req.command, req.len, &sh.conn_stats);
+                let r = execute(sh, &req, buf, out, &mut reader);
+                sh.stats.done(req.command, started.elapsed());
+                r?
+            }
+            Verdict::Fail(errno, msg) => {
+                sh.stats.error(refusal_kind(errno));
+                send_error(sh, &req, errno, &msg, out)?
+            }
             Verdict::FailAndClose(errno, msg) => {
+                sh.stats.error(refusal_kind(errno));
                 send_error(sh, &req, errno, &msg, out)?;
                 return Err(SessionError::WriteTooLong {
                     len: req.len,
@@ -290,6 +309,15 @@ fn worker_loop(sh: &Shared, buf: &mut WorkBuf, out: &mut Vec<u8>) -> Result<(), 
             // Memory beyond the worker's share goes back as soon as the request is done.
             buf.shrink();
         }
+    }
+}
+
+/// How a request refused before it ran is counted.
+fn refusal_kind(errno: u32) -> ErrorKind {
+    if errno == ENOMEM {
+        ErrorKind::NoMemory
+    } else {
+        ErrorKind::Invalid
     }
 }
 
@@ -480,15 +508,39 @@ fn send_error(
     queued(sh, out)
 }
 
-/// Replies with a volume error: its errno from [`errno_for`], its message (which names the
-/// operation and range, never data or keys).
+/// Replies with a volume error: its errno from [`errno_for`] and a message for the client that
+/// names the operation and the OS error but not the backing file (a server path) — the log line
+/// has the whole chain under the request id the client sees.
 fn send_volume_error(
     sh: &Shared,
     req: &Request,
     e: &VolumeError,
     out: &mut Vec<u8>,
 ) -> Result<(), SessionError> {
-    send_error(sh, req, errno_for(e), &error_chain(e), out)
+    sh.stats.error(ErrorKind::Volume);
+    let msg = match e {
+        VolumeError::OutOfRange { .. } | VolumeError::ReadOnly { .. } | VolumeError::Invalid(_) => {
+            error_chain(e)
+        }
+        _ => {
+            let rid = format!("{:08x}", rand::random::<u32>());
+            warn!(
+                command = command_name(req.command),
+                offset = req.offset,
+                len = req.len,
+                request = %rid,
+                "request failed: {}",
+                error_chain(e)
+            );
+            match e {
+                VolumeError::Io { what, cause, .. } => {
+                    format!("{what} failed: {cause} (request {rid})")
+                }
+                _ => format!("the volume failed (request {rid}; the server log has the details)"),
+            }
+        }
+    };
+    send_error(sh, req, errno_for(e), &msg, out)
 }
 
 fn reply_result(
@@ -540,6 +592,7 @@ fn execute<'a>(
             // and never wait for the budget.
             if !buf.ensure(len, &|| sh.cancelled()) {
                 let msg = format!("no buffer memory for a {len}-byte READ (server busy)");
+                sh.stats.error(ErrorKind::NoMemory);
                 return send_error(sh, req, ENOMEM, &msg, out);
             }
             // The one place a READ starts: from cache, keeping the reader, when it is small and

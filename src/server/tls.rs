@@ -1,5 +1,5 @@
-//! TLS settings for the data path: the server certificate and key, the optional client CA
-//! (mutual TLS), the `--allow CLIENT=EXPORT[,EXPORT]` list, and reloading all of it (SIGHUP).
+//! TLS settings for the data path: the server certificate and key, the client CA (mutual TLS)
+//! and its certificate revocation lists, and the names a client certificate proves.
 //!
 //! rustls with the `ring` provider: kernel TLS is not available on the machines this runs on, and
 //! ring builds with a C compiler only (aws-lc-rs needs cmake/clang on a fresh machine), while its
@@ -7,19 +7,24 @@
 //! disks are AES-256; the difference to AES-128-GCM is small next to the record copies), TLS 1.2
 //! with ECDHE + AES-GCM remains for older clients (nbd-client builds on old GnuTLS).
 //!
-//! Reload keeps serving: [`TlsConfig::reload`] reads and checks every file first and swaps the
-//! rustls configuration only when all of it is valid, so a half-copied certificate never takes the
-//! server down. Connections already up keep their session; new ones use the new files.
+//! Reload keeps serving: a reload (`policy`) loads every file into a new [`TlsConfig`] first and
+//! swaps it in only when all of it is valid, so a half-copied certificate never takes the server
+//! down. Connections already up keep their session unless the new CA or CRLs refuse them.
+//!
+//! Revocation: the CRLs are checked for the client's own certificate (the leaf), and a leaf whose
+//! issuer has no CRL among them is refused (unknown status is not trusted): give the CRL of every
+//! CA in `--tls-client-ca` once any is given.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
+
+use super::access::Principal;
 
 /// Where the TLS files are; read at start and again on every reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,6 +35,9 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// PEM CA certificate(s); when given, every client must present a certificate signed by one.
     pub client_ca: Option<PathBuf>,
+    /// PEM certificate revocation lists (of the client CA): a client certificate listed in one is
+    /// refused. Needs `client_ca`.
+    pub crls: Vec<PathBuf>,
 }
 
 /// Why TLS settings could not be loaded. Names the file and what was wrong, never key bytes.
@@ -64,113 +72,36 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
-    #[error("--allow {0:?}: expected CLIENT=EXPORT[,EXPORT...]")]
-    BadAllow(String),
+    #[error("cannot read the certificate revocation list {path}")]
+    Crl {
+        path: PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("--tls-crl {path} needs --tls-client-ca: revocation applies to client certificates")]
+    CrlWithoutCa { path: PathBuf },
 }
 
-/// `--allow` entries: which exports each client identity (a certificate CN or SAN) may list and
-/// open. Empty means every client may use every export.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AllowList {
-    entries: Vec<AllowEntry>,
-}
-
-/// One `CLIENT=EXPORT[,EXPORT]`; the export `*` stands for every export.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AllowEntry {
-    pub client: String,
-    pub exports: Vec<String>,
-}
-
-impl FromStr for AllowEntry {
-    type Err = TlsError;
-
-    fn from_str(s: &str) -> Result<Self, TlsError> {
-        let bad = || TlsError::BadAllow(s.to_string());
-        let (client, exports) = s.split_once('=').ok_or_else(bad)?;
-        let exports: Vec<String> = exports
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .map(String::from)
-            .collect();
-        if client.trim().is_empty() || exports.is_empty() {
-            return Err(bad());
-        }
-        Ok(Self {
-            client: client.trim().to_string(),
-            exports,
-        })
-    }
-}
-
-/// Which exports one connection may list and open.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExportAccess {
-    All,
-    Only(BTreeSet<String>),
-}
-
-impl ExportAccess {
-    pub fn permits(&self, export: &str) -> bool {
-        match self {
-            ExportAccess::All => true,
-            ExportAccess::Only(s) => s.contains(export),
-        }
-    }
-}
-
-impl AllowList {
-    pub fn new(entries: Vec<AllowEntry>) -> Self {
-        Self { entries }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// What a client known by `names` (its certificate's CN and SANs) may use. With entries
-    /// present, a client that matches none of them gets nothing.
-    pub fn access_for(&self, names: &[String]) -> ExportAccess {
-        if self.entries.is_empty() {
-            return ExportAccess::All;
-        }
-        let mut set = BTreeSet::new();
-        for e in self.entries.iter().filter(|e| names.contains(&e.client)) {
-            if e.exports.iter().any(|x| x == "*") {
-                return ExportAccess::All;
-            }
-            set.extend(e.exports.iter().cloned());
-        }
-        ExportAccess::Only(set)
-    }
-}
-
-/// The server's TLS configuration: reloadable rustls settings plus the allow list.
+/// The server's TLS settings as loaded from the files: the rustls configuration new connections
+/// use and the client certificate verifier (kept to check clients already connected again after
+/// a reload: a revoked or no longer trusted certificate loses its connection). Immutable: a
+/// reload loads a new one and swaps it in (see `policy`).
 #[derive(Debug)]
 pub struct TlsConfig {
     files: TlsFiles,
-    allow: AllowList,
-    current: RwLock<Arc<ServerConfig>>,
+    config: Arc<ServerConfig>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
 }
 
 impl TlsConfig {
-    /// Reads and checks the files.
-    pub fn load(files: TlsFiles, allow: AllowList) -> Result<Self, TlsError> {
-        let cfg = build(&files)?;
+    /// Reads and checks every file; an error names the file and what is wrong with it.
+    pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        let (config, verifier) = build(&files)?;
         Ok(Self {
             files,
-            allow,
-            current: RwLock::new(Arc::new(cfg)),
+            config: Arc::new(config),
+            verifier,
         })
-    }
-
-    /// Reads the files again; on success new connections use them, on error the old settings
-    /// stay in force and the error says which file is wrong.
-    pub fn reload(&self) -> Result<(), TlsError> {
-        let cfg = Arc::new(build(&self.files)?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = cfg;
-        Ok(())
     }
 
     pub fn files(&self) -> &TlsFiles {
@@ -179,18 +110,25 @@ impl TlsConfig {
 
     /// Whether clients must present a certificate.
     pub fn requires_client_cert(&self) -> bool {
-        self.files.client_ca.is_some()
-    }
-
-    pub fn allow(&self) -> &AllowList {
-        &self.allow
+        self.verifier.is_some()
     }
 
     pub(crate) fn current(&self) -> Arc<ServerConfig> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.config.clone()
+    }
+
+    /// Checks a client's certificate chain (leaf first) against the CA and CRLs of this
+    /// configuration, as of now; `Err` says why it no longer passes.
+    pub(crate) fn verify_client(&self, chain: &[CertificateDer<'static>]) -> Result<(), String> {
+        let Some(v) = &self.verifier else {
+            return Ok(());
+        };
+        let Some((leaf, rest)) = chain.split_first() else {
+            return Err("it presents no client certificate, and one is now required".into());
+        };
+        v.verify_client_cert(leaf, rest, UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| format!("its certificate no longer verifies: {e}"))
     }
 }
 
@@ -227,7 +165,32 @@ fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
-fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
+type Built = (ServerConfig, Option<Arc<dyn ClientCertVerifier>>);
+
+fn read_crls(files: &TlsFiles) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let mut out = Vec::new();
+    for path in &files.crls {
+        if files.client_ca.is_none() {
+            return Err(TlsError::CrlWithoutCa { path: path.clone() });
+        }
+        let crls = CertificateRevocationListDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| TlsError::Crl {
+                path: path.clone(),
+                source,
+            })?;
+        if crls.is_empty() {
+            return Err(TlsError::Empty {
+                what: "certificate revocation list",
+                path: path.clone(),
+            });
+        }
+        out.extend(crls);
+    }
+    Ok(out)
+}
+
+fn build(files: &TlsFiles) -> Result<Built, TlsError> {
     let certs = read_certs("certificate", &files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::Read {
         what: "private key",
@@ -242,6 +205,8 @@ fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
             key: files.key.clone(),
             source,
         })?;
+    let crls = read_crls(files)?;
+    let mut client_verifier = None;
     let builder = match &files.client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
@@ -251,12 +216,16 @@ fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
                     source,
                 })?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|source| TlsError::Verifier {
-                    path: ca.clone(),
-                    source,
-                })?;
+            let mut vb = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if !crls.is_empty() {
+                // The leaf only: intermediate CAs' own CRLs are rarely at hand.
+                vb = vb.with_crls(crls).only_check_end_entity_revocation();
+            }
+            let verifier = vb.build().map_err(|source| TlsError::Verifier {
+                path: ca.clone(),
+                source,
+            })?;
+            client_verifier = Some(verifier.clone());
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -270,33 +239,35 @@ fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
         })?;
     // NBD sessions are long-lived; resumption tickets buy nothing and add state.
     cfg.send_tls13_tickets = 0;
-    Ok(cfg)
+    Ok((cfg, client_verifier))
 }
 
-/// The names a client certificate vouches for: its subject CNs and its SANs (DNS names, IP
+/// The names a client certificate proves, typed: its subject CNs and its SANs (DNS names, IP
 /// addresses, e-mail addresses, URIs), as `--allow` matches them.
-pub(crate) fn certificate_names(der: &[u8]) -> Vec<String> {
+pub(crate) fn certificate_principals(der: &[u8]) -> Vec<Principal> {
     use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
         return Vec::new();
     };
-    let mut names: Vec<String> = cert
+    let mut names: Vec<Principal> = cert
         .subject()
         .iter_common_name()
-        .filter_map(|cn| cn.as_str().ok().map(String::from))
+        .filter_map(|cn| cn.as_str().ok().map(|s| Principal::Cn(s.to_string())))
         .collect();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
             match n {
-                GeneralName::DNSName(s) | GeneralName::RFC822Name(s) | GeneralName::URI(s) => {
-                    names.push(s.to_string())
-                }
+                GeneralName::DNSName(s) => names.push(Principal::Dns(s.to_string())),
+                GeneralName::RFC822Name(s) => names.push(Principal::Email(s.to_string())),
+                GeneralName::URI(s) => names.push(Principal::Uri(s.to_string())),
                 GeneralName::IPAddress(b) => match b.len() {
-                    4 => names.push(std::net::Ipv4Addr::from([b[0], b[1], b[2], b[3]]).to_string()),
+                    4 => names.push(Principal::Ip(
+                        std::net::Ipv4Addr::from([b[0], b[1], b[2], b[3]]).into(),
+                    )),
                     16 => {
                         let mut a = [0u8; 16];
                         a.copy_from_slice(b);
-                        names.push(std::net::Ipv6Addr::from(a).to_string())
+                        names.push(Principal::Ip(std::net::Ipv6Addr::from(a).into()))
                     }
                     _ => {}
                 },
@@ -312,39 +283,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allow_entries_parse_and_refuse_nonsense() {
-        let e: AllowEntry = "host1=disk0, disk1".parse().unwrap();
-        assert_eq!(e.client, "host1");
-        assert_eq!(e.exports, ["disk0", "disk1"]);
-        for bad in ["host1", "=disk0", "host1=", "host1=,"] {
-            assert!(bad.parse::<AllowEntry>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn access_is_the_union_of_matching_entries() {
-        let l = AllowList::new(vec![
-            "a=d0".parse().unwrap(),
-            "b.example=d1,d2".parse().unwrap(),
-            "root=*".parse().unwrap(),
-        ]);
-        let acc = l.access_for(&["x".into(), "a".into(), "b.example".into()]);
-        assert!(acc.permits("d0") && acc.permits("d2") && !acc.permits("d3"));
-        assert!(!l.access_for(&["nobody".into()]).permits("d0"));
-        assert_eq!(l.access_for(&["root".into()]), ExportAccess::All);
-        assert_eq!(AllowList::default().access_for(&[]), ExportAccess::All);
-    }
-
-    #[test]
     fn missing_files_name_the_file() {
-        let e = TlsConfig::load(
-            TlsFiles {
-                cert: "/nonexistent/cert.pem".into(),
-                key: "/nonexistent/key.pem".into(),
-                client_ca: None,
-            },
-            AllowList::default(),
-        )
+        let e = TlsConfig::load(TlsFiles {
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+            client_ca: None,
+            crls: Vec::new(),
+        })
         .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/cert.pem"), "{e}");
     }

@@ -110,15 +110,14 @@ impl Conn {
         Ok(())
     }
 
-    /// The names the client's certificate vouches for (CN and SANs); empty without TLS or
-    /// without a client certificate.
-    pub(crate) fn peer_names(&self) -> Vec<String> {
+    /// The client's certificate chain (leaf first); empty without TLS or without a client
+    /// certificate.
+    pub(crate) fn peer_chain(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
         match self {
             Conn::Tls(t) => t
                 .conn
                 .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| super::tls::certificate_names(c))
+                .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
                 .unwrap_or_default(),
             _ => Vec::new(),
         }

@@ -48,7 +48,13 @@ impl Volume {
         }
         let sp = span(offset, len, self.ss() as u64);
         if sp.mid.1 > 0 {
-            self.punch(sp.mid.0, sp.mid.1)?;
+            // In a child, only where every layer below is a hole (see `layer`): elsewhere a
+            // punched sector would show the parent's data again, so it is left as it is.
+            for (start, n, below_hole) in self.below(sp.mid.0, sp.mid.1)? {
+                if below_hole {
+                    self.punch(start, n)?;
+                }
+            }
         }
         if fua {
             self.flush()?;
@@ -76,9 +82,13 @@ impl Volume {
         }
         let (start, mid_len) = sp.mid;
         if mid_len > 0 {
-            let punched = may_punch && self.header.discard && self.punch(start, mid_len)?;
-            if !punched {
-                self.write_encrypted_zeroes(start, mid_len)?;
+            // In a child, zeroes over the parent's data are written encrypted (see `layer`).
+            for (start, n, below_hole) in self.below(start, mid_len)? {
+                let punched =
+                    below_hole && may_punch && self.header.discard && self.punch(start, n)?;
+                if !punched {
+                    self.write_encrypted_zeroes(start, n)?;
+                }
             }
         }
         if let Some((s, _, n)) = sp.tail {
@@ -112,7 +122,7 @@ impl Volume {
 
     /// Whether write-zeroes will be fast (a hole punch, no data written): for NBD FAST_ZERO.
     pub fn zeroing_is_fast(&self, may_punch: bool) -> bool {
-        may_punch && self.header.discard && self.backend.can_punch()
+        may_punch && self.header.discard && self.backend.can_punch() && self.parent.is_none()
     }
 
     /// Asks the OS to read `[offset, offset+len)` ahead.
@@ -166,6 +176,9 @@ impl Volume {
             });
             pos = next;
         }
-        Ok(out)
+        match &self.parent {
+            Some(parent) => self.layered_extents(parent, offset, out, MAX_EXTENTS),
+            None => Ok(out),
+        }
     }
 }

@@ -72,7 +72,7 @@ pub enum VolumeError {
         backup: String,
     },
 
-    #[error("the volume header of {target} has format version {version}, which this cryptnbd does not know (it reads version {supported}); use a newer cryptnbd")]
+    #[error("the volume header of {target} has format version {version}, which this cryptnbd does not know (it reads versions 1 to {supported}); use a newer cryptnbd")]
     UnsupportedVersion {
         target: String,
         version: u32,
@@ -105,6 +105,15 @@ pub enum VolumeError {
     /// until the volume is detached and attached again.
     #[error("{target}: an earlier write-back failed ({first}); acknowledged writes may be lost, so every flush and write fails until the volume is detached and attached again")]
     WriteBackFailed { target: String, first: String },
+
+    /// A child layer's parent is not the layer its header names (another volume or layer, another
+    /// size or sector size): reading through it would return another disk's data.
+    #[error("{target}: its parent layer {parent:?} does not match: {reason}")]
+    ParentMismatch {
+        target: String,
+        parent: String,
+        reason: String,
+    },
 
     /// Bad creation parameters or header fields (size, sector size, oversized metadata).
     #[error("invalid volume parameters: {0}")]

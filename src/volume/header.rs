@@ -28,7 +28,11 @@ mod codec;
 pub use codec::CopyError;
 
 pub const MAGIC: &[u8; 8] = b"CRYPTNBD";
+/// The single-layer format: every volume without snapshots or a parent is still written so.
 pub const FORMAT_VERSION: u32 = 1;
+/// The layered format (v1 + a layer id and an optional parent reference): written only for
+/// volumes that have taken part in a snapshot or clone (see `crate::volume::layer`).
+pub const FORMAT_VERSION_LAYERED: u32 = 2;
 /// Bytes before the data area; keeps the data area aligned for any sector and page size.
 pub const HEADER_REGION: u64 = 1 << 20;
 /// Offsets of the two header copies.
@@ -63,6 +67,22 @@ pub struct VolumeHeader {
     pub key_version: u32,
     pub wrapped_dek: Vec<u8>,
     pub encryption_context: BTreeMap<String, String>,
+    /// This layer's own id (format v2): set once a volume takes part in a snapshot or clone, so
+    /// a child can name exactly the parent it was made on. `None` = a v1 single-layer volume.
+    pub layer_id: Option<Uuid>,
+    /// The read-only layer this one falls through to for never-written sectors (format v2).
+    pub parent: Option<ParentRef>,
+}
+
+/// A child layer's record of its parent: which layer (name in the data directory, volume and
+/// layer ids) and its size, so a missing, replaced or resized parent is detected, not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentRef {
+    /// `NAME@SNAP`: the parent's name in the data directory.
+    pub name: String,
+    pub volume_id: Uuid,
+    pub layer_id: Uuid,
+    pub size: u64,
 }
 
 impl VolumeHeader {
@@ -85,6 +105,17 @@ impl VolumeHeader {
             key_version: 0,
             wrapped_dek: Vec::new(),
             encryption_context: BTreeMap::new(),
+            layer_id: None,
+            parent: None,
+        }
+    }
+
+    /// The format version this header is written in: 1 unless it needs the layered fields.
+    pub fn format_version(&self) -> u32 {
+        if self.layer_id.is_none() && self.parent.is_none() {
+            FORMAT_VERSION
+        } else {
+            FORMAT_VERSION_LAYERED
         }
     }
 
@@ -322,7 +353,7 @@ fn both_bad(target: String, p: CopyError, b: CopyError) -> VolumeError {
                 return VolumeError::UnsupportedVersion {
                     target,
                     version: *v,
-                    supported: FORMAT_VERSION,
+                    supported: FORMAT_VERSION_LAYERED,
                 }
             }
             CopyError::Flags(flags) => {

@@ -1,4 +1,4 @@
-//! The byte encoding of one volume header copy (format version 1): `VolumeHeader::encode` and
+//! The byte encoding of one volume header copy (format versions 1 and 2): `VolumeHeader::encode` and
 //! `VolumeHeader::decode`, the reasons a copy is rejected ([`CopyError`]), and the little-endian
 //! field helpers. It is a file of its own (a child module of `header`, which owns the fields,
 //! their rules and the crash-safe handling of the two copies) because it is the part a change
@@ -18,6 +18,17 @@
 //!  60  4  reserved (0)
 //! ```
 //!
+//! Version 2 (layered volumes: snapshots, clones) is version 1 with these fields after the
+//! context entries (still inside L and the checksum):
+//!
+//! ```text
+//!  16  layer id (UUID)
+//!   1  1 if a parent follows, else 0
+//!      parent: 16 volume id, 16 layer id, 8 size, u16 length + name (`NAME@SNAP`)
+//! ```
+//!
+//! A header without layer id and parent is written as version 1, byte for byte as before.
+//!
 //! The parser reads from a byte slice: it checks the encoded length against the slice and
 //! `MAX_HEADER_LEN`, and the checksum, before it parses the fields, and bounds-checks every
 //! variable-length field (`take`) before copying it.
@@ -26,8 +37,9 @@ use std::collections::BTreeMap;
 
 use uuid::Uuid;
 
-use super::{VolumeError, VolumeHeader};
-use super::{FLAG_DISCARD, FORMAT_VERSION, HEADER_REGION, MAGIC, MAX_HEADER_LEN};
+use super::MAX_HEADER_LEN;
+use super::{ParentRef, VolumeError, VolumeHeader};
+use super::{FLAG_DISCARD, FORMAT_VERSION, FORMAT_VERSION_LAYERED, HEADER_REGION, MAGIC};
 
 const KNOWN_FLAGS: u32 = FLAG_DISCARD;
 const FIXED_LEN: usize = 136;
@@ -42,7 +54,8 @@ impl VolumeHeader {
             .map_err(|_| too_big("encryption context"))?;
         let mut b = Vec::with_capacity(512);
         b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        let version = self.format_version();
+        b.extend_from_slice(&version.to_le_bytes());
         b.extend_from_slice(&[0; 4]); // length, patched below
         b.extend_from_slice(&[0; 4]); // crc, patched below
         let flags = if self.discard { FLAG_DISCARD } else { 0 };
@@ -67,6 +80,21 @@ impl VolumeHeader {
                 let l = u16::try_from(s.len()).map_err(|_| too_big("encryption context"))?;
                 b.extend_from_slice(&l.to_le_bytes());
                 b.extend_from_slice(s.as_bytes());
+            }
+        }
+        if version == FORMAT_VERSION_LAYERED {
+            b.extend_from_slice(self.layer_id.unwrap_or_default().as_bytes());
+            match &self.parent {
+                None => b.push(0),
+                Some(p) => {
+                    b.push(1);
+                    b.extend_from_slice(p.volume_id.as_bytes());
+                    b.extend_from_slice(p.layer_id.as_bytes());
+                    b.extend_from_slice(&p.size.to_le_bytes());
+                    let l = u16::try_from(p.name.len()).map_err(|_| too_big("parent name"))?;
+                    b.extend_from_slice(&l.to_le_bytes());
+                    b.extend_from_slice(p.name.as_bytes());
+                }
             }
         }
         if b.len() > MAX_HEADER_LEN {
@@ -103,7 +131,7 @@ impl VolumeHeader {
                 "checksum mismatch (stored {stored:#010x}, computed {crc:#010x})"
             )));
         }
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_LAYERED {
             return Err(CopyError::Version(version));
         }
         let b = &buf[..len];
@@ -133,6 +161,25 @@ impl VolumeHeader {
             let v = take_str(b, &mut pos)?;
             encryption_context.insert(k, v);
         }
+        let (mut layer_id, mut parent) = (None, None);
+        if version == FORMAT_VERSION_LAYERED {
+            layer_id = Some(uuid_at(take(b, &mut pos, 16)?));
+            parent = match take(b, &mut pos, 1)?[0] {
+                0 => None,
+                1 => {
+                    let volume_id = uuid_at(take(b, &mut pos, 16)?);
+                    let parent_layer = uuid_at(take(b, &mut pos, 16)?);
+                    let size = le64(take(b, &mut pos, 8)?, 0);
+                    Some(ParentRef {
+                        volume_id,
+                        layer_id: parent_layer,
+                        size,
+                        name: take_str(b, &mut pos)?,
+                    })
+                }
+                x => return Err(CopyError::Corrupt(format!("parent marker {x}"))),
+            };
+        }
         if pos != len {
             return Err(CopyError::Corrupt(format!(
                 "{} trailing bytes after the fields",
@@ -152,6 +199,8 @@ impl VolumeHeader {
             key_version: le32(b, 128),
             wrapped_dek,
             encryption_context,
+            layer_id,
+            parent,
         })
     }
 }
@@ -187,6 +236,10 @@ fn le64(b: &[u8], o: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[o..o + 8]);
     u64::from_le_bytes(a)
+}
+
+fn uuid_at(b: &[u8]) -> Uuid {
+    Uuid::from_bytes(b[..16].try_into().unwrap_or([0; 16]))
 }
 
 fn padded<const N: usize>(s: &str) -> Option<[u8; N]> {
@@ -245,9 +298,39 @@ mod tests {
         assert_eq!(VolumeHeader::decode(&enc).unwrap(), h);
     }
 
+    fn layered() -> VolumeHeader {
+        let mut h = sample();
+        h.layer_id = Some(Uuid::from_u128(4));
+        h.parent = Some(ParentRef {
+            name: "base@monday".into(),
+            volume_id: Uuid::from_u128(5),
+            layer_id: Uuid::from_u128(6),
+            size: 1 << 30,
+        });
+        h
+    }
+
+    #[test]
+    fn layered_round_trips_as_version_2() {
+        let h = layered();
+        let enc = h.encode().unwrap();
+        assert_eq!(le32(&enc, 8), FORMAT_VERSION_LAYERED);
+        assert_eq!(VolumeHeader::decode(&enc).unwrap(), h);
+        let mut top = h.clone();
+        top.parent = None;
+        assert_eq!(VolumeHeader::decode(&top.encode().unwrap()).unwrap(), top);
+        assert_eq!(le32(&sample().encode().unwrap(), 8), FORMAT_VERSION);
+    }
+
     #[test]
     fn every_truncation_and_bit_flip_is_rejected() {
-        let enc = sample().encode().unwrap();
+        for h in [sample(), layered()] {
+            truncations_and_flips(&h);
+        }
+    }
+
+    fn truncations_and_flips(h: &VolumeHeader) {
+        let enc = h.encode().unwrap();
         for n in 0..enc.len() {
             assert!(VolumeHeader::decode(&enc[..n]).is_err(), "prefix {n}");
         }

@@ -4,6 +4,9 @@
 //! flush/FUA, trim and write-zeroes (hole punching), and block status. This file holds the read
 //! and write paths; `allocation` holds trim, write-zeroes, block status and cache.
 //!
+//! A volume may be a child layer over a read-only parent (a snapshot or a clone's origin): its
+//! never-written sectors are read from the parent chain (see `layer`).
+//!
 //! It knows nothing of NBD or CMKs: the header carries the key metadata opaquely, and whoever
 //! attaches the volume turns it into an [`XtsKey`] (see `crate::datadir`).
 //!
@@ -21,17 +24,19 @@ mod allocation;
 mod error;
 mod geometry;
 pub mod header;
+mod layer;
 mod mapped;
 mod mapped_write;
 mod submit;
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 pub use allocation::Extent;
 pub use error::{Op, VolumeError};
-pub use header::VolumeHeader;
+pub use header::{ParentRef, VolumeHeader};
+pub use layer::merge_into_child;
 pub use submit::{ReadDone, SubmitDone};
 
 use crate::backend::Backend;
@@ -61,6 +66,8 @@ pub struct Volume {
     locks: Vec<Mutex<()>>,
     /// The first failed sync, sticky: see [`Volume::flush`].
     writeback_error: OnceLock<String>,
+    /// The read-only layer never-written sectors fall through to (see `layer`).
+    parent: Option<Arc<Volume>>,
 }
 
 // The server shares one `Arc<Volume>` between connections and threads.
@@ -78,6 +85,7 @@ impl std::fmt::Debug for Volume {
             .field("size", &self.header.size)
             .field("sector_size", &self.header.sector_size)
             .field("read_only", &self.read_only)
+            .field("parent", &self.parent.as_ref().map(|p| &p.target))
             .finish_non_exhaustive()
     }
 }
@@ -137,6 +145,7 @@ impl Volume {
             target,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             writeback_error: OnceLock::new(),
+            parent: None,
         })
     }
 
@@ -220,6 +229,9 @@ impl Volume {
     /// in place; all-zero ciphertext sectors stay zero. Returns whether every sector was such a
     /// zero sector.
     fn read_sectors(&self, buf: &mut [u8], sector_off: u64) -> Result<bool, VolumeError> {
+        if let Some(parent) = &self.parent {
+            return self.read_layered(parent, buf, sector_off);
+        }
         if let Some(all_zero) = self.read_mapped(buf, sector_off, false)? {
             return Ok(all_zero);
         }
@@ -313,7 +325,11 @@ impl Volume {
     ) -> Result<Option<ReadOutcome>, VolumeError> {
         self.check(Op::Read, offset, buf.len() as u64)?;
         let ss = self.ss() as u64;
-        if buf.is_empty() || !offset.is_multiple_of(ss) || !(buf.len() as u64).is_multiple_of(ss) {
+        if buf.is_empty()
+            || !offset.is_multiple_of(ss)
+            || !(buf.len() as u64).is_multiple_of(ss)
+            || self.parent.is_some()
+        {
             return Ok(None);
         }
         if let Some(all_zero) = self.read_mapped(buf, offset, true)? {

@@ -74,6 +74,7 @@ impl Volume {
     pub fn can_submit_read(&self, offset: u64, len: u64) -> bool {
         let ss = u64::from(self.header.sector_size);
         self.backend.submits_async()
+            && self.parent.is_none()
             && len > 0
             && offset.is_multiple_of(ss)
             && len.is_multiple_of(ss)
@@ -88,7 +89,9 @@ impl Volume {
         if let Err(e) = self.check(Op::Read, offset, len) {
             return done(data, Err(e));
         }
-        if data.is_empty() || !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) {
+        // A child layer's holes fall through to its parent: the blocking path reads them.
+        let blocking = self.parent.is_some();
+        if data.is_empty() || !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) || blocking {
             let r = self.read(offset, &mut data);
             return done(data, r);
         }

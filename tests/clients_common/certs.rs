@@ -36,8 +36,21 @@ impl Ca {
 
     /// A leaf certificate: (certificate PEM, key PEM).
     pub fn leaf(&self, cn: &str, sans: &[&str], server: bool, expired: bool) -> (String, String) {
+        self.leaf_with_serial(cn, sans, server, expired, None)
+    }
+
+    /// [`Ca::leaf`] with a chosen serial number (for revocation lists).
+    pub fn leaf_with_serial(
+        &self,
+        cn: &str,
+        sans: &[&str],
+        server: bool,
+        expired: bool,
+        serial: Option<u64>,
+    ) -> (String, String) {
         let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
         let mut p = CertificateParams::new(sans).expect("leaf params");
+        p.serial_number = serial.map(rcgen::SerialNumber::from);
         p.distinguished_name.push(DnType::CommonName, cn);
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -55,6 +68,31 @@ impl Ca {
         let key = KeyPair::generate().expect("leaf key");
         let cert = p.signed_by(&key, &self.cert, &self.key).expect("sign leaf");
         (cert.pem(), key.serialize_pem())
+    }
+
+    /// A certificate revocation list (PEM) of this CA revoking the certificates with `serials`.
+    pub fn crl(&self, serials: &[u64]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2035, 1, 1),
+            crl_number: rcgen::SerialNumber::from(serials.len() as u64 + 1),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*s),
+                    revocation_time: rcgen::date_time_ymd(2025, 6, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.cert, &self.key)
+            .expect("sign CRL")
+            .pem()
+            .expect("CRL PEM")
     }
 
     /// Writes a server certificate and key under `dir` and returns their paths.
@@ -93,8 +131,13 @@ pub fn client_dir(
     std::fs::write(d.join("ca-cert.pem"), server_ca.pem()).expect("write ca-cert.pem");
     if let Some((issuer, cn, expired)) = client {
         let (cert, key) = issuer.leaf(cn, &[], false, expired);
-        std::fs::write(d.join("client-cert.pem"), cert).expect("write client cert");
-        std::fs::write(d.join("client-key.pem"), key).expect("write client key");
+        write_client(&d, &cert, &key);
     }
     d
+}
+
+/// Writes a client certificate and key into a client directory.
+pub fn write_client(d: &Path, cert: &str, key: &str) {
+    std::fs::write(d.join("client-cert.pem"), cert).expect("write client cert");
+    std::fs::write(d.join("client-key.pem"), key).expect("write client key");
 }

@@ -153,6 +153,11 @@ impl ExportProvider for TestProvider {
         }
     }
 
+    /// The fixture's refusal reasons are written for clients: they are shown whole.
+    fn refusal_message(&self, e: &AttachError) -> String {
+        cryptnbd::server::error_chain(e)
+    }
+
     fn description(&self, name: &str, volume: &Volume) -> String {
         match self.entries.iter().find(|(n, _)| n == name) {
             Some((_, Entry::Ready(_, d))) => d.clone(),

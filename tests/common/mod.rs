@@ -192,3 +192,12 @@ pub fn run_bounded(cmd: &mut std::process::Command, limit: Duration) -> (bool, S
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for servers started as processes).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -262,6 +262,33 @@ fn format_spec_decodes_the_golden_header() {
             "missing {want:?} in\n{text}"
         );
     }
+    // Format 2 (layered volumes): the layer and parent fields the document adds.
+    let v2 = root.join("tests/data/volume-header-v2.bin");
+    let out = Command::new("/usr/bin/python3")
+        .arg(root.join("docs/decode-header.py"))
+        .arg(&v2)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let parsed = cryptnbd::volume::VolumeHeader::decode(&std::fs::read(&v2).unwrap()).unwrap();
+    let parent = parsed
+        .parent
+        .as_ref()
+        .expect("the golden v2 header has a parent");
+    for want in [
+        "format_version: 2".to_string(),
+        format!("layer_id: {}", parsed.layer_id.unwrap()),
+        format!("parent_volume_id: {}", parent.volume_id),
+        format!("parent_layer_id: {}", parent.layer_id),
+        format!("parent_size: {}", parent.size),
+        format!("parent_name: {}", parent.name),
+    ] {
+        assert!(
+            text.lines().any(|l| l == want),
+            "missing {want:?} in\n{text}"
+        );
+    }
     // A flipped byte is caught by the checksum the document describes.
     let dir = tempfile::tempdir().unwrap();
     let mut bad = header.clone();

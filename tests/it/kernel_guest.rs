@@ -3,7 +3,8 @@
 //! and dm-crypt, busybox, nbd-client, cryptsetup), boots it with no network, and inside it
 //! cryptnbd serves volumes on a Unix socket while the kernel attaches them as /dev/nbdX:
 //! `-b 4096` and 512-byte kernel I/O, ext4 with checksummed files, fstrim, server restart, fsck,
-//! O_DIRECT writes at odd 512-byte offsets, `-connections 4`, and finally the README's by-hand
+//! O_DIRECT writes at odd 512-byte offsets, `-connections 4`, the kernel client over TLS with a
+//! client certificate (`-certfile/-keyfile/-cacertfile`, ext4 on top), and finally the README's by-hand
 //! recovery (the DEK unwrapped with the CLI, the volume file opened by dm-crypt) finding the same
 //! files. This test runs the tool and checks every step's marker in its output.
 
@@ -29,6 +30,7 @@ const STEPS: &[&str] = &[
     "odirect-512",
     "multi-conn-4",
     "raw-after-restart",
+    "tls-client-cert",
     "dm-crypt-recovery",
 ];
 

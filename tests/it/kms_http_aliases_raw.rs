@@ -30,7 +30,7 @@ fn alias_endpoints_refuse_bad_shapes_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     cli(dir.path(), &["kms", "init"]);
     cli(dir.path(), &["kms", "create-key", "--alias", "raw"]);
-    let key = access_key(dir.path(), "raw-client", &[]);
+    let key = access_key(dir.path(), "raw-client", &["--admin"]);
     let server = KmsServer::start(dir.path(), &[]);
     let body = |v: Value| serde_json::to_vec(&v).unwrap();
 

@@ -31,12 +31,12 @@ fn bad_input_limits_and_rate_are_refused_and_audited() {
     let dir = tempfile::tempdir().unwrap();
     cli(dir.path(), &["kms", "init"]);
     cli(dir.path(), &["kms", "create-key", "--alias", "k1"]);
-    let key = access_key(dir.path(), "app", &[]);
+    let key = access_key(dir.path(), "app", &["--admin"]);
     let scoped = access_key(dir.path(), "other", &["--keys", "k1", "--read-only"]);
-    let token = cli(dir.path(), &["kms", "token", "create", "busy"])
+    let token = cli(dir.path(), &["kms", "token", "create", "busy", "--admin"])
         .trim()
         .to_string();
-    let calm = cli(dir.path(), &["kms", "token", "create", "calm"])
+    let calm = cli(dir.path(), &["kms", "token", "create", "calm", "--admin"])
         .trim()
         .to_string();
     let server = KmsServer::start(dir.path(), &["--max-body", "2048", "--rate", "5"]);
@@ -209,6 +209,7 @@ fn https_with_a_private_ca_and_no_plain_http_off_loopback() {
             "s",
             "--project",
             "p",
+            "--admin",
             "--output",
             cred.to_str().unwrap(),
         ],

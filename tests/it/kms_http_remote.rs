@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use kms_http_support::*;
 
-struct Serve {
-    child: Child,
-    log: std::path::PathBuf,
+pub(crate) struct Serve {
+    pub(crate) child: Child,
+    pub(crate) log: std::path::PathBuf,
 }
 
 impl Drop for Serve {
@@ -26,11 +26,11 @@ impl Drop for Serve {
     }
 }
 
-fn remote_args<'a>(url: &'a str, cred: &'a Path) -> Vec<&'a str> {
+pub(crate) fn remote_args<'a>(url: &'a str, cred: &'a Path) -> Vec<&'a str> {
     vec!["--kms-url", url, "--kms-credential", cred.to_str().unwrap()]
 }
 
-fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> Serve {
+pub(crate) fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> Serve {
     let log = data.parent().unwrap().join("serve.log");
     let mut child = Command::new(BIN)
         .arg("--data-dir")
@@ -44,10 +44,10 @@ fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> Serve {
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Keep draining after the caller stopped listening: the server's later lines must not
+        // meet a closed pipe.
         for l in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
+            let _ = tx.send(l);
         }
     });
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -66,12 +66,12 @@ fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> Serve {
     Serve { child, log }
 }
 
-fn uri(sock: &Path, name: &str) -> String {
+pub(crate) fn uri(sock: &Path, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", sock.display())
 }
 
 /// Writes fresh random data through NBD and reads it back.
-fn round_trip(sock: &Path, name: &str, tmp: &Path) {
+pub(crate) fn round_trip(sock: &Path, name: &str, tmp: &Path) {
     let src = tmp.join("src.bin");
     let back = tmp.join("back.bin");
     let _ = std::fs::remove_file(&back);
@@ -82,7 +82,11 @@ fn round_trip(sock: &Path, name: &str, tmp: &Path) {
         Command::new("nbdcopy").arg(&src).arg(uri(sock, name)),
         Duration::from_secs(120),
     );
-    assert!(ok, "nbdcopy write failed: {out}{err}");
+    assert!(
+        ok,
+        "nbdcopy write failed: {out}{err}\nserve log:\n{}",
+        std::fs::read_to_string(tmp.join("serve.log")).unwrap_or_default()
+    );
     let (ok, out, err) = common::run_bounded(
         Command::new("nbdcopy").arg(uri(sock, name)).arg(&back),
         Duration::from_secs(120),
@@ -93,7 +97,7 @@ fn round_trip(sock: &Path, name: &str, tmp: &Path) {
 }
 
 /// nbdinfo on an export that must be refused; returns its output plus the server's log.
-fn refused(sock: &Path, name: &str, serve: &Serve) -> String {
+pub(crate) fn refused(sock: &Path, name: &str, serve: &Serve) -> String {
     let (ok, out, err) = common::run_bounded(
         Command::new("nbdinfo").arg(uri(sock, name)),
         Duration::from_secs(120),
@@ -166,4 +170,89 @@ fn storage_host_without_cmks_serves_through_remote_kms() {
 
     let audit = audit_text(&kms_dir);
     assert!(audit.contains(r#""credential":"storage-1""#), "{audit}");
+}
+
+/// `volume rekey --kms-url`: the storage host re-wraps a volume's data key through the remote
+/// KMS (re-encrypt with the volume's encryption context as source and destination context),
+/// first under another key, then under a rotated version; the volume still attaches and reads
+/// back what was written before the rekeys.
+#[test]
+fn remote_volume_rekey_rewraps_through_the_kms() {
+    if !common::require_tool("/usr/bin/nbdcopy") || !common::require_tool("/usr/bin/nbdinfo") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let kms_dir = tmp.path().join("kms-host");
+    let store = tmp.path().join("storage-host");
+    let cred = tmp.path().join("storage.cred");
+    cli(&kms_dir, &["kms", "init"]);
+    let key_id = |alias: &str| -> String {
+        let out = cli(&kms_dir, &["kms", "create-key", "--alias", alias, "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["key_id"].as_str().unwrap().to_string()
+    };
+    let old = key_id("vols");
+    let new = key_id("vols-2024");
+    let c = cred.to_str().unwrap();
+    cli(
+        &kms_dir,
+        &[
+            "kms",
+            "credential",
+            "create",
+            "storage-1",
+            "--project",
+            "p1",
+            "--admin",
+            "--output",
+            c,
+        ],
+    );
+    let kms = KmsServer::start(&kms_dir, &[]);
+    let url = kms.url.clone();
+    let with_remote = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(remote_args(&url, &cred));
+        cli(&store, &a)
+    };
+    with_remote(&["volume", "create", "v1", "--size", "8M", "--key", "vols"]);
+    let info = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&cli(&store, &["volume", "info", name, "--json"])).unwrap()
+    };
+    assert_eq!(info("v1")["key_id"], old.as_str());
+
+    let sock = tmp.path().join("nbd.sock");
+    let serve = start_serve(&store, &sock, &url, &cred);
+    round_trip(&sock, "v1", tmp.path());
+    drop(serve);
+
+    let out = with_remote(&["volume", "rekey", "v1", "--key", "vols-2024"]);
+    assert!(out.contains(&new), "{out}");
+    assert_eq!(info("v1")["key_id"], new.as_str());
+    cli(&kms_dir, &["kms", "rotate-key", "vols-2024"]);
+    with_remote(&["volume", "rekey", "v1"]);
+    assert_eq!(info("v1")["key_version"], 2);
+
+    // The re-wrapped key still opens the volume through the KMS, and the data is unchanged.
+    let sock = tmp.path().join("nbd2.sock");
+    let serve = start_serve(&store, &sock, &url, &cred);
+    let back = tmp.path().join("after-rekey.bin");
+    let (ok, out, err) = common::run_bounded(
+        Command::new("nbdcopy").arg(uri(&sock, "v1")).arg(&back),
+        Duration::from_secs(120),
+    );
+    assert!(
+        ok,
+        "nbdcopy read failed: {out}{err}\nserve log:\n{}",
+        std::fs::read_to_string(&serve.log).unwrap_or_default()
+    );
+    let before = std::fs::read(tmp.path().join("src.bin")).unwrap();
+    assert_eq!(&std::fs::read(&back).unwrap()[..before.len()], &before[..]);
+    round_trip(&sock, "v1", tmp.path());
+    drop(serve);
+    let audit = audit_text(&kms_dir);
+    assert!(
+        audit.contains(r#""operation":"http re-encrypt""#) && audit.contains("storage-1"),
+        "{audit}"
+    );
 }

@@ -18,7 +18,7 @@ fn hvac_transit_and_rgw_style_requests() {
     cli(dir.path(), &["kms", "create-key", "--alias", "frozen"]);
     cli(dir.path(), &["kms", "disable-key", "frozen"]);
     cli(dir.path(), &["kms", "create-key", "--alias", "scoped-key"]);
-    let token = cli(dir.path(), &["kms", "token", "create", "rgw"])
+    let token = cli(dir.path(), &["kms", "token", "create", "rgw", "--admin"])
         .trim()
         .to_string();
     let scoped = cli(

@@ -3,6 +3,7 @@
 //! commands, serves, stops cleanly on SIGTERM, and serves the same data after a restart.
 
 use crate::common;
+use crate::common::free_port;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -11,14 +12,6 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::raw::RawClient;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Served {
     child: Child,

@@ -12,7 +12,7 @@ use clients_common::*;
 
 const NOBODY: u32 = 65534;
 
-fn as_nobody(args: &[&str]) -> Command {
+pub(crate) fn as_nobody(args: &[&str]) -> Command {
     let mut c = Command::new("setpriv");
     c.args([
         "--reuid=65534",
@@ -25,7 +25,7 @@ fn as_nobody(args: &[&str]) -> Command {
 }
 
 /// A directory anyone may enter, for a socket outside the 0700 data directory.
-fn open_dir() -> tempfile::TempDir {
+pub(crate) fn open_dir() -> tempfile::TempDir {
     let d = tempfile::Builder::new()
         .prefix("cryptnbd-sock-")
         .tempdir()

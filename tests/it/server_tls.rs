@@ -20,17 +20,17 @@ const OPT_LIST: u32 = 3;
 const OPT_GO: u32 = 7;
 
 /// A TLS-serving data directory: CA, server files, and client directories.
-struct TlsSetup {
-    data: DataDir,
-    certs: tempfile::TempDir,
-    ca: Ca,
-    server_cert: PathBuf,
-    server_key: PathBuf,
-    client_ca: PathBuf,
+pub(crate) struct TlsSetup {
+    pub(crate) data: DataDir,
+    pub(crate) certs: tempfile::TempDir,
+    pub(crate) ca: Ca,
+    pub(crate) server_cert: PathBuf,
+    pub(crate) server_key: PathBuf,
+    pub(crate) client_ca: PathBuf,
 }
 
 impl TlsSetup {
-    fn new() -> TlsSetup {
+    pub(crate) fn new() -> TlsSetup {
         let data = DataDir::new();
         data.create_volume("disk0", 64 * MIB, 4096);
         data.create_volume("disk1", 64 * MIB, 4096);
@@ -49,7 +49,7 @@ impl TlsSetup {
     }
 
     /// `--tls-cert … --tls-key … --tls-client-ca …` plus `extra`, on a Unix socket and TCP.
-    fn serve(&self, extra: &[&str]) -> Server {
+    pub(crate) fn serve(&self, extra: &[&str]) -> Server {
         let mut args = vec![
             "--tls-cert",
             self.server_cert.to_str().unwrap(),
@@ -63,17 +63,17 @@ impl TlsSetup {
     }
 
     /// A client directory with a certificate for `cn` from our CA.
-    fn client(&self, cn: &str) -> PathBuf {
+    pub(crate) fn client(&self, cn: &str) -> PathBuf {
         client_dir(self.certs.path(), cn, &self.ca, Some((&self.ca, cn, false)))
     }
 }
 
-fn tls_tcp_uri(s: &Server, export: &str, dir: &Path) -> String {
+pub(crate) fn tls_tcp_uri(s: &Server, export: &str, dir: &Path) -> String {
     let addr = s.tcp.expect("tcp listener");
     format!("nbds://{addr}/{export}?tls-certificates={}", dir.display())
 }
 
-fn tls_unix_uri(s: &Server, export: &str, dir: &Path) -> String {
+pub(crate) fn tls_unix_uri(s: &Server, export: &str, dir: &Path) -> String {
     format!(
         "nbds+unix:///{export}?socket={}&tls-certificates={}",
         s.socket.display(),
@@ -82,7 +82,7 @@ fn tls_unix_uri(s: &Server, export: &str, dir: &Path) -> String {
 }
 
 /// Runs a command that must fail; returns its stderr and stdout.
-fn run_fails(cmd: &mut Command) -> String {
+pub(crate) fn run_fails(cmd: &mut Command) -> String {
     let out = run_bounded(cmd, TOOL_TIMEOUT);
     let text = format!(
         "{}{}",
@@ -97,7 +97,7 @@ fn run_fails(cmd: &mut Command) -> String {
 }
 
 /// Reads one option reply header (magic, option, type, length) and its payload.
-fn opt_reply(s: &mut impl Read) -> (u32, u32, Vec<u8>) {
+pub(crate) fn opt_reply(s: &mut impl Read) -> (u32, u32, Vec<u8>) {
     let mut h = [0u8; 20];
     s.read_exact(&mut h).expect("option reply header");
     assert_eq!(
@@ -112,7 +112,7 @@ fn opt_reply(s: &mut impl Read) -> (u32, u32, Vec<u8>) {
     (opt, ty, p)
 }
 
-fn send_option(s: &mut impl Write, option: u32, payload: &[u8]) {
+pub(crate) fn send_option(s: &mut impl Write, option: u32, payload: &[u8]) {
     let mut b = Vec::new();
     b.extend_from_slice(&0x49484156454F5054u64.to_be_bytes());
     b.extend_from_slice(&option.to_be_bytes());
@@ -180,7 +180,8 @@ fn libnbd_clients_over_tls_unix_and_tcp() {
     let log = s.log_text();
     assert!(log.contains("TLS established"), "{log}");
     assert!(
-        log.contains("export refused: not allowed for this client") && log.contains("host-a"),
+        log.contains("export refused: no --allow rule gives it to this client")
+            && log.contains("host-a"),
         "{log}"
     );
     s.stop();
@@ -321,21 +322,21 @@ fn sighup_reloads_certificates_and_keeps_them_when_broken() {
     // A broken certificate file keeps the previous settings and says why.
     std::fs::write(&t.server_cert, "not a certificate").unwrap();
     hup(&s);
-    wait_for_log(&s, "keeping the previous TLS settings", 1);
+    wait_for_log(&s, "keeping the previous settings", 1);
     run_ok(Command::new("nbdinfo").arg(tls_tcp_uri(&s, "disk0", &new_client)));
     let log = s.log_text();
     assert!(log.contains(t.server_cert.to_str().unwrap()), "{log}");
     s.stop();
 }
 
-fn hup(s: &Server) {
+pub(crate) fn hup(s: &Server) {
     let pid = libc::pid_t::try_from(s.pid()).unwrap();
     // SAFETY: kill(2) on the pid of the server child this test started and has not reaped.
     let rc = unsafe { libc::kill(pid, libc::SIGHUP) };
     assert_eq!(rc, 0);
 }
 
-fn wait_for_log(s: &Server, needle: &str, times: usize) {
+pub(crate) fn wait_for_log(s: &Server, needle: &str, times: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while s.log_text().matches(needle).count() < times {
         assert!(
@@ -419,7 +420,7 @@ fn sessions_end_with_close_notify() {
 
 /// Greets the server on `addr`, negotiates NBD_OPT_STARTTLS and completes a rustls handshake with
 /// a client certificate.
-fn tls_client(
+pub(crate) fn tls_client(
     addr: std::net::SocketAddr,
     ca: &Ca,
     cert_pem: &str,

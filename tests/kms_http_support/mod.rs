@@ -64,22 +64,28 @@ pub struct AccessKey {
 }
 
 pub fn access_key(dir: &Path, name: &str, extra: &[&str]) -> AccessKey {
+    let v = credential_json(dir, name, "proj1", extra);
+    AccessKey {
+        ak: v["access_key"].as_str().unwrap().into(),
+        sk: v["secret_key"].as_str().unwrap().into(),
+        project: "proj1".into(),
+    }
+}
+
+/// `kms credential create NAME --project PROJECT --json EXTRA…`: its JSON answer (access key,
+/// secret key, user id, rights).
+pub fn credential_json(dir: &Path, name: &str, project: &str, extra: &[&str]) -> Value {
     let mut args = vec![
         "kms",
         "credential",
         "create",
         name,
         "--project",
-        "proj1",
+        project,
         "--json",
     ];
     args.extend_from_slice(extra);
-    let v: serde_json::Value = serde_json::from_str(&cli(dir, &args)).expect("json");
-    AccessKey {
-        ak: v["access_key"].as_str().unwrap().into(),
-        sk: v["secret_key"].as_str().unwrap().into(),
-        project: "proj1".into(),
-    }
+    serde_json::from_str(&cli(dir, &args)).expect("json")
 }
 
 /// `cryptnbd kms serve` on 127.0.0.1:0; killed on drop.
@@ -115,6 +121,18 @@ impl KmsServer {
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
         KmsServer { child, url }
+    }
+
+    /// Stops the server as an operator would (SIGTERM) and waits for it: it writes its pending
+    /// aggregated audit lines on the way out.
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -192,16 +210,38 @@ pub fn signed_dew(
 ) -> (u16, Value) {
     let path = format!("/v1.0/{}/kms/{rest}", key.project);
     let host = format!("127.0.0.1:{}", server.port());
+    let headers = sdk_signed_headers(key, method, &path, query, &host, body);
+    let url = match query {
+        Some(q) => format!("{}{path}?{q}", server.url),
+        None => format!("{}{path}", server.url),
+    };
+    let mut r = ureq::request(method, &url);
+    for (n, v) in &headers {
+        r = r.set(n, v);
+    }
+    answer(r.send_bytes(body))
+}
+
+/// The headers the SDK sends (content-type, host, x-sdk-date) and the `authorization` header
+/// signing them and `body` with `key` (SDK-HMAC-SHA256, by the library's own signing code).
+pub fn sdk_signed_headers(
+    key: &AccessKey,
+    method: &str,
+    path: &str,
+    query: Option<&str>,
+    host: &str,
+    body: &[u8],
+) -> Vec<(String, String)> {
     let date = sign::format_sdk_date(now());
-    let headers = vec![
+    let mut headers = vec![
         ("content-type".to_string(), "application/json".to_string()),
-        ("host".to_string(), host),
+        ("host".to_string(), host.to_string()),
         ("x-sdk-date".to_string(), date.clone()),
     ];
     let names: Vec<String> = headers.iter().map(|h| h.0.clone()).collect();
     let req = sign::Request {
         method,
-        path: &path,
+        path,
         query,
         headers: &headers,
         body,
@@ -213,15 +253,8 @@ pub fn signed_dew(
         names.join(";"),
         sign::signature(key.sk.as_bytes(), &sts)
     );
-    let url = match query {
-        Some(q) => format!("{}{path}?{q}", server.url),
-        None => format!("{}{path}", server.url),
-    };
-    let mut r = ureq::request(method, &url).set("authorization", &auth);
-    for (n, v) in &headers {
-        r = r.set(n, v);
-    }
-    answer(r.send_bytes(body))
+    headers.push(("authorization".to_string(), auth));
+    headers
 }
 
 /// (status, JSON body, or the text when it is not JSON) of a ureq result, error statuses included.

@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import os
 import sys
+import uuid
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
@@ -34,6 +35,13 @@ def client(sk=SK):
 
 
 kms = client()
+
+
+def seq():
+    """A fresh `sequence` (the API's request id): the server refuses a mutating request whose
+    signature it has seen before, and the same call repeated within one second is signed alike."""
+    return str(uuid.uuid4())
+
 
 
 def expect_error(fn, status, code, words=()):
@@ -72,7 +80,7 @@ print("ok: file encrypted with the plaintext DEK, ciphertext DEK stored beside i
 stored = open(os.path.join(WORKDIR, "file.dek")).read()
 dec = kms.decrypt_datakey(
     m.DecryptDatakeyRequest(
-        body=m.DecryptDatakeyRequestBody(key_id=key_id, cipher_text=stored, datakey_cipher_length="32", additional_authenticated_data="file-1")
+        body=m.DecryptDatakeyRequestBody(key_id=key_id, cipher_text=stored, datakey_cipher_length="32", additional_authenticated_data="file-1", sequence=seq())
     )
 )
 dek = bytes.fromhex(dec.data_key)
@@ -151,12 +159,12 @@ e = expect_error(
     "KMS.0209",
     ["disabled"],
 )
-kms.enable_key(m.EnableKeyRequest(body=m.OperateKeyRequestBody(key_id=key_id)))
+kms.enable_key(m.EnableKeyRequest(body=m.OperateKeyRequestBody(key_id=key_id, sequence=seq())))
 r = kms.delete_key(m.DeleteKeyRequest(body=m.ScheduleKeyDeletionRequestBody(key_id=key_id, pending_days="7")))
 assert r.key_state == "4", r
 expect_error(
     lambda: kms.decrypt_datakey(
-        m.DecryptDatakeyRequest(body=m.DecryptDatakeyRequestBody(key_id=key_id, cipher_text=stored, datakey_cipher_length="32", additional_authenticated_data="file-1"))
+        m.DecryptDatakeyRequest(body=m.DecryptDatakeyRequestBody(key_id=key_id, cipher_text=stored, datakey_cipher_length="32", additional_authenticated_data="file-1", sequence=seq()))
     ),
     400,
     "KMS.0210",
@@ -164,7 +172,7 @@ expect_error(
 )
 r = kms.cancel_key_deletion(m.CancelKeyDeletionRequest(body=m.OperateKeyRequestBody(key_id=key_id)))
 assert r.key_state == "3", r
-kms.enable_key(m.EnableKeyRequest(body=m.OperateKeyRequestBody(key_id=key_id)))
+kms.enable_key(m.EnableKeyRequest(body=m.OperateKeyRequestBody(key_id=key_id, sequence=seq())))
 kms.enable_key_rotation(m.EnableKeyRotationRequest(body=m.OperateKeyRequestBody(key_id=key_id)))
 kms.update_key_rotation_interval(m.UpdateKeyRotationIntervalRequest(body=m.UpdateKeyRotationIntervalRequestBody(key_id=key_id, rotation_interval=90)))
 st = kms.show_key_rotation_status(m.ShowKeyRotationStatusRequest(body=m.OperateKeyRequestBody(key_id=key_id)))
@@ -175,7 +183,7 @@ assert st.number_of_rotations == 1, st
 kms.disable_key_rotation(m.DisableKeyRotationRequest(body=m.OperateKeyRequestBody(key_id=key_id)))
 # the old DEK still decrypts after rotation
 back = kms.decrypt_datakey(
-    m.DecryptDatakeyRequest(body=m.DecryptDatakeyRequestBody(key_id=key_id, cipher_text=stored, datakey_cipher_length="32", additional_authenticated_data="file-1"))
+    m.DecryptDatakeyRequest(body=m.DecryptDatakeyRequestBody(key_id=key_id, cipher_text=stored, datakey_cipher_length="32", additional_authenticated_data="file-1", sequence=seq()))
 )
 assert bytes.fromhex(back.data_key) == dek
 kms.update_key_alias(m.UpdateKeyAliasRequest(body=m.UpdateKeyAliasRequestBody(key_id=key_id, key_alias="alias/app-files-renamed")))
