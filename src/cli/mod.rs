@@ -12,8 +12,8 @@ pub mod rbd;
 pub mod remote;
 pub mod serve;
 pub mod serve_config;
-pub mod vhost;
 pub mod serve_ops;
+pub mod vhost;
 pub mod volume;
 mod volume_snap;
 

@@ -183,7 +183,11 @@ async fn run_request(st: Arc<AppState>, api: Api, req: Request, work: Work) -> R
             reason,
         );
         if let Some(o) = &st.observer {
-            o.request("(before authentication)", status.as_u16(), std::time::Duration::ZERO);
+            o.request(
+                "(before authentication)",
+                status.as_u16(),
+                std::time::Duration::ZERO,
+            );
         }
         let mut r = ApiError::new(api, status, "APIGW.0308", reason).into_response();
         if status != StatusCode::TOO_MANY_REQUESTS {

@@ -14,9 +14,9 @@ use super::access::Principal;
 use super::policy::Peer;
 use super::stream::Stream;
 use super::{
-    conns, error_chain, handshake, peer, session, stats, transport, AsyncListener,
-    HandshakeError, ListenerPolicy, ServerState, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL,
-    KEEPALIVE_RETRIES, UNIX_SEND_BUFFER,
+    conns, error_chain, handshake, peer, session, stats, transport, AsyncListener, HandshakeError,
+    ListenerPolicy, ServerState, KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_RETRIES,
+    UNIX_SEND_BUFFER,
 };
 
 /// Who a freshly accepted peer is, before any option.

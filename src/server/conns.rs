@@ -274,7 +274,10 @@ impl Registry {
                 peer: e.peer.clone(),
                 identity: e.serving.as_ref().and_then(|s| s.identity.clone()),
                 export: e.stats.as_ref().map(|(n, _)| n.clone()),
-                requests: e.stats.as_ref().map_or(0, |(_, s)| s.requests.load(Relaxed)),
+                requests: e
+                    .stats
+                    .as_ref()
+                    .map_or(0, |(_, s)| s.requests.load(Relaxed)),
                 bytes: e.stats.as_ref().map_or(0, |(_, s)| s.bytes.load(Relaxed)),
                 connected_at: e.since.1,
                 uptime: e.since.0.elapsed(),
