@@ -535,8 +535,15 @@ fn run_with(
                 None => access_rules(&args),
             };
             fresh
-                .and_then(|r| policy.replace(r).map_err(anyhow::Error::from))
-                .map(|()| "TLS certificate, key, client CA, CRLs and --allow rules reloaded".into())
+                .and_then(|r| {
+                    let what = if r.tls().is_some() {
+                        "TLS certificate, key, client CA, CRLs and --allow rules reloaded"
+                    } else {
+                        "no TLS configured; --allow rules reloaded"
+                    };
+                    policy.replace(r).map_err(anyhow::Error::from)?;
+                    Ok(what.to_string())
+                })
                 .map_err(|e| format!("keeping the previous settings: {e:#}"))
         })
     };

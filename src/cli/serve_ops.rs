@@ -194,9 +194,11 @@ pub fn start(
                         .context("starting the control socket")?,
                 )
             }
-            // A second server on one data directory (other exports, other sockets) is allowed:
-            // the default control socket stays with the first one.
-            Err(e) if args.ctl.is_none() && e.kind() == std::io::ErrorKind::AddrInUse => {
+            // The default control socket is a convenience: a second server on one data
+            // directory (other exports, other sockets) leaves it to the first one, and a data
+            // directory on a file system without sockets (some FUSE ones) has none. `--ctl PATH`
+            // given explicitly must work.
+            Err(e) if args.ctl.is_none() => {
                 tracing::warn!(
                     "{e}: this server runs without a control socket (give it one with --ctl PATH)"
                 );

@@ -7,7 +7,7 @@
 
 use std::collections::HashSet;
 use std::net::Shutdown;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::conns::ConnInfo;
@@ -19,7 +19,10 @@ use crate::volume::{Volume, VolumeError};
 #[derive(Clone, Default)]
 pub struct ServerHandle {
     stats: Arc<Stats>,
-    state: Arc<OnceLock<Arc<ServerState>>>,
+    /// Weak: the server's state holds this handle, and a strong reference back would keep the
+    /// state (its provider, and so every attached volume with its file lock and data key) alive
+    /// after the server stopped.
+    state: Arc<OnceLock<Weak<ServerState>>>,
     /// Exports being detached or detached: a connection that finishes its handshake for one of
     /// them afterwards is closed at once (the provider refuses new attaches; this catches a
     /// handshake that got the volume just before).
@@ -46,29 +49,30 @@ impl ServerHandle {
         &self.stats
     }
 
-    pub(super) fn bind(&self, state: Arc<ServerState>) {
-        let _ = self.state.set(state);
+    pub(super) fn bind(&self, state: &Arc<ServerState>) {
+        let _ = self.state.set(Arc::downgrade(state));
     }
 
-    /// Whether the server has started (bound this handle).
+    /// The server's state while it runs.
+    fn server(&self) -> Option<Arc<ServerState>> {
+        self.state.get().and_then(Weak::upgrade)
+    }
+
+    /// Whether the server is running (started and not yet gone).
     pub fn running(&self) -> bool {
-        self.state.get().is_some()
+        self.server().is_some()
     }
 
     /// Live connections (handshake and serving), by id.
     pub fn connections(&self) -> Vec<ConnInfo> {
-        self.state
-            .get()
+        self.server()
             .map(|s| s.conns.snapshot())
             .unwrap_or_default()
     }
 
     /// Request buffer memory reserved now, and the budget.
     pub fn budget_in_use(&self) -> (usize, usize) {
-        self.state
-            .get()
-            .map(|s| s.budget.in_use())
-            .unwrap_or((0, 0))
+        self.server().map(|s| s.budget.in_use()).unwrap_or((0, 0))
     }
 
     pub(super) fn is_detached(&self, export: &str) -> bool {
@@ -89,7 +93,7 @@ impl ServerHandle {
     /// and the server's reference returned. Blocking; call it off the async runtime.
     pub fn detach(&self, export: &str, grace: Duration) -> Result<Detached, VolumeError> {
         self.lock().insert(export.to_string());
-        let Some(state) = self.state.get() else {
+        let Some(state) = self.server() else {
             return Ok(Detached {
                 closed: 0,
                 cut: false,

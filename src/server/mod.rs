@@ -334,7 +334,7 @@ pub async fn serve_with(
         config,
         handle: handle.clone(),
     });
-    handle.bind(state.clone());
+    handle.bind(&state);
     let mut socket_files = Vec::new();
     let mut tasks = tokio::task::JoinSet::new();
     let mut watched: Vec<Arc<Policy>> = Vec::new();

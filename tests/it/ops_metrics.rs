@@ -140,17 +140,29 @@ fn kms_metrics_count_requests_by_operation_and_status() {
     let dir = tempfile::tempdir().unwrap();
     cli(dir.path(), &["kms", "init"]);
     cli(dir.path(), &["kms", "create-key", "--alias", "k1"]);
-    let key = access_key(dir.path(), "app", &[]);
+    let key = access_key(dir.path(), "app", &["--admin"]);
     let port = free_port();
     let server = KmsServer::start(
         dir.path(),
         &["--rate", "2", "--metrics", &format!("127.0.0.1:{port}")],
     );
-    let dew = |body: &[u8]| signed_dew(&server, &key, "POST", "create-datakey", None, body).0;
-    assert_eq!(dew(br#"{"key_id":"k1"}"#), 200);
-    assert_eq!(dew(br#"{"key_id":"nope"}"#), 404);
+    // Each body carries its own `sequence`: identical signed requests would be refused as replays.
+    let dew = |key_id: &str, n: u32| {
+        let body = format!(r#"{{"key_id":"{key_id}","sequence":"seq-{n}"}}"#);
+        signed_dew(
+            &server,
+            &key,
+            "POST",
+            "create-datakey",
+            None,
+            body.as_bytes(),
+        )
+        .0
+    };
+    assert_eq!(dew("k1", 0), 200);
+    assert_eq!(dew("nope", 1), 404);
     // The burst allowance is twice the rate: a few more in a row hit the limit.
-    let limited = (0..8).filter(|_| dew(br#"{"key_id":"k1"}"#) == 429).count() as u64;
+    let limited = (0..8).filter(|n| dew("k1", 2 + n) == 429).count() as u64;
     assert!(limited > 0, "the rate limit refused some");
     let body = scrape(port);
     let ok = sample(
