@@ -9,7 +9,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// cryptnbd: an NBD server for AES-256-XTS encrypted virtual disks, with an embedded key store.
 ///
@@ -89,8 +89,13 @@ fn init_tracing(verbose: u8, format: LogFormat) {
     }
 }
 
+/// The whole command tree, with the examples of `cli::examples` in every `--help`.
+fn command() -> clap::Command {
+    cli::examples::with_examples(Cli::command())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command().get_matches()).unwrap_or_else(|e| e.exit());
     init_tracing(cli.verbose, cli.log_format);
     // Every subcommand may hold unwrapped keys (a data key, a volume's DEK): a crash must not write
     // them to a core file.
@@ -108,10 +113,10 @@ fn main() -> ExitCode {
         Command::Check(args) => cli::check::run(&global, args),
         Command::Ctl(args) => cli::ctl::run(&global, args).map(|()| ExitCode::SUCCESS),
         Command::Manpages(args) => {
-            cli::docs::manpages(Cli::command(), &args).map(|()| ExitCode::SUCCESS)
+            cli::docs::manpages(command(), &args).map(|()| ExitCode::SUCCESS)
         }
         Command::Completions(args) => {
-            cli::docs::completions(Cli::command(), &args).map(|()| ExitCode::SUCCESS)
+            cli::docs::completions(command(), &args).map(|()| ExitCode::SUCCESS)
         }
     };
     match result {
@@ -164,7 +169,7 @@ mod tests {
                 walk(sub, &name, missing);
             }
         }
-        let mut cmd = Cli::command();
+        let mut cmd = command();
         cmd.build();
         cmd.clone().debug_assert();
         let mut missing = Vec::new();

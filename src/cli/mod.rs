@@ -4,6 +4,7 @@
 pub mod check;
 pub mod ctl;
 pub mod docs;
+pub mod examples;
 pub mod kms;
 mod kms_access;
 mod kms_print;
