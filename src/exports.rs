@@ -153,6 +153,11 @@ impl DataDirProvider {
         self.detached().contains(name)
     }
 
+    /// The state of the CMK `key_id` as the key provider reports it (`None`: it does not say).
+    pub fn key_state(&self, key_id: uuid::Uuid) -> Option<String> {
+        self.keys.key_state(key_id)
+    }
+
     /// The volume of `name` if it is attached now.
     pub fn attached_volume(&self, name: &str) -> Option<Arc<Volume>> {
         self.attached

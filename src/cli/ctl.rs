@@ -147,7 +147,7 @@ fn print_status(v: &Value) {
         );
         if let Some(vol) = e["volume"].as_object() {
             println!(
-                "    volume {} ({}{}), key {} version {}: {}",
+                "    volume {} ({}{}), key {} version {}: {} (CMK {})",
                 vol["id"].as_str().unwrap_or("?"),
                 bytes(vol["size"].as_u64().unwrap_or(0)),
                 if vol["read_only"].as_bool() == Some(true) {
@@ -158,6 +158,9 @@ fn print_status(v: &Value) {
                 vol["key"]["id"].as_str().unwrap_or("?"),
                 vol["key"]["version"],
                 vol["key"]["state"].as_str().unwrap_or("?"),
+                vol["key"]["cmk_state"]
+                    .as_str()
+                    .unwrap_or("state not reported by the key provider"),
             );
         }
     }

@@ -80,6 +80,7 @@ impl Service {
                             "id": h.key_id.to_string(),
                             "version": h.key_version,
                             "state": "unwrapped in memory",
+                            "cmk_state": self.provider.key_state(h.key_id),
                         },
                     })
                 });

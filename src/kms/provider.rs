@@ -30,9 +30,26 @@ pub trait KeyProvider: Send + Sync {
         dest_key: Option<&str>,
         dest_context: &EncryptionContext,
     ) -> Result<WrappedDataKey, KmsError>;
+    /// The state of the CMK `key_id` ("enabled", "disabled", "pending deletion", "deleted"), for
+    /// status displays; `None` where the provider does not say (a remote KMS, whose credential
+    /// may not be allowed to describe the key). Writes no audit line: it is read every second
+    /// by `ctl top`.
+    fn key_state(&self, key_id: uuid::Uuid) -> Option<String> {
+        let _ = key_id;
+        None
+    }
 }
 
 impl KeyProvider for KeyStore {
+    fn key_state(&self, key_id: uuid::Uuid) -> Option<String> {
+        let keys = self.list_keys().ok()?;
+        Some(match keys.iter().find(|k| k.key_id == key_id) {
+            Some(k) => k.key_state.name().to_string(),
+            // list_keys leaves deleted keys out.
+            None => "deleted".to_string(),
+        })
+    }
+
     fn describe(&self) -> String {
         format!("embedded key store at {}", self.dir().display())
     }

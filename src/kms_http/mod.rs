@@ -108,6 +108,11 @@ pub struct Outcome {
 /// by the metrics endpoint (`crate::metrics::kms`).
 pub trait RequestObserver: Send + Sync {
     fn request(&self, operation: &str, status: u16, took: std::time::Duration);
+    /// An authorization decision: what allowed the request (`admin`, `scope`, a grant id) or
+    /// why nothing did (`none: …`).
+    fn authorized(&self, right: &str) {
+        let _ = right;
+    }
 }
 
 struct AppState {
@@ -278,6 +283,9 @@ async fn run_request(st: Arc<AppState>, api: Api, req: Request, work: Work) -> R
         tracing::info!(credential = ?outcome.credential, operation = %outcome.operation, key = ?outcome.key, status, "kms request");
         if let Some(o) = &st2.observer {
             o.request(&outcome.operation, status, started.elapsed());
+            if let Some(right) = outcome.grant.as_deref() {
+                o.authorized(right);
+            }
         }
         result
     })

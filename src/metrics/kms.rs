@@ -1,5 +1,6 @@
 //! The KMS HTTP service's metrics: requests by operation and HTTP status, latency by operation,
-//! rate-limit refusals (HTTP 429). Fed by the service through
+//! rate-limit refusals (HTTP 429), and authorization decisions by what allowed them (an
+//! administrator, a key scope, a grant) or `none`. Fed by the service through
 //! [`crate::kms_http::RequestObserver`], one call per finished request (a map lookup under a
 //! read lock: the key store's own work, an fsynced audit line, costs far more).
 //!
@@ -29,8 +30,11 @@ pub struct KmsMetrics {
     requests: Family<OpStatus, Counter>,
     latency: Family<Op, Histogram, fn() -> Histogram>,
     rate_limited: Counter,
+    grant_checks: Family<Result_, Counter>,
     seen: Mutex<HashSet<String>>,
 }
+
+type Result_ = [(&'static str, &'static str); 1];
 
 fn latency_histogram() -> Histogram {
     // 0.5 ms .. ~2 s: an unwrap is sub-millisecond, an fsynced audit line milliseconds.
@@ -43,6 +47,7 @@ impl Default for KmsMetrics {
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_histogram),
             rate_limited: Counter::default(),
+            grant_checks: Family::default(),
             seen: Mutex::new(HashSet::new()),
         }
     }
@@ -64,8 +69,13 @@ impl KmsMetrics {
         );
         r.register(
             "cryptnbd_kms_rate_limited",
-            "KMS HTTP requests refused by the per-credential rate limit (HTTP 429)",
+            "KMS HTTP requests refused by a rate limit, per credential or per address (HTTP 429)",
             self.rate_limited.clone(),
+        );
+        r.register(
+            "cryptnbd_kms_grant_checks",
+            "Authorization decisions by what allowed the request: admin, scope, grant, or none",
+            self.grant_checks.clone(),
         );
         r
     }
@@ -96,6 +106,17 @@ impl RequestObserver for KmsMetrics {
             self.rate_limited.inc();
         }
     }
+
+    fn authorized(&self, right: &str) {
+        // Grant ids are not labels (unbounded); the kind of right is.
+        let result = match right {
+            "admin" => "admin",
+            "scope" => "scope",
+            r if r.starts_with("none") => "none",
+            _ => "grant",
+        };
+        self.grant_checks.get_or_create(&[("result", result)]).inc();
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +130,10 @@ mod tests {
         m.request("create-datakey", 200, Duration::from_millis(2));
         m.request("create-datakey", 200, Duration::from_millis(3));
         m.request("decrypt-datakey", 429, Duration::from_micros(50));
+        m.authorized("admin");
+        m.authorized("0ffd4ce80696cce3");
+        m.authorized("0ffd4ce80696cce4");
+        m.authorized("none: no grant for decrypt-datakey");
         for i in 0..(MAX_OPERATIONS + 10) {
             m.request(&format!("junk{i}"), 404, Duration::ZERO);
         }
@@ -120,6 +145,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("cryptnbd_kms_rate_limited_total 1"), "{text}");
+        for (result, n) in [("admin", 1), ("grant", 2), ("none", 1)] {
+            let line = format!("cryptnbd_kms_grant_checks_total{{result=\"{result}\"}} {n}");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
         assert!(
             text.contains(
                 "cryptnbd_kms_request_duration_seconds_count{operation=\"create-datakey\"} 2"

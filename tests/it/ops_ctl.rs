@@ -158,6 +158,16 @@ fn status_detach_attach_and_malformed_requests() {
     assert_eq!(e["stats"]["writes"], 1);
     assert_eq!(e["stats"]["write_bytes"], 8192);
     assert_eq!(e["volume"]["key"]["version"], 1);
+    assert_eq!(e["volume"]["key"]["cmk_state"], "enabled", "{st}");
+    // Disabling the CMK shows in status while the attached volume keeps serving (as in EVS).
+    for (op, want) in [("disable-key", "disabled"), ("enable-key", "enabled")] {
+        let o = s.cli(&["kms", op, "alias/default"]);
+        assert!(o.status.success(), "{}", text(&o));
+        let st = s.ctl_json(&["status"]);
+        let e = Serve::export(&st, "disk0");
+        assert_eq!(e["volume"]["key"]["cmk_state"], want, "{st}");
+        assert_eq!(e["state"], "attached", "{st}");
+    }
 
     // Malformed requests: an error each, and nothing changed.
     let ctl = s.ctl_sock();

@@ -178,6 +178,11 @@ fn kms_metrics_count_requests_by_operation_and_status() {
         1
     );
     assert_eq!(sample(&body, "cryptnbd_kms_rate_limited_total"), limited);
+    // Every authorized (or refused) create-datakey was decided by the admin role.
+    assert_eq!(
+        sample(&body, "cryptnbd_kms_grant_checks_total{result=\"admin\"}"),
+        ok + 1
+    );
     assert_eq!(
         sample(
             &body,

@@ -7,15 +7,14 @@ import datetime
 import hashlib
 import os
 import sys
-import uuid
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
-from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
 from huaweicloudsdkcore.http.http_config import HttpConfig
 import huaweicloudsdkcore.signer.signer as sdk_signer
 from huaweicloudsdkkms.v2 import KmsClient
 from huaweicloudsdkkms.v2 import model as m
+from sdk_common import expect_error, seq
 
 ENDPOINT = os.environ["KMS_ENDPOINT"]
 AK, SK, PROJECT = os.environ["KMS_AK"], os.environ["KMS_SK"], os.environ["KMS_PROJECT"]
@@ -35,26 +34,6 @@ def client(sk=SK):
 
 
 kms = client()
-
-
-def seq():
-    """A fresh `sequence` (the API's request id): the server refuses a mutating request whose
-    signature it has seen before, and the same call repeated within one second is signed alike."""
-    return str(uuid.uuid4())
-
-
-
-def expect_error(fn, status, code, words=()):
-    try:
-        fn()
-    except ClientRequestException as e:
-        assert e.status_code == status, f"status {e.status_code} != {status}: {e.error_code} {e.error_msg}"
-        assert e.error_code == code, f"code {e.error_code} != {code}: {e.error_msg}"
-        for w in words:
-            assert w in e.error_msg, f"{w!r} not in {e.error_msg!r}"
-        print(f"ok: refused with {status} {code}: {e.error_msg}")
-        return e
-    raise AssertionError(f"expected {status} {code}, the call succeeded")
 
 
 # --- the user-application envelope flow ---

@@ -8,38 +8,20 @@ Prints one line per check; any failure raises (non-zero exit).
 import os
 import sys
 
-from huaweicloudsdkcore.auth.credentials import BasicCredentials
-from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
-from huaweicloudsdkcore.http.http_config import HttpConfig
-from huaweicloudsdkkms.v2 import KmsClient
 from huaweicloudsdkkms.v2 import model as m
+from sdk_common import expect_error, client as sdk_client
 
 ENDPOINT, PROJECT = os.environ["KMS_ENDPOINT"], os.environ["KMS_PROJECT"]
 ORDERS, BILLING = os.environ["ORDERS_ID"], os.environ["BILLING_ID"]
 
 
 def client(ak, sk):
-    cfg = HttpConfig.get_default_config()
-    cfg.retry_times = 0
-    return KmsClient.new_builder().with_http_config(cfg).with_credentials(BasicCredentials(ak, sk, PROJECT)).with_endpoint(ENDPOINT).build()
+    return sdk_client(ENDPOINT, PROJECT, ak, sk)
 
 
 kms = client(os.environ["KMS_AK"], os.environ["KMS_SK"])
 scoped = client(os.environ["SCOPED_AK"], os.environ["SCOPED_SK"])
 ro = client(os.environ["RO_AK"], os.environ["RO_SK"])
-
-
-def expect_error(fn, status, code, words=()):
-    try:
-        fn()
-    except ClientRequestException as e:
-        assert e.status_code == status, f"status {e.status_code} != {status}: {e.error_code} {e.error_msg}"
-        assert e.error_code == code, f"code {e.error_code} != {code}: {e.error_msg}"
-        for w in words:
-            assert w in e.error_msg, f"{w!r} not in {e.error_msg!r}"
-        print(f"ok: refused with {status} {code}: {e.error_msg}")
-        return e
-    raise AssertionError(f"expected {status} {code}, the call succeeded")
 
 
 def create(c, key_id, alias):

@@ -10,47 +10,22 @@ Prints one line per check; any failure raises (non-zero exit).
 """
 import os
 import re
-import uuid
 
-from huaweicloudsdkcore.auth.credentials import BasicCredentials
-from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
-from huaweicloudsdkcore.http.http_config import HttpConfig
-from huaweicloudsdkkms.v2 import KmsClient
 from huaweicloudsdkkms.v2 import model as m
+from sdk_common import expect_error, seq, client as sdk_client
 
 ENDPOINT, PROJECT = os.environ["KMS_ENDPOINT"], os.environ["KMS_PROJECT"]
 VOLS, OTHER = os.environ["VOLS_ID"], os.environ["OTHER_ID"]
 ADMIN_USER, GW_USER, RET_USER = os.environ["ADMIN_USER"], os.environ["GW_USER"], os.environ["RET_USER"]
 
 
-def seq():
-    """A fresh `sequence` (the API's request id): the server refuses a mutating request whose
-    signature it has already seen, and two identical calls in one second sign alike."""
-    return str(uuid.uuid4())
-
-
 def client(ak, sk):
-    cfg = HttpConfig.get_default_config()
-    cfg.retry_times = 0
-    return KmsClient.new_builder().with_http_config(cfg).with_credentials(BasicCredentials(ak, sk, PROJECT)).with_endpoint(ENDPOINT).build()
+    return sdk_client(ENDPOINT, PROJECT, ak, sk)
 
 
 admin = client(os.environ["KMS_AK"], os.environ["KMS_SK"])
 gw = client(os.environ["GW_AK"], os.environ["GW_SK"])
 ret = client(os.environ["RET_AK"], os.environ["RET_SK"])
-
-
-def expect_error(fn, status, code, words=()):
-    try:
-        fn()
-    except ClientRequestException as e:
-        assert e.status_code == status, f"status {e.status_code} != {status}: {e.error_code} {e.error_msg}"
-        assert e.error_code == code, f"code {e.error_code} != {code}: {e.error_msg}"
-        for w in words:
-            assert w in e.error_msg, f"{w!r} not in {e.error_msg!r}"
-        print(f"ok: refused with {status} {code}: {e.error_msg}")
-        return e
-    raise AssertionError(f"expected {status} {code}, the call succeeded")
 
 
 def grant(c, key, user, ops, **kw):

@@ -15,11 +15,11 @@ import os
 
 import requests
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
-from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
 from huaweicloudsdkcore.http.http_config import HttpConfig
 from huaweicloudsdkcore.http.http_handler import HttpHandler
 from huaweicloudsdkkms.v2 import KmsClient
 from huaweicloudsdkkms.v2 import model as m
+from sdk_common import expect_error
 
 ENDPOINT = os.environ["KMS_ENDPOINT"]
 AK, SK, PROJECT = os.environ["KMS_AK"], os.environ["KMS_SK"], os.environ["KMS_PROJECT"]
@@ -46,19 +46,6 @@ def client(ak=AK, sk=SK):
 
 
 kms = client()
-
-
-def expect_error(fn, status, code, words=()):
-    try:
-        fn()
-    except ClientRequestException as e:
-        assert e.status_code == status, f"status {e.status_code} != {status}: {e.error_code} {e.error_msg}"
-        assert e.error_code == code, f"code {e.error_code} != {code}: {e.error_msg}"
-        for w in words:
-            assert w in e.error_msg, f"{w!r} not in {e.error_msg!r}"
-        print(f"ok: refused with {status} {code}: {e.error_msg}")
-        return e
-    raise AssertionError(f"expected {status} {code}, the call succeeded")
 
 
 def resend(prepared, body=None, extra_headers=None):
