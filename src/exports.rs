@@ -153,6 +153,16 @@ impl DataDirProvider {
         self.detached().contains(name)
     }
 
+    /// Drops every attached volume (at shutdown, after the server has flushed them): each is
+    /// closed once its last user is gone, its data key zeroized and its lock released, even
+    /// while other threads (the control socket's) still hold the provider. Returns how many.
+    pub fn release_all(&self) -> usize {
+        let mut attached = self.attached.write().unwrap_or_else(|p| p.into_inner());
+        let n = attached.len();
+        attached.clear();
+        n
+    }
+
     /// The state of the CMK `key_id` as the key provider reports it (`None`: it does not say).
     pub fn key_state(&self, key_id: uuid::Uuid) -> Option<String> {
         self.keys.key_state(key_id)

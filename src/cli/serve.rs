@@ -578,6 +578,10 @@ fn run_with(
         socket_gid,
     )?;
 
+    // The control socket's thread (and the metrics endpoint) share the provider and are not
+    // joined at exit: its volumes are released explicitly below, so each is closed (an RBD
+    // image's exclusive lock given up) rather than left to the end of the process.
+    let provider_at_exit = provider.clone();
     rt.block_on(async move {
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
@@ -610,5 +614,7 @@ fn run_with(
             .await
             .map_err(anyhow::Error::from)
     })?;
+    let released = provider_at_exit.release_all();
+    info!("{released} volume(s) closed");
     Ok(())
 }
