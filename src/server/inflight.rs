@@ -45,6 +45,10 @@ const PENDING_MAX: usize = 256 * 1024;
 /// per request — about what the 16 blocking workers' own buffers held before.
 const SPARE_BYTES: usize = 16 << 20;
 
+/// Called when a submitted request completes, before its reply is queued (the session's
+/// latency and in-flight counters).
+pub(crate) type OnDone = Box<dyn FnOnce() + Send>;
+
 /// A completed request whose reply is owed.
 struct Completed {
     cookie: u64,
@@ -161,6 +165,7 @@ impl InFlight {
         vol: &Arc<Volume>,
         req: &Request,
         buf: &mut WorkBuf,
+        on_done: Option<OnDone>,
     ) -> bool {
         let len = req.len as usize;
         if req.command != CMD_WRITE
@@ -185,6 +190,9 @@ impl InFlight {
             req.offset,
             data,
             Box::new(move |data, result| {
+                if let Some(f) = on_done {
+                    f();
+                }
                 me.lock().keep_spare(&me.budget, data, cost);
                 me.push(Completed {
                     cookie,
@@ -197,7 +205,12 @@ impl InFlight {
 
     /// Submits `req` if it is a READ that may take the asynchronous path (as for WRITEs); its
     /// buffer is a spare one and comes back after the reply is sent.
-    pub(crate) fn try_submit_read(self: &Arc<Self>, vol: &Arc<Volume>, req: &Request) -> bool {
+    pub(crate) fn try_submit_read(
+        self: &Arc<Self>,
+        vol: &Arc<Volume>,
+        req: &Request,
+        on_done: Option<OnDone>,
+    ) -> bool {
         let len = req.len as usize;
         if req.command != CMD_READ
             || len > MAX_SUBMIT
@@ -216,6 +229,9 @@ impl InFlight {
             offset,
             data,
             Box::new(move |data, result| {
+                if let Some(f) = on_done {
+                    f();
+                }
                 me.push(Completed {
                     cookie,
                     outcome: Outcome::Read {
@@ -420,18 +436,19 @@ mod tests {
         for i in 0..n {
             assert!(buf.ensure(4096, &|| false));
             buf[..4096].fill(i as u8 + 1);
-            assert!(inf.try_submit(&vol, &write_req(i, i * 4096, 4096), &mut buf));
+            assert!(inf.try_submit(&vol, &write_req(i, i * 4096, 4096), &mut buf, None));
         }
         // Not eligible: FUA, partial sectors, too large for one submission.
         let mut fua = write_req(99, 0, 4096);
         fua.flags = CMD_FLAG_FUA;
-        assert!(!inf.try_submit(&vol, &fua, &mut buf));
-        assert!(!inf.try_submit(&vol, &write_req(98, 512, 4096), &mut buf));
+        assert!(!inf.try_submit(&vol, &fua, &mut buf, None));
+        assert!(!inf.try_submit(&vol, &write_req(98, 512, 4096), &mut buf, None));
         assert!(buf.ensure(MAX_SUBMIT + 4096, &|| false));
         assert!(!inf.try_submit(
             &vol,
             &write_req(97, 0, (MAX_SUBMIT + 4096) as u32),
-            &mut buf
+            &mut buf,
+            None
         ));
         buf.shrink();
         inf.close();
@@ -495,8 +512,16 @@ mod tests {
             offset,
             len,
         };
-        assert!(inf.try_submit_read(&vol, &read(1, 0, 8192)));
-        assert!(!inf.try_submit_read(&vol, &read(2, 100, 8192)));
+        // The completion hook (the session's latency counter) runs once per submitted read.
+        let completed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hook = |c: &Arc<std::sync::atomic::AtomicUsize>| -> Option<OnDone> {
+            let c = c.clone();
+            Some(Box::new(move || {
+                c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }))
+        };
+        assert!(inf.try_submit_read(&vol, &read(1, 0, 8192), hook(&completed)));
+        assert!(!inf.try_submit_read(&vol, &read(2, 100, 8192), hook(&completed)));
         inf.close();
         let mut sent = Vec::new();
         inf.reply_loop(false, |bufs| {
@@ -505,9 +530,14 @@ mod tests {
         });
         assert_eq!(&sent[..16], &reply::simple(0, 1));
         assert_eq!(&sent[16..], &plain[..]);
+        assert_eq!(
+            completed.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "only the submitted read completes"
+        );
 
         let inf = InFlight::new(Budget::new(1 << 20));
-        assert!(inf.try_submit_read(&vol, &read(3, 1 << 20, 4096)));
+        assert!(inf.try_submit_read(&vol, &read(3, 1 << 20, 4096), None));
         inf.close();
         let mut sent = Vec::new();
         inf.reply_loop(true, |bufs| {
@@ -526,7 +556,7 @@ mod tests {
         let inf = InFlight::new(budget.clone());
         let mut buf = WorkBuf::new(Budget::new(0));
         assert!(buf.ensure(4096, &|| false));
-        assert!(!inf.try_submit(&vol, &write_req(1, 0, 4096), &mut buf));
+        assert!(!inf.try_submit(&vol, &write_req(1, 0, 4096), &mut buf, None));
         inf.close();
         inf.reply_loop(true, |_| panic!("nothing to send"));
     }
