@@ -96,7 +96,7 @@ pub(super) fn dispatch(
                 .filter(|a| key.is_none_or(|k| a.key_id == k))
                 .filter(|a| caller.allows_id(ks, a.key_id))
                 .collect();
-            let (start, end) = super::dew_grants::page_range(body, DEFAULT_LIMIT, all.len())?;
+            let (start, end) = super::dew_fields::page_range(body, DEFAULT_LIMIT, all.len())?;
             let page = all.get(start..end).unwrap_or_default();
             let next = if end < all.len() {
                 end.to_string()

@@ -205,13 +205,10 @@ pub(super) fn datakey_bits(body: &Body<'_>) -> Result<u32, ApiError> {
     }
 }
 
-pub(super) fn list_keys(
-    ks: &KeyStore,
-    caller: &Caller,
-    body: &Body<'_>,
-    domain: &str,
-) -> Result<Value, ApiError> {
-    let limit = body.num_opt("limit")?.unwrap_or(MAX_LIST_LIMIT as u64);
+/// The `limit` (default `default`, 1..=1000) and `marker` (an index this server gave) of a list
+/// request: `(start, limit)`.
+pub(super) fn page_request(body: &Body<'_>, default: u64) -> Result<(usize, usize), ApiError> {
+    let limit = body.num_opt("limit")?.unwrap_or(default);
     if limit == 0 || limit > MAX_LIST_LIMIT as u64 {
         return Err(bad_param("limit", "must be 1 to 1000"));
     }
@@ -221,6 +218,26 @@ pub(super) fn list_keys(
             .parse()
             .map_err(|_| bad_param("marker", "is not a marker this server gave"))?,
     };
+    Ok((start, limit as usize))
+}
+
+/// The page a list request asks for out of `total` items: `(start, end)`.
+pub(super) fn page_range(
+    body: &Body<'_>,
+    default: u64,
+    total: usize,
+) -> Result<(usize, usize), ApiError> {
+    let (start, limit) = page_request(body, default)?;
+    Ok((start.min(total), start.saturating_add(limit).min(total)))
+}
+
+pub(super) fn list_keys(
+    ks: &KeyStore,
+    caller: &Caller,
+    body: &Body<'_>,
+    domain: &str,
+) -> Result<Value, ApiError> {
+    let (start, limit) = page_request(body, MAX_LIST_LIMIT as u64)?;
     let state = match body.str_opt("key_state")? {
         None | Some("") => None,
         Some(s) => Some(
@@ -237,7 +254,7 @@ pub(super) fn list_keys(
         .filter(|m| state.is_none_or(|s| m.key_state.code() == s))
         .filter(|m| caller.allows_id(ks, m.key_id))
         .collect();
-    let end = (start.saturating_add(limit as usize)).min(all.len());
+    let end = start.saturating_add(limit).min(all.len());
     let page = all.get(start.min(all.len())..end).unwrap_or_default();
     let truncated = end < all.len();
     Ok(json!({

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::authz::Caller;
 use super::dew_fields::bad_param;
-use super::dew_fields::{Body, API, MAX_LIST_LIMIT};
+use super::dew_fields::{page_range, Body, API};
 use super::errors::ApiError;
 use super::Outcome;
 use crate::kms::{EncryptionContext, Grant, KeyStore, KmsError, NewGrant, PrincipalType};
@@ -50,27 +50,6 @@ fn grant_json(g: &Grant) -> Value {
         v["encryption_context_subset"] = json!(g.encryption_context_subset);
     }
     v
-}
-
-/// The page `limit` (default `default`, 1..=1000) after `marker` (an index this server gave) asks
-/// for, out of `total` items: `(start, end)`.
-pub(super) fn page_range(
-    body: &Body<'_>,
-    default: u64,
-    total: usize,
-) -> Result<(usize, usize), ApiError> {
-    let limit = body.num_opt("limit")?.unwrap_or(default);
-    if limit == 0 || limit > MAX_LIST_LIMIT as u64 {
-        return Err(bad_param("limit", "must be 1 to 1000"));
-    }
-    let start: usize = match body.str_opt("marker")? {
-        None | Some("") => 0,
-        Some(m) => m
-            .parse()
-            .map_err(|_| bad_param("marker", "is not a marker this server gave"))?,
-    };
-    let end = start.saturating_add(limit as usize).min(total);
-    Ok((start.min(total), end))
 }
 
 /// One page of `all` in DEW's list shape.
