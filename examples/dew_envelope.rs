@@ -39,7 +39,7 @@ fn main() -> anyhow::Result<()> {
         bail!("usage: dew_envelope encrypt|decrypt URL CREDENTIAL_FILE KEY FILE [--ca CA.pem]");
     };
     let kms = RemoteKms::new(&RemoteKmsConfig {
-        url: url.clone(),
+        url: vec![url.clone()],
         credential_file: cred.into(),
         ca_file: ca,
     })?;

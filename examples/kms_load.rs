@@ -63,7 +63,7 @@ fn main() -> anyhow::Result<()> {
     let secs: u64 = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(10);
     let kms = Arc::new(
         RemoteKms::new(&RemoteKmsConfig {
-            url: args[0].clone(),
+            url: vec![args[0].clone()],
             credential_file: args[1].clone().into(),
             ca_file: None,
         })

@@ -152,7 +152,7 @@ pub struct ServeArgs {
     buffer_budget: usize,
 
     #[command(flatten)]
-    remote: super::remote::RemoteKmsArgs,
+    pub(crate) remote: super::remote::RemoteKmsArgs,
 
     /// Time a client has to finish the whole handshake, STARTTLS included (e.g. 10s, 1m).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]

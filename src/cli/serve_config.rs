@@ -132,6 +132,32 @@ mod tests {
     }
 
     #[test]
+    fn several_kms_urls_come_as_an_array_or_a_list() {
+        let f = Path::new("x.toml");
+        let text = r#"
+            kms-url = ["http://127.0.0.1:1", "http://127.0.0.1:2,http://127.0.0.1:3"]
+            kms-credential = "gw.cred"
+            kms-connect-timeout = "500ms"
+        "#;
+        let a = merge(f, text, &[]).unwrap();
+        let urls = a.remote.kms_url.unwrap();
+        assert_eq!(
+            urls,
+            [
+                "http://127.0.0.1:1",
+                "http://127.0.0.1:2",
+                "http://127.0.0.1:3"
+            ]
+        );
+        assert_eq!(
+            a.remote.kms_connect_timeout,
+            Some(std::time::Duration::from_millis(500))
+        );
+        let a = merge(f, text, &args(&["--kms-url", "https://kms.example"])).unwrap();
+        assert_eq!(a.remote.kms_url.unwrap(), ["https://kms.example"]);
+    }
+
+    #[test]
     fn errors_name_the_file_and_the_option() {
         let f = Path::new("/etc/c.toml");
         let e = merge(f, "no-such-option = 1", &[]).unwrap_err();

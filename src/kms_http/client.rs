@@ -3,10 +3,13 @@
 //! volumes but no CMK and no root key (`serve --kms-url … --kms-credential FILE`).
 //!
 //! Blocking on purpose: attach already runs on a blocking path, and ureq needs no runtime, so it
-//! can be called from anywhere. Connection failures are retried with backoff (the KMS may be
-//! restarting); an answer from the KMS — a disabled key, an unknown key — is final and carries the
-//! KMS's own code and reason. Timeouts bound every call, so a hung KMS delays only the attach that
-//! asked, never a volume that is already attached.
+//! can be called from anywhere. The client takes one or several URLs (instances sharing one key
+//! store); `failover.rs` says which is tried first, what moves a request to the next (no
+//! connection, a timeout, a 5xx) and what never does (an answer below 500, and a second send of an
+//! operation that changes the store once it may have been handled). An answer from the KMS — a
+//! disabled key, an unknown key — is final and carries the KMS's own code and reason. A short
+//! connect timeout and a request timeout bound every attempt, so a dead or hung instance delays
+//! only the call that asked, never a volume that is already attached.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use super::failover::{self, Endpoint, Endpoints, Exhausted, Failure};
 use super::sign;
 use crate::crypto::SecretBytes;
 use crate::kms::{
@@ -25,8 +29,9 @@ use crate::kms::{
     WrappedDataKey,
 };
 
-/// Attempts per call when the KMS cannot be reached (backoff 0.25 s, 0.5 s, 1 s between them).
-const ATTEMPTS: u32 = 4;
+/// Rounds over all URLs per call when none answers (backoff 0.25 s, 0.5 s, 1 s between them):
+/// an instance may be restarting.
+const ROUNDS: u32 = 4;
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
 /// The `--kms-credential` file: `{"access_key", "secret_key", "project_id"}` (mode 0600), as
@@ -41,27 +46,46 @@ struct CredentialFile {
 /// Where and how to reach the KMS.
 #[derive(Debug, Clone)]
 pub struct RemoteKmsConfig {
-    /// `https://host:port` (or `http://` on loopback only).
-    pub url: String,
+    /// One or more instances sharing one key store, in order of preference: `https://host:port`
+    /// (or `http://` on loopback only); an entry may hold several separated by commas.
+    pub url: Vec<String>,
     pub credential_file: PathBuf,
     /// A PEM CA bundle to trust instead of the system's web roots.
     pub ca_file: Option<PathBuf>,
 }
 
+/// How long one attempt at one URL may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// To open the connection (TCP and TLS): short, so a dead instance is passed over quickly.
+    pub connect: Duration,
+    /// For the whole request, connection included.
+    pub request: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(2),
+            request: Duration::from_secs(10),
+        }
+    }
+}
+
 /// A DEW KMS API client implementing [`KeyProvider`].
 pub struct RemoteKms {
-    url: String,
-    host: String,
+    endpoints: Endpoints,
     access_key: String,
     secret_key: SecretBytes,
     project: String,
+    tls: Arc<rustls::ClientConfig>,
     agent: ureq::Agent,
 }
 
 impl std::fmt::Debug for RemoteKms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteKms")
-            .field("url", &self.url)
+            .field("urls", &self.endpoints.joined())
             .field("access_key", &self.access_key)
             .finish_non_exhaustive()
     }
@@ -69,6 +93,14 @@ impl std::fmt::Debug for RemoteKms {
 
 fn invalid(msg: String) -> KmsError {
     KmsError::InvalidArgument(msg)
+}
+
+fn agent(tls: &Arc<rustls::ClientConfig>, t: Timeouts) -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout_connect(t.connect)
+        .timeout(t.request)
+        .tls_config(tls.clone())
+        .build()
 }
 
 fn read_credential(path: &Path) -> Result<CredentialFile, KmsError> {
@@ -133,93 +165,117 @@ fn tls_config(ca: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, KmsError> 
 
 impl RemoteKms {
     pub fn new(config: &RemoteKmsConfig) -> Result<Self, KmsError> {
-        let url = config.url.trim_end_matches('/').to_string();
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-            invalid(format!(
-                "KMS URL {url:?} has no scheme (use https://HOST:PORT)"
-            ))
-        })?;
-        let host = rest.split('/').next().unwrap_or_default().to_string();
-        let hostname = host
-            .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or(&host)
-            .trim_matches(['[', ']']);
-        let loopback = hostname == "localhost"
-            || hostname
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback());
-        match scheme {
-            "https" => {}
-            "http" if loopback => {}
-            "http" => {
-                return Err(invalid(format!(
-                    "KMS URL {url}: plain http is only allowed to a loopback address (use https)"
-                )))
-            }
-            s => return Err(invalid(format!("KMS URL {url}: unknown scheme {s:?}"))),
-        }
-        if host.is_empty() {
-            return Err(invalid(format!("KMS URL {url:?} has no host")));
-        }
+        let endpoints = Endpoints::parse(&config.url)?;
         let cred = read_credential(&config.credential_file)?;
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .tls_config(tls_config(config.ca_file.as_deref())?)
-            .build();
+        let tls = tls_config(config.ca_file.as_deref())?;
         Ok(RemoteKms {
-            url,
-            host,
+            endpoints,
             access_key: cred.access_key,
             secret_key: SecretBytes::new(cred.secret_key.as_bytes().to_vec()),
             project: cred.project_id.unwrap_or_else(|| "default".into()),
-            agent,
+            agent: agent(&tls, Timeouts::default()),
+            tls,
         })
+    }
+
+    /// The same client with other timeouts per attempt (the default: 2 s to connect, 10 s in
+    /// all).
+    pub fn with_timeouts(mut self, t: Timeouts) -> Self {
+        self.agent = agent(&self.tls, t);
+        self
     }
 
     /// Calls any DEW KMS operation (`create-key`, `encrypt-data`, …) with a JSON body and returns
     /// the JSON answer: a general signed DEW client for programs (see `examples/`).
     pub fn call_json(&self, operation: &'static str, body: &Value) -> Result<Value, KmsError> {
-        self.call(operation, body)
+        self.call(operation, body).map(|(v, _)| v)
     }
 
-    /// Calls one DEW operation, retrying connection failures with backoff. Each attempt carries
-    /// a fresh `sequence` (the API's request id): the server refuses a mutating request whose
-    /// signature it has already seen, and two identical calls in the same second would otherwise
-    /// be signed alike.
-    fn call(&self, operation: &'static str, body: &Value) -> Result<Value, KmsError> {
+    /// Calls one DEW operation, moving on to the next URL (and after a whole round, waiting and
+    /// starting over) as `failover.rs` allows; returns the answer and the URL that gave it. Each
+    /// attempt carries a fresh `sequence` (the API's request id): the server refuses a mutating
+    /// request whose signature it has already seen, and two identical calls in the same second
+    /// would otherwise be signed alike.
+    fn call(&self, operation: &'static str, body: &Value) -> Result<(Value, &str), KmsError> {
         let path = format!("/v1.0/{}/kms/{operation}", self.project);
+        let repeatable = failover::is_repeatable(operation);
         let mut body = body.clone();
+        let mut failed = Exhausted::new();
         let mut backoff = FIRST_BACKOFF;
-        let mut attempt = 1;
-        loop {
-            if let Some(m) = body.as_object_mut() {
-                m.insert("sequence".into(), Value::String(Uuid::new_v4().to_string()));
-            }
-            let bytes = Zeroizing::new(serde_json::to_vec(&body).expect("a JSON value serializes"));
-            match self.send(&path, &bytes).map_err(|e| *e) {
-                Ok(r) => return self.answer(operation, r),
-                Err(ureq::Error::Status(_, r)) => return self.answer(operation, r),
-                Err(ureq::Error::Transport(t)) => {
-                    if attempt >= ATTEMPTS {
-                        return Err(KmsError::Unreachable {
-                            url: self.url.clone(),
-                            operation,
-                            attempts: attempt,
-                            source: Box::new(t),
-                        });
+        for round in 1..=ROUNDS {
+            for i in self.endpoints.order() {
+                let ep = self.endpoints.get(i);
+                if let Some(m) = body.as_object_mut() {
+                    m.insert("sequence".into(), Value::String(Uuid::new_v4().to_string()));
+                }
+                let bytes =
+                    Zeroizing::new(serde_json::to_vec(&body).expect("a JSON value serializes"));
+                let failure = match self.send(ep, &path, &bytes).map_err(|e| *e) {
+                    Ok(r) => return self.served(i, operation, &failed, r),
+                    Err(ureq::Error::Status(status, r)) if status < 500 => {
+                        return self.served(i, operation, &failed, r)
                     }
-                    tracing::warn!(url = %self.url, operation, attempt, error = %t, "KMS unreachable, retrying");
-                    std::thread::sleep(backoff);
-                    backoff *= 2;
-                    attempt += 1;
+                    Err(ureq::Error::Status(status, r)) => {
+                        let refusal = self.refusal(ep, operation, r);
+                        Failure::Status {
+                            status,
+                            code: refusal.code,
+                            message: refusal.message,
+                        }
+                    }
+                    Err(ureq::Error::Transport(t)) => Failure::from_transport(&t),
+                };
+                tracing::warn!(url = %ep.url, operation, round, error = %failure, "KMS instance did not answer");
+                let move_on = failure.may_move_on(repeatable);
+                failed.record(&ep.url, failure);
+                if !move_on {
+                    failed.stopped = Some(operation);
+                    return Err(self.unreachable(operation, failed));
                 }
             }
+            if round < ROUNDS {
+                std::thread::sleep(backoff);
+                backoff *= 2;
+            }
+        }
+        Err(self.unreachable(operation, failed))
+    }
+
+    /// An answer below 500 from instance `i`: the JSON body, or the KMS's refusal.
+    fn served(
+        &self,
+        i: usize,
+        operation: &'static str,
+        failed: &Exhausted,
+        r: ureq::Response,
+    ) -> Result<(Value, &str), KmsError> {
+        let ep = self.endpoints.get(i);
+        if self.endpoints.answered(i) || !failed.tries.is_empty() {
+            tracing::info!(url = %ep.url, operation, failed = %failed, "KMS instance answering now");
+        } else {
+            tracing::debug!(url = %ep.url, operation, "KMS answered");
+        }
+        match self.answer(ep, operation, r) {
+            Ok(v) => Ok((v, ep.url.as_str())),
+            Err(e) => Err(KmsError::RemoteRefused(Box::new(e))),
         }
     }
 
-    fn send(&self, path: &str, body: &[u8]) -> Result<ureq::Response, Box<ureq::Error>> {
+    fn unreachable(&self, operation: &'static str, failed: Exhausted) -> KmsError {
+        KmsError::Unreachable {
+            url: self.endpoints.joined(),
+            operation,
+            attempts: failed.attempts(),
+            source: Box::new(failed),
+        }
+    }
+
+    fn send(
+        &self,
+        ep: &Endpoint,
+        path: &str,
+        body: &[u8],
+    ) -> Result<ureq::Response, Box<ureq::Error>> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
@@ -227,7 +283,7 @@ impl RemoteKms {
         let date = sign::format_sdk_date(now);
         let headers = vec![
             ("content-type".to_string(), "application/json".to_string()),
-            ("host".to_string(), self.host.clone()),
+            ("host".to_string(), ep.host.clone()),
             ("x-project-id".to_string(), self.project.clone()),
             ("x-sdk-date".to_string(), date.clone()),
         ];
@@ -247,7 +303,7 @@ impl RemoteKms {
             signed.join(";"),
             sign::signature(self.secret_key.dangerous_as_bytes(), &sts)
         );
-        let mut r = self.agent.post(&format!("{}{path}", self.url));
+        let mut r = self.agent.post(&format!("{}{path}", ep.url));
         for (n, v) in &headers {
             r = r.set(n, v);
         }
@@ -256,8 +312,13 @@ impl RemoteKms {
             .map_err(Box::new)
     }
 
-    /// Turns a response into its JSON body, or the KMS's refusal into [`KmsError::RemoteRefused`].
-    fn answer(&self, operation: &'static str, r: ureq::Response) -> Result<Value, KmsError> {
+    /// Turns a response into its JSON body, or the KMS's refusal.
+    fn answer(
+        &self,
+        ep: &Endpoint,
+        operation: &'static str,
+        r: ureq::Response,
+    ) -> Result<Value, RemoteRefusal> {
         let status = r.status();
         // The body may hold a plaintext data key (hex): wipe it when done.
         let mut text = Zeroizing::new(String::new());
@@ -290,18 +351,33 @@ impl RemoteKms {
             )),
             _ => {}
         }
-        Err(KmsError::RemoteRefused(Box::new(RemoteRefusal {
-            url: self.url.clone(),
+        Err(RemoteRefusal {
+            url: ep.url.clone(),
             operation,
             status,
             code,
             message,
-        })))
+        })
     }
 
-    fn bad_answer(&self, operation: &'static str, what: &str) -> KmsError {
+    /// A 5xx answer's code and reason.
+    fn refusal(&self, ep: &Endpoint, operation: &'static str, r: ureq::Response) -> RemoteRefusal {
+        let status = r.status();
+        match self.answer(ep, operation, r) {
+            Err(refusal) => refusal,
+            Ok(_) => RemoteRefusal {
+                url: ep.url.clone(),
+                operation,
+                status,
+                code: status.to_string(),
+                message: "the body could not be read".into(),
+            },
+        }
+    }
+
+    fn bad_answer(&self, url: &str, operation: &'static str, what: &str) -> KmsError {
         KmsError::RemoteRefused(Box::new(RemoteRefusal {
-            url: self.url.clone(),
+            url: url.to_string(),
             operation,
             status: 200,
             code: "bad-response".into(),
@@ -309,17 +385,22 @@ impl RemoteKms {
         }))
     }
 
-    fn hex_field(&self, v: &Value, operation: &'static str, f: &str) -> Result<Vec<u8>, KmsError> {
+    fn hex_field(
+        &self,
+        (v, url): &(Value, &str),
+        operation: &'static str,
+        f: &str,
+    ) -> Result<Vec<u8>, KmsError> {
         v[f].as_str()
             .and_then(|s| hex::decode(s).ok())
-            .ok_or_else(|| self.bad_answer(operation, f))
+            .ok_or_else(|| self.bad_answer(url, operation, f))
     }
 
     /// A hex field holding a secret (a plaintext data key), decoded straight into locked pages
     /// (the response text it comes from is ordinary memory; no further plain copy is made).
     fn hex_secret(
         &self,
-        v: &Value,
+        (v, url): &(Value, &str),
         operation: &'static str,
         f: &str,
     ) -> Result<SecretBytes, KmsError> {
@@ -327,16 +408,18 @@ impl RemoteKms {
             .and_then(|s| {
                 SecretBytes::try_fill(s.len() / 2, |out| hex::decode_to_slice(s, out)).ok()
             })
-            .ok_or_else(|| self.bad_answer(operation, f))
+            .ok_or_else(|| self.bad_answer(url, operation, f))
     }
 
     /// A wrapped key as the KMS returned it; its id and version come from the blob's header.
     fn wrapped(
         &self,
+        answer: &(Value, &str),
         operation: &'static str,
-        cipher_text: Vec<u8>,
     ) -> Result<WrappedDataKey, KmsError> {
-        let p = blob::parse(&cipher_text).map_err(|_| self.bad_answer(operation, "cipher_text"))?;
+        let cipher_text = self.hex_field(answer, operation, "cipher_text")?;
+        let p = blob::parse(&cipher_text)
+            .map_err(|_| self.bad_answer(answer.1, operation, "cipher_text"))?;
         Ok(WrappedDataKey {
             key_id: p.key_id,
             key_version: p.key_version,
@@ -347,7 +430,13 @@ impl RemoteKms {
 
 impl KeyProvider for RemoteKms {
     fn describe(&self) -> String {
-        format!("remote KMS {}", self.url)
+        match self.endpoints.len() {
+            1 => format!("remote KMS {}", self.endpoints.joined()),
+            _ => format!(
+                "remote KMS {} (failing over in this order)",
+                self.endpoints.joined()
+            ),
+        }
     }
 
     fn create_data_key(
@@ -363,9 +452,9 @@ impl KeyProvider for RemoteKms {
         )?;
         let plain = self.hex_secret(&v, OP, "plain_text")?;
         if plain.len() * 8 != length_bits as usize {
-            return Err(self.bad_answer(OP, "plain_text length"));
+            return Err(self.bad_answer(v.1, OP, "plain_text length"));
         }
-        let wrapped = self.wrapped(OP, self.hex_field(&v, OP, "cipher_text")?)?;
+        let wrapped = self.wrapped(&v, OP)?;
         Ok(DataKey {
             plain_text: plain,
             wrapped,
@@ -413,7 +502,7 @@ impl KeyProvider for RemoteKms {
                 "destination_encryption_context": dest_context,
             }),
         )?;
-        self.wrapped(OP, self.hex_field(&v, OP, "cipher_text")?)
+        self.wrapped(&v, OP)
     }
 }
 
@@ -434,7 +523,7 @@ mod tests {
 
     fn new(url: &str, cred: &Path) -> Result<RemoteKms, KmsError> {
         RemoteKms::new(&RemoteKmsConfig {
-            url: url.into(),
+            url: vec![url.into()],
             credential_file: cred.to_path_buf(),
             ca_file: None,
         })
@@ -446,6 +535,11 @@ mod tests {
         let good = cred_file(dir.path(), 0o600);
         let kms = new("http://127.0.0.1:8200/", &good).unwrap();
         assert_eq!(kms.describe(), "remote KMS http://127.0.0.1:8200");
+        let two = new("http://127.0.0.1:8200,https://kms.example:8443", &good).unwrap();
+        assert_eq!(
+            two.describe(),
+            "remote KMS http://127.0.0.1:8200, https://kms.example:8443 (failing over in this order)"
+        );
         assert!(new("https://kms.example:8443", &good).is_ok());
         assert!(new("http://[::1]:8200", &good).is_ok());
         for bad in [

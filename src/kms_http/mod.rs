@@ -22,6 +22,7 @@ mod dew_alias;
 mod dew_fields;
 mod dew_grants;
 pub mod errors;
+pub mod failover;
 mod failures;
 pub mod limits;
 mod listen;
