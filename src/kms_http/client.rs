@@ -251,7 +251,7 @@ impl RemoteKms {
     ) -> Result<(Value, &str), KmsError> {
         let ep = self.endpoints.get(i);
         if self.endpoints.answered(i) || !failed.tries.is_empty() {
-            tracing::info!(url = %ep.url, operation, failed = %failed, "KMS instance answering now");
+            tracing::info!(url = %ep.url, operation, failed = %failed, "KMS instance serving");
         } else {
             tracing::debug!(url = %ep.url, operation, "KMS answered");
         }

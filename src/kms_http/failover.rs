@@ -96,6 +96,9 @@ impl Endpoint {
     }
 }
 
+/// No instance has answered yet.
+const NONE: usize = usize::MAX;
+
 /// The URLs of one client, in the order given, and which one answered last.
 #[derive(Debug)]
 pub struct Endpoints {
@@ -118,7 +121,7 @@ impl Endpoints {
         }
         Ok(Endpoints {
             list,
-            preferred: AtomicUsize::new(0),
+            preferred: AtomicUsize::new(NONE),
         })
     }
 
@@ -136,11 +139,14 @@ impl Endpoints {
 
     /// Indexes in the order to try them: the last one that answered, then the rest in order.
     pub fn order(&self) -> impl Iterator<Item = usize> + '_ {
-        let first = self.preferred.load(Ordering::Relaxed) % self.list.len();
+        let first = match self.preferred.load(Ordering::Relaxed) {
+            NONE => 0,
+            p => p % self.list.len(),
+        };
         (0..self.list.len()).map(move |k| (first + k) % self.list.len())
     }
 
-    /// Records that `i` answered; returns whether that changed the preferred instance.
+    /// Records that `i` answered; returns whether it is the first to, or another than last time.
     pub fn answered(&self, i: usize) -> bool {
         self.preferred.swap(i, Ordering::Relaxed) != i
     }
@@ -308,6 +314,8 @@ mod tests {
     fn the_last_url_that_answered_goes_first() {
         let e = Endpoints::parse(&["https://a", "https://b", "https://c"]).unwrap();
         assert_eq!(e.order().collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(e.answered(0));
+        assert!(!e.answered(0));
         assert!(e.answered(1));
         assert!(!e.answered(1));
         assert_eq!(e.order().collect::<Vec<_>>(), [1, 2, 0]);

@@ -26,8 +26,11 @@ impl Drop for Serve {
     }
 }
 
-pub(crate) fn remote_args<'a>(url: &'a str, cred: &'a Path) -> Vec<&'a str> {
-    vec!["--kms-url", url, "--kms-credential", cred.to_str().unwrap()]
+/// `--kms-url U` for each of the comma-separated URLs in `urls`, and `--kms-credential`.
+pub(crate) fn remote_args<'a>(urls: &'a str, cred: &'a Path) -> Vec<&'a str> {
+    let mut a: Vec<&str> = urls.split(',').flat_map(|u| ["--kms-url", u]).collect();
+    a.extend(["--kms-credential", cred.to_str().unwrap()]);
+    a
 }
 
 pub(crate) fn start_serve(data: &Path, sock: &Path, url: &str, cred: &Path) -> Serve {

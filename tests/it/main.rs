@@ -40,6 +40,7 @@ mod kms_golden;
 mod kms_golden_v2;
 mod kms_http_aliases_raw;
 mod kms_http_dew_sdk;
+mod kms_http_failover;
 mod kms_http_grants;
 mod kms_http_hardening;
 mod kms_http_limits;
