@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// A tiny HTTP server on 127.0.0.1:0 that answers every request with one fixed status and JSON
-/// body, and counts the requests.
+/// body (or, hanging, reads it and never answers), and counts the requests.
 struct FakeKms {
     url: String,
     port: u16,
@@ -28,26 +28,41 @@ struct FakeKms {
 
 impl FakeKms {
     fn start(status: &'static str, body: &'static str) -> Self {
+        Self::spawn(Some((status, body)))
+    }
+
+    fn hanging() -> Self {
+        Self::spawn(None)
+    }
+
+    fn spawn(reply: Option<(&'static str, &'static str)>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (n, halt) = (requests.clone(), stop.clone());
         std::thread::spawn(move || {
+            let mut held = Vec::new();
             for conn in listener.incoming() {
                 if halt.load(Ordering::SeqCst) {
                     break;
                 }
                 let Ok(mut c) = conn else { continue };
                 let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                if read_request(&mut c) {
-                    n.fetch_add(1, Ordering::SeqCst);
-                    let _ = write!(
-                        c,
-                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
-                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
+                if !read_request(&mut c) {
+                    continue;
+                }
+                n.fetch_add(1, Ordering::SeqCst);
+                match reply {
+                    Some((status, body)) => {
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+                             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    None => held.push(c),
                 }
             }
         });
@@ -278,4 +293,74 @@ fn a_refusal_is_final_and_all_down_names_every_url() {
             && text.contains(&format!("{d2}: no connection")),
         "{text}"
     );
+}
+
+/// The client library alone, against fake instances: a timeout after sending moves a repeatable
+/// operation on, but stops one that changes the store (its outcome there is unknown), and so does
+/// a 500; a 503 ("not done") moves either on.
+#[test]
+fn store_changing_requests_are_not_resent_once_possibly_done() {
+    use cryptnbd::kms_http::client::{RemoteKms, RemoteKmsConfig, Timeouts};
+    use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let cred = tmp.path().join("c.cred");
+    std::fs::write(
+        &cred,
+        r#"{"access_key":"AK","secret_key":"SK","project_id":"p"}"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&cred, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let client = |first: &str, second: &str| {
+        RemoteKms::new(&RemoteKmsConfig {
+            url: vec![first.to_string(), second.to_string()],
+            credential_file: cred.clone(),
+            ca_file: None,
+        })
+        .unwrap()
+        .with_timeouts(Timeouts {
+            connect: Duration::from_secs(2),
+            request: Duration::from_millis(500),
+        })
+    };
+    let ok = FakeKms::start(
+        "200 OK",
+        r#"{"random_data":"00","key_info":{"key_id":"k"}}"#,
+    );
+    let hung = FakeKms::hanging();
+
+    let v = client(&hung.url, &ok.url)
+        .call_json("gen-random", &json!({"random_data_length": "8"}))
+        .unwrap();
+    assert_eq!(v["random_data"], "00");
+    assert_eq!((hung.requests(), ok.requests()), (1, 1));
+
+    let e = client(&hung.url, &ok.url)
+        .call_json("create-key", &json!({"key_alias": "x"}))
+        .unwrap_err();
+    let text = format!("{:#}", anyhow::Error::from(e));
+    assert!(
+        text.contains(&format!("{}: no answer", hung.url))
+            && text.contains("create-key changes the key store"),
+        "{text}"
+    );
+    assert_eq!(
+        (hung.requests(), ok.requests()),
+        (2, 1),
+        "create-key was re-sent"
+    );
+
+    let failing = FakeKms::start("500 Internal Server Error", r#"{"error_code":"KMS.0101"}"#);
+    let e = client(&failing.url, &ok.url)
+        .call_json("create-key", &json!({"key_alias": "x"}))
+        .unwrap_err();
+    assert!(format!("{:#}", anyhow::Error::from(e)).contains("HTTP 500 KMS.0101"));
+    assert_eq!(ok.requests(), 1, "create-key was re-sent after a 500");
+
+    let busy = FakeKms::start("503 Service Unavailable", r#"{"error_code":"APIGW.0308"}"#);
+    let v = client(&busy.url, &ok.url)
+        .call_json("create-key", &json!({"key_alias": "x"}))
+        .unwrap();
+    assert_eq!(v["key_info"]["key_id"], "k");
+    assert_eq!((busy.requests(), ok.requests()), (1, 2));
 }
