@@ -1,8 +1,14 @@
-//! A bounded load generator for `cryptnbd kms serve` (used by `tools/kms-load`): N client threads
-//! call create-datakey (then decrypt-datakey on the result) through the signed DEW API for a
-//! fixed time, and it prints requests/s and p50/p99 latency per operation.
+//! A bounded load generator for `cryptnbd kms serve` (used by `tools/kms-load` and
+//! `tools/bench-kms-ha`): N client threads call create-datakey (then decrypt-datakey on the
+//! result) through the signed DEW API for a fixed time, and it prints requests/s and p50/p99
+//! latency per operation.
 //!
-//! `kms_load URL CREDENTIAL_FILE KEY [CLIENTS=16] [SECONDS=10]`
+//! `kms_load URL[,URL…] CREDENTIAL_FILE KEY [CLIENTS=16] [SECONDS=10]`
+//!
+//! With several URLs (instances on one key store) the clients are spread round-robin: client i
+//! starts at URL i mod n and keeps to it while it answers (the client's failover order), so the
+//! load splits evenly. Each client has its own HTTP agent (one kept-alive connection), as
+//! separate applications or gateways would.
 //!
 //! `kms_load --fill-grants DATA_DIR KEY USER_ID N` (before serving): puts N grants on KEY in the
 //! key store at DATA_DIR (root key file): one to USER_ID (create-datakey, decrypt-datakey), the
@@ -57,28 +63,36 @@ fn main() -> anyhow::Result<()> {
         return fill_grants(&args[1..]);
     }
     if args.len() < 3 {
-        bail!("usage: kms_load URL CREDENTIAL_FILE KEY [CLIENTS] [SECONDS]");
+        bail!("usage: kms_load URL[,URL…] CREDENTIAL_FILE KEY [CLIENTS] [SECONDS]");
     }
     let clients: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(16);
     let secs: u64 = args.get(4).map(|s| s.parse()).transpose()?.unwrap_or(10);
-    let kms = Arc::new(
+    let urls: Vec<String> = args[0].split(',').map(str::to_string).collect();
+    let client = |i: usize| {
+        // URL i mod n first, then the others in order.
+        let mut order = urls.clone();
+        order.rotate_left(i % urls.len());
         RemoteKms::new(&RemoteKmsConfig {
-            url: vec![args[0].clone()],
+            url: order,
             credential_file: args[1].clone().into(),
             ca_file: None,
         })
-        .context("KMS client")?,
-    );
+        .context("KMS client")
+    };
+    let kmss = (0..clients)
+        .map(client)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let key = args[2].clone();
     let create = Arc::new(Mutex::new(Vec::new()));
     let decrypt = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(Mutex::new(0u64));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let start = Instant::now();
-    let threads: Vec<_> = (0..clients)
-        .map(|_| {
-            let (kms, key, create, decrypt, errors) =
-                (kms.clone(), key.clone(), create.clone(), decrypt.clone(), errors.clone());
+    let threads: Vec<_> = kmss
+        .into_iter()
+        .map(|kms| {
+            let (key, create, decrypt, errors) =
+                (key.clone(), create.clone(), decrypt.clone(), errors.clone());
             std::thread::spawn(move || {
                 let (mut c, mut d, mut e) = (Vec::new(), Vec::new(), 0u64);
                 while Instant::now() < deadline {
@@ -121,7 +135,8 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!(
-        "clients {clients}, {elapsed:.1} s, errors {}",
+        "clients {clients} over {} instance(s), {elapsed:.1} s, errors {}",
+        urls.len(),
         errors.lock().unwrap()
     );
     Ok(())
