@@ -22,11 +22,18 @@ mod backend;
 #[allow(unsafe_code)]
 mod ffi;
 
+// Whole RADOS objects for the key store; `unsafe` fenced the same way, SAFETY notes inside.
+#[cfg(feature = "rbd")]
+#[allow(unsafe_code)]
+mod rados_obj;
+
 #[cfg(not(feature = "rbd"))]
 mod disabled;
 
 #[cfg(feature = "rbd")]
 pub use backend::{create_image, remove_image, RbdBackend};
+#[cfg(feature = "rbd")]
+pub use rados_obj::{RadosPool, Watch};
 #[cfg(not(feature = "rbd"))]
 pub use disabled::{create_image, remove_image, RbdBackend};
 
