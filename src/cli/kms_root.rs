@@ -193,7 +193,9 @@ pub(super) fn init(
          back it up: without it nothing this store wraps can ever be decrypted.\n\
          next: cryptnbd kms create-key --alias NAME",
         ks.store_id(),
-        ks.location().strip_prefix("file:").unwrap_or(&ks.location()),
+        ks.location()
+            .strip_prefix("file:")
+            .unwrap_or(&ks.location()),
     );
     if rados.is_some() {
         println!(

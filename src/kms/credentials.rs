@@ -17,8 +17,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::rights::{self, KeyScope};
 use super::objects::{self, Obj};
+use super::rights::{self, KeyScope};
 use super::{blob, clock, store, KeyStore, KmsError};
 use crate::crypto::{aead, SecretBytes};
 

@@ -93,7 +93,9 @@ pub fn read_marker(dir: &Path) -> Result<Option<RadosStore>, KmsError> {
         reason,
     };
     if bytes.len() as u64 > MAX_MARKER_BYTES {
-        return Err(corrupt(format!("it is larger than {MAX_MARKER_BYTES} bytes")));
+        return Err(corrupt(format!(
+            "it is larger than {MAX_MARKER_BYTES} bytes"
+        )));
     }
     let m: Marker = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
     if m.format != MARKER_FORMAT || m.version != MARKER_VERSION {
@@ -158,7 +160,10 @@ mod tests {
         let r = RadosStore::parse("rados:kms/prod").unwrap();
         assert_eq!((r.pool.as_str(), r.namespace.as_str()), ("kms", "prod"));
         assert_eq!(r.to_string(), "rados:kms/prod");
-        assert_eq!(RadosStore::parse("rados:kms").unwrap().to_string(), "rados:kms");
+        assert_eq!(
+            RadosStore::parse("rados:kms").unwrap().to_string(),
+            "rados:kms"
+        );
         for bad in ["kms", "rados:", "rados:a/b/c", "file:/x"] {
             assert!(RadosStore::parse(bad).is_err(), "{bad}");
         }

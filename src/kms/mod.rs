@@ -416,8 +416,14 @@ impl KeyStore {
                 found: dir.join(location::MARKER_FILE),
             });
         }
-        std::fs::create_dir_all(dir)
-            .map_err(|e| KmsError::io("creating key store directory", dir, e))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| KmsError::io("creating key store directory", dir, e))?;
+        }
         let objects = location::connect(rados)?;
         let key_path = dir.join(ROOT_KEY_FILE);
         let copy = match &root {

@@ -373,7 +373,10 @@ mod tests {
         pairs.sort();
         pairs.dedup();
         assert_eq!(pairs.len(), 400, "every change of both writers is present");
-        assert!(mem.conflicts.load(Ordering::Relaxed) > 0, "the race happened");
+        assert!(
+            mem.conflicts.load(Ordering::Relaxed) > 0,
+            "the race happened"
+        );
     }
 
     #[test]
@@ -388,7 +391,10 @@ mod tests {
         );
         let (b, v) = f.read(Obj::Grants).unwrap().unwrap();
         assert_eq!(b, b"a");
-        assert_eq!(f.replace(Obj::Grants, Some(v), b"c").unwrap(), Replaced::Done);
+        assert_eq!(
+            f.replace(Obj::Grants, Some(v), b"c").unwrap(),
+            Replaced::Done
+        );
         assert_eq!(
             f.replace(Obj::Grants, Some(v), b"d").unwrap(),
             Replaced::Conflict

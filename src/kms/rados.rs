@@ -71,7 +71,13 @@ impl RadosObjects {
             &store.pool,
             &store.namespace,
         )
-        .map_err(|e| KmsError::io("connecting to the Ceph cluster for key store", store.to_string(), e))?;
+        .map_err(|e| {
+            KmsError::io(
+                "connecting to the Ceph cluster for key store",
+                store.to_string(),
+                e,
+            )
+        })?;
         let pool = Arc::new(pool);
         let (tx, rx) = mpsc::channel::<Obj>();
         let p = pool.clone();
@@ -144,7 +150,13 @@ impl RadosObjects {
             .then(|| (c.bytes.clone(), c.version))
     }
 
-    fn remember(&self, obj: Obj, bytes: Option<Vec<u8>>, version: Option<Version>, generation: u64) {
+    fn remember(
+        &self,
+        obj: Obj,
+        bytes: Option<Vec<u8>>,
+        version: Option<Version>,
+        generation: u64,
+    ) {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache.insert(
             obj,
@@ -220,7 +232,12 @@ impl ObjectStore for RadosObjects {
             .map_err(|e| self.err("writing", obj, e))?
         {
             Some(v) => {
-                self.remember(obj, Some(bytes.to_vec()), Some(Version::Rados(v)), generation);
+                self.remember(
+                    obj,
+                    Some(bytes.to_vec()),
+                    Some(Version::Rados(v)),
+                    generation,
+                );
                 Ok(Replaced::Done)
             }
             None => {
@@ -243,7 +260,12 @@ impl ObjectStore for RadosObjects {
     }
 
     fn changed(&self, obj: Obj) {
-        if let Some(tx) = self.notify.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        if let Some(tx) = self
+            .notify
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
             let _ = tx.send(obj);
         }
     }
@@ -254,7 +276,12 @@ impl Drop for RadosObjects {
         // Let queued notifies go out (a short-lived CLI command's change reaches the servers at
         // once), then stop the watch before the connection goes.
         self.notify.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = self.notifier.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(t) = self
+            .notifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             let _ = t.join();
         }
         self.watch.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -32,10 +32,10 @@ mod disabled;
 
 #[cfg(feature = "rbd")]
 pub use backend::{create_image, remove_image, RbdBackend};
-#[cfg(feature = "rbd")]
-pub use rados_obj::{RadosPool, Watch};
 #[cfg(not(feature = "rbd"))]
 pub use disabled::{create_image, remove_image, RbdBackend};
+#[cfg(feature = "rbd")]
+pub use rados_obj::{RadosPool, Watch};
 
 /// Whether this build can open RBD images (the `rbd` cargo feature).
 pub const SUPPORTED: bool = cfg!(feature = "rbd");

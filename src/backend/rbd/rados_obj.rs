@@ -125,7 +125,12 @@ impl RadosPool {
 
     /// Replaces the object by `bytes` if it is at version `expected` (`None`: if it does not
     /// exist). `Ok(None)`: it was not (another writer got there first); else its new version.
-    pub fn replace(&self, oid: &str, expected: Option<u64>, bytes: &[u8]) -> io::Result<Option<u64>> {
+    pub fn replace(
+        &self,
+        oid: &str,
+        expected: Option<u64>,
+        bytes: &[u8],
+    ) -> io::Result<Option<u64>> {
         let o = cstring("the object name", oid)?;
         self.with(|io| {
             // SAFETY: creates an empty operation, released below on every path.
