@@ -18,6 +18,9 @@ use super::ffi::{check, cstring, sys, Cluster, ConnectOptions, IoCtx};
 
 const CREATE_EXCLUSIVE: c_int = 1;
 
+/// What a watch calls for each notify, with its payload.
+pub type OnNotify = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 /// The objects of one pool and namespace.
 pub struct RadosPool {
     cluster: Arc<Cluster>,
@@ -115,11 +118,8 @@ impl RadosPool {
     pub fn version(&self, oid: &str) -> io::Result<Option<u64>> {
         let o = cstring("the object name", oid)?;
         self.with(|io| {
-            Ok(match stat_size(io, &o)? {
-                // SAFETY: as in `read`: this thread's context, right after its stat.
-                Some(_) => Some(unsafe { sys::rados_get_last_version(io) }),
-                None => None,
-            })
+            // SAFETY: as in `read`: this thread's context, right after its stat.
+            Ok(stat_size(io, &o)?.map(|_| unsafe { sys::rados_get_last_version(io) }))
         })
     }
 
@@ -210,7 +210,7 @@ impl RadosPool {
     pub fn watch(
         &self,
         oid: &str,
-        on_notify: Box<dyn Fn(&[u8]) + Send + Sync>,
+        on_notify: OnNotify,
     ) -> io::Result<Watch> {
         let ctx = self.context()?;
         let state = Arc::new(WatchState {
@@ -259,7 +259,7 @@ struct WatchState {
     io: AtomicU64,
     cookie: AtomicU64,
     healthy: AtomicBool,
-    on_notify: Box<dyn Fn(&[u8]) + Send + Sync>,
+    on_notify: OnNotify,
 }
 
 unsafe extern "C" fn on_watch_notify(
