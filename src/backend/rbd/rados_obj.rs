@@ -207,11 +207,7 @@ impl RadosPool {
     /// Watches `oid`: every notify on it calls `on_notify` with its payload (then is
     /// acknowledged); a broken watch (e.g. the connection to the OSD was lost long enough)
     /// clears [`Watch::healthy`]. The watch ends when the `Watch` is dropped.
-    pub fn watch(
-        &self,
-        oid: &str,
-        on_notify: OnNotify,
-    ) -> io::Result<Watch> {
+    pub fn watch(&self, oid: &str, on_notify: OnNotify) -> io::Result<Watch> {
         let ctx = self.context()?;
         let state = Arc::new(WatchState {
             oid: cstring("the object name", oid)?,
