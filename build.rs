@@ -22,6 +22,8 @@ mod rbd {
             .header_contents("cryptnbd_rbd.h", WRAPPER)
             // Only what src/backend/rbd/ffi.rs uses: a narrow surface is easier to audit.
             .allowlist_function("rados_(create2?|conf_read_file|conf_parse_env|conf_set|connect|shutdown|ioctx_create|ioctx_destroy|getaddrs|get_instance_id)")
+            // RADOS objects for the key store (src/backend/rbd/rados_obj.rs).
+            .allowlist_function("rados_(ioctx_set_namespace|read|stat|remove|get_last_version|create_write_op|release_write_op|write_op_(assert_version|create|write_full|operate)|watch2|unwatch2|watch_check|watch_flush|notify2|notify_ack|buffer_free)")
             .allowlist_function("rbd_(create4|open|open_read_only|close|remove|get_size|resize|stat|get_features)")
             .allowlist_function("rbd_aio_(read|write|discard|write_zeroes|flush|create_completion|get_return_value|release)")
             .allowlist_function("rbd_(diff_iterate2|lock_acquire|lock_release|lock_get_owners|lock_get_owners_cleanup|lock_break|is_exclusive_lock_owner|watchers_list|watchers_list_cleanup)")

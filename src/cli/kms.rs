@@ -71,12 +71,21 @@ enum KmsCommand {
     #[command(
         after_help = "Examples:\n  cryptnbd --data-dir /srv/cryptnbd kms init\n  \
         cryptnbd kms init --passphrase-file ~/.cryptnbd-pass\n  \
-        cryptnbd kms init --root-key-file /run/secrets/cryptnbd.key"
+        cryptnbd kms init --root-key-file /run/secrets/cryptnbd.key\n  \
+        cryptnbd kms init --store rados:kms/prod --ceph-id kms     # shared by several hosts\n  \
+        cryptnbd kms init --store rados:kms/prod --ceph-id kms --join --root-key-file KEY"
     )]
     Init {
         /// Use a copy of this existing 32-byte key file (mode 0600) as the root key.
         #[arg(long, value_name = "FILE")]
         root_key_file: Option<PathBuf>,
+        #[command(flatten)]
+        store: super::kms_root::StoreArgs,
+        /// Join an existing RADOS store (another host's `kms init --store rados:…`) instead of
+        /// creating one: checks the root key (--root-key-file, root.key here, or the
+        /// passphrase) against the store and writes only the marker (and the root key copy).
+        #[arg(long)]
+        join: bool,
         #[command(flatten)]
         out: JsonFlag,
     },
@@ -314,7 +323,12 @@ fn decode_hex(what: &str, s: &str) -> anyhow::Result<Vec<u8>> {
 pub fn run(global: &Global, args: KmsArgs) -> anyhow::Result<()> {
     use KmsCommand as C;
     let cmd = match args.command {
-        C::Init { root_key_file, out } => return init(global, root_key_file, out.json),
+        C::Init {
+            root_key_file,
+            store,
+            join,
+            out,
+        } => return init(global, root_key_file, &store, join, out.json),
         other => other,
     };
     let ks = open_keystore(global)?;

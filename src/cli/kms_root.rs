@@ -8,7 +8,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
-use cryptnbd::kms::{InitRoot, KeyStore, KmsError, RootSecret};
+use clap::Args;
+use cryptnbd::kms::{InitRoot, KeyStore, KmsError, RadosStore, RootSecret, SystemClock};
 use serde_json::json;
 use zeroize::Zeroizing;
 
@@ -75,34 +76,115 @@ pub fn open_keystore(global: &Global) -> anyhow::Result<KeyStore> {
     }
 }
 
+/// Where `kms init` (and `kms import-store`) puts the store: the data directory, or RADOS.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Where the store lives: `dir` (files in the data directory, the default) or
+    /// `rados:POOL[/NAMESPACE]` (objects in a Ceph pool, shared by several `kms serve` hosts;
+    /// the data directory then keeps the root key, the audit log and a marker, store.json).
+    #[arg(long, default_value = "dir", value_name = "dir|rados:POOL[/NS]")]
+    store: String,
+    /// Ceph config file (default: $CEPH_CONF, then /etc/ceph/ceph.conf). Kept in the marker.
+    #[arg(long, value_name = "FILE", env = "CEPH_CONF")]
+    ceph_conf: Option<PathBuf>,
+    /// Ceph client id, without `client.` (default: admin). Kept in the marker.
+    #[arg(long, value_name = "ID")]
+    ceph_id: Option<String>,
+    /// Ceph keyring (default: the one the config names). Kept in the marker.
+    #[arg(long, value_name = "FILE")]
+    keyring: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    /// The RADOS store asked for, or `None` for the data directory.
+    pub fn rados(&self) -> anyhow::Result<Option<RadosStore>> {
+        if self.store == "dir" {
+            if self.ceph_id.is_some() || self.keyring.is_some() {
+                bail!("--ceph-id and --keyring only apply to --store rados:POOL[/NAMESPACE]");
+            }
+            return Ok(None);
+        }
+        let mut r = RadosStore::parse(&self.store).map_err(anyhow::Error::msg)?;
+        // Kept in the marker, which must not depend on the current directory.
+        let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        r.ceph_conf = self.ceph_conf.as_ref().map(absolute);
+        r.client_id = self
+            .ceph_id
+            .as_ref()
+            .map(|i| i.strip_prefix("client.").unwrap_or(i).to_string());
+        r.keyring = self.keyring.as_ref().map(absolute);
+        Ok(Some(r))
+    }
+}
+
 pub(super) fn init(
     global: &Global,
     root_key_file: Option<PathBuf>,
+    store: &StoreArgs,
+    join: bool,
     json_out: bool,
 ) -> anyhow::Result<()> {
     let dir = &global.data_dir;
+    let rados = store.rados()?;
     let pass = passphrase(global.passphrase_file.as_deref())?;
-    let (ks, root_desc) = match (root_key_file, pass) {
-        (Some(_), Some(_)) => bail!(
+    if root_key_file.is_some() && pass.is_some() {
+        bail!(
             "give either --root-key-file or a passphrase (--passphrase-file / ${PASSPHRASE_ENV}), not both"
+        );
+    }
+    if join {
+        let Some(r) = rados else {
+            bail!("--join needs --store rados:POOL[/NAMESPACE]: the store to join");
+        };
+        let root = match (pass, root_key_file) {
+            (Some(p), _) => RootSecret::Passphrase(p),
+            (None, Some(f)) => RootSecret::KeyFile(f),
+            (None, None) => RootSecret::KeyFile(dir.join("root.key")),
+        };
+        let ks = KeyStore::join(dir, &r, root)?;
+        if json_out {
+            return print_json(&json!({
+                "store_id": ks.store_id(),
+                "data_dir": dir,
+                "store": ks.location(),
+            }));
+        }
+        println!(
+            "joined key store {} ({}) from {}: the root key matches; every `kms` command and \
+             `kms serve` here now use it",
+            ks.store_id(),
+            ks.location(),
+            dir.display()
+        );
+        return Ok(());
+    }
+    let key_desc = |src: Option<&Path>| match src {
+        Some(s) => format!(
+            "key file {} (copied from {})",
+            dir.join("root.key").display(),
+            s.display()
         ),
-        (Some(src), None) => (
-            KeyStore::init_with_key_file(dir, &src)?,
-            format!("key file {} (copied from {})", dir.join("root.key").display(), src.display()),
-        ),
-        (None, Some(p)) => (
-            KeyStore::init(dir, InitRoot::Passphrase(p))?,
-            "passphrase (Argon2id)".to_string(),
-        ),
-        (None, None) => (
-            KeyStore::init(dir, InitRoot::GenerateKeyFile)?,
-            format!("key file {}", dir.join("root.key").display()),
+        None => format!("key file {}", dir.join("root.key").display()),
+    };
+    let (root, root_desc) = match pass {
+        Some(p) => (InitRoot::Passphrase(p), "passphrase (Argon2id)".to_string()),
+        None => (
+            InitRoot::GenerateKeyFile,
+            key_desc(root_key_file.as_deref()),
         ),
     };
+    let ks = KeyStore::init_at(
+        dir,
+        rados.as_ref(),
+        root,
+        root_key_file.as_deref(),
+        std::sync::Arc::new(SystemClock),
+    )?;
     if json_out {
         return print_json(&json!({
             "store_id": ks.store_id(),
             "data_dir": dir,
+            "store": ks.location(),
             "root": root_desc,
         }));
     }
@@ -111,7 +193,16 @@ pub(super) fn init(
          back it up: without it nothing this store wraps can ever be decrypted.\n\
          next: cryptnbd kms create-key --alias NAME",
         ks.store_id(),
-        dir.display()
+        ks.location()
+            .strip_prefix("file:")
+            .unwrap_or(&ks.location()),
     );
+    if rados.is_some() {
+        println!(
+            "other hosts join it with the same root: cryptnbd kms init --store {} --join \
+             [--root-key-file COPY-OF-root.key | --passphrase-file F]",
+            ks.location()
+        );
+    }
     Ok(())
 }

@@ -120,12 +120,12 @@ impl KeyStore {
                 require_changeable(&f.keys[i])?;
                 if let Some(o) = alias_owner(f, &alias) {
                     return Err(KmsError::AliasExists {
-                        alias,
+                        alias: alias.clone(),
                         key_id: f.keys[o].key_id,
                     });
                 }
                 check_room(&f.keys[i])?;
-                Ok(attach(&mut f.keys[i], alias, now, now))
+                Ok(attach(&mut f.keys[i], alias.clone(), now, now))
             })
         });
         self.finish("create-alias", Some(key), &none(), r, |a| {
@@ -166,7 +166,7 @@ impl KeyStore {
                 require_changeable(&f.keys[t])?;
                 let Some(o) = alias_owner(f, &alias) else {
                     return Err(KmsError::AliasNotFound {
-                        alias,
+                        alias: alias.clone(),
                         key_id: None,
                     });
                 };
@@ -176,14 +176,14 @@ impl KeyStore {
                         .into_iter()
                         .find(|a| a.alias == alias);
                     return found.ok_or(KmsError::AliasNotFound {
-                        alias,
+                        alias: alias.clone(),
                         key_id: None,
                     });
                 }
                 require_changeable(&f.keys[o])?;
                 check_room(&f.keys[t])?;
                 let created = detach(&mut f.keys[o], &alias).unwrap_or(now);
-                Ok(attach(&mut f.keys[t], alias, created, now))
+                Ok(attach(&mut f.keys[t], alias.clone(), created, now))
             })
         });
         self.finish("associate-alias", Some(target), &none(), r, |a| {

@@ -32,8 +32,8 @@ impl KeyStore {
     /// An unreadable store file is an `Err`.
     pub fn check_integrity(&self) -> Result<Vec<String>, KmsError> {
         let file = {
-            let _lock = store::lock_shared(&self.dir)?;
-            store::load(&self.dir)?
+            let _lock = self.objects.lock(false)?;
+            store::load_from(&*self.objects)?
         };
         let mut problems = Vec::new();
         if file.store_id != self.store_id {
@@ -91,8 +91,8 @@ impl KeyStore {
     /// What the store says about version `version` of key `key_id` (no maintenance, no audit).
     pub fn key_reference(&self, key_id: Uuid, version: u32) -> Result<KeyReference, KmsError> {
         let file = {
-            let _lock = store::lock_shared(&self.dir)?;
-            store::load(&self.dir)?
+            let _lock = self.objects.lock(false)?;
+            store::load_from(&*self.objects)?
         };
         let Some(k) = file.keys.iter().find(|k| k.key_id == key_id) else {
             return Ok(KeyReference::Missing);

@@ -7,30 +7,27 @@
 //! request; a token only has to be recognised, so only its SHA-256 is stored (tokens are 256-bit
 //! random, so a plain hash is not open to guessing). Both are shown once, at creation.
 //!
-//! The file is written like the store: under the store's exclusive lock, to a temp file that is
-//! fsynced and renamed over the old one, then the directory is fsynced.
+//! The object is changed like the store's (see `objects.rs`): a compare-and-swap, which for the
+//! file backend is the temp file + fsync + rename + directory fsync under the store's lock.
 
-use std::fs::File;
-use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+use super::objects::{self, Obj};
 use super::rights::{self, KeyScope};
 use super::{blob, clock, store, KeyStore, KmsError};
 use crate::crypto::{aead, SecretBytes};
 
 pub const CREDENTIALS_FILE: &str = "credentials.json";
-const TEMP_PREFIX: &str = ".credentials.json.tmp.";
 const FORMAT_NAME: &str = "cryptnbd-credentials";
 /// Version 2 gives each credential a user id and explicit rights (`admin`, `scopes`); version 1
 /// (`keys`, where none meant every key) is read and migrated (see `rights.rs`).
 const FORMAT_VERSION: u32 = 2;
 const FORMAT_VERSION_1: u32 = 1;
-const MAX_FILE_BYTES: u64 = 16 << 20;
 /// Prefix of every token, so a leaked one is recognisable in a secret scanner.
 const TOKEN_PREFIX: &str = "cnt.";
 
@@ -118,10 +115,6 @@ impl std::fmt::Debug for NewSecret {
     }
 }
 
-fn path(dir: &Path) -> PathBuf {
-    dir.join(CREDENTIALS_FILE)
-}
-
 /// `len` characters drawn uniformly from `alphabet` (rejection sampling: no modulo bias).
 fn random_text(len: usize, alphabet: &[u8]) -> Zeroizing<String> {
     let limit = 256 - 256 % alphabet.len();
@@ -137,32 +130,20 @@ fn random_text(len: usize, alphabet: &[u8]) -> Zeroizing<String> {
     out
 }
 
-fn load(dir: &Path) -> Result<CredentialsFile, KmsError> {
-    let p = path(dir);
-    let mut f = match File::open(&p) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(CredentialsFile {
-                format: FORMAT_NAME.into(),
-                version: FORMAT_VERSION,
-                credentials: Vec::new(),
-            })
-        }
-        Err(e) => return Err(KmsError::io("opening credentials file", p, e)),
+/// Parses a credentials object (`None`: missing, i.e. no credentials yet).
+fn parse(bytes: Option<&[u8]>, p: &Path) -> Result<CredentialsFile, KmsError> {
+    let Some(buf) = bytes else {
+        return Ok(CredentialsFile {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            credentials: Vec::new(),
+        });
     };
-    let mut buf = Vec::new();
-    Read::by_ref(&mut f)
-        .take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| KmsError::io("reading credentials file", &p, e))?;
     let corrupt = |reason: String| KmsError::Corrupt {
-        path: p.clone(),
+        path: p.to_path_buf(),
         reason,
     };
-    if buf.len() as u64 > MAX_FILE_BYTES {
-        return Err(corrupt(format!("it is larger than {MAX_FILE_BYTES} bytes")));
-    }
-    let file: CredentialsFile = serde_json::from_slice(&buf).map_err(|e| corrupt(e.to_string()))?;
+    let file: CredentialsFile = serde_json::from_slice(buf).map_err(|e| corrupt(e.to_string()))?;
     if file.format != FORMAT_NAME || !(FORMAT_VERSION_1..=FORMAT_VERSION).contains(&file.version) {
         return Err(corrupt(format!(
             "format {:?} version {} (this program reads {FORMAT_NAME} version {FORMAT_VERSION})",
@@ -172,22 +153,12 @@ fn load(dir: &Path) -> Result<CredentialsFile, KmsError> {
     Ok(file)
 }
 
-fn save(dir: &Path, file: &mut CredentialsFile) -> Result<(), KmsError> {
-    let p = path(dir);
+/// The bytes of a credentials object, always written in the newest format.
+fn encode(file: &mut CredentialsFile) -> Vec<u8> {
     file.version = FORMAT_VERSION;
     let mut bytes = serde_json::to_vec_pretty(file).expect("the credentials file serializes");
     bytes.push(b'\n');
-    store::replace_file(
-        dir,
-        &p,
-        TEMP_PREFIX,
-        &bytes,
-        store::ReplaceSteps {
-            create: "creating temporary credentials file",
-            write: "writing temporary credentials file",
-            rename: "replacing credentials file",
-        },
-    )
+    bytes
 }
 
 fn token_hash(token: &str) -> String {
@@ -195,30 +166,46 @@ fn token_hash(token: &str) -> String {
 }
 
 impl KeyStore {
-    /// The credentials file with format-1 records given their format-2 meaning (in memory).
+    /// The credentials with format-1 records given their format-2 meaning (in memory).
     fn load_credentials(&self) -> Result<(CredentialsFile, Vec<String>), KmsError> {
-        let mut file = load(&self.dir)?;
+        let read = self.objects.read(Obj::Credentials)?;
+        self.credentials_from(read.as_ref().map(|(b, _)| b.as_slice()))
+    }
+
+    fn credentials_from(
+        &self,
+        bytes: Option<&[u8]>,
+    ) -> Result<(CredentialsFile, Vec<String>), KmsError> {
+        let mut file = parse(bytes, &self.objects.path(Obj::Credentials))?;
         let mut notes = Vec::new();
         if file.version == FORMAT_VERSION_1 {
-            // The store is replaced by rename: reading it without its lock sees a whole version.
-            let store = store::load(&self.dir)?;
+            // The store is replaced whole: reading it without its lock sees a whole version.
+            let store = store::load_from(&*self.objects)?;
             notes = rights::migrate_v1(&mut file.credentials, &store);
         }
         Ok((file, notes))
     }
 
+    /// Read-modify-write of the credentials (compare-and-swap, retried: `f` may run again);
+    /// `f` says whether to write.
+    fn change_credentials<R>(
+        &self,
+        mut f: impl FnMut(&mut CredentialsFile, &[String]) -> Result<(bool, R), KmsError>,
+    ) -> Result<R, KmsError> {
+        objects::update(&*self.objects, Obj::Credentials, |bytes| {
+            let (mut file, notes) = self.credentials_from(bytes)?;
+            let (write, r) = f(&mut file, &notes)?;
+            Ok((write.then(|| encode(&mut file)), r))
+        })
+    }
+
     /// Rewrites a format-1 credentials file as format 2; returns what each credential became
     /// (nothing when there was nothing to migrate).
     pub fn migrate_credentials(&self) -> Result<Vec<String>, KmsError> {
-        let notes = {
-            let _lock = store::lock_exclusive(&self.dir)?;
-            let (mut file, notes) = self.load_credentials()?;
-            if notes.is_empty() {
-                return Ok(notes);
-            }
-            save(&self.dir, &mut file)?;
-            notes
-        };
+        let notes = self.change_credentials(|_, notes| Ok((!notes.is_empty(), notes.to_vec())))?;
+        if notes.is_empty() {
+            return Ok(notes);
+        }
         let none = super::EncryptionContext::new();
         self.audit("migrate-credentials", None, None, None, &none, None)?;
         Ok(notes)
@@ -293,17 +280,15 @@ impl KeyStore {
             sealed_secret: sealed,
             token_sha256: hash,
         };
-        {
-            let _lock = store::lock_exclusive(&self.dir)?;
-            let (mut file, _) = self.load_credentials()?;
+        self.change_credentials(|file, _| {
             if file.credentials.iter().any(|c| c.name == name) {
                 return Err(KmsError::InvalidArgument(format!(
                     "a credential named {name:?} already exists"
                 )));
             }
             file.credentials.push(record.clone());
-            save(&self.dir, &mut file)?;
-        }
+            Ok((true, ()))
+        })?;
         let none = super::EncryptionContext::new();
         self.audit("create-credential", Some(name), None, None, &none, None)?;
         Ok(NewSecret { record, secret })
@@ -311,7 +296,7 @@ impl KeyStore {
 
     /// All credentials (no secrets: sealed keys and hashes only), format-1 ones as migrated.
     pub fn list_credentials(&self) -> Result<Vec<CredentialRecord>, KmsError> {
-        let _lock = store::lock_shared(&self.dir)?;
+        let _lock = self.objects.lock(false)?;
         Ok(self.load_credentials()?.0.credentials)
     }
 
@@ -320,19 +305,17 @@ impl KeyStore {
         &self,
         operation: &str,
         name: &str,
-        f: impl FnOnce(&mut CredentialsFile, usize),
+        f: impl Fn(&mut CredentialsFile, usize),
     ) -> Result<(), KmsError> {
-        {
-            let _lock = store::lock_exclusive(&self.dir)?;
-            let (mut file, _) = self.load_credentials()?;
+        self.change_credentials(|file, _| {
             let Some(i) = file.credentials.iter().position(|c| c.name == name) else {
                 return Err(KmsError::InvalidArgument(format!(
                     "no credential named {name:?}"
                 )));
             };
-            f(&mut file, i);
-            save(&self.dir, &mut file)?;
-        }
+            f(file, i);
+            Ok((true, ()))
+        })?;
         let none = super::EncryptionContext::new();
         self.audit(operation, Some(name), None, None, &none, None)
     }
@@ -361,7 +344,7 @@ impl KeyStore {
         ak: &str,
     ) -> Result<Option<(CredentialRecord, SecretBytes)>, KmsError> {
         let file = {
-            let _lock = store::lock_shared(&self.dir)?;
+            let _lock = self.objects.lock(false)?;
             self.load_credentials()?.0
         };
         let Some(c) = file
@@ -372,7 +355,7 @@ impl KeyStore {
             return Ok(None);
         };
         let corrupt = |reason: &str| KmsError::Corrupt {
-            path: path(&self.dir),
+            path: self.objects.path(Obj::Credentials),
             reason: format!("credential {:?}: {reason}", c.name),
         };
         let sealed = hex::decode(c.sealed_secret.as_deref().unwrap_or_default())
@@ -390,7 +373,7 @@ impl KeyStore {
     /// constant time).
     pub fn token(&self, token: &str) -> Result<Option<CredentialRecord>, KmsError> {
         let file = {
-            let _lock = store::lock_shared(&self.dir)?;
+            let _lock = self.objects.lock(false)?;
             self.load_credentials()?.0
         };
         let want = token_hash(token);

@@ -111,6 +111,14 @@ pub enum KmsError {
     #[error("{0}")]
     RemoteRefused(Box<RemoteRefusal>),
 
+    /// A compare-and-swap kept failing: other writers changed the object every time.
+    #[error("could not change {} after {attempts} attempts: other writers changed it every time; try again", object.display())]
+    Contended { object: PathBuf, attempts: u32 },
+
+    /// The data directory names a RADOS store but this build cannot reach Ceph.
+    #[error("the key store is {location}, but this cryptnbd was built without Ceph support (cargo feature `rbd`)")]
+    NoCephSupport { location: String },
+
     /// An I/O operation failed.
     /// (The cause is the error's `source()`; print with `{:#}` / a chain to see it.)
     #[error("{what} {}", path.display())]

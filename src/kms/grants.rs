@@ -4,31 +4,26 @@
 //! the `volume_id` of its volumes). Grants hold key ids, never aliases, so moving an alias does not
 //! move rights.
 //!
-//! They live in `grants.json` beside `keystore.json`, written like the store: under the store's
-//! exclusive lock, to a temp file that is fsynced and renamed over the old one, then the directory
-//! is fsynced. Every authorization reads them, so the parsed file is cached with an index by
-//! (key id, grantee) and reused while the file is the same one (a write replaces it by rename, so
-//! its inode, size and mtime identify a version); 10 000 grants cost one `fstat` per request.
+//! They live in the `grants.json` object beside `keystore.json` (see `objects.rs`: a file in the
+//! data directory, written like the store, or a RADOS object), changed by compare-and-swap.
+//! Every authorization reads them, so the parsed object is cached with an index by (key id,
+//! grantee) and reused while the object is at the same version (for files: inode, size and mtime,
+//! one `fstat` per request with 10 000 grants; for RADOS: the backend's own version cache, see `rados.rs`).
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{store, EncryptionContext, KeyStore, KmsError};
+use super::objects::{self, Obj, Version};
+use super::{EncryptionContext, KeyStore, KmsError};
 use crate::crypto::SecretBytes;
 
 pub const GRANTS_FILE: &str = "grants.json";
-const TEMP_PREFIX: &str = ".grants.json.tmp.";
 const FORMAT_NAME: &str = "cryptnbd-grants";
 const FORMAT_VERSION: u32 = 1;
-/// About 200 000 grants; a larger file is not ours.
-const MAX_FILE_BYTES: u64 = 64 << 20;
 /// Pairs in an encryption-context constraint, and bytes per name or value.
 const MAX_CONSTRAINT_PAIRS: usize = 8;
 const MAX_CONSTRAINT_BYTES: usize = 256;
@@ -173,22 +168,9 @@ impl GrantIndex {
     }
 }
 
-/// Identifies one version of the grants file: writes replace it by rename (a new inode).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    len: u64,
-    mtime_ns: i128,
-}
-
-/// The last parsed grants file and its stamp (`None`: not read yet).
+/// The last parsed grants object and its version (`None`: not read yet; inner `None`: missing).
 #[derive(Debug, Default)]
-pub struct GrantCache(Mutex<Option<(Option<Stamp>, Arc<GrantIndex>)>>);
-
-fn path(dir: &Path) -> PathBuf {
-    dir.join(GRANTS_FILE)
-}
+pub struct GrantCache(Mutex<Option<(Option<Version>, Arc<GrantIndex>)>>);
 
 /// Parses and checks a grants file's bytes (the golden-file test reads through this).
 pub fn parse(bytes: &[u8], p: &Path) -> Result<Vec<Grant>, KmsError> {
@@ -206,48 +188,7 @@ pub fn parse(bytes: &[u8], p: &Path) -> Result<Vec<Grant>, KmsError> {
     Ok(file.grants)
 }
 
-/// Reads the file (empty when missing) and its stamp, both from one open descriptor.
-fn read(dir: &Path) -> Result<(Option<Stamp>, Vec<u8>), KmsError> {
-    let p = path(dir);
-    let mut f = match File::open(&p) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((None, Vec::new())),
-        Err(e) => return Err(KmsError::io("opening grants file", p, e)),
-    };
-    let stamp = stamp_of(&f).map_err(|e| KmsError::io("reading grants file", &p, e))?;
-    let mut buf = Vec::new();
-    Read::by_ref(&mut f)
-        .take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| KmsError::io("reading grants file", &p, e))?;
-    if buf.len() as u64 > MAX_FILE_BYTES {
-        return Err(KmsError::Corrupt {
-            path: p,
-            reason: format!("it is larger than {MAX_FILE_BYTES} bytes"),
-        });
-    }
-    Ok((Some(stamp), buf))
-}
-
-fn stamp_of(f: &File) -> std::io::Result<Stamp> {
-    let m = f.metadata()?;
-    Ok(Stamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        len: m.len(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-    })
-}
-
-fn load(dir: &Path) -> Result<Vec<Grant>, KmsError> {
-    let (stamp, bytes) = read(dir)?;
-    if stamp.is_none() {
-        return Ok(Vec::new());
-    }
-    parse(&bytes, &path(dir))
-}
-
-fn save(dir: &Path, grants: Vec<Grant>) -> Result<(), KmsError> {
+fn encode(grants: Vec<Grant>) -> Vec<u8> {
     let file = GrantsFile {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
@@ -255,17 +196,7 @@ fn save(dir: &Path, grants: Vec<Grant>) -> Result<(), KmsError> {
     };
     let mut bytes = serde_json::to_vec_pretty(&file).expect("the grants file serializes");
     bytes.push(b'\n');
-    store::replace_file(
-        dir,
-        &path(dir),
-        TEMP_PREFIX,
-        &bytes,
-        store::ReplaceSteps {
-            create: "creating temporary grants file",
-            write: "writing temporary grants file",
-            rename: "replacing grants file",
-        },
-    )
+    bytes
 }
 
 /// `^[a-zA-Z0-9]{1,64}$`: a user or domain id (DEW's rule for grantee and retiring principals).
@@ -372,11 +303,27 @@ impl KeyStore {
         })
     }
 
+    /// Read-modify-write of the grants object (compare-and-swap, retried: `f` may run again).
+    fn change_grants<R>(
+        &self,
+        mut f: impl FnMut(&mut Vec<Grant>) -> Result<R, KmsError>,
+    ) -> Result<R, KmsError> {
+        let path = self.objects.path(Obj::Grants);
+        objects::update(&*self.objects, Obj::Grants, |bytes| {
+            let mut all = match bytes {
+                None => Vec::new(),
+                Some(b) => parse(b, &path)?,
+            };
+            let r = f(&mut all)?;
+            Ok((Some(encode(all)), r))
+        })
+    }
+
     fn append_grants(&self, grants: Vec<Grant>) -> Result<(), KmsError> {
-        let _lock = store::lock_exclusive(&self.dir)?;
-        let mut all = load(&self.dir)?;
-        all.extend(grants);
-        save(&self.dir, all)
+        self.change_grants(|all| {
+            all.extend(grants.iter().cloned());
+            Ok(())
+        })
     }
 
     /// Removes grant `grant_id` from key `key` (`operation` is `revoke-grant` or `retire-grant`,
@@ -396,46 +343,38 @@ impl KeyStore {
 
     fn remove_grant_inner(&self, key: &str, grant_id: &str) -> Result<Grant, KmsError> {
         let key_id = self.resolve_key_id(key)?;
-        let _lock = store::lock_exclusive(&self.dir)?;
-        let mut all = load(&self.dir)?;
-        let Some(i) = all
-            .iter()
-            .position(|g| g.key_id == key_id && g.grant_id == grant_id)
-        else {
-            return Err(KmsError::InvalidArgument(format!(
-                "key {key} has no grant {grant_id}"
-            )));
-        };
-        let g = all.remove(i);
-        save(&self.dir, all)?;
-        Ok(g)
+        self.change_grants(|all| {
+            let Some(i) = all
+                .iter()
+                .position(|g| g.key_id == key_id && g.grant_id == grant_id)
+            else {
+                return Err(KmsError::InvalidArgument(format!(
+                    "key {key} has no grant {grant_id}"
+                )));
+            };
+            Ok(all.remove(i))
+        })
     }
 
-    /// Every grant, parsed once per version of the file and indexed (see the module comment).
+    /// Every grant, parsed once per version of the object and indexed (see the module comment).
     pub fn grant_index(&self) -> Result<Arc<GrantIndex>, KmsError> {
-        let p = path(&self.dir);
-        let current = match File::open(&p) {
-            Ok(f) => Some(stamp_of(&f).map_err(|e| KmsError::io("reading grants file", &p, e))?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(KmsError::io("opening grants file", p, e)),
-        };
         let mut cache = self
             .grants_cache
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some((stamp, ix)) = cache.as_ref() {
-            if *stamp == current {
+        let current = self.objects.version(Obj::Grants)?;
+        if let Some((v, ix)) = cache.as_ref() {
+            if *v == current {
                 return Ok(ix.clone());
             }
         }
-        let (stamp, bytes) = read(&self.dir)?;
-        let grants = match stamp {
-            None => Vec::new(),
-            Some(_) => parse(&bytes, &p)?,
+        let (version, grants) = match self.objects.read(Obj::Grants)? {
+            None => (None, Vec::new()),
+            Some((bytes, v)) => (Some(v), parse(&bytes, &self.objects.path(Obj::Grants))?),
         };
         let ix = Arc::new(GrantIndex::from_grants(grants));
-        *cache = Some((stamp, ix.clone()));
+        *cache = Some((version, ix.clone()));
         Ok(ix)
     }
 

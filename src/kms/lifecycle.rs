@@ -10,6 +10,7 @@
 
 use uuid::Uuid;
 
+use super::objects::{self, Obj};
 use super::store::{self, KeyRecord, StoreFile, VersionRecord};
 use super::{blob, clock, EncryptionContext, KeyMetadata, KeyState, KeyStore, KmsError};
 use crate::crypto::{aead, Key256};
@@ -116,8 +117,9 @@ impl KeyStore {
     /// write transaction first.
     pub(super) fn snapshot(&self) -> Result<StoreFile, KmsError> {
         let file = {
-            let _lock = store::lock_shared(&self.dir)?;
-            self.load_checked()?
+            let _lock = self.objects.lock(false)?;
+            let file = store::load_from(&*self.objects)?;
+            self.same_store(file)?
         };
         if self.maintenance_due(&file) {
             return self.transact(|f, _| Ok(f.clone()));
@@ -125,33 +127,30 @@ impl KeyStore {
         Ok(file)
     }
 
-    /// Read-modify-write under the exclusive lock. `f` sees the store after maintenance; the file
-    /// is saved only if `f` succeeds (or maintenance changed something).
+    /// Read-modify-write as one compare-and-swap of the store object (retried if another writer
+    /// got in between, so `f` may run more than once). `f` sees the store after maintenance; the
+    /// store is written only if `f` succeeds (or maintenance changed something).
     pub(super) fn transact<T>(
         &self,
-        f: impl FnOnce(&mut StoreFile, u64) -> Result<T, KmsError>,
+        mut f: impl FnMut(&mut StoreFile, u64) -> Result<T, KmsError>,
     ) -> Result<T, KmsError> {
-        let events;
-        let result = {
-            let _lock = store::lock_exclusive(&self.dir)?;
-            let mut file = self.load_checked()?;
+        let mut events = Vec::new();
+        let path = self.objects.path(Obj::Keystore);
+        let result = objects::update(&*self.objects, Obj::Keystore, |bytes| {
+            let bytes = bytes.ok_or_else(|| store::missing(&*self.objects))?;
+            let mut file = self.same_store(store::parse(bytes, &path)?)?;
             let now = self.clock.now_unix();
             events = self.maintain(&mut file, now);
             let unchanged = file.clone();
-            match f(&mut file, now) {
-                Ok(v) => {
-                    store::save(&self.dir, &file)?;
-                    Ok(v)
-                }
-                Err(e) => {
-                    // `f` may have changed `file` before failing: persist only the maintenance.
-                    if !events.is_empty() {
-                        store::save(&self.dir, &unchanged)?;
-                    }
-                    Err(e)
-                }
-            }
-        };
+            Ok(match f(&mut file, now) {
+                Ok(v) => (Some(store::encode(&file)), Ok(v)),
+                // `f` may have changed `file` before failing: persist only the maintenance.
+                Err(e) => (
+                    (!events.is_empty()).then(|| store::encode(&unchanged)),
+                    Err(e),
+                ),
+            })
+        })?;
         let none = EncryptionContext::new();
         for ev in events {
             match ev {
@@ -166,11 +165,11 @@ impl KeyStore {
         result
     }
 
-    fn load_checked(&self) -> Result<StoreFile, KmsError> {
-        let file = store::load(&self.dir)?;
+    /// Refuses a store object that is not the store this handle opened.
+    fn same_store(&self, file: StoreFile) -> Result<StoreFile, KmsError> {
         if file.store_id != self.store_id {
             return Err(KmsError::Corrupt {
-                path: store::store_path(&self.dir),
+                path: self.objects.path(Obj::Keystore),
                 reason: format!(
                     "it is now key store {}, not the store {} that was opened (was it replaced?)",
                     file.store_id, self.store_id
@@ -232,7 +231,7 @@ impl KeyStore {
         version: u32,
     ) -> Result<Key256, KmsError> {
         let corrupt = |reason: String| KmsError::Corrupt {
-            path: store::store_path(&self.dir),
+            path: self.objects.path(Obj::Keystore),
             reason,
         };
         let v = k
@@ -303,13 +302,13 @@ impl KeyStore {
             self.transact(|f, now| {
                 if let Some(i) = alias_owner(f, &alias) {
                     return Err(KmsError::AliasExists {
-                        alias,
+                        alias: alias.clone(),
                         key_id: f.keys[i].key_id,
                     });
                 }
                 let mut k = KeyRecord {
                     key_id: Uuid::new_v4(),
-                    key_alias: Some(alias),
+                    key_alias: Some(alias.clone()),
                     former_alias: None,
                     key_description: description.to_string(),
                     key_state: KeyState::Enabled.code(),
@@ -340,7 +339,7 @@ impl KeyStore {
         &self,
         operation: &'static str,
         key: &str,
-        change: impl FnOnce(&mut KeyRecord, &mut StoreFile, u64) -> Result<(), KmsError>,
+        change: impl Fn(&mut KeyRecord, &mut StoreFile, u64) -> Result<(), KmsError>,
     ) -> Result<KeyMetadata, KmsError> {
         let r = self.transact(|f, now| {
             let i = find_index(f, key)?;

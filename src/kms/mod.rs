@@ -25,7 +25,11 @@ mod envelope;
 mod error;
 pub mod grants;
 mod lifecycle;
+pub mod location;
+pub mod objects;
 pub mod provider;
+#[cfg(feature = "rbd")]
+mod rados;
 pub mod rights;
 pub mod root;
 pub mod store;
@@ -35,6 +39,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use objects::{Obj, ObjectStore};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -49,6 +54,7 @@ pub use credentials::{CredentialKind, CredentialRecord, CredentialScope, NewSecr
 pub use error::{KmsError, RemoteRefusal};
 pub use grants::{Grant, GrantIndex, NewGrant, PrincipalType};
 pub use lifecycle::normalize_alias;
+pub use location::RadosStore;
 pub use provider::KeyProvider;
 use root::RootParams;
 use store::{StoreFile, ROOT_KEY_FILE};
@@ -187,13 +193,23 @@ pub struct UnwrappedDataKey {
     pub plain_text: SecretBytes,
 }
 
+/// Where `init_keyed` creates a store.
+struct Target<'a> {
+    dir: &'a Path,
+    objects: Arc<dyn ObjectStore>,
+    rados: Option<&'a RadosStore>,
+}
+
 /// The constant sealed under the root key to recognise the right root (see `root.rs`).
 const VERIFIER_PLAINTEXT: &[u8] = b"cryptnbd key store root verifier v1";
 
 /// An open key store. Cheap to share between threads (`&self` everywhere); holds the root key
 /// in memory (zeroized on drop) and nothing else: all state is re-read from disk per operation.
 pub struct KeyStore {
+    /// The local data directory: root key file, audit log, store marker.
     dir: PathBuf,
+    /// Where the store's objects are (the directory's files, or RADOS).
+    objects: Arc<dyn ObjectStore>,
     store_id: Uuid,
     root: Key256,
     clock: Arc<dyn Clock>,
@@ -206,15 +222,16 @@ impl fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyStore")
             .field("dir", &self.dir)
+            .field("store", &self.objects.location())
             .field("store_id", &self.store_id)
             .finish_non_exhaustive()
     }
 }
 
 impl KeyStore {
-    /// Whether `dir` holds a key store file.
+    /// Whether `dir` holds a key store file, or a marker naming a store elsewhere.
     pub fn exists(dir: &Path) -> bool {
-        store::store_path(dir).exists()
+        store::store_path(dir).exists() || location::has_marker(dir)
     }
 
     /// Creates a new store in `dir` (created if missing, mode 0700). Refuses to overwrite an
@@ -228,27 +245,48 @@ impl KeyStore {
         root: InitRoot,
         clock: Arc<dyn Clock>,
     ) -> Result<KeyStore, KmsError> {
-        match root {
-            InitRoot::GenerateKeyFile => Self::init_inner(dir, None, clock),
-            InitRoot::Passphrase(p) => Self::init_inner(dir, Some(p), clock),
-        }
+        Self::init_at(dir, None, root, None, clock)
     }
 
     /// Creates a new store whose root key is a copy of an existing 32-byte key file (e.g. one
     /// kept in a secrets manager); `root.key` in `dir` receives the copy.
     pub fn init_with_key_file(dir: &Path, source: &Path) -> Result<KeyStore, KmsError> {
-        let key = root::read_key_file(source)?;
-        Self::init_keyed(dir, RootParams::KeyFile, key, Arc::new(SystemClock))
+        Self::init_at(
+            dir,
+            None,
+            InitRoot::GenerateKeyFile,
+            Some(source),
+            Arc::new(SystemClock),
+        )
     }
 
-    fn init_inner(
+    /// Creates a new store: in `dir`, or (with `rados`) in a RADOS pool with a marker in `dir`.
+    /// The root is a copy of `key_source` when given, else as `root` says.
+    pub fn init_at(
         dir: &Path,
-        passphrase: Option<Zeroizing<String>>,
+        rados: Option<&RadosStore>,
+        root: InitRoot,
+        key_source: Option<&Path>,
         clock: Arc<dyn Clock>,
     ) -> Result<KeyStore, KmsError> {
-        match passphrase {
-            None => Self::init_keyed(dir, RootParams::KeyFile, Key256::generate(), clock),
-            Some(p) => {
+        let objects: Arc<dyn ObjectStore> = match rados {
+            None => Arc::new(objects::FileObjects::new(dir)),
+            Some(r) => location::connect(r)?,
+        };
+        let target = Target {
+            dir,
+            objects,
+            rados,
+        };
+        if let Some(src) = key_source {
+            let key = root::read_key_file(src)?;
+            return Self::init_keyed(target, RootParams::KeyFile, key, clock);
+        }
+        match root {
+            InitRoot::GenerateKeyFile => {
+                Self::init_keyed(target, RootParams::KeyFile, Key256::generate(), clock)
+            }
+            InitRoot::Passphrase(p) => {
                 if p.chars().count() < root::MIN_PASSPHRASE_LEN {
                     return Err(KmsError::InvalidArgument(format!(
                         "the passphrase must have at least {} characters",
@@ -257,18 +295,23 @@ impl KeyStore {
                 }
                 let params = RootParams::new_passphrase();
                 let key = root::derive_from_passphrase(&p, &params, &store::store_path(dir))?;
-                Self::init_keyed(dir, params, key, clock)
+                Self::init_keyed(target, params, key, clock)
             }
         }
     }
 
     fn init_keyed(
-        dir: &Path,
+        target: Target<'_>,
         params: RootParams,
         key: Key256,
         clock: Arc<dyn Clock>,
     ) -> Result<KeyStore, KmsError> {
         use std::os::unix::fs::DirBuilderExt;
+        let Target {
+            dir,
+            objects,
+            rados,
+        } = target;
         let fresh = !dir.exists();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -282,12 +325,13 @@ impl KeyStore {
             }
         }
         let _lock = store::lock_exclusive(dir)?;
-        let store_path = store::store_path(dir);
-        if store_path.exists() {
-            return Err(KmsError::StoreExists {
-                dir: dir.to_path_buf(),
-                found: store_path,
-            });
+        for found in [store::store_path(dir), dir.join(location::MARKER_FILE)] {
+            if found.exists() {
+                return Err(KmsError::StoreExists {
+                    dir: dir.to_path_buf(),
+                    found,
+                });
+            }
         }
         let key_path = dir.join(ROOT_KEY_FILE);
         if params == RootParams::KeyFile {
@@ -310,7 +354,18 @@ impl KeyStore {
             )),
             keys: Vec::new(),
         };
-        if let Err(e) = store::save(dir, &file) {
+        // Created only if absent: a store already in the pool/namespace is never overwritten.
+        let created = objects
+            .replace(Obj::Keystore, None, &store::encode(&file))
+            .and_then(|r| match r {
+                objects::Replaced::Done => Ok(()),
+                objects::Replaced::Conflict => Err(KmsError::StoreExists {
+                    dir: dir.to_path_buf(),
+                    found: objects.path(Obj::Keystore),
+                }),
+            })
+            .and_then(|()| rados.map_or(Ok(()), |r| location::write_marker(dir, r)));
+        if let Err(e) = created {
             // Leave no root key without a store behind: the next `init` would refuse it.
             if params == RootParams::KeyFile {
                 let _ = std::fs::remove_file(&key_path);
@@ -319,6 +374,7 @@ impl KeyStore {
         }
         let ks = KeyStore {
             dir: dir.to_path_buf(),
+            objects,
             store_id,
             root: key,
             clock,
@@ -346,9 +402,51 @@ impl KeyStore {
                 dir: dir.to_path_buf(),
             });
         }
+        let objects = location::objects_for(dir)?;
+        Self::open_objects(dir, objects, root, clock)
+    }
+
+    /// Makes `dir` a second (third, …) host of the RADOS store `rados`: checks the root secret
+    /// against the store's verifier, then copies a key-file root into `dir/root.key` (unless it
+    /// is that file already) and writes the marker. Refuses a `dir` that has a store.
+    pub fn join(dir: &Path, rados: &RadosStore, root: RootSecret) -> Result<KeyStore, KmsError> {
+        if Self::exists(dir) {
+            return Err(KmsError::StoreExists {
+                dir: dir.to_path_buf(),
+                found: dir.join(location::MARKER_FILE),
+            });
+        }
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| KmsError::io("creating key store directory", dir, e))?;
+        }
+        let objects = location::connect(rados)?;
+        let key_path = dir.join(ROOT_KEY_FILE);
+        let copy = match &root {
+            RootSecret::KeyFile(p) if *p != key_path => Some(root::read_key_file(p)?),
+            _ => None,
+        };
+        let ks = Self::open_objects(dir, objects, root, Arc::new(SystemClock))?;
+        if let Some(key) = copy {
+            root::write_key_file(&key_path, &key)?;
+        }
+        location::write_marker(dir, rados)?;
+        Ok(ks)
+    }
+
+    fn open_objects(
+        dir: &Path,
+        objects: Arc<dyn ObjectStore>,
+        root: RootSecret,
+        clock: Arc<dyn Clock>,
+    ) -> Result<KeyStore, KmsError> {
         let file = {
-            let _lock = store::lock_shared(dir)?;
-            store::load(dir)?
+            let _lock = objects.lock(false)?;
+            store::load_from(&*objects)?
         };
         let key = match (&root, &file.root) {
             (RootSecret::KeyFile(path), RootParams::KeyFile) => root::read_key_file(path)?,
@@ -367,7 +465,7 @@ impl KeyStore {
             }
         };
         let verifier = hex::decode(&file.verifier).map_err(|e| KmsError::Corrupt {
-            path: store::store_path(dir),
+            path: objects.path(Obj::Keystore),
             reason: format!("the root verifier is not hex: {e}"),
         })?;
         let ok = aead::open(&key, &blob::verifier_aad(file.store_id), &verifier)
@@ -399,6 +497,7 @@ impl KeyStore {
         }
         Ok(KeyStore {
             dir: dir.to_path_buf(),
+            objects,
             store_id: file.store_id,
             root: key,
             clock,
@@ -414,6 +513,16 @@ impl KeyStore {
     /// The store directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where the store's objects are: `file:DIR` or `rados:POOL[/NS]`.
+    pub fn location(&self) -> String {
+        self.objects.location()
+    }
+
+    /// The object store (for check, export and import).
+    pub fn objects(&self) -> &Arc<dyn ObjectStore> {
+        &self.objects
     }
 
     /// When this process rotates the audit log (`kms serve --audit-max-size`).

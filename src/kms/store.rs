@@ -14,13 +14,14 @@
 //! serialized, never interleaved.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::objects::{FileObjects, Obj, ObjectStore};
 use super::root::RootParams;
 use super::{KeyState, KmsError};
 
@@ -37,8 +38,6 @@ pub const FORMAT_NAME: &str = "cryptnbd-keystore";
 pub const FORMAT_VERSION: u32 = 2;
 /// The oldest format version read (and the one written when nothing newer is needed).
 pub const BASE_FORMAT_VERSION: u32 = 1;
-/// A store file larger than this is not ours (about 100 000 keys): refuse before reading it.
-const MAX_STORE_BYTES: u64 = 64 << 20;
 
 /// The whole store file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,34 +169,24 @@ pub fn lock_shared(dir: &Path) -> Result<LockGuard, KmsError> {
 
 /// Reads and validates the store file. The caller holds a lock.
 pub fn load(dir: &Path) -> Result<StoreFile, KmsError> {
-    let path = store_path(dir);
-    let mut f = match File::open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(KmsError::StoreMissing {
-                dir: dir.to_path_buf(),
-            })
-        }
-        Err(e) => return Err(KmsError::io("opening key store", path, e)),
-    };
-    let len = f
-        .metadata()
-        .map_err(|e| KmsError::io("reading key store", &path, e))?
-        .len();
-    if len > MAX_STORE_BYTES {
-        return Err(KmsError::Corrupt {
-            path,
-            reason: format!(
-                "it is {len} bytes, more than the {MAX_STORE_BYTES} a key store can be"
-            ),
-        });
+    load_from(&FileObjects::new(dir))
+}
+
+/// Reads and validates the store object of any backend (the caller holds its read lock).
+pub fn load_from(objects: &dyn ObjectStore) -> Result<StoreFile, KmsError> {
+    let path = objects.path(Obj::Keystore);
+    match objects.read(Obj::Keystore)? {
+        Some((bytes, _)) => parse(&bytes, &path),
+        None => Err(missing(objects)),
     }
-    let mut buf = Vec::with_capacity(len as usize);
-    Read::by_ref(&mut f)
-        .take(MAX_STORE_BYTES + 1)
-        .read_to_end(&mut buf)
-        .map_err(|e| KmsError::io("reading key store", &path, e))?;
-    parse(&buf, &path)
+}
+
+/// "No key store" for a backend whose store object is missing.
+pub(super) fn missing(objects: &dyn ObjectStore) -> KmsError {
+    let path = objects.path(Obj::Keystore);
+    KmsError::StoreMissing {
+        dir: path.parent().map(Path::to_path_buf).unwrap_or(path),
+    }
 }
 
 /// Parses and validates store file bytes (separate from I/O so it can be tested on slices).
@@ -280,15 +269,23 @@ pub fn needed_version(file: &StoreFile) -> u32 {
     }
 }
 
-pub fn save(dir: &Path, file: &StoreFile) -> Result<(), KmsError> {
-    remove_stale_temps(dir);
-    let path = store_path(dir);
+/// The bytes of the store file, at the lowest version that can hold it.
+pub fn encode(file: &StoreFile) -> Vec<u8> {
     let file = &StoreFile {
         version: needed_version(file),
         ..file.clone()
     };
     let mut bytes = serde_json::to_vec_pretty(file).expect("the store file serializes");
     bytes.push(b'\n');
+    bytes
+}
+
+/// Replaces the store file in `dir` unconditionally (tests and tools; the key store itself
+/// writes through [`super::objects::update`]).
+pub fn save(dir: &Path, file: &StoreFile) -> Result<(), KmsError> {
+    remove_stale_temps(dir);
+    let path = store_path(dir);
+    let bytes = encode(file);
     replace_file(
         dir,
         &path,
@@ -353,7 +350,7 @@ pub fn sync_dir(dir: &Path) -> Result<(), KmsError> {
 }
 
 /// Removes temp files left by a writer that crashed. Only called under the exclusive lock.
-fn remove_stale_temps(dir: &Path) {
+pub(super) fn remove_stale_temps(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };

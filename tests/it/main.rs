@@ -49,6 +49,7 @@ mod kms_http_revoke;
 mod kms_http_vault;
 mod kms_props;
 mod kms_python_oracle;
+mod kms_rados;
 mod kms_store;
 mod nbd_wire;
 mod ops_ctl;

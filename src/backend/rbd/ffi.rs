@@ -23,7 +23,7 @@ use crate::backend::IoDone;
     dead_code,
     clippy::all
 )]
-mod sys {
+pub(super) mod sys {
     include!(concat!(env!("OUT_DIR"), "/rbd_bindings.rs"));
 }
 
@@ -40,7 +40,7 @@ pub const IMAGE_FEATURES: u64 = (sys::RBD_FEATURE_LAYERING
 const IMAGE_OPTION_FEATURES: c_int = 1;
 
 /// Turns librados/librbd's `-errno` convention into an `io::Error`.
-fn check(rc: i64) -> io::Result<u64> {
+pub(super) fn check(rc: i64) -> io::Result<u64> {
     if rc < 0 {
         let errno = i32::try_from(-rc).unwrap_or(libc::EIO);
         Err(io::Error::from_raw_os_error(errno))
@@ -49,7 +49,7 @@ fn check(rc: i64) -> io::Result<u64> {
     }
 }
 
-fn cstring(what: &str, s: &str) -> io::Result<CString> {
+pub(super) fn cstring(what: &str, s: &str) -> io::Result<CString> {
     CString::new(s).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -140,6 +140,11 @@ impl Cluster {
     }
 
     /// This client's global id (the N of `client.N` in lock owners and watcher lists).
+    /// The raw handle, for `rados_obj.rs` (never handed further).
+    pub(super) fn raw(&self) -> sys::rados_t {
+        self.handle
+    }
+
     pub fn instance_id(&self) -> u64 {
         // SAFETY: a connected handle.
         unsafe { sys::rados_get_instance_id(self.handle) }
@@ -186,6 +191,11 @@ impl Drop for IoCtx {
 impl IoCtx {
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
+    }
+
+    /// The raw handle, for `rados_obj.rs` (never handed further).
+    pub(super) fn raw(&self) -> sys::rados_ioctx_t {
+        self.handle
     }
 
     /// Creates a format-2 image of `size` bytes with [`IMAGE_FEATURES`].

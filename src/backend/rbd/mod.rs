@@ -22,6 +22,11 @@ mod backend;
 #[allow(unsafe_code)]
 mod ffi;
 
+// Whole RADOS objects for the key store; `unsafe` fenced the same way, SAFETY notes inside.
+#[cfg(feature = "rbd")]
+#[allow(unsafe_code)]
+mod rados_obj;
+
 #[cfg(not(feature = "rbd"))]
 mod disabled;
 
@@ -29,6 +34,8 @@ mod disabled;
 pub use backend::{create_image, remove_image, RbdBackend};
 #[cfg(not(feature = "rbd"))]
 pub use disabled::{create_image, remove_image, RbdBackend};
+#[cfg(feature = "rbd")]
+pub use rados_obj::{RadosPool, Watch};
 
 /// Whether this build can open RBD images (the `rbd` cargo feature).
 pub const SUPPORTED: bool = cfg!(feature = "rbd");
