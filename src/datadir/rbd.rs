@@ -161,7 +161,11 @@ impl DataDir {
 
     /// Writes `volumes/NAME.rbd` under a temporary name and links it into place, so the name
     /// appears complete or not at all (and never replaces another volume's reference).
-    pub(super) fn write_reference(&self, name: &str, loc: &RbdLocation) -> Result<(), DataDirError> {
+    pub(super) fn write_reference(
+        &self,
+        name: &str,
+        loc: &RbdLocation,
+    ) -> Result<(), DataDirError> {
         let dir = self.volumes_dir();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -275,7 +279,8 @@ impl DataDir {
         // RBD keeps an image's snapshots inside it: removing the image would need them gone.
         match rbd::list_snapshots(loc) {
             Ok(snaps) if !snaps.is_empty() => {
-                let names: Vec<String> = snaps.iter().map(|s| format!("{name}@{}", s.name)).collect();
+                let names: Vec<String> =
+                    snaps.iter().map(|s| format!("{name}@{}", s.name)).collect();
                 return Err(DataDirError::Invalid {
                     name: name.to_string(),
                     reason: format!(

@@ -60,9 +60,9 @@ impl DataDir {
 
     /// The data-directory name of the RBD volume on image `pool/image`, if any.
     fn rbd_volume_named(&self, pool: &str, image: &str) -> Option<String> {
-        self.list_volumes().ok()?.into_iter().find(|n| {
-            matches!(self.rbd_location(n), Ok(Some(l)) if l.pool == pool && l.image == image)
-        })
+        self.list_volumes().ok()?.into_iter().find(
+            |n| matches!(self.rbd_location(n), Ok(Some(l)) if l.pool == pool && l.image == image),
+        )
     }
 
     /// `volume snapshot NAME@SNAP` on an RBD volume: a fresh layer id in the head's header,

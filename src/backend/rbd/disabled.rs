@@ -28,7 +28,11 @@ pub fn remove_snapshot(loc: &RbdLocation, _snap: &str) -> Result<(), RbdError> {
     Err(not_built(loc))
 }
 
-pub fn clone_image(parent: &RbdLocation, _snap: &str, _child: &RbdLocation) -> Result<(), RbdError> {
+pub fn clone_image(
+    parent: &RbdLocation,
+    _snap: &str,
+    _child: &RbdLocation,
+) -> Result<(), RbdError> {
     Err(not_built(parent))
 }
 

@@ -56,9 +56,7 @@ unsafe fn owned(p: *const std::ffi::c_char) -> String {
         String::new()
     } else {
         // SAFETY: per the function's contract.
-        unsafe { CStr::from_ptr(p) }
-            .to_string_lossy()
-            .into_owned()
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
     }
 }
 
@@ -69,9 +67,10 @@ impl IoCtx {
         let s = cstring("the snapshot name", snap)?;
         let mut handle: sys::rbd_image_t = ptr::null_mut();
         // SAFETY: valid context, NUL-terminated names, valid out-pointer.
-        check(unsafe {
-            sys::rbd_open_read_only(self.handle, n.as_ptr(), &mut handle, s.as_ptr())
-        } as i64)?;
+        check(
+            unsafe { sys::rbd_open_read_only(self.handle, n.as_ptr(), &mut handle, s.as_ptr()) }
+                as i64,
+        )?;
         Ok(Image {
             handle,
             _io: Arc::clone(self),
@@ -178,9 +177,8 @@ impl Image {
             for s in all {
                 let mut ns = std::mem::MaybeUninit::zeroed();
                 // SAFETY: open image, valid out-pointer.
-                let rc = unsafe {
-                    sys::rbd_snap_get_namespace_type(self.handle, s.id, ns.as_mut_ptr())
-                };
+                let rc =
+                    unsafe { sys::rbd_snap_get_namespace_type(self.handle, s.id, ns.as_mut_ptr()) };
                 check(rc as i64)?;
                 // SAFETY: written by the successful call above.
                 if unsafe { ns.assume_init() } as u32 == NAMESPACE_USER {

@@ -116,11 +116,14 @@ pub fn remove_snapshot(loc: &RbdLocation, snap: &str) -> Result<(), RbdError> {
 /// child's pool, on the parent's cluster connection).
 pub fn clone_image(parent: &RbdLocation, snap: &str, child: &RbdLocation) -> Result<(), RbdError> {
     let pio = connect(parent)?;
-    let cio = pio.cluster().ioctx(&child.pool).map_err(|source| RbdError::Pool {
-        location: child.to_string(),
-        pool: child.pool.clone(),
-        source,
-    })?;
+    let cio = pio
+        .cluster()
+        .ioctx(&child.pool)
+        .map_err(|source| RbdError::Pool {
+            location: child.to_string(),
+            pool: child.pool.clone(),
+            source,
+        })?;
     pio.clone_image(&parent.image, snap, &cio, &child.image)
         .map_err(image_err(child, "clone the snapshot into"))
 }
