@@ -13,8 +13,8 @@ use super::{check, cstring, sys, Image, IoCtx, IMAGE_FEATURES, IMAGE_OPTION_FEAT
 /// `RBD_IMAGE_OPTION_CLONE_FORMAT` from librbd.h's option enum.
 const IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
 /// `RBD_SNAP_NAMESPACE_TYPE_USER` / `_TRASH` from librbd.h.
-const NAMESPACE_USER: u32 = 0;
-const NAMESPACE_TRASH: u32 = 2;
+const NAMESPACE_USER: sys::rbd_snap_namespace_type_t = 0;
+const NAMESPACE_TRASH: sys::rbd_snap_namespace_type_t = 2;
 /// Most snapshots or children listed (a guard against a misbehaving size hint).
 const MAX_LISTED: usize = 1 << 16;
 
@@ -67,10 +67,9 @@ impl IoCtx {
         let s = cstring("the snapshot name", snap)?;
         let mut handle: sys::rbd_image_t = ptr::null_mut();
         // SAFETY: valid context, NUL-terminated names, valid out-pointer.
-        check(
-            unsafe { sys::rbd_open_read_only(self.handle, n.as_ptr(), &mut handle, s.as_ptr()) }
-                as i64,
-        )?;
+        let rc =
+            unsafe { sys::rbd_open_read_only(self.handle, n.as_ptr(), &mut handle, s.as_ptr()) };
+        check(rc as i64)?;
         Ok(Image {
             handle,
             _io: Arc::clone(self),
@@ -181,7 +180,7 @@ impl Image {
                     unsafe { sys::rbd_snap_get_namespace_type(self.handle, s.id, ns.as_mut_ptr()) };
                 check(rc as i64)?;
                 // SAFETY: written by the successful call above.
-                if unsafe { ns.assume_init() } as u32 == NAMESPACE_USER {
+                if unsafe { ns.assume_init() } == NAMESPACE_USER {
                     out.push(s);
                 }
             }
@@ -241,7 +240,7 @@ impl Image {
             image: unsafe { owned(image.image_name) },
             // SAFETY: as above.
             snapshot: unsafe { owned(snap.name) },
-            snapshot_in_trash: snap.namespace_type as u32 == NAMESPACE_TRASH,
+            snapshot_in_trash: snap.namespace_type == NAMESPACE_TRASH,
         };
         // SAFETY: both specs were filled by the successful call above and are freed once.
         unsafe {
