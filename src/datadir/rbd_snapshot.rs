@@ -12,8 +12,12 @@
 //! what, kept crash-safe beside librbd's copy-ups; it is refused with a pointer to `volume copy`
 //! (new DEK) and `volume rekey` (same DEK under another CMK).
 //!
-//! Identity: before each snapshot the head gets a fresh layer id (a crash-safe header update),
-//! so every snapshot's frozen header has its own; a clone's header names its parent as the
+//! Online: a snapshot of a volume a gateway serves goes through that gateway's librbd (RBD
+//! forwards it to the exclusive lock's holder, which quiesces and flushes), so it is
+//! crash-consistent like one taken offline.
+//!
+//! Identity: before each offline snapshot the head gets a fresh layer id (a crash-safe header
+//! update), so its frozen header has its own (an online one shares the head's); a clone's header names its parent as the
 //! file layout does (`NAME@SNAP`, volume id, layer id, size), which `check` compares with the
 //! parent librbd reports. A TRIM or WRITE_ZEROES in a clone is librbd's write-zeroes, which
 //! keeps a zeroed (or truncated) object in the clone over the parent's: the parent's data does
@@ -65,8 +69,11 @@ impl DataDir {
         )
     }
 
-    /// `volume snapshot NAME@SNAP` on an RBD volume: a fresh layer id in the head's header,
-    /// then RBD's snapshot. Offline, like file snapshots: refused while a gateway serves NAME.
+    /// `volume snapshot NAME@SNAP` on an RBD volume. Offline: a fresh layer id in the head's
+    /// header, then RBD's snapshot. While a gateway serves NAME: RBD's snapshot through the
+    /// gateway's librbd (see [`rbd::create_snapshot_online`]); the header cannot change then, so
+    /// the snapshot shares the head's layer id (the clone's link to its parent is librbd's,
+    /// exact by snapshot id; the layer id only cross-checks it).
     pub(super) fn snapshot_rbd(
         &self,
         target: &str,
@@ -74,21 +81,26 @@ impl DataDir {
         snap: &str,
         loc: &RbdLocation,
     ) -> Result<VolumeHeader, DataDirError> {
+        let exists = || -> Result<(), DataDirError> {
+            let snaps = rbd::list_snapshots(loc).map_err(rbd_err(name))?;
+            if snaps.iter().any(|s| s.name == snap) {
+                return Err(invalid(target, "this snapshot already exists"));
+            }
+            Ok(())
+        };
         let head = match self.open_rbd_exclusive(name, loc) {
             Err(DataDirError::Rbd { source, .. }) if source.is_busy() => {
-                return Err(DataDirError::SnapshotAttached {
-                    name: name.to_string(),
-                })
+                exists()?;
+                rbd::create_snapshot_online(loc, snap).map_err(rbd_err(target))?;
+                let b = RbdBackend::open_snapshot(loc, snap).map_err(rbd_err(target))?;
+                let h = VolumeHeader::read_from(&b).map_err(Self::vol_err(target))?;
+                tracing::info!(volume = name, snapshot = target, image = %loc,
+                    "RBD snapshot taken while served");
+                return Ok(h);
             }
             r => r?,
         };
-        if rbd::list_snapshots(loc)
-            .map_err(rbd_err(name))?
-            .iter()
-            .any(|s| s.name == snap)
-        {
-            return Err(invalid(target, "this snapshot already exists"));
-        }
+        exists()?;
         let mut h = VolumeHeader::read_from(&head).map_err(Self::vol_err(name))?;
         h.layer_id = Some(Uuid::new_v4());
         let h = h.write_update(&head).map_err(Self::vol_err(name))?;
@@ -154,9 +166,10 @@ impl DataDir {
         loc: &RbdLocation,
         snap: &str,
     ) -> Result<(), DataDirError> {
-        let b = RbdBackend::open_snapshot(loc, snap).map_err(rbd_err(target))?;
-        let clones = self.clone_names(&b, target)?;
-        drop(b);
+        let clones = {
+            let b = RbdBackend::open_snapshot(loc, snap).map_err(rbd_err(target))?;
+            self.clone_names(&b, target)?
+        };
         if !clones.is_empty() {
             return Err(DataDirError::HasClones {
                 name: target.to_string(),
@@ -238,12 +251,9 @@ impl DataDir {
             let b = RbdBackend::open_snapshot(&ploc, &snap).map_err(rbd_err(source))?;
             VolumeHeader::read_from(&b).map_err(Self::vol_err(source))?
         };
-        let Some(layer_id) = sh.layer_id else {
-            return Err(invalid(
-                source,
-                "its header has no layer id (not taken by `volume snapshot`)",
-            ));
-        };
+        // An online snapshot of a volume never snapshotted offline has no layer id: librbd's
+        // link to the parent is exact anyway, the nil id only stands for "none" in the record.
+        let layer_id = sh.layer_id.unwrap_or_default();
         let mut header = sh.clone();
         header.generation = 0;
         header.volume_id = Uuid::new_v4();
@@ -389,7 +399,7 @@ impl DataDir {
                     match ph {
                         Err(e) => out.push((true, format!("its parent {} is unreadable: {e}", p.name))),
                         Ok(ph) if ph.volume_id != p.volume_id
-                            || ph.layer_id != Some(p.layer_id)
+                            || ph.layer_id.unwrap_or_default() != p.layer_id
                             || ph.size != p.size
                             || ph.sector_size != h.sector_size =>
                         {

@@ -204,9 +204,39 @@ fn rbd_snapshot_clone_flatten_with_qemu_io() {
             "flush".into(),
         ],
     );
-    // Online snapshots are not supported: a served volume is refused clearly.
-    refused(&d, &["volume", "snapshot", "vm@s1"], "attached");
+    // While served: RBD's snapshot through the gateway's librbd (it holds the lock), with
+    // every write acknowledged before it in, none after.
+    d.cli(&["volume", "snapshot", "vm@live"]);
+    qemu_io(
+        &gw.uri("vm"),
+        &[write_p(0x99, 18 * MIB, 64 << 10), "flush".into()],
+    );
+    qemu_io(
+        &gw.uri("vm@live"),
+        &[
+            read_p(0xaa, 0, 8 * MIB),
+            read_p(0x11, 12 * MIB, 4 * MIB),
+            read_p(0, 18 * MIB, 64 << 10),
+        ],
+    );
     gw.stop();
+    // A clone of the online snapshot (whose header has no layer id: the volume was never
+    // snapshotted offline) works and checks clean.
+    let limage = unique_image("liveclone");
+    let _gl = guard(&conf, &limage);
+    d.cli(&clone_args(
+        "vm@live",
+        "lc",
+        &format!("rbd:{POOL}/{limage}"),
+        confs,
+    ));
+    let o = cryptnbd(&d, None, &["check", "lc"]);
+    assert!(o.status.success(), "check: {}", text(&o));
+    let gw = Gateway::start(d.path(), &[]);
+    qemu_io(&gw.uri("lc"), &[read_p(0xaa, 0, 8 * MIB)]);
+    gw.stop();
+    d.cli(&["volume", "delete", "lc", "--yes"]);
+    d.cli(&["volume", "snapshot", "delete", "vm@live"]);
 
     let out = d.cli(&["volume", "snapshot", "vm@s1"]);
     assert!(out.contains("vm@s1"), "{out}");

@@ -24,6 +24,10 @@ pub fn list_snapshots(loc: &RbdLocation) -> Result<Vec<RbdSnapshot>, RbdError> {
     Err(not_built(loc))
 }
 
+pub fn create_snapshot_online(loc: &RbdLocation, _snap: &str) -> Result<(), RbdError> {
+    Err(not_built(loc))
+}
+
 pub fn remove_snapshot(loc: &RbdLocation, _snap: &str) -> Result<(), RbdError> {
     Err(not_built(loc))
 }

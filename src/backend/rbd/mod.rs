@@ -32,10 +32,11 @@ mod disabled;
 pub use backend::{create_image, remove_image, RbdBackend};
 #[cfg(not(feature = "rbd"))]
 pub use disabled::{
-    clone_image, create_image, list_snapshots, remove_image, remove_snapshot, RbdBackend,
+    clone_image, create_image, create_snapshot_online, list_snapshots, remove_image,
+    remove_snapshot, RbdBackend,
 };
 #[cfg(feature = "rbd")]
-pub use snapshots::{clone_image, list_snapshots, remove_snapshot};
+pub use snapshots::{clone_image, create_snapshot_online, list_snapshots, remove_snapshot};
 
 /// Whether this build can open RBD images (the `rbd` cargo feature).
 pub const SUPPORTED: bool = cfg!(feature = "rbd");

@@ -99,6 +99,19 @@ pub fn list_snapshots(loc: &RbdLocation) -> Result<Vec<RbdSnapshot>, RbdError> {
         .collect())
 }
 
+/// Takes snapshot `snap` of `loc`'s image while a gateway serves it (holds its exclusive lock):
+/// librbd forwards the request to the lock's holder, whose librbd blocks new writes, flushes
+/// the ones in flight and its cache, snapshots, and resumes — so every write acknowledged
+/// before is in the snapshot and none issued after it.
+pub fn create_snapshot_online(loc: &RbdLocation, snap: &str) -> Result<(), RbdError> {
+    let image = connect(loc)?
+        .open(&loc.image, false)
+        .map_err(image_err(loc, "open"))?;
+    image
+        .snap_create(snap)
+        .map_err(image_err(&at(loc, snap), "create the snapshot"))
+}
+
 /// Removes snapshot `snap` of `loc`'s image. The caller checks for clones first: with clone v2
 /// librbd would keep a snapshot that has clones in its trash instead.
 pub fn remove_snapshot(loc: &RbdLocation, snap: &str) -> Result<(), RbdError> {
