@@ -435,3 +435,32 @@ fn probe_image(loc: &RbdLocation) -> Result<Probe, RbdError> {
         Err(_) => Probe::NoHeader,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records written before clones existed (no `parent_volume_id`) still read; a clone's
+    /// record names its op and the parent's volume id.
+    #[test]
+    fn records_old_and_clone() {
+        let old = r#"{"kind":"cryptnbd-rbd-intent","version":1,"op":"create","volume_id":"6f1c7b3e-4a1d-4c55-9f57-0b7d8a7f1e11","pool":"rbd","image":"vm1"}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(r.op, Op::Create);
+        assert_eq!(r.parent_volume_id, None);
+        let parent = Uuid::new_v4();
+        let rec = Record {
+            kind: INTENT_KIND.into(),
+            version: 1,
+            op: Op::Clone,
+            volume_id: Some(Uuid::new_v4()),
+            parent_volume_id: Some(parent),
+            location: serde_json::from_str(r#"{"pool":"rbd","image":"c1"}"#).unwrap(),
+        };
+        let j = serde_json::to_string(&rec).unwrap();
+        assert!(j.contains(r#""op":"clone""#) && j.contains("parent_volume_id"), "{j}");
+        let back: Record = serde_json::from_str(&j).unwrap();
+        assert_eq!((back.op, back.parent_volume_id), (Op::Clone, Some(parent)));
+        assert_eq!(op_name(Op::Clone), "clone");
+    }
+}
