@@ -458,7 +458,10 @@ mod tests {
             location: serde_json::from_str(r#"{"pool":"rbd","image":"c1"}"#).unwrap(),
         };
         let j = serde_json::to_string(&rec).unwrap();
-        assert!(j.contains(r#""op":"clone""#) && j.contains("parent_volume_id"), "{j}");
+        assert!(
+            j.contains(r#""op":"clone""#) && j.contains("parent_volume_id"),
+            "{j}"
+        );
         let back: Record = serde_json::from_str(&j).unwrap();
         assert_eq!((back.op, back.parent_volume_id), (Op::Clone, Some(parent)));
         assert_eq!(op_name(Op::Clone), "clone");
