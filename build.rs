@@ -28,6 +28,7 @@ mod rbd {
             .allowlist_function("rbd_aio_(read|write|discard|write_zeroes|flush|create_completion|get_return_value|release)")
             .allowlist_function("rbd_(diff_iterate2|lock_acquire|lock_release|lock_get_owners|lock_get_owners_cleanup|lock_break|is_exclusive_lock_owner|watchers_list|watchers_list_cleanup)")
             .allowlist_function("rbd_image_options_(create|destroy|set_uint64)")
+            .allowlist_function("rbd_(snap_create|snap_list|snap_list_end|snap_remove|snap_get_namespace_type|clone3|get_parent|linked_image_spec_cleanup|linked_image_spec_list_cleanup|snap_spec_cleanup|list_children3|flatten_with_progress)")
             .allowlist_type("rbd_lock_mode_t|rbd_image_watcher_t|rbd_image_info_t")
             .allowlist_var("RBD_(FEATURE|IMAGE_OPTION)_.*")
             .rustified_enum("rbd_lock_mode_t")

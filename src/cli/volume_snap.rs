@@ -50,6 +50,10 @@ pub struct CloneArgs {
     /// the data it shares with the snapshot still needs the snapshot's key until it is flattened.
     #[arg(long)]
     key: Option<String>,
+    /// For a snapshot of an RBD volume: where the clone goes (`rbd:POOL[/IMAGE]`, default the
+    /// snapshot's pool and the name NEW); the clone is an RBD clone of the snapshot.
+    #[command(flatten)]
+    storage: BackendArgs,
 }
 
 /// `volume copy SRC[@SNAP] DST --key CMK [--backend …]`.
@@ -147,7 +151,22 @@ pub fn clone(
     a: CloneArgs,
 ) -> anyhow::Result<()> {
     let ks = super::remote::key_provider(global, remote)?;
-    let h = dd.clone_volume(ks.as_ref(), &a.source, &a.new, a.key.as_deref())?;
+    let h = match a.storage.location(&a.new)? {
+        Some(loc) => dd.clone_rbd(ks.as_ref(), &a.source, &a.new, a.key.as_deref(), Some(&loc))?,
+        None => dd.clone_volume(ks.as_ref(), &a.source, &a.new, a.key.as_deref())?,
+    };
+    if dd.rbd_location(&a.new)?.is_some() {
+        println!(
+            "created volume {} as an RBD clone of snapshot {} ({}); it uses the snapshot's data key, \
+             wrapped for it by key {}; `cryptnbd volume flatten {}` ends its dependency on the snapshot",
+            a.new,
+            a.source,
+            human(h.size),
+            h.key_id,
+            a.new
+        );
+        return Ok(());
+    }
     println!(
         "created volume {} from snapshot {} ({}); its own writes use a new data key wrapped by key {}; \
          the data it shares is read with the snapshot's key until `cryptnbd volume flatten {}`",

@@ -67,6 +67,9 @@ impl DataDir {
         new: &str,
         key: Option<&str>,
     ) -> Result<VolumeHeader, DataDirError> {
+        if self.rbd_snapshot_location(source)?.is_some() {
+            return self.clone_rbd(keys, source, new, key, None);
+        }
         if super::split_layer_name(source)?.1.is_none() {
             return Err(DataDirError::InvalidName {
                 name: source.to_string(),
@@ -117,6 +120,9 @@ impl DataDir {
         mut progress: impl FnMut(u64, u64),
     ) -> Result<u64, DataDirError> {
         super::refuse_snapshot(name, "flatten")?;
+        if let Some(loc) = self.rbd_location(name)? {
+            return self.flatten_rbd(name, &loc, &mut progress);
+        }
         let vol = self.attach(keys, name, false)?;
         if vol.parent().is_none() {
             return Ok(0);

@@ -6,7 +6,7 @@
 //! header-only ones (info, resize, delete) and raw image import/export.
 //!
 //! Snapshots (`volumes/NAME@SNAP.vol`), clones, flatten and copies are in `snapshot` and
-//! `layers`.
+//! `layers`; those of RBD volumes (RBD's own snapshots and clones) in `rbd_snapshot`.
 //!
 //! A volume lives in a file, or on a Ceph RBD image named by a small reference file
 //! (`volumes/NAME.rbd`, see [`rbd`]); both hold the same header and data area.
@@ -37,6 +37,7 @@ mod header_ops;
 mod layers;
 mod rbd;
 mod rbd_intent;
+mod rbd_snapshot;
 mod snapshot;
 mod transfer;
 
@@ -439,6 +440,9 @@ impl DataDir {
         if let Some(loc) = self.rbd_location(name)? {
             return self.attach_rbd(keys, name, &loc, read_only);
         }
+        if let Some((loc, snap)) = self.rbd_snapshot_location(name)? {
+            return self.attach_rbd_snapshot(keys, name, &loc, &snap);
+        }
         // Snapshots are always read-only.
         let read_only = read_only || split_layer_name(name)?.1.is_some();
         // Read-write attaches are exclusive (two writers' read-modify-write locks would not see
@@ -456,6 +460,9 @@ impl DataDir {
     pub fn info(&self, name: &str) -> Result<VolumeInfo, DataDirError> {
         if let Some(loc) = self.rbd_location(name)? {
             return self.info_rbd(name, &loc);
+        }
+        if let Some((loc, snap)) = self.rbd_snapshot_location(name)? {
+            return self.info_rbd_snapshot(name, &loc, &snap);
         }
         let path = self.existing(name)?;
         let file = File::open(&path).map_err(io_err("opening volume file", &path))?;

@@ -161,7 +161,11 @@ impl DataDir {
 
     /// Writes `volumes/NAME.rbd` under a temporary name and links it into place, so the name
     /// appears complete or not at all (and never replaces another volume's reference).
-    fn write_reference(&self, name: &str, loc: &RbdLocation) -> Result<(), DataDirError> {
+    pub(super) fn write_reference(
+        &self,
+        name: &str,
+        loc: &RbdLocation,
+    ) -> Result<(), DataDirError> {
         let dir = self.volumes_dir();
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -272,6 +276,24 @@ impl DataDir {
             return Ok(());
         };
         let loc = &loc;
+        // RBD keeps an image's snapshots inside it: removing the image would need them gone.
+        match rbd::list_snapshots(loc) {
+            Ok(snaps) if !snaps.is_empty() => {
+                let names: Vec<String> =
+                    snaps.iter().map(|s| format!("{name}@{}", s.name)).collect();
+                return Err(DataDirError::Invalid {
+                    name: name.to_string(),
+                    reason: format!(
+                        "it has snapshots ({}): delete them first (`cryptnbd volume snapshot delete NAME@SNAP`)",
+                        names.join(", ")
+                    ),
+                });
+            }
+            Ok(_) => {}
+            // Already gone (an earlier delete stopped half-way): the steps below finish it.
+            Err(RbdError::Image { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(rbd_err(name)(e)),
+        }
         let intent = self.begin_intent(name, Op::Delete, loc, None)?;
         failpoint("rbd-delete-after-intent");
         match rbd::remove_image(loc) {

@@ -51,6 +51,9 @@ pub(super) fn failpoint(point: &str) {
 pub(super) enum Op {
     Create,
     Delete,
+    /// A clone of an RBD snapshot: like a create, but the new image starts as a copy-on-write
+    /// clone carrying its parent's header until the clone's own is written.
+    Clone,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -60,6 +63,10 @@ struct Record {
     op: Op,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     volume_id: Option<Uuid>,
+    /// For a clone: the parent snapshot's volume id, which the new image's header names until
+    /// the clone's own header is written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent_volume_id: Option<Uuid>,
     #[serde(flatten)]
     location: RbdLocation,
 }
@@ -118,6 +125,18 @@ impl DataDir {
         loc: &RbdLocation,
         volume_id: Option<Uuid>,
     ) -> Result<Intent, DataDirError> {
+        self.begin_intent_with(name, op, loc, volume_id, None)
+    }
+
+    /// [`DataDir::begin_intent`] naming also the parent snapshot's volume id (a clone).
+    pub(super) fn begin_intent_with(
+        &self,
+        name: &str,
+        op: Op,
+        loc: &RbdLocation,
+        volume_id: Option<Uuid>,
+        parent_volume_id: Option<Uuid>,
+    ) -> Result<Intent, DataDirError> {
         let path = self.intent_path(name)?;
         let dir = self.volumes_dir();
         std::fs::DirBuilder::new()
@@ -130,6 +149,7 @@ impl DataDir {
             version: 1,
             op,
             volume_id,
+            parent_volume_id,
             location: loc.clone(),
         })
         .map_err(|e| DataDirError::Invalid {
@@ -331,17 +351,21 @@ impl DataDir {
         let referenced = self.rbd_location(name)?.as_ref() == Some(loc);
         let image = probe_image(loc);
         Ok(match (record.op, referenced, image) {
-            (Op::Create, true, _) => (Action::Forget, "it had completed (the reference exists)".into()),
-            (Op::Create, false, Ok(Probe::Missing)) => (Action::Forget, "no image had been made yet".into()),
-            (Op::Create, false, Ok(Probe::Header(id))) if Some(id) == record.volume_id => (
+            (Op::Clone, false, Ok(Probe::Header(id))) if record.parent_volume_id == Some(id) => (
+                Action::RemoveImage,
+                format!("the image is a clone of ours that still carries its parent's header (volume {id}, as the intent record says): remove it"),
+            ),
+            (Op::Create | Op::Clone, true, _) => (Action::Forget, "it had completed (the reference exists)".into()),
+            (Op::Create | Op::Clone, false, Ok(Probe::Missing)) => (Action::Forget, "no image had been made yet".into()),
+            (Op::Create | Op::Clone, false, Ok(Probe::Header(id))) if Some(id) == record.volume_id => (
                 Action::RemoveImage,
                 format!("the image is an orphan of ours (its header names volume {id}, as the intent record does): remove it"),
             ),
-            (Op::Create, false, Ok(Probe::Header(id))) => (
+            (Op::Create | Op::Clone, false, Ok(Probe::Header(id))) => (
                 Action::Forget,
                 format!("the image there belongs to another volume ({id}), not to this create: left alone"),
             ),
-            (Op::Create, false, Ok(Probe::NoHeader)) => (
+            (Op::Create | Op::Clone, false, Ok(Probe::NoHeader)) => (
                 Action::Keep,
                 format!(
                     "the image exists but has no volume header, so it cannot be told from someone else's image of that name; if nothing else uses it, remove it (`rbd rm {}/{}`) and run `cryptnbd check --repair`",
@@ -384,6 +408,7 @@ fn op_name(op: Op) -> &'static str {
     match op {
         Op::Create => "create",
         Op::Delete => "delete",
+        Op::Clone => "clone",
     }
 }
 
@@ -409,4 +434,36 @@ fn probe_image(loc: &RbdLocation) -> Result<Probe, RbdError> {
         Ok(h) => Probe::Header(h.volume_id),
         Err(_) => Probe::NoHeader,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records written before clones existed (no `parent_volume_id`) still read; a clone's
+    /// record names its op and the parent's volume id.
+    #[test]
+    fn records_old_and_clone() {
+        let old = r#"{"kind":"cryptnbd-rbd-intent","version":1,"op":"create","volume_id":"6f1c7b3e-4a1d-4c55-9f57-0b7d8a7f1e11","pool":"rbd","image":"vm1"}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(r.op, Op::Create);
+        assert_eq!(r.parent_volume_id, None);
+        let parent = Uuid::new_v4();
+        let rec = Record {
+            kind: INTENT_KIND.into(),
+            version: 1,
+            op: Op::Clone,
+            volume_id: Some(Uuid::new_v4()),
+            parent_volume_id: Some(parent),
+            location: serde_json::from_str(r#"{"pool":"rbd","image":"c1"}"#).unwrap(),
+        };
+        let j = serde_json::to_string(&rec).unwrap();
+        assert!(
+            j.contains(r#""op":"clone""#) && j.contains("parent_volume_id"),
+            "{j}"
+        );
+        let back: Record = serde_json::from_str(&j).unwrap();
+        assert_eq!((back.op, back.parent_volume_id), (Op::Clone, Some(parent)));
+        assert_eq!(op_name(Op::Clone), "clone");
+    }
 }

@@ -18,7 +18,7 @@
 //!   crash-safe header update), then removes the file. It is refused while clones (other
 //!   volumes made from it) depend on it; `volume flatten` ends that dependency.
 //! - Snapshots of an attached volume are refused with a clear error (no online snapshot yet);
-//!   RBD volumes have no snapshots yet.
+//!   RBD volumes use RBD's own snapshots and clones instead (`rbd_snapshot`).
 
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
@@ -66,17 +66,14 @@ impl DataDir {
     /// copied (the time does not grow with the volume's size). Refused while NAME is attached.
     pub fn snapshot(&self, target: &str) -> Result<VolumeHeader, DataDirError> {
         let (name, snap) = split_layer_name(target)?;
-        let Some(_) = snap else {
+        let Some(snap) = snap else {
             return Err(DataDirError::InvalidName {
                 name: target.to_string(),
                 reason: "name the snapshot as NAME@SNAP",
             });
         };
-        if self.rbd_location(name)?.is_some() {
-            return Err(DataDirError::Invalid {
-                name: name.to_string(),
-                reason: "snapshots of RBD volumes are not supported yet".into(),
-            });
+        if let Some(loc) = self.rbd_location(name)? {
+            return self.snapshot_rbd(target, name, snap, &loc);
         }
         let head_path = self.existing(name)?;
         let snap_path = self.layer_path(target)?;
@@ -181,6 +178,9 @@ impl DataDir {
     /// parent, a snapshot interrupted half-way (reported, then undone by the next attach).
     /// Each finding comes with whether it is a problem (else a warning).
     pub(super) fn layer_problems(&self, name: &str, h: &VolumeHeader) -> Vec<(bool, String)> {
+        if let Some(found) = self.rbd_layer_problems(name, h) {
+            return found;
+        }
         let mut out = Vec::new();
         if let Some(p) = &h.parent {
             let parent = self
@@ -254,6 +254,9 @@ impl DataDir {
 
     /// The snapshots of volume `name` with their headers and clones.
     pub fn snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>, DataDirError> {
+        if let Some(loc) = self.rbd_location(name)? {
+            return self.snapshots_rbd(name, &loc);
+        }
         self.existing(name)?;
         let mut out = Vec::new();
         for (snap, path) in self.list_snapshots(name) {
@@ -315,6 +318,9 @@ impl DataDir {
         target: &str,
         progress: impl FnMut(u64, u64),
     ) -> Result<(), DataDirError> {
+        if let Some((loc, snap)) = self.rbd_snapshot_location(target)? {
+            return self.delete_snapshot_rbd(target, &loc, &snap);
+        }
         let snap = self.open_locked(target, false, true)?;
         let sh = VolumeHeader::read_from(&snap).map_err(Self::vol_err(target))?;
         let deps = self.dependents(sh.layer_id)?;

@@ -62,6 +62,7 @@ mod rbd_gateways;
 mod rbd_inflight;
 mod rbd_orphans;
 mod rbd_remote_kms;
+mod rbd_snapshots;
 mod seams;
 mod secrets_locked;
 mod server_access;

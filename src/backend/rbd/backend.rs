@@ -36,7 +36,7 @@ impl std::fmt::Debug for RbdBackend {
     }
 }
 
-fn connect(loc: &RbdLocation) -> Result<Arc<IoCtx>, RbdError> {
+pub(super) fn connect(loc: &RbdLocation) -> Result<Arc<IoCtx>, RbdError> {
     let opts = ConnectOptions {
         conf: loc.ceph_conf.as_deref(),
         client_id: loc.client_id.as_deref(),
@@ -58,7 +58,7 @@ fn connect(loc: &RbdLocation) -> Result<Arc<IoCtx>, RbdError> {
     })
 }
 
-fn image_err<'a>(
+pub(super) fn image_err<'a>(
     loc: &'a RbdLocation,
     action: &'static str,
 ) -> impl FnOnce(io::Error) -> RbdError + 'a {
@@ -156,16 +156,25 @@ impl RbdBackend {
             let me = io.cluster().instance_id();
             acquire(&image, me, loc)?;
         }
-        Ok(RbdBackend {
+        Ok(RbdBackend::from_image(image, loc, access))
+    }
+
+    /// Wraps an image opened elsewhere (at a snapshot, see `snapshots`).
+    pub(super) fn from_image(image: Image, loc: &RbdLocation, access: Access) -> RbdBackend {
+        RbdBackend {
             image,
             location: loc.clone(),
             grow: Mutex::new(()),
             access,
-        })
+        }
     }
 
     pub fn location(&self) -> &RbdLocation {
         &self.location
+    }
+
+    pub(super) fn image(&self) -> &Image {
+        &self.image
     }
 
     /// Whether this handle still holds the exclusive lock (false after another gateway took over).

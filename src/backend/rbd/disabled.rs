@@ -3,7 +3,7 @@
 
 use std::io;
 
-use super::{Access, RbdError, RbdLocation};
+use super::{Access, RbdError, RbdLink, RbdLocation, RbdSnapshot};
 use crate::backend::Backend;
 
 fn not_built(loc: &RbdLocation) -> RbdError {
@@ -18,6 +18,26 @@ pub fn create_image(loc: &RbdLocation, _size: u64) -> Result<(), RbdError> {
 
 pub fn remove_image(loc: &RbdLocation) -> Result<(), RbdError> {
     Err(not_built(loc))
+}
+
+pub fn list_snapshots(loc: &RbdLocation) -> Result<Vec<RbdSnapshot>, RbdError> {
+    Err(not_built(loc))
+}
+
+pub fn create_snapshot_online(loc: &RbdLocation, _snap: &str) -> Result<(), RbdError> {
+    Err(not_built(loc))
+}
+
+pub fn remove_snapshot(loc: &RbdLocation, _snap: &str) -> Result<(), RbdError> {
+    Err(not_built(loc))
+}
+
+pub fn clone_image(
+    parent: &RbdLocation,
+    _snap: &str,
+    _child: &RbdLocation,
+) -> Result<(), RbdError> {
+    Err(not_built(parent))
 }
 
 /// Never constructed in this build (no variants).
@@ -38,6 +58,26 @@ impl RbdBackend {
     }
 
     pub fn allocated_bytes(&self) -> io::Result<u64> {
+        match *self {}
+    }
+
+    pub fn open_snapshot(loc: &RbdLocation, _snap: &str) -> Result<RbdBackend, RbdError> {
+        Err(not_built(loc))
+    }
+
+    pub fn create_snapshot(&self, _snap: &str) -> Result<(), RbdError> {
+        match *self {}
+    }
+
+    pub fn parent(&self) -> Result<Option<RbdLink>, RbdError> {
+        match *self {}
+    }
+
+    pub fn children(&self) -> Result<Vec<RbdLink>, RbdError> {
+        match *self {}
+    }
+
+    pub fn flatten(&self, _progress: &mut dyn FnMut(u64, u64)) -> Result<(), RbdError> {
         match *self {}
     }
 }

@@ -27,6 +27,11 @@ pub(super) mod sys {
     include!(concat!(env!("OUT_DIR"), "/rbd_bindings.rs"));
 }
 
+// Snapshots, clones and flatten: a child module so it shares `sys` and the handles' internals.
+#[path = "ffi_snap.rs"]
+mod snap;
+pub use snap::{LinkedImage, ParentSpec};
+
 /// The image features cryptnbd creates images with: Pacific's defaults. `exclusive-lock` is what
 /// the gateways' single-writer rule rests on; `object-map` + `fast-diff` make allocation queries
 /// (block status) a lookup in memory instead of one request per object.

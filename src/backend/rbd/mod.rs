@@ -26,16 +26,23 @@ mod ffi;
 #[cfg(feature = "rbd")]
 #[allow(unsafe_code)]
 mod rados_obj;
+#[cfg(feature = "rbd")]
+mod snapshots;
 
 #[cfg(not(feature = "rbd"))]
 mod disabled;
 
 #[cfg(feature = "rbd")]
 pub use backend::{create_image, remove_image, RbdBackend};
-#[cfg(not(feature = "rbd"))]
-pub use disabled::{create_image, remove_image, RbdBackend};
 #[cfg(feature = "rbd")]
 pub use rados_obj::{RadosPool, Watch};
+#[cfg(not(feature = "rbd"))]
+pub use disabled::{
+    clone_image, create_image, create_snapshot_online, list_snapshots, remove_image,
+    remove_snapshot, RbdBackend,
+};
+#[cfg(feature = "rbd")]
+pub use snapshots::{clone_image, create_snapshot_online, list_snapshots, remove_snapshot};
 
 /// Whether this build can open RBD images (the `rbd` cargo feature).
 pub const SUPPORTED: bool = cfg!(feature = "rbd");
@@ -74,6 +81,26 @@ pub fn check_rbd_name(what: &'static str, s: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A snapshot of an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdSnapshot {
+    pub name: String,
+    /// The image's size when the snapshot was taken.
+    pub size: u64,
+}
+
+/// An image cloned from a snapshot (or a snapshot a clone was made from).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RbdLink {
+    pub pool: String,
+    pub image: String,
+    /// The snapshot of `image` (for a parent; empty for a child).
+    pub snapshot: String,
+    /// In RBD's trash: a removed child image, or a removed parent snapshot still kept for its
+    /// clones.
+    pub trash: bool,
 }
 
 /// How a gateway (or a command) opens an image.
