@@ -43,6 +43,15 @@ impl ExportSelection {
     }
 }
 
+/// A snapshot [`DataDirProvider::snapshot`] took.
+#[derive(Debug, Clone)]
+pub struct TakenSnapshot {
+    /// The snapshot's header.
+    pub header: crate::volume::VolumeHeader,
+    /// Taken online: how long the volume's writes were held.
+    pub writes_held: Option<Duration>,
+}
+
 /// Serves the volumes of a data directory, with data keys from a key provider.
 pub struct DataDirProvider {
     dir: DataDir,
@@ -138,6 +147,28 @@ impl DataDirProvider {
         self.detached().remove(name);
         self.refusals.clear(name);
         self.attach_volume(name)
+    }
+
+    /// Takes snapshot `target` (`NAME@SNAP`): online when NAME is attached read-write here
+    /// ([`DataDir::snapshot_online`]), else offline, with attaches waiting meanwhile so that
+    /// none is refused for the moment the snapshot holds the volume.
+    pub fn snapshot(&self, target: &str) -> Result<TakenSnapshot, DataDirError> {
+        let (name, _) = crate::datadir::split_layer_name(target)?;
+        let _attaching = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
+        match self.attached_volume(name) {
+            Some(v) if v.is_read_only() => Err(DataDirError::Invalid {
+                name: name.to_string(),
+                reason: "it is served read-only by this server, which holds it shared: detach it (`cryptnbd ctl detach`) and snapshot it offline".into(),
+            }),
+            Some(v) => self.dir.snapshot_online(target, &v).map(|s| TakenSnapshot {
+                header: s.header,
+                writes_held: Some(s.writes_held),
+            }),
+            None => self.dir.snapshot(target).map(|header| TakenSnapshot {
+                header,
+                writes_held: None,
+            }),
+        }
     }
 
     /// Attaches that failed since start, by reason, sorted.

@@ -18,7 +18,8 @@ use super::{print_json, Global};
 pub struct SnapshotArgs {
     #[command(subcommand)]
     command: Option<SnapshotCommand>,
-    /// The snapshot to take: NAME@SNAP (offline: NAME must not be attached).
+    /// The snapshot to take: NAME@SNAP (of a volume a server has attached: taken online by
+    /// that server, through the control socket in the data directory).
     #[arg(required = true, value_name = "NAME@SNAP")]
     target: Option<String>,
 }
@@ -82,7 +83,7 @@ fn bar_progress(bar: &indicatif::ProgressBar) -> impl FnMut(u64, u64) + '_ {
     }
 }
 
-pub fn snapshot(dd: &DataDir, args: SnapshotArgs) -> anyhow::Result<()> {
+pub fn snapshot(global: &Global, dd: &DataDir, args: SnapshotArgs) -> anyhow::Result<()> {
     match (args.command, args.target) {
         (Some(SnapshotCommand::List { name, json }), _) => {
             let snaps = dd.snapshots(&name)?;
@@ -129,7 +130,13 @@ pub fn snapshot(dd: &DataDir, args: SnapshotArgs) -> anyhow::Result<()> {
             Ok(())
         }
         (None, Some(target)) => {
-            let h = dd.snapshot(&target)?;
+            let h = match dd.snapshot(&target) {
+                // Attached: the server holding it takes it online.
+                Err(e @ cryptnbd::datadir::DataDirError::SnapshotAttached { .. }) => {
+                    return super::ctl::snapshot_via_server(global, &target, e)
+                }
+                r => r?,
+            };
             println!(
                 "took snapshot {target} ({}); serve it read-only as export {target}, or clone it with `cryptnbd volume clone {target} NEW`",
                 human(h.size)
