@@ -324,11 +324,29 @@ impl DataDirProvider {
 
 impl ExportProvider for DataDirProvider {
     fn list(&self) -> Vec<ExportInfo> {
-        self.names()
+        let names = self.names();
+        // Snapshots (`NAME@SNAP`, served read-only) follow the volumes they belong to.
+        let snapshots: Vec<String> = self
+            .dir
+            .all_snapshots()
             .into_iter()
-            .map(|name| {
+            .filter(|s| {
+                self.selection.includes(s)
+                    && s.split_once('@')
+                        .is_some_and(|(v, _)| names.iter().any(|n| n == v))
+            })
+            .collect();
+        let n = names.len();
+        names
+            .into_iter()
+            .chain(snapshots)
+            .enumerate()
+            .map(|(i, name)| {
                 let description = match self.dir.info(&name) {
-                    Ok(i) => i.header.describe(),
+                    Ok(info) if i >= n => {
+                        format!("{} (snapshot, read-only)", info.header.describe())
+                    }
+                    Ok(info) => info.header.describe(),
                     Err(e) => {
                         // The listing reaches clients: the cause (with its path) only in the log.
                         warn!(export = %name, "cannot read the volume header: {}", error_chain(&e));
@@ -342,7 +360,7 @@ impl ExportProvider for DataDirProvider {
 
     fn exists(&self, name: &str) -> bool {
         // Without reading every header, as `list` does. Snapshots (`NAME@SNAP`, served
-        // read-only) are exported when named, without being listed.
+        // read-only) are exported when selected (all of them when no names were given).
         self.names().iter().any(|n| n == name)
             || (name.contains('@')
                 && self.selection.includes(name)

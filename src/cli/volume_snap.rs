@@ -2,6 +2,8 @@
 //! under another key. Argument parsing, progress bars and output only; the work is in
 //! `cryptnbd::datadir` (snapshot and layers modules).
 
+use std::time::{Duration, UNIX_EPOCH};
+
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use cryptnbd::datadir::DataDir;
@@ -83,6 +85,15 @@ fn bar_progress(bar: &indicatif::ProgressBar) -> impl FnMut(u64, u64) + '_ {
     }
 }
 
+/// When snapshot `name` was taken, in Unix seconds: the status-change time of its file, set by
+/// the link that took it (the format records no time of its own; deleting an older snapshot,
+/// which merges into this one, moves it to that time).
+fn taken(dd: &DataDir, name: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dd.layer_path(name).ok()?).ok()?;
+    u64::try_from(m.ctime()).ok()
+}
+
 pub fn snapshot(global: &Global, dd: &DataDir, args: SnapshotArgs) -> anyhow::Result<()> {
     match (args.command, args.target) {
         (Some(SnapshotCommand::List { name, json }), _) => {
@@ -93,6 +104,7 @@ pub fn snapshot(global: &Global, dd: &DataDir, args: SnapshotArgs) -> anyhow::Re
                     .map(|s| {
                         json!({
                             "name": s.name,
+                            "taken": taken(dd, &s.name),
                             "layer_id": s.header.layer_id,
                             "size": s.header.size,
                             "allocated_bytes": s.allocated_bytes,
@@ -108,13 +120,22 @@ pub fn snapshot(global: &Global, dd: &DataDir, args: SnapshotArgs) -> anyhow::Re
                 return Ok(());
             }
             println!(
-                "{:<32} {:>12} {:>12}  CLONES",
-                "SNAPSHOT", "SIZE", "OWN DATA"
+                "{:<32} {:<20} {:>12} {:>12}  CLONES",
+                "SNAPSHOT", "TAKEN (UTC)", "SIZE", "OWN DATA"
             );
             for s in snaps {
+                let when = taken(dd, &s.name)
+                    .and_then(|t| {
+                        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t))
+                            .to_string()
+                            .get(..19)
+                            .map(|x| x.replace('T', " "))
+                    })
+                    .unwrap_or_else(|| "?".into());
                 println!(
-                    "{:<32} {:>12} {:>12}  {}",
+                    "{:<32} {:<20} {:>12} {:>12}  {}",
                     s.name,
+                    when,
                     human(s.header.size),
                     human(s.allocated_bytes),
                     s.clones.join(",")

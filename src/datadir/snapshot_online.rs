@@ -142,6 +142,7 @@ impl DataDir {
         let started = Instant::now();
         let quiesced = vol.quiesce().map_err(Self::vol_err(name))?;
         let made = self.new_head_layer(name, target, &*vol.backend(), &head_path)?;
+        failpoint("snapshot-online-renamed");
         let pushed = quiesced.push_layer(
             Box::new(FileBackend::new(made.file, &head_path)),
             Box::new(FileBackend::new(below, &snap_path)),

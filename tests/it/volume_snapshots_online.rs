@@ -4,21 +4,24 @@
 //! the volume stays served, must be exactly the state after a prefix of each client's writes,
 //! holding every write acknowledged before the command started and none begun after it
 //! returned. The volume keeps serving (reads back its last writes), the snapshots are listed,
-//! served read-only and named in `nbdinfo --list`.
+//! served read-only and named in `nbdinfo --list`, with the time each was taken.
 
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::common::raw::RawClient;
+use crate::common::{require_tool, run_bounded};
 use crate::ops_ctl::{text, Serve};
 
 const BLOCK: usize = 4096;
 /// Blocks each writer cycles through (its own region).
 const BLOCKS: u64 = 64;
 const WRITERS: u64 = 2;
+const NBDINFO: &str = "/usr/bin/nbdinfo";
 
 /// A writer's block `b` after its writes `1..=seq` (write n goes to block n % BLOCKS): the
 /// last sequence number that wrote it, 0 for none.
@@ -169,10 +172,43 @@ fn online_snapshots_hold_exactly_a_prefix_of_the_acknowledged_writes() {
     assert!(o.status.success(), "{}", text(&o));
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(list.as_array().unwrap().len(), bounds.len(), "{list}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for snap in list.as_array().unwrap() {
+        let t = snap["taken"].as_u64().unwrap_or_else(|| panic!("{snap}"));
+        assert!(t <= now && now - t < 3600, "{snap}");
+    }
     // A snapshot is served read-only by the running server too.
     let mut c = RawClient::unix(&s.nbd_sock());
     let (_, flags) = c.connect_export("disk0@s0", true);
     assert_ne!(flags & cryptnbd::nbd::consts::FLAG_READ_ONLY, 0);
+    // `nbdinfo --list` names the snapshots as read-only exports after their volume.
+    if require_tool(NBDINFO) {
+        let uri = format!("nbd+unix:///?socket={}", s.nbd_sock().display());
+        let (ok, out, err) = run_bounded(
+            Command::new(NBDINFO).args(["--list", "--json", &uri]),
+            Duration::from_secs(60),
+        );
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let exports = v["exports"].as_array().unwrap();
+        let names: Vec<&str> = exports
+            .iter()
+            .map(|e| e["export-name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names[0], "disk0", "{names:?}");
+        for (name, _, _) in &bounds {
+            let e = exports.iter().find(|e| e["export-name"] == name.as_str());
+            let e = e.unwrap_or_else(|| panic!("{name} not listed: {names:?}"));
+            assert_eq!(e["is_read_only"], true, "{e}");
+            assert!(
+                e["description"].as_str().unwrap().contains("snapshot"),
+                "{e}"
+            );
+        }
+    }
     // Taking an existing snapshot again is refused, and changes nothing.
     let o = s.cli(&["ctl", "snapshot", "disk0@s0"]);
     assert!(!o.status.success());
