@@ -43,6 +43,15 @@ impl ExportSelection {
     }
 }
 
+/// A snapshot [`DataDirProvider::snapshot`] took.
+#[derive(Debug, Clone)]
+pub struct TakenSnapshot {
+    /// The snapshot's header.
+    pub header: crate::volume::VolumeHeader,
+    /// Taken online: how long the volume's writes were held.
+    pub writes_held: Option<Duration>,
+}
+
 /// Serves the volumes of a data directory, with data keys from a key provider.
 pub struct DataDirProvider {
     dir: DataDir,
@@ -138,6 +147,28 @@ impl DataDirProvider {
         self.detached().remove(name);
         self.refusals.clear(name);
         self.attach_volume(name)
+    }
+
+    /// Takes snapshot `target` (`NAME@SNAP`): online when NAME is attached read-write here
+    /// ([`DataDir::snapshot_online`]), else offline, with attaches waiting meanwhile so that
+    /// none is refused for the moment the snapshot holds the volume.
+    pub fn snapshot(&self, target: &str) -> Result<TakenSnapshot, DataDirError> {
+        let (name, _) = crate::datadir::split_layer_name(target)?;
+        let _attaching = self.attaching.lock().unwrap_or_else(|p| p.into_inner());
+        match self.attached_volume(name) {
+            Some(v) if v.is_read_only() => Err(DataDirError::Invalid {
+                name: name.to_string(),
+                reason: "it is served read-only by this server, which holds it shared: detach it (`cryptnbd ctl detach`) and snapshot it offline".into(),
+            }),
+            Some(v) => self.dir.snapshot_online(target, &v).map(|s| TakenSnapshot {
+                header: s.header,
+                writes_held: Some(s.writes_held),
+            }),
+            None => self.dir.snapshot(target).map(|header| TakenSnapshot {
+                header,
+                writes_held: None,
+            }),
+        }
     }
 
     /// Attaches that failed since start, by reason, sorted.
@@ -293,11 +324,29 @@ impl DataDirProvider {
 
 impl ExportProvider for DataDirProvider {
     fn list(&self) -> Vec<ExportInfo> {
-        self.names()
+        let names = self.names();
+        // Snapshots (`NAME@SNAP`, served read-only) follow the volumes they belong to.
+        let snapshots: Vec<String> = self
+            .dir
+            .all_snapshots()
             .into_iter()
-            .map(|name| {
+            .filter(|s| {
+                self.selection.includes(s)
+                    && s.split_once('@')
+                        .is_some_and(|(v, _)| names.iter().any(|n| n == v))
+            })
+            .collect();
+        let n = names.len();
+        names
+            .into_iter()
+            .chain(snapshots)
+            .enumerate()
+            .map(|(i, name)| {
                 let description = match self.dir.info(&name) {
-                    Ok(i) => i.header.describe(),
+                    Ok(info) if i >= n => {
+                        format!("{} (snapshot, read-only)", info.header.describe())
+                    }
+                    Ok(info) => info.header.describe(),
                     Err(e) => {
                         // The listing reaches clients: the cause (with its path) only in the log.
                         warn!(export = %name, "cannot read the volume header: {}", error_chain(&e));
@@ -311,7 +360,7 @@ impl ExportProvider for DataDirProvider {
 
     fn exists(&self, name: &str) -> bool {
         // Without reading every header, as `list` does. Snapshots (`NAME@SNAP`, served
-        // read-only) are exported when named, without being listed.
+        // read-only) are exported when selected (all of them when no names were given).
         self.names().iter().any(|n| n == name)
             || (name.contains('@')
                 && self.selection.includes(name)

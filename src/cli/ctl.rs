@@ -1,5 +1,6 @@
 //! `cryptnbd ctl`: talks to a running `serve` through its control socket (see
-//! `cryptnbd::control` for the protocol): `status`, `detach`, `attach`, `reload`, and `top`, a
+//! `cryptnbd::control` for the protocol): `status`, `detach`, `attach`, `reload`, `snapshot`
+//! (online, of an attached export), and `top`, a
 //! view of every export's throughput, IOPS and latency refreshed each second.
 
 use std::io::{IsTerminal, Write};
@@ -10,7 +11,7 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use cryptnbd::control::{client, Request};
-use cryptnbd::datadir::DataDirError;
+use cryptnbd::datadir::{split_layer_name, DataDirError};
 
 use super::{print_json, Global};
 
@@ -40,6 +41,12 @@ enum CtlCommand {
     Attach { export: String },
     /// Reload the TLS certificate, key and client CA (as SIGHUP does).
     Reload,
+    /// Take snapshot NAME@SNAP of export NAME; online if it is attached: writes in flight
+    /// finish, new ones wait while the snapshot is switched in (no data is copied).
+    Snapshot {
+        #[arg(value_name = "NAME@SNAP")]
+        target: String,
+    },
     /// Every export's read/write throughput, IOPS and mean latency, refreshed each interval.
     Top {
         /// Seconds between refreshes.
@@ -65,6 +72,7 @@ pub fn run(global: &Global, args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Status => (Request::Status, print_status),
         CtlCommand::Detach { export } => (Request::Detach { export }, print_detach),
         CtlCommand::Attach { export } => (Request::Attach { export }, print_attach),
+        CtlCommand::Snapshot { target } => (snapshot_request(&target)?, print_snapshot),
         CtlCommand::Reload => (Request::Reload, |v| {
             println!("{}", v["reloaded"].as_str().unwrap_or("reloaded"))
         }),
@@ -75,6 +83,49 @@ pub fn run(global: &Global, args: CtlArgs) -> anyhow::Result<()> {
     } else {
         human(&v);
         Ok(())
+    }
+}
+
+fn snapshot_request(target: &str) -> anyhow::Result<Request> {
+    match split_layer_name(target)? {
+        (export, Some(snapshot)) => Ok(Request::Snapshot {
+            export: export.into(),
+            snapshot: snapshot.into(),
+        }),
+        _ => anyhow::bail!("name the snapshot as NAME@SNAP"),
+    }
+}
+
+fn print_snapshot(v: &Value) {
+    let target = v["snapshot"].as_str().unwrap_or("?");
+    match v["writes_held_ms"].as_f64() {
+        Some(ms) => println!(
+            "took snapshot {target} online (writes held {ms:.1} ms); serve it read-only as export {target}, or clone it with `cryptnbd volume clone {target} NEW`"
+        ),
+        None => println!("took snapshot {target} (the volume was not attached)"),
+    }
+}
+
+/// `volume snapshot NAME@SNAP` of a volume something has attached (`refused`): the server on
+/// this data directory's control socket takes it online if it is the holder; else `refused`,
+/// which says what to do.
+pub fn snapshot_via_server(
+    global: &Global,
+    target: &str,
+    refused: DataDirError,
+) -> anyhow::Result<()> {
+    let path = super::serve_ops::default_ctl_path(&global.data_dir);
+    match client::call(&path, &snapshot_request(target)?) {
+        Ok(v) => {
+            print_snapshot(&v);
+            Ok(())
+        }
+        // No server there: whoever holds the volume is another command or another server.
+        Err(client::CallError::Connect { .. }) => Err(refused.into()),
+        Err(e) => Err(anyhow::Error::from(e).context(format!(
+            "the server on {} could not take snapshot {target}",
+            path.display()
+        ))),
     }
 }
 

@@ -341,7 +341,7 @@ pub fn run(global: &Global, args: VolumeArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        C::Snapshot(a) => super::volume_snap::snapshot(&dd, a),
+        C::Snapshot(a) => super::volume_snap::snapshot(global, &dd, a),
         C::Clone(a) => super::volume_snap::clone(global, &args.remote, &dd, a),
         C::Flatten { name } => super::volume_snap::flatten(global, &args.remote, &dd, name),
         C::Copy(a) => super::volume_snap::copy(global, &args.remote, &dd, a),

@@ -2,6 +2,8 @@
 //! under another key. Argument parsing, progress bars and output only; the work is in
 //! `cryptnbd::datadir` (snapshot and layers modules).
 
+use std::time::{Duration, UNIX_EPOCH};
+
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use cryptnbd::datadir::DataDir;
@@ -18,7 +20,8 @@ use super::{print_json, Global};
 pub struct SnapshotArgs {
     #[command(subcommand)]
     command: Option<SnapshotCommand>,
-    /// The snapshot to take: NAME@SNAP (offline: NAME must not be attached).
+    /// The snapshot to take: NAME@SNAP (of a volume a server has attached: taken online by
+    /// that server, through the control socket in the data directory).
     #[arg(required = true, value_name = "NAME@SNAP")]
     target: Option<String>,
 }
@@ -86,7 +89,16 @@ fn bar_progress(bar: &indicatif::ProgressBar) -> impl FnMut(u64, u64) + '_ {
     }
 }
 
-pub fn snapshot(dd: &DataDir, args: SnapshotArgs) -> anyhow::Result<()> {
+/// When snapshot `name` was taken, in Unix seconds: the status-change time of its file, set by
+/// the link that took it (the format records no time of its own; deleting an older snapshot,
+/// which merges into this one, moves it to that time).
+fn taken(dd: &DataDir, name: &str) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dd.layer_path(name).ok()?).ok()?;
+    u64::try_from(m.ctime()).ok()
+}
+
+pub fn snapshot(global: &Global, dd: &DataDir, args: SnapshotArgs) -> anyhow::Result<()> {
     match (args.command, args.target) {
         (Some(SnapshotCommand::List { name, json }), _) => {
             let snaps = dd.snapshots(&name)?;
@@ -96,6 +108,7 @@ pub fn snapshot(dd: &DataDir, args: SnapshotArgs) -> anyhow::Result<()> {
                     .map(|s| {
                         json!({
                             "name": s.name,
+                            "taken": taken(dd, &s.name),
                             "layer_id": s.header.layer_id,
                             "size": s.header.size,
                             "allocated_bytes": s.allocated_bytes,
@@ -111,13 +124,22 @@ pub fn snapshot(dd: &DataDir, args: SnapshotArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<32} {:>12} {:>12}  CLONES",
-                "SNAPSHOT", "SIZE", "OWN DATA"
+                "{:<32} {:<20} {:>12} {:>12}  CLONES",
+                "SNAPSHOT", "TAKEN (UTC)", "SIZE", "OWN DATA"
             );
             for s in snaps {
+                let when = taken(dd, &s.name)
+                    .and_then(|t| {
+                        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(t))
+                            .to_string()
+                            .get(..19)
+                            .map(|x| x.replace('T', " "))
+                    })
+                    .unwrap_or_else(|| "?".into());
                 println!(
-                    "{:<32} {:>12} {:>12}  {}",
+                    "{:<32} {:<20} {:>12} {:>12}  {}",
                     s.name,
+                    when,
                     human(s.header.size),
                     human(s.allocated_bytes),
                     s.clones.join(",")
@@ -133,7 +155,13 @@ pub fn snapshot(dd: &DataDir, args: SnapshotArgs) -> anyhow::Result<()> {
             Ok(())
         }
         (None, Some(target)) => {
-            let h = dd.snapshot(&target)?;
+            let h = match dd.snapshot(&target) {
+                // Attached: the server holding it takes it online.
+                Err(e @ cryptnbd::datadir::DataDirError::SnapshotAttached { .. }) => {
+                    return super::ctl::snapshot_via_server(global, &target, e)
+                }
+                r => r?,
+            };
             println!(
                 "took snapshot {target} ({}); serve it read-only as export {target}, or clone it with `cryptnbd volume clone {target} NEW`",
                 human(h.size)

@@ -15,6 +15,7 @@
 //! | `{"v":1,"op":"detach","export":"NAME"}` | refuse new connections to NAME, let its requests in flight reply, close its clients, flush it and drop the volume (its unwrapped data key is zeroized) |
 //! | `{"v":1,"op":"attach","export":"NAME"}` | attach NAME now (created after `serve` started, or detached) |
 //! | `{"v":1,"op":"reload"}` | what SIGHUP does (TLS certificate, key and client CA) |
+//! | `{"v":1,"op":"snapshot","export":"NAME","snapshot":"SNAP"}` | take snapshot `NAME@SNAP`: online if NAME is attached (writes in flight drained, new ones held, flushed, a new top layer switched in, writes released), else as `volume snapshot` does offline; the result says which and how long writes were held |
 //!
 //! A response is `{"v":1,"ok":true,"result":{…}}` or
 //! `{"v":1,"ok":false,"error":{"kind":KIND,"message":TEXT}}` with KIND one of `bad_request`
@@ -47,6 +48,7 @@ pub enum Request {
     Detach { export: String },
     Attach { export: String },
     Reload,
+    Snapshot { export: String, snapshot: String },
 }
 
 impl Request {
@@ -94,7 +96,7 @@ pub trait Ops: Send + Sync {
     fn handle(&self, req: Request) -> Result<Value, ControlError>;
 }
 
-const OPS: [&str; 4] = ["status", "detach", "attach", "reload"];
+const OPS: [&str; 5] = ["status", "detach", "attach", "reload", "snapshot"];
 
 /// Parses one request line, checking the version before the operation.
 pub fn parse(line: &[u8]) -> Result<Request, ControlError> {
@@ -116,6 +118,7 @@ pub fn parse(line: &[u8]) -> Result<Request, ControlError> {
     }
     let fields: &[&str] = match m.get("op") {
         Some(Value::String(op)) if op == "detach" || op == "attach" => &["op", "export"],
+        Some(Value::String(op)) if op == "snapshot" => &["op", "export", "snapshot"],
         Some(Value::String(op)) if OPS.contains(&op.as_str()) => &["op"],
         Some(Value::String(op)) => {
             return Err(ControlError::new(
@@ -182,6 +185,10 @@ mod tests {
             Request::Reload,
             Request::Detach { export: "d".into() },
             Request::Attach { export: "d".into() },
+            Request::Snapshot {
+                export: "d".into(),
+                snapshot: "mon".into(),
+            },
         ] {
             assert_eq!(parse(r.to_line().as_bytes()).unwrap(), r);
         }
@@ -213,6 +220,14 @@ mod tests {
         );
         assert_eq!(
             kind(br#"{"v":1,"op":"status","extra":true}"#),
+            ErrorKind::BadRequest
+        );
+        assert_eq!(
+            kind(br#"{"v":1,"op":"snapshot","export":"d"}"#),
+            ErrorKind::BadRequest
+        );
+        assert_eq!(
+            kind(br#"{"v":1,"op":"snapshot","export":"d","snapshot":"s","at":1}"#),
             ErrorKind::BadRequest
         );
     }

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use super::{ControlError, ErrorKind, Ops, Request};
+use crate::datadir::DataDirError;
 use crate::exports::DataDirProvider;
 use crate::server::stats::{ErrorKind as ReqError, ExportStats, Histogram, LATENCY_BOUNDS_US};
 use crate::server::{error_chain, AttachError, ServerHandle};
@@ -179,12 +180,40 @@ impl Service {
     }
 }
 
+impl Service {
+    fn snapshot(&self, export: &str, snap: &str) -> Result<Value, ControlError> {
+        self.known(export)?;
+        let target = format!("{export}@{snap}");
+        match self.provider.snapshot(&target) {
+            Ok(s) => Ok(json!({
+                "snapshot": target,
+                "online": s.writes_held.is_some(),
+                "layer_id": s.header.layer_id,
+                "size": s.header.size,
+                "writes_held_ms": s.writes_held.map(|d| d.as_secs_f64() * 1000.0),
+            })),
+            Err(DataDirError::InvalidName { .. }) => Err(ControlError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "{target:?} is not a snapshot name (NAME@SNAP, letters, digits, '.', '_', '-')"
+                ),
+            )),
+            Err(e @ DataDirError::AlreadyExists { .. }) => Err(ControlError::new(
+                ErrorKind::Failed,
+                format!("snapshot {target} already exists: {e}"),
+            )),
+            Err(e) => Err(ControlError::new(ErrorKind::Failed, error_chain(&e))),
+        }
+    }
+}
+
 impl Ops for Service {
     fn handle(&self, req: Request) -> Result<Value, ControlError> {
         match req {
             Request::Status => Ok(self.status()),
             Request::Detach { export } => self.detach(&export),
             Request::Attach { export } => self.attach(&export),
+            Request::Snapshot { export, snapshot } => self.snapshot(&export, &snapshot),
             Request::Reload => (self.reload)()
                 .map(|m| json!({ "reloaded": m }))
                 .map_err(|e| ControlError::new(ErrorKind::Failed, e)),

@@ -143,7 +143,8 @@ impl DataDir {
         vol.flush().map_err(Self::vol_err(name))?;
         let mut h = vol.header().clone();
         h.parent = None;
-        h.write_update(vol.backend()).map_err(Self::vol_err(name))?;
+        h.write_update(&*vol.backend())
+            .map_err(Self::vol_err(name))?;
         tracing::info!(volume = name, copied, "volume flattened");
         Ok(copied)
     }

@@ -39,11 +39,13 @@ mod rbd;
 mod rbd_intent;
 mod rbd_snapshot;
 mod snapshot;
+mod snapshot_online;
 mod transfer;
 
 pub use check::{CheckReport, Finding, Severity};
 pub use rbd_intent::{IntentFinding, FAILPOINT_ENV};
 pub use snapshot::{split_layer_name, SnapshotInfo};
+pub use snapshot_online::OnlineSnapshot;
 
 const MAX_NAME_LEN: usize = 64;
 
@@ -111,7 +113,7 @@ pub enum DataDirError {
     },
 
     /// An offline snapshot was asked of a volume a server (or another command) has attached.
-    #[error("cannot snapshot volume {name:?}: it is attached read-write (by a running `cryptnbd serve` or another command); snapshots of an attached volume are not supported yet: stop the server (or detach the volume) and retry")]
+    #[error("cannot snapshot volume {name:?}: it is attached read-write (by a running `cryptnbd serve` or another command); a server that has it attached takes the snapshot online through its control socket (`cryptnbd volume snapshot` does so when it finds the server's socket in the data directory; else `cryptnbd ctl --ctl PATH snapshot NAME@SNAP`)")]
     SnapshotAttached { name: String },
 
     /// A layer's parent (a snapshot it was made from) is not in the data directory.

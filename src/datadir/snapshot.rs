@@ -17,19 +17,19 @@
 //!   needed; safe to interrupt and re-run), points the child at the snapshot's parent (a
 //!   crash-safe header update), then removes the file. It is refused while clones (other
 //!   volumes made from it) depend on it; `volume flatten` ends that dependency.
-//! - Snapshots of an attached volume are refused with a clear error (no online snapshot yet);
-//!   RBD volumes use RBD's own snapshots and clones instead (`rbd_snapshot`).
+//! - A file volume attached by a running server is snapshotted by that server (`snapshot_online`,
+//!   reached through the control socket), with the same file steps; here it is refused with a
+//!   clear error. RBD volumes use RBD's own snapshots and clones instead (`rbd_snapshot`).
 
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use uuid::Uuid;
 
-use super::create::remove_stale_temporaries;
 use super::rbd_intent::failpoint;
-use super::{check_name, io_err, sync_dir, try_lock, DataDir, DataDirError};
-use crate::backend::{Backend, FileBackend};
-use crate::volume::{merge_into_child, ParentRef, VolumeHeader};
+use super::{check_name, io_err, sync_dir, DataDir, DataDirError};
+use crate::backend::FileBackend;
+use crate::volume::{merge_into_child, VolumeHeader};
 
 /// Splits `NAME` or `NAME@SNAP` into its parts, checking both.
 pub fn split_layer_name(name: &str) -> Result<(&str, Option<&str>), DataDirError> {
@@ -76,7 +76,6 @@ impl DataDir {
             return self.snapshot_rbd(target, name, snap, &loc);
         }
         let head_path = self.existing(name)?;
-        let snap_path = self.layer_path(target)?;
         let head = match self.open_locked(name, true, true) {
             Err(DataDirError::InUse { .. }) => {
                 return Err(DataDirError::SnapshotAttached {
@@ -86,55 +85,10 @@ impl DataDir {
             r => r?,
         };
         self.recover_snapshots(name, &head);
-        if snap_path.exists() {
-            return Err(DataDirError::AlreadyExists {
-                name: target.to_string(),
-                path: snap_path,
-            });
-        }
-        let mut h = VolumeHeader::read_from(&head).map_err(Self::vol_err(name))?;
-        if h.layer_id.is_none() {
-            // A v1 volume gets a layer id (and so format v2) before anything can name it.
-            h.layer_id = Some(Uuid::new_v4());
-            h = h.write_update(&head).map_err(Self::vol_err(name))?;
-        }
-        let mut child = h.clone();
-        child.generation = 0;
-        child.layer_id = Some(Uuid::new_v4());
-        child.parent = Some(ParentRef {
-            name: target.to_string(),
-            volume_id: h.volume_id,
-            layer_id: h.layer_id.unwrap_or_default(),
-            size: h.size,
-        });
-        let dir = self.volumes_dir();
-        remove_stale_temporaries(&dir, name);
-        let tmp = dir.join(format!(".{name}.vol.{}.tmp", std::process::id()));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err("creating the new head layer", &tmp))?;
-        let result = (|| {
-            try_lock(&file, true, name, &tmp)?;
-            let b = FileBackend::new(file, &tmp);
-            b.set_len(child.data_offset() + child.size)
-                .map_err(io_err("sizing the new head layer", &tmp))?;
-            child.write_new(&b).map_err(Self::vol_err(name))?;
-            std::fs::hard_link(&head_path, &snap_path)
-                .map_err(io_err("linking the snapshot", &snap_path))?;
-            sync_dir(&dir)?;
-            failpoint("snapshot-linked");
-            std::fs::rename(&tmp, &head_path)
-                .map_err(io_err("renaming the new head to", &head_path))?;
-            sync_dir(&dir)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result?;
+        let h = self
+            .new_head_layer(name, target, &head, &head_path)?
+            .snapshot;
+        sync_dir(&self.volumes_dir())?;
         tracing::info!(volume = name, snapshot = target, layer_id = ?h.layer_id, "snapshot taken");
         Ok(h)
     }

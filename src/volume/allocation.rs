@@ -31,7 +31,7 @@ pub struct Extent {
 impl Volume {
     /// Punches whole sectors; `Ok(false)` when the storage cannot.
     fn punch(&self, start: u64, len: u64) -> Result<bool, VolumeError> {
-        match self.backend.punch_hole(self.file_offset(start), len) {
+        match self.top().backend.punch_hole(self.file_offset(start), len) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::Unsupported => Ok(false),
             Err(e) => Err(self.io_err("punching a hole of", len, start, e)),
@@ -43,6 +43,7 @@ impl Volume {
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), VolumeError> {
         self.check_writable(Op::Trim)?;
         self.check(Op::Trim, offset, len)?;
+        let _gate = self.enter();
         if !self.header.discard || len == 0 {
             return Ok(());
         }
@@ -73,6 +74,7 @@ impl Volume {
     ) -> Result<(), VolumeError> {
         self.check_writable(Op::WriteZeroes)?;
         self.check(Op::WriteZeroes, offset, len)?;
+        let _gate = self.enter();
         if len == 0 {
             return Ok(());
         }
@@ -111,7 +113,8 @@ impl Volume {
                 z.resize(n, 0);
                 let off = start + done;
                 self.xts.encrypt_sectors(&mut z[..n], ss, self.unit(off));
-                self.backend
+                self.top()
+                    .backend
                     .write_at(&z[..n], self.file_offset(off))
                     .map_err(|e| self.io_err("writing zeroes:", n as u64, off, e))?;
                 done += n as u64;
@@ -122,13 +125,15 @@ impl Volume {
 
     /// Whether write-zeroes will be fast (a hole punch, no data written): for NBD FAST_ZERO.
     pub fn zeroing_is_fast(&self, may_punch: bool) -> bool {
-        may_punch && self.header.discard && self.backend.can_punch() && self.parent.is_none()
+        let top = self.top();
+        may_punch && self.header.discard && top.backend.can_punch() && top.parent.is_none()
     }
 
     /// Asks the OS to read `[offset, offset+len)` ahead.
     pub fn cache(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
         self.check(Op::Cache, offset, len)?;
-        self.backend
+        self.top()
+            .backend
             .will_need(self.file_offset(offset), len)
             .map_err(|e| self.io_err("prefetching", len, offset, e))
     }
@@ -150,18 +155,16 @@ impl Volume {
         let err = |e, pos: u64| self.io_err("querying the allocation of", end - pos, pos, e);
         let mut out = Vec::new();
         let mut pos = offset;
+        let top = self.top();
         while pos < end && out.len() < MAX_EXTENTS {
-            let data = self
+            let data = top
                 .backend
                 .seek_data(base + pos)
                 .map_err(|e| err(e, pos))?
                 .map(|d| d.saturating_sub(base));
             let (next, hole) = match data {
                 Some(d) if d <= pos => {
-                    let h = self
-                        .backend
-                        .seek_hole(base + pos)
-                        .map_err(|e| err(e, pos))?;
+                    let h = top.backend.seek_hole(base + pos).map_err(|e| err(e, pos))?;
                     (h.saturating_sub(base), false)
                 }
                 Some(d) => (d, true),
@@ -176,7 +179,7 @@ impl Volume {
             });
             pos = next;
         }
-        match &self.parent {
+        match &top.parent {
             Some(parent) => self.layered_extents(parent, offset, out, MAX_EXTENTS),
             None => Ok(out),
         }

@@ -60,25 +60,20 @@ impl Volume {
                 got.sector_size, self.header.sector_size
             )));
         }
-        self.parent = Some(parent);
+        self.set_parent(parent);
         Ok(self)
-    }
-
-    /// The layer below, if this is a child.
-    pub fn parent(&self) -> Option<&Arc<Volume>> {
-        self.parent.as_ref()
     }
 
     /// Whole sectors of a child: reads its own ciphertext, decrypts the sectors it owns and
     /// reads runs of all-zero ones from the parent. Returns whether everything read as holes.
     pub(super) fn read_layered(
         &self,
+        own: &dyn Backend,
         parent: &Volume,
         buf: &mut [u8],
         sector_off: u64,
     ) -> Result<bool, VolumeError> {
-        self.backend
-            .read_at(buf, self.file_offset(sector_off))
+        own.read_at(buf, self.file_offset(sector_off))
             .map_err(|e| self.io_err("reading", buf.len() as u64, sector_off, e))?;
         let ss = self.ss();
         let n = buf.len() / ss;
@@ -105,7 +100,7 @@ impl Volume {
     /// `(start, len, below_is_hole)` runs covering `[start, start + len)`: whether every layer
     /// below this one is a hole there (so punching a hole here cannot reveal anything).
     pub(super) fn below(&self, start: u64, len: u64) -> Result<Vec<(u64, u64, bool)>, VolumeError> {
-        let Some(parent) = &self.parent else {
+        let Some(parent) = self.parent() else {
             return Ok(vec![(start, len, true)]);
         };
         let mut out = Vec::new();
@@ -162,7 +157,9 @@ impl Volume {
     pub fn copy_up(&self, offset: u64, len: usize) -> Result<u64, VolumeError> {
         self.check_writable(super::Op::Write)?;
         self.check(super::Op::Write, offset, len as u64)?;
-        let Some(parent) = &self.parent else {
+        let _gate = self.enter();
+        let top = self.top();
+        let Some(parent) = &top.parent else {
             return Ok(0);
         };
         let ss = self.ss();
@@ -175,7 +172,7 @@ impl Volume {
             return Ok(0);
         }
         let mut own = vec![0u8; len];
-        self.backend
+        top.backend
             .read_at(&mut own, self.file_offset(offset))
             .map_err(|e| self.io_err("reading", len as u64, offset, e))?;
         let mut written = 0;
@@ -194,7 +191,7 @@ impl Volume {
             let run = &mut own[i * ss..j * ss];
             if !parent.read(off, run)?.all_zero && !is_zero(run) {
                 self.xts.encrypt_sectors(run, ss, self.unit(off));
-                self.backend
+                top.backend
                     .write_at(run, self.file_offset(off))
                     .map_err(|e| self.io_err("writing", run.len() as u64, off, e))?;
                 written += run.len() as u64;

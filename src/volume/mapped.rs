@@ -18,6 +18,7 @@
 
 use super::geometry::{flagged, starts_with_zero_block};
 use super::{Volume, VolumeError};
+use crate::backend::Backend;
 
 /// Bytes decrypted per call: the flagged sectors' ciphertext, copied right after, is then
 /// still in the core's cache, and the flags fit in [`RUN_WORDS`] words on the stack.
@@ -31,14 +32,14 @@ impl Volume {
     /// as `read_sectors`. With `nowait`, only if that cannot wait for the device.
     pub(super) fn read_mapped(
         &self,
+        backend: &dyn Backend,
         buf: &mut [u8],
         sector_off: u64,
         nowait: bool,
     ) -> Result<Option<bool>, VolumeError> {
         let len = buf.len();
         let mut all_zero = true;
-        let lent = self
-            .backend
+        let lent = backend
             .with_mapped(self.file_offset(sector_off), len, nowait, &mut |src| {
                 all_zero = self.decrypt_from(src, buf, sector_off)
             })

@@ -29,14 +29,20 @@
 //! half-written.
 
 use super::{Volume, VolumeError};
+use crate::backend::Backend;
 
 impl Volume {
     /// Encrypts whole sectors of plaintext `data` for volume offset `sector_off` straight into
     /// the backend's lent destination. `Ok(true)`: written (as by `write_at`). `Ok(false)`: not
     /// lent, or a fault spoiled it: `data` is untouched, write it the usual way.
-    pub(super) fn write_mapped(&self, data: &[u8], sector_off: u64) -> Result<bool, VolumeError> {
+    pub(super) fn write_mapped(
+        &self,
+        backend: &dyn Backend,
+        data: &[u8],
+        sector_off: u64,
+    ) -> Result<bool, VolumeError> {
         let (ss, unit) = (self.ss(), self.unit(sector_off));
-        self.backend
+        backend
             .with_mapped_write(self.file_offset(sector_off), data.len(), &mut |dst| {
                 self.xts.encrypt_sectors_to_shared(data, dst, ss, unit)
             })
@@ -79,9 +85,14 @@ mod tests {
         let mapped = file_volume(shm.path(), "m", &key, 0);
         let plain = file_volume(shm.path(), "p", &key, usize::MAX);
         let data: Vec<u8> = (0..(64 << 10)).map(|i: u32| (i * 31) as u8).collect();
-        assert!(mapped.write_mapped(&data, 8192).unwrap(), "tmpfs lends");
         assert!(
-            !plain.write_mapped(&data, 8192).unwrap(),
+            mapped
+                .write_mapped(&*mapped.backend(), &data, 8192)
+                .unwrap(),
+            "tmpfs lends"
+        );
+        assert!(
+            !plain.write_mapped(&*plain.backend(), &data, 8192).unwrap(),
             "below the threshold"
         );
         assert_eq!(data[..4], [0, 31, 62, 93], "the plaintext is untouched");
@@ -98,6 +109,6 @@ mod tests {
 
         let h = VolumeHeader::new(uuid::Uuid::nil(), 1 << 20, 4096);
         let mem = Volume::create(MemBackend::new(), &h, &key).unwrap();
-        assert!(!mem.write_mapped(&data, 0).unwrap());
+        assert!(!mem.write_mapped(&*mem.backend(), &data, 0).unwrap());
     }
 }

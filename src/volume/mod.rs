@@ -27,16 +27,20 @@ pub mod header;
 mod layer;
 mod mapped;
 mod mapped_write;
+mod stack;
 mod submit;
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use arc_swap::ArcSwap;
 
 pub use allocation::Extent;
 pub use error::{Op, VolumeError};
 pub use header::{ParentRef, VolumeHeader};
 pub use layer::merge_into_child;
+pub use stack::{BackendRef, Quiesced};
 pub use submit::{ReadDone, SubmitDone};
 
 use crate::backend::Backend;
@@ -58,16 +62,20 @@ pub struct ReadOutcome {
 
 /// An open volume; `Send + Sync`, shared as `Arc<Volume>` by every connection.
 pub struct Volume {
-    backend: Box<dyn Backend>,
-    xts: Xts,
+    /// This layer's storage and the layer below it, replaced together by an online snapshot
+    /// (see `stack`); everything else is fixed for the volume's life.
+    top: ArcSwap<stack::Top>,
+    /// Shared with the snapshot layers an online snapshot puts below (one DEK per volume).
+    xts: Arc<Xts>,
     header: VolumeHeader,
     read_only: bool,
     target: String,
     locks: Vec<Mutex<()>>,
     /// The first failed sync, sticky: see [`Volume::flush`].
     writeback_error: OnceLock<String>,
-    /// The read-only layer never-written sectors fall through to (see `layer`).
-    parent: Option<Arc<Volume>>,
+    /// Held shared by every write, trim and write-zeroes while it runs, exclusively by an
+    /// online snapshot: draining those in flight and holding new ones (see `stack`).
+    gate: RwLock<()>,
 }
 
 // The server shares one `Arc<Volume>` between connections and threads.
@@ -85,7 +93,10 @@ impl std::fmt::Debug for Volume {
             .field("size", &self.header.size)
             .field("sector_size", &self.header.sector_size)
             .field("read_only", &self.read_only)
-            .field("parent", &self.parent.as_ref().map(|p| &p.target))
+            .field(
+                "parent",
+                &self.top().parent.as_ref().map(|p| p.target.clone()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -136,17 +147,13 @@ impl Volume {
         read_only: bool,
     ) -> Result<Volume, VolumeError> {
         header.validate()?;
-        let target = backend.describe();
-        Ok(Volume {
-            backend,
-            xts: Xts::new(key),
+        Ok(Self::from_parts(
+            Arc::from(backend),
+            None,
+            Arc::new(Xts::new(key)),
             header,
             read_only,
-            target,
-            locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-            writeback_error: OnceLock::new(),
-            parent: None,
-        })
+        ))
     }
 
     pub fn size(&self) -> u64 {
@@ -165,8 +172,9 @@ impl Volume {
         &self.header
     }
 
-    pub fn backend(&self) -> &dyn Backend {
-        &*self.backend
+    /// This (top) layer's storage, as it is now (an online snapshot replaces it).
+    pub fn backend(&self) -> BackendRef {
+        BackendRef(self.top())
     }
 
     fn ss(&self) -> usize {
@@ -229,13 +237,14 @@ impl Volume {
     /// in place; all-zero ciphertext sectors stay zero. Returns whether every sector was such a
     /// zero sector.
     fn read_sectors(&self, buf: &mut [u8], sector_off: u64) -> Result<bool, VolumeError> {
-        if let Some(parent) = &self.parent {
-            return self.read_layered(parent, buf, sector_off);
+        let top = self.top();
+        if let Some(parent) = &top.parent {
+            return self.read_layered(&*top.backend, parent, buf, sector_off);
         }
-        if let Some(all_zero) = self.read_mapped(buf, sector_off, false)? {
+        if let Some(all_zero) = self.read_mapped(&*top.backend, buf, sector_off, false)? {
             return Ok(all_zero);
         }
-        self.backend
+        top.backend
             .read_at(buf, self.file_offset(sector_off))
             .map_err(|e| self.io_err("reading", buf.len() as u64, sector_off, e))?;
         Ok(self.decrypt_read(buf, sector_off))
@@ -312,7 +321,7 @@ impl Volume {
 
     /// Whether writes wait for the storage (network block storage) rather than a cache.
     pub fn writes_wait(&self) -> bool {
-        self.backend.writes_wait()
+        self.top().backend.writes_wait()
     }
 
     /// Like [`Volume::read`], but only if the ciphertext can be read without waiting for the
@@ -325,17 +334,18 @@ impl Volume {
     ) -> Result<Option<ReadOutcome>, VolumeError> {
         self.check(Op::Read, offset, buf.len() as u64)?;
         let ss = self.ss() as u64;
+        let top = self.top();
         if buf.is_empty()
             || !offset.is_multiple_of(ss)
             || !(buf.len() as u64).is_multiple_of(ss)
-            || self.parent.is_some()
+            || top.parent.is_some()
         {
             return Ok(None);
         }
-        if let Some(all_zero) = self.read_mapped(buf, offset, true)? {
+        if let Some(all_zero) = self.read_mapped(&*top.backend, buf, offset, true)? {
             return Ok(Some(ReadOutcome { all_zero }));
         }
-        let done = self
+        let done = top
             .backend
             .try_read_at_nowait(buf, self.file_offset(offset))
             .map_err(|e| self.io_err("reading", buf.len() as u64, offset, e))?;
@@ -405,7 +415,8 @@ impl Volume {
             None => s[in_off..in_off + len].fill(0),
         }
         self.xts.encrypt_sectors(s, ss, self.unit(sector));
-        self.backend
+        self.top()
+            .backend
             .write_at(s, self.file_offset(sector))
             .map_err(|e| self.io_err("writing", ss as u64, sector, e))
     }
@@ -414,6 +425,7 @@ impl Volume {
     /// hold ciphertext afterwards. With `fua`, the write is durable when this returns.
     pub fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), VolumeError> {
         self.check_writable(Op::Write)?;
+        let _gate = self.enter();
         self.check(Op::Write, offset, data.len() as u64)?;
         if data.is_empty() {
             return if fua { self.flush() } else { Ok(()) };
@@ -429,9 +441,10 @@ impl Volume {
         if mid_len > 0 {
             let mid = &mut data[pos..pos + mid_len];
             // Straight into the backend's lent destination when it lends one (`mapped_write`).
-            if !self.write_mapped(mid, sp.mid.0)? {
+            let top = self.top();
+            if !self.write_mapped(&*top.backend, mid, sp.mid.0)? {
                 self.xts.encrypt_sectors(mid, ss, self.unit(sp.mid.0));
-                self.backend
+                top.backend
                     .write_at(mid, self.file_offset(sp.mid.0))
                     .map_err(|e| self.io_err("writing", mid_len as u64, sp.mid.0, e))?;
             }
@@ -455,7 +468,7 @@ impl Volume {
     /// detached and attached again; the failure is logged once, at error level.
     pub fn flush(&self) -> Result<(), VolumeError> {
         self.check_writeback()?;
-        if let Err(e) = self.backend.sync() {
+        if let Err(e) = self.top().backend.sync() {
             let first = format!("fdatasync failed: {e}");
             if self.writeback_error.set(first).is_ok() {
                 tracing::error!(volume = %self.target, error = %e,

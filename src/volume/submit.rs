@@ -25,7 +25,7 @@ impl Volume {
     /// waiting for it: the backend submits asynchronously and the range is whole sectors.
     pub fn can_submit_write(&self, offset: u64, len: u64) -> bool {
         let ss = u64::from(self.header.sector_size);
-        self.backend.submits_async()
+        self.top().backend.submits_async()
             && !self.read_only
             && len > 0
             && offset.is_multiple_of(ss)
@@ -56,7 +56,7 @@ impl Volume {
         self.xts
             .encrypt_sectors(&mut data, ss as usize, self.unit(offset));
         let vol = Arc::clone(self);
-        self.backend.submit_write(
+        self.top().backend.submit_write(
             data,
             self.file_offset(offset),
             Box::new(move |data, r| {
@@ -73,8 +73,9 @@ impl Volume {
     /// Whether [`Volume::submit_read`] would submit a `len`-byte read at `offset` without waiting.
     pub fn can_submit_read(&self, offset: u64, len: u64) -> bool {
         let ss = u64::from(self.header.sector_size);
-        self.backend.submits_async()
-            && self.parent.is_none()
+        let top = self.top();
+        top.backend.submits_async()
+            && top.parent.is_none()
             && len > 0
             && offset.is_multiple_of(ss)
             && len.is_multiple_of(ss)
@@ -90,13 +91,14 @@ impl Volume {
             return done(data, Err(e));
         }
         // A child layer's holes fall through to its parent: the blocking path reads them.
-        let blocking = self.parent.is_some();
+        let top = self.top();
+        let blocking = top.parent.is_some();
         if data.is_empty() || !offset.is_multiple_of(ss) || !len.is_multiple_of(ss) || blocking {
             let r = self.read(offset, &mut data);
             return done(data, r);
         }
         let vol = Arc::clone(self);
-        self.backend.submit_read(
+        top.backend.submit_read(
             data,
             self.file_offset(offset),
             Box::new(move |mut data, r| {

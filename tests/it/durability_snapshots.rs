@@ -1,16 +1,20 @@
 //! Crashes (an abort at a failpoint: no unwinding, no cleanup, like `kill -9`) in the middle of
-//! `volume snapshot`, `copy`, `flatten` and `snapshot delete`, through the real binary: after
+//! `volume snapshot` (offline, and online: the serving server killed mid-snapshot), `copy`,
+//! `flatten` and `snapshot delete`, through the real binary: after
 //! each, every volume still reads exactly what it held, `check` finds no problem (a leftover is
 //! at most a warning), and running the command again completes it. The same on the power-loss
 //! file system (tests/lazyfs): each command, finished, survives a torn power loss; interrupted,
 //! it leaves the old state after one.
 
 use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use assert_cmd::Command;
 use cryptnbd::datadir::FAILPOINT_ENV;
 
 use crate::clients_common::{find_tool, report_missing, skip_environment};
+use crate::common::raw::RawClient;
 use crate::lazyfs;
 
 const MIB: usize = 1 << 20;
@@ -208,4 +212,75 @@ fn snapshot_copy_flatten_and_delete_survive_power_loss() {
         check_clean(d);
     }
     assert!(ok(d, &["volume", "snapshot", "list", "v"]).contains("no snapshots"));
+}
+
+/// `serve` on `d` that dies at failpoint `point`; returns once its sockets are there.
+fn serve_crashing_at(d: &Path, point: &str) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cryptnbd"))
+        .arg("--data-dir")
+        .arg(d)
+        .arg("serve")
+        .env_remove("CRYPTNBD_PASSPHRASE")
+        .env(FAILPOINT_ENV, point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(d.join("nbd.sock").exists() && d.join("ctl.sock").exists()) {
+        assert!(Instant::now() < deadline, "serve did not open its sockets");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn an_online_snapshot_survives_the_server_killed_at_each_step() {
+    // Killed after linking the snapshot (the files say: not taken), and after renaming the new
+    // live layer in place, before the open volume followed (the files say: taken).
+    for (point, taken) in [
+        ("snapshot-linked", false),
+        ("snapshot-online-renamed", true),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let mut want = setup(d, d);
+        let mut srv = serve_crashing_at(d, point);
+        // A write acknowledged before the snapshot, not flushed: the process dies, the page
+        // cache does not.
+        let mut c = RawClient::unix(&d.join("nbd.sock"));
+        c.connect_export("v", true);
+        let at = 7 * MIB;
+        assert_eq!(c.write(1, at as u64, &[0xEE; 65536], 0).error(), 0);
+        want[at..at + 65536].fill(0xEE);
+        let out = cmd(d)
+            .args(["volume", "snapshot", "v@s1"])
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{point}: the server should have died"
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(s) = srv.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "{point}: serve still runs");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{point}");
+        check_clean(d);
+        assert_eq!(contents(d, "v"), want, "{point}: the volume");
+        let list = ok(d, &["volume", "snapshot", "list", "v"]);
+        if taken {
+            assert!(list.contains("v@s1"), "{point}: {list}");
+            assert_eq!(contents(d, "v@s1"), want, "{point}: the snapshot");
+        } else {
+            assert!(list.contains("no snapshots"), "{point}: {list}");
+            ok(d, &["volume", "snapshot", "v@s1"]);
+            assert_eq!(contents(d, "v@s1"), want, "{point}: the retried snapshot");
+        }
+        check_clean(d);
+    }
 }

@@ -93,6 +93,7 @@ mod volume_mapped_write;
 mod volume_model;
 mod volume_rmw;
 mod volume_snapshots;
+mod volume_snapshots_online;
 mod volume_torn_reads;
 mod xts_kat;
 mod xts_oracle;
