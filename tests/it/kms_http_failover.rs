@@ -6,7 +6,7 @@
 //! and why it failed. Everything on 127.0.0.1; every wait bounded.
 
 use crate::common;
-use crate::kms_http_remote::{refused, remote_args, start_serve, uri, Serve};
+use crate::kms_http_remote::{kms_host, refused, remote_args, start_serve, uri, Serve};
 use crate::kms_http_support::*;
 
 use std::io::{Read, Write};
@@ -121,20 +121,7 @@ struct TwoInstances {
 }
 
 fn two_instances(tmp: &Path) -> TwoInstances {
-    let kms_dir = tmp.join("kms-host");
-    let cred = tmp.join("storage.cred");
-    cli(&kms_dir, &["kms", "init"]);
-    cli(&kms_dir, &["kms", "create-key", "--alias", "vols"]);
-    let c = cred.to_str().unwrap();
-    let args = [
-        "kms",
-        "credential",
-        "create",
-        "storage-1",
-        "--project",
-        "p1",
-    ];
-    cli(&kms_dir, &[&args[..], &["--admin", "--output", c]].concat());
+    let (kms_dir, cred) = kms_host(tmp, &["--admin"]);
     let a = KmsServer::start(&kms_dir, &[]);
     let b = KmsServer::start(&kms_dir, &[]);
     TwoInstances {

@@ -8,7 +8,7 @@ use crate::common;
 use crate::kms_http_support;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -109,33 +109,36 @@ pub(crate) fn refused(sock: &Path, name: &str, serve: &Serve) -> String {
     format!("{out}{err}{}", std::fs::read_to_string(&serve.log).unwrap())
 }
 
+/// A KMS host's data directory (`TMP/kms-host`) with the CMK `vols`, and the credential
+/// `storage-1` (project p1, with `rights`) written to `TMP/storage.cred`.
+pub(crate) fn kms_host(tmp: &Path, rights: &[&str]) -> (PathBuf, PathBuf) {
+    let kms_dir = tmp.join("kms-host");
+    let cred = tmp.join("storage.cred");
+    cli(&kms_dir, &["kms", "init"]);
+    cli(&kms_dir, &["kms", "create-key", "--alias", "vols"]);
+    let c = cred.to_str().unwrap();
+    let mut args = vec![
+        "kms",
+        "credential",
+        "create",
+        "storage-1",
+        "--project",
+        "p1",
+    ];
+    args.extend_from_slice(rights);
+    args.extend(["--output", c]);
+    cli(&kms_dir, &args);
+    (kms_dir, cred)
+}
+
 #[test]
 fn storage_host_without_cmks_serves_through_remote_kms() {
     if !common::require_tool("/usr/bin/nbdcopy") || !common::require_tool("/usr/bin/nbdinfo") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let kms_dir = tmp.path().join("kms-host");
     let store = tmp.path().join("storage-host");
-    let cred = tmp.path().join("storage.cred");
-    cli(&kms_dir, &["kms", "init"]);
-    cli(&kms_dir, &["kms", "create-key", "--alias", "vols"]);
-    let c = cred.to_str().unwrap();
-    cli(
-        &kms_dir,
-        &[
-            "kms",
-            "credential",
-            "create",
-            "storage-1",
-            "--project",
-            "p1",
-            "--keys",
-            "vols",
-            "--output",
-            c,
-        ],
-    );
+    let (kms_dir, cred) = kms_host(tmp.path(), &["--keys", "vols"]);
     let kms = KmsServer::start(&kms_dir, &[]);
     let url = kms.url.clone();
 
