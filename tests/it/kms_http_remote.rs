@@ -116,19 +116,17 @@ pub(crate) fn kms_host(tmp: &Path, rights: &[&str]) -> (PathBuf, PathBuf) {
     let cred = tmp.join("storage.cred");
     cli(&kms_dir, &["kms", "init"]);
     cli(&kms_dir, &["kms", "create-key", "--alias", "vols"]);
-    let c = cred.to_str().unwrap();
-    let mut args = vec![
-        "kms",
-        "credential",
-        "create",
-        "storage-1",
-        "--project",
-        "p1",
-    ];
-    args.extend_from_slice(rights);
-    args.extend(["--output", c]);
-    cli(&kms_dir, &args);
+    storage_credential(&kms_dir, &cred, rights);
     (kms_dir, cred)
+}
+
+/// `kms credential create storage-1 --project p1 RIGHTS… --output CRED`.
+fn storage_credential(kms_dir: &Path, cred: &Path, rights: &[&str]) {
+    let mut args = vec!["kms", "credential", "create", "storage-1"];
+    args.extend(["--project", "p1"]);
+    args.extend_from_slice(rights);
+    args.extend(["--output", cred.to_str().unwrap()]);
+    cli(kms_dir, &args);
 }
 
 #[test]
@@ -199,21 +197,7 @@ fn remote_volume_rekey_rewraps_through_the_kms() {
     };
     let old = key_id("vols");
     let new = key_id("vols-2024");
-    let c = cred.to_str().unwrap();
-    cli(
-        &kms_dir,
-        &[
-            "kms",
-            "credential",
-            "create",
-            "storage-1",
-            "--project",
-            "p1",
-            "--admin",
-            "--output",
-            c,
-        ],
-    );
+    storage_credential(&kms_dir, &cred, &["--admin"]);
     let kms = KmsServer::start(&kms_dir, &[]);
     let url = kms.url.clone();
     let with_remote = |args: &[&str]| {
