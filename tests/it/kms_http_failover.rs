@@ -257,6 +257,20 @@ fn volumes_are_created_and_attached_while_the_first_kms_is_down() {
     );
     drop(serve);
 
+    // The first URL a host that never answers the connect, passed over after
+    // --kms-connect-timeout.
+    let dead = blackhole();
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&store)
+        .args(["volume", "create", "v4", "--size", "4M", "--key", "vols"])
+        .args(remote_args(&format!("{},{b}", dead.url), &kms.cred))
+        .args(["--kms-connect-timeout", "300ms"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains(&dead.url), "{err}");
+
     // A answers 503 (overloaded): the request moves on to B.
     let busy = FakeKms::start(
         "503 Service Unavailable",
