@@ -36,7 +36,7 @@ pub struct RemoteKmsArgs {
     /// CA certificate(s) (PEM) to trust for --kms-url instead of the public web roots.
     #[arg(long, value_name = "FILE", global = true, requires = "kms_url")]
     pub kms_ca: Option<PathBuf>,
-    /// Time to connect (TCP and TLS) to one --kms-url before trying the next (default 2s).
+    /// Time to open the TCP connection to one --kms-url before trying the next (default 2s).
     #[arg(long, value_name = "DURATION", global = true, value_parser = humantime::parse_duration)]
     pub kms_connect_timeout: Option<Duration>,
     /// Time for one request to one --kms-url, connection included, before trying the next

@@ -57,9 +57,9 @@ pub struct RemoteKmsConfig {
 /// How long one attempt at one URL may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// To open the connection (TCP and TLS): short, so a dead instance is passed over quickly.
+    /// To open the TCP connection: short, so a dead host is passed over quickly.
     pub connect: Duration,
-    /// For the whole request, connection included.
+    /// For the whole request, connection and TLS handshake included.
     pub request: Duration,
 }
 

@@ -3,10 +3,12 @@
 //! `--kms-url`s. A volume is created and attached while the first URL is a stopped instance, a
 //! closed port, or a fake server answering 503; a 4xx from the first URL is final (the second
 //! instance's audit log shows it was not asked); with every URL down the error names each one
-//! and why it failed. Everything on 127.0.0.1; every wait bounded.
+//! and why it failed. The client library is also driven alone against fakes that hang after
+//! reading a request, answer 500/503, or never accept (a full accept queue: a dead host's connect
+//! timeout on loopback). Everything on 127.0.0.1; every wait bounded.
 
 use crate::common;
-use crate::kms_http_remote::{refused, remote_args, start_serve, uri, Serve};
+use crate::kms_http_remote::{kms_host, refused, remote_args, start_serve, uri, Serve};
 use crate::kms_http_support::*;
 
 use std::io::{Read, Write};
@@ -112,6 +114,42 @@ fn closed_port_url() -> String {
     format!("http://127.0.0.1:{}", l.local_addr().unwrap().port())
 }
 
+/// A listener that never accepts, its queue already full (backlog 0 plus the connections
+/// made here), so the kernel drops further SYNs: on loopback, the way a dead host looks to a
+/// client — the connect hangs until its timeout.
+struct Blackhole {
+    url: String,
+    _listener: socket2::Socket,
+    _queued: Vec<TcpStream>,
+}
+
+fn blackhole() -> Blackhole {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    // Fill the accept queue; stop at the first connect that does not complete.
+    for _ in 0..8 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(c) => queued.push(c),
+            Err(_) => break,
+        }
+    }
+    Blackhole {
+        url: format!("http://{addr}"),
+        _listener: s,
+        _queued: queued,
+    }
+}
+
 /// A key store with a CMK `vols` and a credential for the storage host, served twice.
 struct TwoInstances {
     kms_dir: PathBuf,
@@ -121,20 +159,7 @@ struct TwoInstances {
 }
 
 fn two_instances(tmp: &Path) -> TwoInstances {
-    let kms_dir = tmp.join("kms-host");
-    let cred = tmp.join("storage.cred");
-    cli(&kms_dir, &["kms", "init"]);
-    cli(&kms_dir, &["kms", "create-key", "--alias", "vols"]);
-    let c = cred.to_str().unwrap();
-    let args = [
-        "kms",
-        "credential",
-        "create",
-        "storage-1",
-        "--project",
-        "p1",
-    ];
-    cli(&kms_dir, &[&args[..], &["--admin", "--output", c]].concat());
+    let (kms_dir, cred) = kms_host(tmp, &["--admin"]);
     let a = KmsServer::start(&kms_dir, &[]);
     let b = KmsServer::start(&kms_dir, &[]);
     TwoInstances {
@@ -232,6 +257,20 @@ fn volumes_are_created_and_attached_while_the_first_kms_is_down() {
     );
     drop(serve);
 
+    // The first URL a host that never answers the connect, passed over after
+    // --kms-connect-timeout.
+    let dead = blackhole();
+    let out = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&store)
+        .args(["volume", "create", "v4", "--size", "4M", "--key", "vols"])
+        .args(remote_args(&format!("{},{b}", dead.url), &kms.cred))
+        .args(["--kms-connect-timeout", "300ms"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains(&dead.url), "{err}");
+
     // A answers 503 (overloaded): the request moves on to B.
     let busy = FakeKms::start(
         "503 Service Unavailable",
@@ -297,7 +336,7 @@ fn a_refusal_is_final_and_all_down_names_every_url() {
 
 /// The client library alone, against fake instances: a timeout after sending moves a repeatable
 /// operation on, but stops one that changes the store (its outcome there is unknown), and so does
-/// a 500; a 503 ("not done") moves either on.
+/// a 500; a connect timeout (a host that does not answer) and a 503 ("not done") move either on.
 #[test]
 fn store_changing_requests_are_not_resent_once_possibly_done() {
     use cryptnbd::kms_http::client::{RemoteKms, RemoteKmsConfig, Timeouts};
@@ -319,7 +358,7 @@ fn store_changing_requests_are_not_resent_once_possibly_done() {
         })
         .unwrap()
         .with_timeouts(Timeouts {
-            connect: Duration::from_secs(2),
+            connect: Duration::from_millis(300),
             request: Duration::from_millis(500),
         })
     };
@@ -357,10 +396,18 @@ fn store_changing_requests_are_not_resent_once_possibly_done() {
     assert!(format!("{:#}", anyhow::Error::from(e)).contains("HTTP 500 KMS.0101"));
     assert_eq!(ok.requests(), 1, "create-key was re-sent after a 500");
 
+    // A host that does not answer the connect: nothing was sent, so even create-key moves on.
+    let dead = blackhole();
+    let v = client(&dead.url, &ok.url)
+        .call_json("create-key", &json!({"key_alias": "x"}))
+        .unwrap();
+    assert_eq!(v["key_info"]["key_id"], "k");
+    assert_eq!(ok.requests(), 2);
+
     let busy = FakeKms::start("503 Service Unavailable", r#"{"error_code":"APIGW.0308"}"#);
     let v = client(&busy.url, &ok.url)
         .call_json("create-key", &json!({"key_alias": "x"}))
         .unwrap();
     assert_eq!(v["key_info"]["key_id"], "k");
-    assert_eq!((busy.requests(), ok.requests()), (1, 2));
+    assert_eq!((busy.requests(), ok.requests()), (1, 3));
 }

@@ -8,7 +8,7 @@ use crate::common;
 use crate::kms_http_support;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -109,33 +109,34 @@ pub(crate) fn refused(sock: &Path, name: &str, serve: &Serve) -> String {
     format!("{out}{err}{}", std::fs::read_to_string(&serve.log).unwrap())
 }
 
+/// A KMS host's data directory (`TMP/kms-host`) with the CMK `vols`, and the credential
+/// `storage-1` (project p1, with `rights`) written to `TMP/storage.cred`.
+pub(crate) fn kms_host(tmp: &Path, rights: &[&str]) -> (PathBuf, PathBuf) {
+    let kms_dir = tmp.join("kms-host");
+    let cred = tmp.join("storage.cred");
+    cli(&kms_dir, &["kms", "init"]);
+    cli(&kms_dir, &["kms", "create-key", "--alias", "vols"]);
+    storage_credential(&kms_dir, &cred, rights);
+    (kms_dir, cred)
+}
+
+/// `kms credential create storage-1 --project p1 RIGHTS… --output CRED`.
+fn storage_credential(kms_dir: &Path, cred: &Path, rights: &[&str]) {
+    let mut args = vec!["kms", "credential", "create", "storage-1"];
+    args.extend(["--project", "p1"]);
+    args.extend_from_slice(rights);
+    args.extend(["--output", cred.to_str().unwrap()]);
+    cli(kms_dir, &args);
+}
+
 #[test]
 fn storage_host_without_cmks_serves_through_remote_kms() {
     if !common::require_tool("/usr/bin/nbdcopy") || !common::require_tool("/usr/bin/nbdinfo") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let kms_dir = tmp.path().join("kms-host");
     let store = tmp.path().join("storage-host");
-    let cred = tmp.path().join("storage.cred");
-    cli(&kms_dir, &["kms", "init"]);
-    cli(&kms_dir, &["kms", "create-key", "--alias", "vols"]);
-    let c = cred.to_str().unwrap();
-    cli(
-        &kms_dir,
-        &[
-            "kms",
-            "credential",
-            "create",
-            "storage-1",
-            "--project",
-            "p1",
-            "--keys",
-            "vols",
-            "--output",
-            c,
-        ],
-    );
+    let (kms_dir, cred) = kms_host(tmp.path(), &["--keys", "vols"]);
     let kms = KmsServer::start(&kms_dir, &[]);
     let url = kms.url.clone();
 
@@ -196,21 +197,7 @@ fn remote_volume_rekey_rewraps_through_the_kms() {
     };
     let old = key_id("vols");
     let new = key_id("vols-2024");
-    let c = cred.to_str().unwrap();
-    cli(
-        &kms_dir,
-        &[
-            "kms",
-            "credential",
-            "create",
-            "storage-1",
-            "--project",
-            "p1",
-            "--admin",
-            "--output",
-            c,
-        ],
-    );
+    storage_credential(&kms_dir, &cred, &["--admin"]);
     let kms = KmsServer::start(&kms_dir, &[]);
     let url = kms.url.clone();
     let with_remote = |args: &[&str]| {
