@@ -33,6 +33,7 @@ mod rados;
 pub mod rights;
 pub mod root;
 pub mod store;
+pub mod transfer;
 
 use std::collections::BTreeMap;
 use std::fmt;
