@@ -18,9 +18,12 @@ pub struct Transferred {
     pub objects: Vec<&'static str>,
 }
 
+/// Every document of a store, in [`Obj::ALL`] order.
+type Documents = Vec<(Obj, Vec<u8>)>;
+
 /// Reads and checks every document of `from` (a consistent read of each; documents are
 /// independent, as they are for the running service).
-fn read_all(from: &dyn ObjectStore) -> Result<(Vec<(Obj, Vec<u8>)>, Transferred), KmsError> {
+fn read_all(from: &dyn ObjectStore) -> Result<(Documents, Transferred), KmsError> {
     let _lock = from.lock(false)?;
     let mut docs = Vec::new();
     let mut summary = None;
