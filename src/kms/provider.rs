@@ -53,7 +53,11 @@ impl KeyProvider for KeyStore {
     fn describe(&self) -> String {
         match self.location().strip_prefix("file:") {
             Some(_) => format!("embedded key store at {}", self.dir().display()),
-            None => format!("key store {} (from {})", self.location(), self.dir().display()),
+            None => format!(
+                "key store {} (from {})",
+                self.location(),
+                self.dir().display()
+            ),
         }
     }
 
