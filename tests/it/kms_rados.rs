@@ -492,3 +492,60 @@ fn a_change_on_one_host_reaches_the_other_hosts_cache() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The compare-and-swap itself, on one RADOS object: two connections read the same version, both
+/// write; the OSD refuses the second (`assert_version`), whose writer re-reads and re-applies its
+/// change. Both changes are there, and the loser's change function ran again.
+#[test]
+fn compare_and_swap_on_one_rados_object_retries_the_loser() {
+    use cryptnbd::kms::objects::{update, Obj};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let Some(s) = shared("compare_and_swap_on_one_rados_object_retries_the_loser") else {
+        return;
+    };
+    let spec = cryptnbd::kms::RadosStore::parse(&s.spec).unwrap();
+    let store = cryptnbd::kms::RadosStore {
+        ceph_conf: Some(s.conf.clone()),
+        ..spec
+    };
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let calls = Arc::new(AtomicU32::new(0));
+    let writers: Vec<_> = ["gw-a", "gw-b"]
+        .into_iter()
+        .map(|name| {
+            let objects = cryptnbd::kms::location::connect(&store).unwrap();
+            let (barrier, calls) = (barrier.clone(), calls.clone());
+            std::thread::spawn(move || {
+                let mut first = true;
+                update(&*objects, Obj::Credentials, |cur| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let mut v: serde_json::Value = match cur {
+                        Some(b) => serde_json::from_slice(b).unwrap(),
+                        None => serde_json::json!({"names": []}),
+                    };
+                    if std::mem::take(&mut first) {
+                        // Both have read the same version before either writes.
+                        barrier.wait();
+                    }
+                    v["names"].as_array_mut().unwrap().push(name.into());
+                    Ok((Some(serde_json::to_vec(&v).unwrap()), ()))
+                })
+                .unwrap();
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let objects = cryptnbd::kms::location::connect(&store).unwrap();
+    let (bytes, _) = objects.read(Obj::Credentials).unwrap().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let mut names: Vec<_> = v["names"].as_array().unwrap().iter().collect();
+    names.sort_by_key(|n| n.as_str().unwrap().to_string());
+    assert_eq!(names, ["gw-a", "gw-b"], "both changes are present");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the loser re-applied its change once"
+    );
+}
