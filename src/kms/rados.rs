@@ -27,7 +27,10 @@
 //! another instance is seen within the notify's delivery time (milliseconds) and, if a notify is
 //! lost (the writer died between its write and its notify, a watch broke), at most
 //! `CACHE_BOUND` later; a change made by this process is seen at once, and a compare-and-swap
-//! never trusts the cache (a conflict drops it).
+//! never trusts the cache (a conflict drops it). A process waits for its queued notifies when it
+//! closes the store, so a CLI change reaches the servers before the command returns; while a
+//! killed instance's watch lingers (until the OSD expires it, about 30 s) that wait is up to
+//! [`NOTIFY_TIMEOUT_MS`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;
