@@ -277,6 +277,16 @@ enum KmsCommand {
     RevokeGrant(super::kms_access::RemoveGrantArgs),
     /// Retire a grant that is no longer needed (the grantee's or retiring principal's side).
     RetireGrant(super::kms_access::RemoveGrantArgs),
+    /// Copy this data directory's key store (files or RADOS) into DIR as a file store: sealed
+    /// material and metadata only, no root key. Refuses to overwrite a store in DIR without --force.
+    #[command(after_help = "Example:\n  cryptnbd kms export-store /backup/kms-2026-12-07")]
+    ExportStore(super::kms_store::ExportArgs),
+    /// Copy a file store (DIR) into this data directory's store, or with --store rados:POOL[/NS]
+    /// into RADOS (this data directory then points at it, and gets DIR's root.key if it has none).
+    /// Refuses to overwrite an existing store without --force.
+    #[command(after_help = "Example (move a host's file store to RADOS):\n  \
+        cryptnbd --data-dir /srv/kms kms import-store /srv/cryptnbd --store rados:kms/prod --ceph-id kms")]
+    ImportStore(super::kms_store::ImportArgs),
     /// Show the audit log (one line per key operation; never any key material).
     Audit {
         /// Only the last N entries.
@@ -329,11 +339,13 @@ pub fn run(global: &Global, args: KmsArgs) -> anyhow::Result<()> {
             join,
             out,
         } => return init(global, root_key_file, &store, join, out.json),
+        C::ImportStore(a) => return super::kms_store::import(global, a),
         other => other,
     };
     let ks = open_keystore(global)?;
     match cmd {
-        C::Init { .. } => unreachable!("handled above"),
+        C::Init { .. } | C::ImportStore(_) => unreachable!("handled above"),
+        C::ExportStore(a) => super::kms_store::export(global, a),
         C::Serve(a) => super::kms_serve::serve(ks, a),
         C::Credential(c) => super::kms_access::credential(&ks, c),
         C::Token(c) => super::kms_access::token(&ks, c),

@@ -10,6 +10,7 @@ mod kms_access;
 mod kms_print;
 mod kms_root;
 pub mod kms_serve;
+mod kms_store;
 pub mod rbd;
 pub mod remote;
 pub mod serve;

@@ -7,7 +7,8 @@ use std::collections::HashSet;
 
 use uuid::Uuid;
 
-use super::{store, KeyState, KeyStore, KmsError};
+use super::objects::Obj;
+use super::{credentials, grants, store, KeyState, KeyStore, KmsError};
 
 /// What the key store says about one (CMK, version) a volume's header names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +86,37 @@ impl KeyStore {
                 }
             }
         }
+        self.check_side_documents(&ids, &mut problems);
         Ok(problems)
+    }
+
+    /// The grants and credentials documents parse, and grants name keys of this store.
+    fn check_side_documents(&self, ids: &HashSet<Uuid>, problems: &mut Vec<String>) {
+        for obj in [Obj::Grants, Obj::Credentials] {
+            let path = self.objects.path(obj);
+            let bytes = match self.objects.read(obj) {
+                Ok(Some((b, _))) => b,
+                Ok(None) => continue,
+                Err(e) => {
+                    problems.push(format!("cannot read {}: {e}", path.display()));
+                    continue;
+                }
+            };
+            let r = match obj {
+                Obj::Grants => grants::parse(&bytes, &path).map(|all| {
+                    for g in all.iter().filter(|g| !ids.contains(&g.key_id)) {
+                        problems.push(format!(
+                            "grant {} is on key {}, which is not in the store",
+                            g.grant_id, g.key_id
+                        ));
+                    }
+                }),
+                _ => credentials::check_bytes(&bytes, &path).map(|_| ()),
+            };
+            if let Err(e) = r {
+                problems.push(e.to_string());
+            }
+        }
     }
 
     /// What the store says about version `version` of key `key_id` (no maintenance, no audit).

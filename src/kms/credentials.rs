@@ -161,6 +161,16 @@ fn encode(file: &mut CredentialsFile) -> Vec<u8> {
     bytes
 }
 
+/// Checks a credentials object's bytes; returns how many credentials it holds.
+pub(super) fn check_bytes(bytes: &[u8], p: &Path) -> Result<usize, KmsError> {
+    Ok(parse(Some(bytes), p)?.credentials.len())
+}
+
+/// The bytes of a credentials object holding none.
+pub(super) fn empty_bytes() -> Vec<u8> {
+    encode(&mut parse(None, Path::new("")).expect("an empty credentials object"))
+}
+
 fn token_hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }

@@ -188,7 +188,7 @@ pub fn parse(bytes: &[u8], p: &Path) -> Result<Vec<Grant>, KmsError> {
     Ok(file.grants)
 }
 
-fn encode(grants: Vec<Grant>) -> Vec<u8> {
+pub(super) fn encode(grants: Vec<Grant>) -> Vec<u8> {
     let file = GrantsFile {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,

@@ -172,4 +172,48 @@ mod tests {
         write_marker(dir.path(), &r).unwrap();
         assert_eq!(read_marker(dir.path()).unwrap(), Some(r));
     }
+
+    /// Without the `rbd` feature a RADOS store is refused with a clear reason, creating nothing.
+    #[cfg(not(feature = "rbd"))]
+    #[test]
+    fn rados_store_needs_the_rbd_feature() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = RadosStore::parse("rados:kms/prod").unwrap();
+        let e = crate::kms::KeyStore::init_at(
+            &dir.path().join("d"),
+            Some(&r),
+            crate::kms::InitRoot::GenerateKeyFile,
+            None,
+            std::sync::Arc::new(crate::kms::SystemClock),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("built without Ceph support"), "{e}");
+        assert!(!dir.path().join("d").exists());
+        write_marker(dir.path(), &r).unwrap();
+        assert!(matches!(
+            objects_for(dir.path()),
+            Err(KmsError::NoCephSupport { .. })
+        ));
+    }
+
+    /// The marker format of version 1 keeps reading (and is written the same way).
+    #[test]
+    fn golden_marker_v1() {
+        let golden = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/store-marker/store-v1.json"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(golden, dir.path().join(MARKER_FILE)).unwrap();
+        let r = read_marker(dir.path()).unwrap().unwrap();
+        assert_eq!(r.to_string(), "rados:kms/prod");
+        assert_eq!(r.client_id.as_deref(), Some("kms"));
+        assert_eq!(r.keyring, Some("/etc/ceph/ceph.client.kms.keyring".into()));
+        let again = tempfile::tempdir().unwrap();
+        write_marker(again.path(), &r).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(again.path().join(MARKER_FILE)).unwrap(),
+            std::fs::read_to_string(golden).unwrap()
+        );
+    }
 }

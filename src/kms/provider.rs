@@ -51,7 +51,14 @@ impl KeyProvider for KeyStore {
     }
 
     fn describe(&self) -> String {
-        format!("embedded key store at {}", self.dir().display())
+        match self.location().strip_prefix("file:") {
+            Some(_) => format!("embedded key store at {}", self.dir().display()),
+            None => format!(
+                "key store {} (from {})",
+                self.location(),
+                self.dir().display()
+            ),
+        }
     }
 
     fn create_data_key(

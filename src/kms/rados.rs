@@ -13,7 +13,11 @@
 //! and over omap rows (one per key) because each document is small (a few KiB for hundreds of
 //! keys) and one object per document keeps the file format, `check` and export/import
 //! identical for both backends. The price: writers of the same document serialize on the OSD
-//! and conflicting ones retry; readers never wait.
+//! and conflicting ones retry; readers never wait. Measured (2026-12-07, release build, the shared
+//! single-OSD test cluster, 2 busy cores; `KeyStore::create_key` in a loop, 100 keys in all, the
+//! document growing with them): one writer 269 creates/s; two writers on two hosts racing on the
+//! same object 176 creates/s together (conflicts, backed-off retries) — against 77 creates/s for
+//! one writer on the file store, which fsyncs a file and its directory per change.
 //!
 //! **Caches and their bound.** Reads are served from a per-process cache of each object's bytes
 //! and version while (a) this process has a healthy watch on `keystore.json`, (b) no notify has
@@ -23,7 +27,10 @@
 //! another instance is seen within the notify's delivery time (milliseconds) and, if a notify is
 //! lost (the writer died between its write and its notify, a watch broke), at most
 //! `CACHE_BOUND` later; a change made by this process is seen at once, and a compare-and-swap
-//! never trusts the cache (a conflict drops it).
+//! never trusts the cache (a conflict drops it). A process waits for its queued notifies when it
+//! closes the store, so a CLI change reaches the servers before the command returns; while a
+//! killed instance's watch lingers (until the OSD expires it, about 30 s) that wait is up to
+//! [`NOTIFY_TIMEOUT_MS`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -372,3 +372,180 @@ fn hvac_against_the_joined_instance() {
     // The keys hvac made through B are A's keys too.
     assert!(cli(&s.a, &["kms", "list-keys"]).contains("alias/orders"));
 }
+
+/// A file store moves to RADOS (`import-store --store rados:…`) and back (`export-store`):
+/// the same root key opens every copy, the keys and their data keys survive, nothing is
+/// overwritten without --force, and no copy holds a plaintext key.
+#[test]
+fn export_import_round_trip_file_to_rados_and_back() {
+    let Some(conf) = rbd_common::ceph_conf("export_import_round_trip_file_to_rados_and_back")
+    else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (file, host, back) = (
+        tmp.path().join("file"),
+        tmp.path().join("host"),
+        tmp.path().join("back"),
+    );
+    cli(&file, &["kms", "init"]);
+    cli(&file, &["kms", "create-key", "--alias", "moved"]);
+    let dk = json(&cli(&file, &["kms", "create-datakey", "moved", "--json"]));
+    access_key(&file, "app", &["--admin"]);
+    let spec = format!(
+        "rados:{}/{}",
+        rbd_common::POOL,
+        rbd_common::unique_image("kmsimport")
+    );
+    let c = conf.to_str().unwrap();
+    let f = file.to_str().unwrap();
+    cli(
+        &host,
+        &["kms", "import-store", f, "--store", &spec, "--ceph-conf", c],
+    );
+    assert!(host.join("store.json").exists() && host.join("root.key").exists());
+    let unwrap = |dir: &Path| {
+        json(&cli(
+            dir,
+            &[
+                "kms",
+                "decrypt-datakey",
+                "moved",
+                "--cipher-text",
+                dk["cipher_text"].as_str().unwrap(),
+                "--json",
+            ],
+        ))["plain_text"]
+            .clone()
+    };
+    assert_eq!(unwrap(&host), dk["plain_text"]);
+    assert!(cli(&host, &["kms", "credential", "list"]).contains("app"));
+    assert!(cli(&host, &["check"]).contains("no problems"));
+    // Importing again over the RADOS store is refused; with --force it is replaced.
+    let other = tempfile::tempdir().unwrap();
+    let o = other.path().join("d");
+    let err = cli_fails(
+        &o,
+        &["kms", "import-store", f, "--store", &spec, "--ceph-conf", c],
+    );
+    assert!(err.contains("already exists"), "{err}");
+    // Back to a file store: the export opens with the same root key.
+    let b = back.to_str().unwrap();
+    cli(&host, &["kms", "export-store", b]);
+    let err = cli_fails(&host, &["kms", "export-store", b]);
+    assert!(err.contains("already exists"), "{err}");
+    std::fs::copy(file.join("root.key"), back.join("root.key")).unwrap();
+    assert_eq!(unwrap(&back), dk["plain_text"]);
+    for name in ["keystore.json", "credentials.json"] {
+        let text = std::fs::read_to_string(back.join(name)).unwrap();
+        assert!(
+            !text.contains(dk["plain_text"].as_str().unwrap()),
+            "no plaintext key in {name}"
+        );
+    }
+}
+
+/// A change made through one host reaches the other host's cached copy (watch/notify, or at
+/// the latest the cache bound): a key disabled on A refuses data keys on B.
+#[test]
+fn a_change_on_one_host_reaches_the_other_hosts_cache() {
+    let Some(s) = shared("a_change_on_one_host_reaches_the_other_hosts_cache") else {
+        return;
+    };
+    let open = |dir: &Path| KeyStore::open(dir, RootSecret::KeyFile(dir.join("root.key"))).unwrap();
+    let (a, b) = (open(&s.a), open(&s.b));
+    let ctx = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // B has the store cached (opening read it); A creates a key, which B then sees.
+    a.create_key("alias/live", "").unwrap();
+    while b.create_data_key("alias/live", &ctx, 256).is_err() {
+        assert!(Instant::now() < deadline, "B never saw the new key");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A disables it: B refuses data keys under it.
+    a.disable_key("alias/live").unwrap();
+    while b.create_data_key("alias/live", &ctx, 256).is_ok() {
+        assert!(Instant::now() < deadline, "B never saw the key disabled");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // And grants: one created on A is listed by B.
+    let g = a
+        .create_grant(cryptnbd::kms::NewGrant {
+            key: "alias/live".into(),
+            grantee_principal: "gw".into(),
+            grantee_principal_type: cryptnbd::kms::PrincipalType::User,
+            operations: vec!["decrypt-datakey".into()],
+            name: None,
+            retiring_principal: None,
+            encryption_context_subset: Default::default(),
+            issuing_principal: "owner".into(),
+        })
+        .unwrap();
+    let key_id = g.key_id;
+    while !b
+        .grant_index()
+        .unwrap()
+        .on_key(key_id)
+        .any(|x| x.grant_id == g.grant_id)
+    {
+        assert!(Instant::now() < deadline, "B never saw the grant");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The compare-and-swap itself, on one RADOS object: two connections read the same version, both
+/// write; the OSD refuses the second (`assert_version`), whose writer re-reads and re-applies its
+/// change. Both changes are there, and the loser's change function ran again.
+#[test]
+fn compare_and_swap_on_one_rados_object_retries_the_loser() {
+    use cryptnbd::kms::objects::{update, Obj};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let Some(s) = shared("compare_and_swap_on_one_rados_object_retries_the_loser") else {
+        return;
+    };
+    let spec = cryptnbd::kms::RadosStore::parse(&s.spec).unwrap();
+    let store = cryptnbd::kms::RadosStore {
+        ceph_conf: Some(s.conf.clone()),
+        ..spec
+    };
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let calls = Arc::new(AtomicU32::new(0));
+    let writers: Vec<_> = ["gw-a", "gw-b"]
+        .into_iter()
+        .map(|name| {
+            let objects = cryptnbd::kms::location::connect(&store).unwrap();
+            let (barrier, calls) = (barrier.clone(), calls.clone());
+            std::thread::spawn(move || {
+                let mut first = true;
+                update(&*objects, Obj::Credentials, |cur| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    let mut v: serde_json::Value = match cur {
+                        Some(b) => serde_json::from_slice(b).unwrap(),
+                        None => serde_json::json!({"names": []}),
+                    };
+                    if std::mem::take(&mut first) {
+                        // Both have read the same version before either writes.
+                        barrier.wait();
+                    }
+                    v["names"].as_array_mut().unwrap().push(name.into());
+                    Ok((Some(serde_json::to_vec(&v).unwrap()), ()))
+                })
+                .unwrap();
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let objects = cryptnbd::kms::location::connect(&store).unwrap();
+    let (bytes, _) = objects.read(Obj::Credentials).unwrap().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let mut names: Vec<_> = v["names"].as_array().unwrap().iter().collect();
+    names.sort_by_key(|n| n.as_str().unwrap().to_string());
+    assert_eq!(names, ["gw-a", "gw-b"], "both changes are present");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the loser re-applied its change once"
+    );
+}
