@@ -493,6 +493,35 @@ fn rbd_snapshot_clone_flatten_survive_crashes() {
         );
     }
 
+    // A copy onto RBD interrupted half-way: no volume, check --repair removes the image.
+    let rimage = unique_image("crashcopy");
+    let _gr = guard(&conf, &rimage);
+    let rbackend = format!("rbd:{POOL}/{rimage}");
+    crash_at(
+        &d,
+        "copy-half",
+        &[
+            "volume",
+            "copy",
+            "vm@s",
+            "r",
+            "--key",
+            KEY_ALIAS,
+            "--backend",
+            &rbackend,
+            "--ceph-conf",
+            confs,
+        ],
+    );
+    refused(&d, &["volume", "info", "r"], "does not exist");
+    until_ok(&d, &["check", "--repair"]);
+    assert!(
+        !rbd(&conf, &["info", &format!("{POOL}/{rimage}")])
+            .status
+            .success(),
+        "the half-copied image is removed"
+    );
+
     let cimage = unique_image("crashclone");
     let _gc = guard(&conf, &cimage);
     d.cli(&clone_args(
