@@ -247,16 +247,7 @@ impl DataDir {
         // Reading the header needs no lock: info works while a gateway serves the volume.
         let backend = RbdBackend::open(loc, Access::ReadShared).map_err(rbd_err(name))?;
         let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
-        let allocated_bytes = backend
-            .allocated_bytes()
-            .map_err(|source| DataDirError::Rbd {
-                name: name.to_string(),
-                source: RbdError::Image {
-                    location: loc.to_string(),
-                    action: "measure the allocation of",
-                    source,
-                },
-            })?;
+        let allocated_bytes = allocated(name, loc, &backend)?;
         Ok(VolumeInfo {
             name: name.to_string(),
             path: self.rbd_reference_path(name)?,
@@ -317,6 +308,24 @@ impl DataDir {
         tracing::info!(volume = name, image = %loc, "RBD volume deleted");
         Ok(())
     }
+}
+
+/// Bytes in `backend`'s allocated objects, for `info` and `snapshot list`.
+pub(super) fn allocated(
+    name: &str,
+    loc: &RbdLocation,
+    backend: &RbdBackend,
+) -> Result<u64, DataDirError> {
+    backend
+        .allocated_bytes()
+        .map_err(|source| DataDirError::Rbd {
+            name: name.to_string(),
+            source: RbdError::Image {
+                location: loc.to_string(),
+                action: "measure the allocation of",
+                source,
+            },
+        })
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@
 
 use uuid::Uuid;
 
+use super::rbd::allocated;
 use super::rbd_intent::{failpoint, Op};
 use super::snapshot::{split_layer_name, SnapshotInfo};
 use super::{volume_context, DataDir, DataDirError, VolumeInfo};
@@ -126,13 +127,7 @@ impl DataDir {
             }
             let b = RbdBackend::open_snapshot(loc, &s.name).map_err(rbd_err(&target))?;
             let header = VolumeHeader::read_from(&b).map_err(Self::vol_err(&target))?;
-            let allocated_bytes = b.allocated_bytes().map_err(|source| {
-                rbd_err(&target)(RbdError::Image {
-                    location: loc.to_string(),
-                    action: "measure the allocation of",
-                    source,
-                })
-            })?;
+            let allocated_bytes = allocated(&target, loc, &b)?;
             let clones = self.clone_names(&b, &target)?;
             out.push(SnapshotInfo {
                 name: target,
@@ -204,13 +199,7 @@ impl DataDir {
     ) -> Result<VolumeInfo, DataDirError> {
         let b = RbdBackend::open_snapshot(loc, snap).map_err(rbd_err(name))?;
         let header = VolumeHeader::read_from(&b).map_err(Self::vol_err(name))?;
-        let allocated_bytes = b.allocated_bytes().map_err(|source| {
-            rbd_err(name)(RbdError::Image {
-                location: loc.to_string(),
-                action: "measure the allocation of",
-                source,
-            })
-        })?;
+        let allocated_bytes = allocated(name, loc, &b)?;
         Ok(VolumeInfo {
             name: name.to_string(),
             path: self.rbd_reference_path(split_layer_name(name)?.0)?,
@@ -329,16 +318,7 @@ impl DataDir {
     ) -> Result<u64, DataDirError> {
         let b = self.open_rbd_exclusive(name, loc)?;
         let h = VolumeHeader::read_from(&b).map_err(Self::vol_err(name))?;
-        let measure = |b: &RbdBackend| {
-            b.allocated_bytes().map_err(|source| {
-                rbd_err(name)(RbdError::Image {
-                    location: loc.to_string(),
-                    action: "measure the allocation of",
-                    source,
-                })
-            })
-        };
-        let before = measure(&b)?;
+        let before = allocated(name, loc, &b)?;
         if b.parent().map_err(rbd_err(name))?.is_some() {
             b.flatten(progress).map_err(rbd_err(name))?;
         }
@@ -348,7 +328,7 @@ impl DataDir {
             next.parent = None;
             next.write_update(&b).map_err(Self::vol_err(name))?;
         }
-        let after = measure(&b)?;
+        let after = allocated(name, loc, &b)?;
         tracing::info!(volume = name, image = %loc, "RBD volume flattened");
         Ok(after.saturating_sub(before))
     }

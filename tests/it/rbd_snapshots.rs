@@ -11,11 +11,14 @@ use crate::clients_common;
 use crate::rbd_common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use clients_common::{allocated_bytes, have_tools, run_bounded, run_ok, DataDir, KEY_ALIAS, MIB};
-use rbd_common::{ceph_conf, create_rbd_volume, rbd, unique_image, Gateway, ImageGuard, POOL};
+use rbd_common::{
+    ceph_conf, crash_at, create_rbd_volume, cryptnbd, rbd, text, unique_image, Gateway, ImageGuard,
+    POOL,
+};
 
 /// Removes an image's snapshots, then the image, when dropped (declare clones after parents).
 struct SnapGuard(ImageGuard);
@@ -41,29 +44,6 @@ fn guard(conf: &Path, image: &str) -> SnapGuard {
     })
 }
 
-/// `cryptnbd --data-dir D ARGS…` with `CRYPTNBD_FAILPOINT=point` (if any).
-fn cryptnbd(d: &DataDir, failpoint: Option<&str>, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cryptnbd"));
-    c.arg("--data-dir")
-        .arg(d.path())
-        .args(args)
-        .env_remove("CRYPTNBD_PASSPHRASE")
-        .env_remove("CRYPTNBD_DATA_DIR")
-        .env_remove("CRYPTNBD_FAILPOINT");
-    if let Some(p) = failpoint {
-        c.env("CRYPTNBD_FAILPOINT", p);
-    }
-    run_bounded(&mut c, Duration::from_secs(300))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// A command that must fail with a message containing `want`.
 fn refused(d: &DataDir, args: &[&str], want: &str) {
     let o = cryptnbd(d, None, args);
@@ -71,20 +51,6 @@ fn refused(d: &DataDir, args: &[&str], want: &str) {
     assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
 }
 
-/// Dies at failpoint `point` (SIGABRT), as a kill -9 between two steps would.
-fn crash_at(d: &DataDir, point: &str, args: &[&str]) {
-    use std::os::unix::process::ExitStatusExt;
-    let o = cryptnbd(d, Some(point), args);
-    assert_eq!(
-        o.status.signal(),
-        Some(libc::SIGABRT),
-        "{args:?} should abort at {point}: {}",
-        text(&o)
-    );
-}
-
-/// qemu-io on `uri` with the given commands; a failed verification fails the test (qemu-io
-/// reports "Pattern verification failed" but exits 0, so its output is checked too).
 /// Runs `args` until it succeeds (at most 150 s): after a kill -9 the dead process's watch on
 /// the image lingers until the cluster expires it (30 s by default), and until then its
 /// exclusive lock counts as held by a live client.
