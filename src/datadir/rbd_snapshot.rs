@@ -320,7 +320,13 @@ impl DataDir {
         let h = VolumeHeader::read_from(&b).map_err(Self::vol_err(name))?;
         let before = allocated(name, loc, &b)?;
         if b.parent().map_err(rbd_err(name))?.is_some() {
-            b.flatten(progress).map_err(rbd_err(name))?;
+            // librbd counts objects; callers count bytes of the volume.
+            let size = h.size;
+            let mut bytes = |done: u64, total: u64| {
+                let d = u128::from(done) * u128::from(size) / u128::from(total.max(1));
+                progress(u64::try_from(d).unwrap_or(size).min(size), size);
+            };
+            b.flatten(&mut bytes).map_err(rbd_err(name))?;
         }
         failpoint("rbd-flatten-after-flatten");
         if h.parent.is_some() {
@@ -366,6 +372,11 @@ impl DataDir {
                     out.push((true, format!(
                         "its parent snapshot {} was removed outside cryptnbd while this clone needs it (librbd keeps it in its trash); flatten this volume to end the dependency",
                         p.name
+                    )));
+                } else if want.is_none() {
+                    out.push((true, format!(
+                        "its parent layer {} is missing from the data directory (librbd still reads its unwritten data from rbd:{}/{}@{})",
+                        p.name, l.pool, l.image, l.snapshot
                     )));
                 } else if !same {
                     out.push((true, format!(

@@ -311,6 +311,17 @@ fn rbd_snapshot_clone_flatten_with_qemu_io() {
     refused(&d, &["volume", "delete", "vm", "--yes"], "snapshots");
     let o = cryptnbd(&d, None, &["check", "c1", "vm"]);
     assert!(o.status.success(), "check: {}", text(&o));
+    // The parent volume gone from the data directory: check names the missing parent.
+    let reference = d.path().join("volumes/vm.rbd");
+    let aside = d.path().join("vm.rbd.aside");
+    std::fs::rename(&reference, &aside).unwrap();
+    let o = cryptnbd(&d, None, &["check", "c1"]);
+    assert!(
+        !o.status.success() && text(&o).contains("parent layer vm@s1 is missing"),
+        "check: {}",
+        text(&o)
+    );
+    std::fs::rename(&aside, &reference).unwrap();
 
     d.cli(&["volume", "flatten", "c1"]);
     assert!(
