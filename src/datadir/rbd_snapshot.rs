@@ -63,6 +63,20 @@ impl DataDir {
         Ok(self.rbd_location(base)?.map(|l| (l, snap.to_string())))
     }
 
+    /// `NAME@SNAP` of RBD volume `name`'s snapshots (none when it is not an RBD volume or the
+    /// cluster cannot be reached: `check` reports that on the volume itself).
+    pub(super) fn rbd_snapshot_names(&self, name: &str) -> Vec<String> {
+        let Ok(Some(loc)) = self.rbd_location(name) else {
+            return Vec::new();
+        };
+        rbd::list_snapshots(&loc)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| format!("{name}@{}", s.name))
+            .filter(|t| split_layer_name(t).is_ok())
+            .collect()
+    }
+
     /// The data-directory name of the RBD volume on image `pool/image`, if any.
     fn rbd_volume_named(&self, pool: &str, image: &str) -> Option<String> {
         self.list_volumes().ok()?.into_iter().find(
@@ -346,6 +360,10 @@ impl DataDir {
         name: &str,
         h: &VolumeHeader,
     ) -> Option<Vec<(bool, String)>> {
+        if matches!(self.rbd_snapshot_location(name), Ok(Some(_))) {
+            // A snapshot's parent is its volume's, checked there.
+            return Some(Vec::new());
+        }
         let loc = self.rbd_location(name).ok()??;
         let mut out = Vec::new();
         let linked = RbdBackend::open(&loc, rbd::Access::ReadShared).and_then(|b| b.parent());

@@ -231,6 +231,7 @@ impl DataDir {
         let mut out = Vec::new();
         for name in self.list_volumes().unwrap_or_default() {
             out.extend(self.list_snapshots(&name).into_iter().map(|s| s.0));
+            out.extend(self.rbd_snapshot_names(&name));
         }
         out
     }

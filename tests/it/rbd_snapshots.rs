@@ -309,8 +309,15 @@ fn rbd_snapshot_clone_flatten_with_qemu_io() {
     assert_eq!(list[0]["clones"], serde_json::json!(["c1"]), "{list}");
     refused(&d, &["volume", "snapshot", "delete", "vm@s1"], "c1");
     refused(&d, &["volume", "delete", "vm", "--yes"], "snapshots");
-    let o = cryptnbd(&d, None, &["check", "c1", "vm"]);
+    let o = cryptnbd(&d, None, &["check", "c1", "vm", "vm@s1"]);
     assert!(o.status.success(), "check: {}", text(&o));
+    let o = cryptnbd(&d, None, &["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("check --json");
+    assert!(
+        o.status.success() && report["volumes"] == serde_json::json!(["c1", "vm", "vm@s1"]),
+        "check of everything covers the RBD snapshot: {}",
+        text(&o)
+    );
     // The parent volume gone from the data directory: check names the missing parent.
     let reference = d.path().join("volumes/vm.rbd");
     let aside = d.path().join("vm.rbd.aside");
