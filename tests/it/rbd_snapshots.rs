@@ -245,6 +245,26 @@ fn rbd_snapshot_clone_flatten_with_qemu_io() {
     );
     let info = d.volume_info("c1");
     assert_eq!(info["backend"], format!("rbd:{POOL}/{cimage}"));
+    assert_eq!(info["parent"], "vm@s1");
+    assert_ne!(info["volume_id"], d.volume_info("vm")["volume_id"]);
+    // What the refusal of --key suggests: the clone's data key wrapped under another CMK.
+    d.cli(&["kms", "create-key", "--alias", "other"]);
+    let other = d.cli(&["volume", "rekey", "c1", "--key", "alias/other"]);
+    assert_ne!(
+        d.volume_info("c1")["key_id"],
+        d.volume_info("vm")["key_id"],
+        "{other}"
+    );
+    // An unflattened clone can be deleted; the snapshot then no longer lists it.
+    let c2image = unique_image("snapclone2");
+    let _gc2 = guard(&conf, &c2image);
+    d.cli(&clone_args(
+        "vm@s1",
+        "c2",
+        &format!("rbd:{POOL}/{c2image}"),
+        confs,
+    ));
+    d.cli(&["volume", "delete", "c2", "--yes"]);
 
     let gw = Gateway::start(d.path(), &[]);
     // The head moves on; the snapshot keeps the old data, served read-only beside it.
