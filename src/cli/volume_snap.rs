@@ -155,7 +155,7 @@ pub fn clone(
         Some(loc) => dd.clone_rbd(ks.as_ref(), &a.source, &a.new, a.key.as_deref(), Some(&loc))?,
         None => dd.clone_volume(ks.as_ref(), &a.source, &a.new, a.key.as_deref())?,
     };
-    if dd.rbd_location(&a.new)?.is_some() {
+    if a.key.is_none() && dd.rbd_location(&a.new)?.is_some() {
         println!(
             "created volume {} as an RBD clone of snapshot {} ({}); it uses the snapshot's data key, \
              wrapped for it by key {}; `cryptnbd volume flatten {}` ends its dependency on the snapshot",

@@ -28,6 +28,8 @@
 //! clone; flatten resumes (librbd's flatten is restartable, the header's parent reference is
 //! dropped last, and `check` reports a header still naming a parent librbd no longer has).
 
+use std::io;
+
 use uuid::Uuid;
 
 use super::rbd::allocated;
@@ -156,7 +158,8 @@ impl DataDir {
     /// The clones of the snapshot `b` is open at (data-directory names where known, else
     /// `rbd:POOL/IMAGE`), without those in RBD's trash.
     fn clone_names(&self, b: &RbdBackend, target: &str) -> Result<Vec<String>, DataDirError> {
-        Ok(b.children()
+        let mut out: Vec<String> = b
+            .children()
             .map_err(rbd_err(target))?
             .into_iter()
             .filter(|c| !c.trash)
@@ -164,7 +167,32 @@ impl DataDir {
                 self.rbd_volume_named(&c.pool, &c.image)
                     .unwrap_or_else(|| format!("rbd:{}/{}", c.pool, c.image))
             })
-            .collect())
+            .collect();
+        out.extend(self.layered_dependents(target));
+        Ok(out)
+    }
+
+    /// The volumes cryptnbd layers over snapshot `target` (clones under another key), and
+    /// their snapshots, which read from it too.
+    fn layered_dependents(&self, target: &str) -> Vec<String> {
+        let names_parent = |b: &RbdBackend| {
+            VolumeHeader::read_from(b).is_ok_and(|h| h.parent.is_some_and(|p| p.name == target))
+        };
+        let mut out = Vec::new();
+        for name in self.list_volumes().unwrap_or_default() {
+            let Ok(Some((loc, true))) = self.rbd_reference(&name) else {
+                continue;
+            };
+            if RbdBackend::open(&loc, rbd::Access::ReadShared).is_ok_and(|b| names_parent(&b)) {
+                out.push(name.clone());
+            }
+            for s in rbd::list_snapshots(&loc).unwrap_or_default() {
+                if RbdBackend::open_snapshot(&loc, &s.name).is_ok_and(|b| names_parent(&b)) {
+                    out.push(format!("{name}@{}", s.name));
+                }
+            }
+        }
+        out
     }
 
     /// Deletes RBD snapshot `target`; refused while clones depend on it (librbd would move it
@@ -198,10 +226,40 @@ impl DataDir {
         loc: &RbdLocation,
         snap: &str,
     ) -> Result<Volume, DataDirError> {
-        let backend = RbdBackend::open_snapshot(loc, snap).map_err(rbd_err(name))?;
+        self.attach_rbd_snapshot_at(keys, name, loc, snap, 0)
+    }
+
+    /// [`DataDir::attach_rbd_snapshot`] as layer `depth` of a chain; the snapshot of a volume
+    /// cryptnbd layers itself gets its parents attached too.
+    pub(super) fn attach_rbd_snapshot_at(
+        &self,
+        keys: &dyn KeyProvider,
+        name: &str,
+        loc: &RbdLocation,
+        snap: &str,
+        depth: usize,
+    ) -> Result<Volume, DataDirError> {
+        let backend = match RbdBackend::open_snapshot(loc, snap) {
+            Err(RbdError::Image { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                let base = split_layer_name(name)?.0;
+                return Err(DataDirError::NotFound {
+                    name: name.to_string(),
+                    path: self.rbd_reference_path(base)?,
+                });
+            }
+            r => r.map_err(rbd_err(name))?,
+        };
         let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
         let key = self.unwrap_key(keys, name, &h)?;
-        Volume::with_key(Box::new(backend), h, &key, true).map_err(Self::vol_err(name))
+        let vol =
+            Volume::with_key(Box::new(backend), h, &key, true).map_err(Self::vol_err(name))?;
+        if matches!(
+            self.rbd_reference(split_layer_name(name)?.0)?,
+            Some((_, true))
+        ) {
+            return self.attach_parents(keys, name, vol, depth);
+        }
+        Ok(vol)
     }
 
     /// `volume info NAME@SNAP` of an RBD snapshot.
@@ -236,10 +294,6 @@ impl DataDir {
         let Some((ploc, snap)) = self.rbd_snapshot_location(source)? else {
             return Err(invalid(source, "only a snapshot (NAME@SNAP) of an RBD volume can be cloned onto RBD; a file snapshot is cloned as a file, or copied onto RBD with `volume copy`"));
         };
-        if key.is_some() {
-            return Err(invalid(source, "--key is not supported for clones of RBD snapshots: librbd shares (and copies up) the snapshot's ciphertext, so a clone on RBD reads and writes with the snapshot's data key. Clone without --key, then `volume rekey NEW --key CMK` to wrap that data key under another CMK, or `volume copy NAME@SNAP NEW --key CMK --backend rbd:…` for a new data key"));
-        }
-        self.check_free(new)?;
         let dloc = match dest {
             Some(d) => d.clone(),
             None => RbdLocation {
@@ -247,13 +301,14 @@ impl DataDir {
                 ..ploc.clone()
             },
         };
-        for (what, s) in [("pool", &dloc.pool), ("image", &dloc.image)] {
-            rbd::check_rbd_name(what, s).map_err(|reason| invalid(new, reason))?;
-        }
+        self.check_rbd_target(new, &dloc)?;
         let sh = {
             let b = RbdBackend::open_snapshot(&ploc, &snap).map_err(rbd_err(source))?;
             VolumeHeader::read_from(&b).map_err(Self::vol_err(source))?
         };
+        if let Some(key) = key {
+            return self.clone_rbd_layered(keys, source, &sh, new, key, &dloc);
+        }
         // An online snapshot of a volume never snapshotted offline has no layer id: librbd's
         // link to the parent is exact anyway, the nil id only stands for "none" in the record.
         let layer_id = sh.layer_id.unwrap_or_default();
@@ -322,6 +377,40 @@ impl DataDir {
         Ok(header)
     }
 
+    /// `volume clone NAME@SNAP NEW --key CMK` of an RBD snapshot: a new, empty RBD image with
+    /// its own DEK from `key`, which cryptnbd layers over the snapshot itself exactly as a file
+    /// clone (`crate::volume::layer`: never-written sectors read from the parent with the
+    /// parent's DEK, zeroes stored encrypted). Its reference is marked `layered`.
+    fn clone_rbd_layered(
+        &self,
+        keys: &dyn KeyProvider,
+        source: &str,
+        sh: &VolumeHeader,
+        new: &str,
+        key: &str,
+        dloc: &RbdLocation,
+    ) -> Result<VolumeHeader, DataDirError> {
+        if sh.layer_id.is_none() {
+            return Err(invalid(source, "this snapshot was taken while the volume was served and before any offline snapshot, so its header has no layer id to name it by; a clone under another key needs one: take a snapshot offline (or clone without --key)"));
+        }
+        let opts = super::CreateOptions {
+            sector_size: sh.sector_size,
+            discard: sh.discard,
+        };
+        let (mut header, xts) = self.new_header(keys, new, sh.size, key, opts)?;
+        header.layer_id = Some(Uuid::new_v4());
+        header.parent = Some(ParentRef {
+            name: source.to_string(),
+            volume_id: sh.volume_id,
+            layer_id: sh.layer_id.unwrap_or_default(),
+            size: sh.size,
+        });
+        let header = self.create_rbd_from(new, &header, &xts, dloc, true, |_| Ok(()))?;
+        tracing::info!(volume = new, source, image = %dloc, key_id = %header.key_id,
+            "RBD volume cloned under another key (layered by cryptnbd)");
+        Ok(header)
+    }
+
     /// `volume flatten NAME` of an RBD clone: `rbd_flatten`, then the header's parent reference
     /// is dropped. Returns the bytes the clone's allocation grew by.
     pub(super) fn flatten_rbd(
@@ -364,7 +453,10 @@ impl DataDir {
             // A snapshot's parent is its volume's, checked there.
             return Some(Vec::new());
         }
-        let loc = self.rbd_location(name).ok()??;
+        let (loc, layered) = self.rbd_reference(name).ok()??;
+        if layered {
+            return Some(self.layered_problems(h));
+        }
         let mut out = Vec::new();
         let linked = RbdBackend::open(&loc, rbd::Access::ReadShared).and_then(|b| b.parent());
         let linked = match linked {
@@ -423,6 +515,40 @@ impl DataDir {
             }
         }
         Some(out)
+    }
+}
+
+impl DataDir {
+    /// What `check` finds wrong with the parent of a volume cryptnbd layers itself (a clone
+    /// under another key): missing, or not the snapshot it was made on.
+    fn layered_problems(&self, h: &VolumeHeader) -> Vec<(bool, String)> {
+        let Some(p) = &h.parent else {
+            return Vec::new();
+        };
+        let parent = match self.rbd_snapshot_location(&p.name) {
+            Ok(Some((loc, snap))) => RbdBackend::open_snapshot(&loc, &snap)
+                .map_err(|e| e.to_string())
+                .and_then(|b| VolumeHeader::read_from(&b).map_err(|e| e.to_string())),
+            Ok(None) => Err("not in the data directory".into()),
+            Err(e) => Err(e.to_string()),
+        };
+        match parent {
+            Err(e) => vec![(true, format!(
+                "its parent layer {} is missing or unreadable ({e}): the data it shares cannot be read",
+                p.name
+            ))],
+            Ok(ph) if ph.volume_id != p.volume_id
+                || ph.layer_id != Some(p.layer_id)
+                || ph.size != p.size
+                || ph.sector_size != h.sector_size =>
+            {
+                vec![(true, format!(
+                    "its parent layer {} is not the layer it was made on (expected volume {} layer {} of {} bytes, found volume {} layer {:?} of {} bytes)",
+                    p.name, p.volume_id, p.layer_id, p.size, ph.volume_id, ph.layer_id, ph.size
+                ))]
+            }
+            Ok(_) => Vec::new(),
+        }
     }
 }
 
