@@ -36,6 +36,7 @@ mod create;
 mod header_ops;
 mod layers;
 mod rbd;
+mod rbd_clone;
 mod rbd_intent;
 mod rbd_snapshot;
 mod snapshot;

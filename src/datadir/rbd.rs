@@ -36,7 +36,7 @@ struct Reference {
     location: RbdLocation,
 }
 
-fn rbd_err(name: &str) -> impl FnOnce(RbdError) -> DataDirError + '_ {
+pub(super) fn rbd_err(name: &str) -> impl FnOnce(RbdError) -> DataDirError + '_ {
     move |source| DataDirError::Rbd {
         name: name.to_string(),
         source,
@@ -418,6 +418,26 @@ mod tests {
             dd.check_free("disk0"),
             Err(DataDirError::AlreadyExists { .. })
         ));
+    }
+
+    /// A clone cryptnbd layers itself is marked; every other reference is written (and read)
+    /// exactly as before the mark existed.
+    #[test]
+    fn layered_references_are_marked_and_plain_ones_unchanged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path());
+        dd.write_reference("plain", &loc()).unwrap();
+        dd.write_reference_with("child", &loc(), true).unwrap();
+        let body = |n: &str| std::fs::read_to_string(dd.rbd_reference_path(n).unwrap()).unwrap();
+        assert!(!body("plain").contains("layered"), "{}", body("plain"));
+        assert!(
+            body("child").contains(r#""layered": true"#),
+            "{}",
+            body("child")
+        );
+        assert_eq!(dd.rbd_reference("plain").unwrap(), Some((loc(), false)));
+        assert_eq!(dd.rbd_reference("child").unwrap(), Some((loc(), true)));
+        assert_eq!(dd.rbd_location("child").unwrap(), Some(loc()));
     }
 
     #[test]
