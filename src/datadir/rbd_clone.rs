@@ -59,6 +59,14 @@ impl DataDir {
         if let Some(key) = key {
             return self.clone_rbd_layered(keys, source, &sh, new, key, &dloc);
         }
+        // A snapshot of a volume cryptnbd layers itself reads its unwritten sectors from its
+        // own parent, which librbd knows nothing of: its clones are layered by cryptnbd too
+        // (their own DEK under the snapshot's CMK, as file clones).
+        let base = super::split_layer_name(source)?.0;
+        if sh.parent.is_some() && matches!(self.rbd_reference(base)?, Some((_, true))) {
+            let key = sh.key_id.to_string();
+            return self.clone_rbd_layered(keys, source, &sh, new, &key, &dloc);
+        }
         // An online snapshot of a volume never snapshotted offline has no layer id: librbd's
         // link to the parent is exact anyway, the nil id only stands for "none" in the record.
         let layer_id = sh.layer_id.unwrap_or_default();

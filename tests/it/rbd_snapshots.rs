@@ -642,6 +642,28 @@ fn rbd_clone_under_another_key_is_layered_by_cryptnbd() {
     refused(&d, &["volume", "export", "c", "--to", "/dev/null"], "vm@s");
     d.cli(&["kms", "enable-key", KEY_ALIAS]);
 
+    // A snapshot of the layered clone, and a clone of that (layered by cryptnbd too, since
+    // librbd does not know the clone's parent): both read through two layers.
+    d.cli(&["volume", "snapshot", "c@x"]);
+    let dimage = unique_image("keyclone2");
+    let _gd = guard(&conf, &dimage);
+    d.cli(&clone_args(
+        "c@x",
+        "d",
+        &format!("rbd:{POOL}/{dimage}"),
+        confs,
+    ));
+    assert_eq!(d.volume_info("d")["parent"], "c@x");
+    refused(&d, &["volume", "snapshot", "delete", "vm@s"], "c@x");
+    let gw = Gateway::start(d.path(), &[]);
+    qemu_io(&gw.uri("c@x"), &expect);
+    qemu_io(&gw.uri("d"), &expect);
+    gw.stop();
+    let o = cryptnbd(&d, None, &["check", "d", "c@x"]);
+    assert!(o.status.success(), "check: {}", text(&o));
+    d.cli(&["volume", "delete", "d", "--yes"]);
+    d.cli(&["volume", "snapshot", "delete", "c@x"]);
+
     // A flatten killed half-way leaves a consistent clone; running it again finishes.
     crash_at(&d, "flatten-half", &["volume", "flatten", "c"]);
     assert_eq!(d.volume_info("c")["parent"], "vm@s");
