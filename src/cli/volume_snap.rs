@@ -18,7 +18,8 @@ use super::{print_json, Global};
 pub struct SnapshotArgs {
     #[command(subcommand)]
     command: Option<SnapshotCommand>,
-    /// The snapshot to take: NAME@SNAP (offline: NAME must not be attached).
+    /// The snapshot to take: NAME@SNAP (offline: NAME must not be attached; an RBD volume may
+    /// also be served meanwhile).
     #[arg(required = true, value_name = "NAME@SNAP")]
     target: Option<String>,
 }
@@ -51,7 +52,8 @@ pub struct CloneArgs {
     #[arg(long)]
     key: Option<String>,
     /// For a snapshot of an RBD volume: where the clone goes (`rbd:POOL[/IMAGE]`, default the
-    /// snapshot's pool and the name NEW); the clone is an RBD clone of the snapshot.
+    /// snapshot's pool and the name NEW). Without --key it is an RBD clone (same data key);
+    /// with --key a new image that cryptnbd layers over the snapshot.
     #[command(flatten)]
     storage: BackendArgs,
 }

@@ -18,7 +18,7 @@
 //!   crash-safe header update), then removes the file. It is refused while clones (other
 //!   volumes made from it) depend on it; `volume flatten` ends that dependency.
 //! - Snapshots of an attached volume are refused with a clear error (no online snapshot yet);
-//!   RBD volumes use RBD's own snapshots and clones instead (`rbd_snapshot`).
+//!   RBD volumes use RBD's own snapshots and clones instead (`rbd_snapshot`, `rbd_clone`).
 
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
