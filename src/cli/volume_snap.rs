@@ -20,8 +20,9 @@ use super::{print_json, Global};
 pub struct SnapshotArgs {
     #[command(subcommand)]
     command: Option<SnapshotCommand>,
-    /// The snapshot to take: NAME@SNAP (of a volume a server has attached: taken online by
-    /// that server, through the control socket in the data directory).
+    /// The snapshot to take: NAME@SNAP. A file volume a server has attached is snapshotted
+    /// online by that server, through the control socket in the data directory; an RBD volume
+    /// may be served meanwhile (RBD's own snapshot).
     #[arg(required = true, value_name = "NAME@SNAP")]
     target: Option<String>,
 }
@@ -54,7 +55,8 @@ pub struct CloneArgs {
     #[arg(long)]
     key: Option<String>,
     /// For a snapshot of an RBD volume: where the clone goes (`rbd:POOL[/IMAGE]`, default the
-    /// snapshot's pool and the name NEW); the clone is an RBD clone of the snapshot.
+    /// snapshot's pool and the name NEW). Without --key it is an RBD clone (same data key);
+    /// with --key a new image that cryptnbd layers over the snapshot.
     #[command(flatten)]
     storage: BackendArgs,
 }
@@ -183,7 +185,7 @@ pub fn clone(
         Some(loc) => dd.clone_rbd(ks.as_ref(), &a.source, &a.new, a.key.as_deref(), Some(&loc))?,
         None => dd.clone_volume(ks.as_ref(), &a.source, &a.new, a.key.as_deref())?,
     };
-    if dd.rbd_location(&a.new)?.is_some() {
+    if a.key.is_none() && dd.rbd_location(&a.new)?.is_some() {
         println!(
             "created volume {} as an RBD clone of snapshot {} ({}); it uses the snapshot's data key, \
              wrapped for it by key {}; `cryptnbd volume flatten {}` ends its dependency on the snapshot",

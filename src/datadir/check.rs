@@ -190,6 +190,13 @@ impl DataDir {
                     return r.add(&subject, Severity::Problem, format!("cannot open it: {e}"))
                 }
             }
+        } else if let Ok(Some((loc, snap))) = self.rbd_snapshot_location(name) {
+            match RbdBackend::open_snapshot(&loc, &snap) {
+                Ok(b) => Box::new(b),
+                Err(e) => {
+                    return r.add(&subject, Severity::Problem, format!("cannot open it: {e}"))
+                }
+            }
         } else {
             let path = match self.existing(name) {
                 Ok(p) => p,

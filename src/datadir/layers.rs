@@ -39,6 +39,19 @@ impl DataDir {
                 reason: format!("more than {MAX_DEPTH} layers below it"),
             });
         }
+        if let Some((loc, snap)) = self.rbd_snapshot_location(&p.name)? {
+            let pv = match self.attach_rbd_snapshot_at(keys, &p.name, &loc, &snap, depth + 1) {
+                Err(DataDirError::NotFound { path, .. }) => {
+                    return Err(DataDirError::MissingParent {
+                        name: name.to_string(),
+                        parent: p.name.clone(),
+                        path,
+                    })
+                }
+                r => r?,
+            };
+            return vol.with_parent(Arc::new(pv)).map_err(Self::vol_err(name));
+        }
         let parent = match self.open_locked(&p.name, false, false) {
             Err(DataDirError::NotFound { path, .. }) => {
                 return Err(DataDirError::MissingParent {
@@ -120,7 +133,9 @@ impl DataDir {
         mut progress: impl FnMut(u64, u64),
     ) -> Result<u64, DataDirError> {
         super::refuse_snapshot(name, "flatten")?;
-        if let Some(loc) = self.rbd_location(name)? {
+        // RBD clones are flattened by librbd; those cryptnbd layers itself (under another
+        // key) like files, below.
+        if let Some((loc, false)) = self.rbd_reference(name)? {
             return self.flatten_rbd(name, &loc, &mut progress);
         }
         let vol = self.attach(keys, name, false)?;

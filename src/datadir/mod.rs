@@ -6,7 +6,8 @@
 //! header-only ones (info, resize, delete) and raw image import/export.
 //!
 //! Snapshots (`volumes/NAME@SNAP.vol`), clones, flatten and copies are in `snapshot` and
-//! `layers`; those of RBD volumes (RBD's own snapshots and clones) in `rbd_snapshot`.
+//! `layers`; those of RBD volumes (RBD's own snapshots and clones) in `rbd_snapshot` and
+//! `rbd_clone`.
 //!
 //! A volume lives in a file, or on a Ceph RBD image named by a small reference file
 //! (`volumes/NAME.rbd`, see [`rbd`]); both hold the same header and data area.
@@ -36,6 +37,7 @@ mod create;
 mod header_ops;
 mod layers;
 mod rbd;
+mod rbd_clone;
 mod rbd_intent;
 mod rbd_snapshot;
 mod snapshot;

@@ -27,11 +27,16 @@ const MAX_REFERENCE_LEN: u64 = 64 * 1024;
 struct Reference {
     kind: String,
     version: u32,
+    /// The volume is a child layer that cryptnbd itself reads through to its parent (an RBD
+    /// snapshot), as a file clone does: a clone under another key (see `rbd_snapshot`).
+    /// Absent (false) for every other volume, so older references read the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    layered: bool,
     #[serde(flatten)]
     location: RbdLocation,
 }
 
-fn rbd_err(name: &str) -> impl FnOnce(RbdError) -> DataDirError + '_ {
+pub(super) fn rbd_err(name: &str) -> impl FnOnce(RbdError) -> DataDirError + '_ {
     move |source| DataDirError::Rbd {
         name: name.to_string(),
         source,
@@ -47,6 +52,15 @@ impl DataDir {
 
     /// The image behind volume `name`, or `None` when it is not an RBD volume.
     pub fn rbd_location(&self, name: &str) -> Result<Option<RbdLocation>, DataDirError> {
+        Ok(self.rbd_reference(name)?.map(|(l, _)| l))
+    }
+
+    /// The image behind volume `name` and whether cryptnbd layers it over a parent snapshot
+    /// (see [`Reference::layered`]); `None` when it is not an RBD volume.
+    pub(super) fn rbd_reference(
+        &self,
+        name: &str,
+    ) -> Result<Option<(RbdLocation, bool)>, DataDirError> {
         if super::snapshot::split_layer_name(name)?.1.is_some() {
             // Snapshots (`NAME@SNAP`) are layer files, never RBD references.
             return Ok(None);
@@ -80,7 +94,7 @@ impl DataDir {
         }
         rbd::check_rbd_name("pool", &r.location.pool).map_err(&invalid)?;
         rbd::check_rbd_name("image", &r.location.image).map_err(&invalid)?;
-        Ok(Some(r.location))
+        Ok(Some((r.location, r.layered)))
     }
 
     /// Creates volume `name` on a new RBD image at `loc` (the image must not exist): formats it
@@ -112,6 +126,17 @@ impl DataDir {
         loc: &RbdLocation,
         fill: impl FnOnce(&Volume) -> Result<(), DataDirError>,
     ) -> Result<VolumeHeader, DataDirError> {
+        self.check_rbd_target(name, loc)?;
+        let (header, xts) = self.new_header(keys, name, size, key, opts)?;
+        self.create_rbd_from(name, &header, &xts, loc, false, fill)
+    }
+
+    /// Refuses a taken volume name or an invalid pool or image name.
+    pub(super) fn check_rbd_target(
+        &self,
+        name: &str,
+        loc: &RbdLocation,
+    ) -> Result<(), DataDirError> {
         self.check_free(name)?;
         for (what, s) in [("pool", &loc.pool), ("image", &loc.image)] {
             rbd::check_rbd_name(what, s).map_err(|reason| DataDirError::Invalid {
@@ -119,8 +144,23 @@ impl DataDir {
                 reason,
             })?;
         }
+        Ok(())
+    }
+
+    /// Makes the image for a new volume with header `header` (DEK `xts`), formats it, runs
+    /// `fill`, then writes the reference (`layered`: see [`Reference::layered`]).
+    pub(super) fn create_rbd_from(
+        &self,
+        name: &str,
+        header: &VolumeHeader,
+        xts: &crate::crypto::XtsKey,
+        loc: &RbdLocation,
+        layered: bool,
+        fill: impl FnOnce(&Volume) -> Result<(), DataDirError>,
+    ) -> Result<VolumeHeader, DataDirError> {
+        self.check_rbd_target(name, loc)?;
+        let size = header.size;
         self.resolve_stale_intents();
-        let (header, xts) = self.new_header(keys, name, size, key, opts)?;
         let intent = self.begin_intent(name, Op::Create, loc, Some(header.volume_id))?;
         failpoint("rbd-create-after-intent");
         if let Err(e) = rbd::create_image(loc, header.data_offset() + size) {
@@ -132,13 +172,13 @@ impl DataDir {
         let formatted = RbdBackend::open(loc, Access::Write)
             .map_err(rbd_err(name))
             .and_then(|b| {
-                let v = Volume::create(b, &header, &xts)
+                let v = Volume::create(b, header, xts)
                     .and_then(|v| v.flush().map(|()| v))
                     .map_err(Self::vol_err(name))?;
                 failpoint("rbd-create-after-format");
                 fill(&v)
             })
-            .and_then(|()| self.write_reference(name, loc));
+            .and_then(|()| self.write_reference_with(name, loc, layered));
         if let Err(e) = formatted {
             match rbd::remove_image(loc) {
                 Ok(()) => intent.finish(self)?,
@@ -156,7 +196,7 @@ impl DataDir {
         }
         tracing::info!(volume = name, image = %loc, volume_id = %header.volume_id,
             key_id = %header.key_id, size, "RBD volume created");
-        Ok(header)
+        Ok(header.clone())
     }
 
     /// Writes `volumes/NAME.rbd` under a temporary name and links it into place, so the name
@@ -165,6 +205,15 @@ impl DataDir {
         &self,
         name: &str,
         loc: &RbdLocation,
+    ) -> Result<(), DataDirError> {
+        self.write_reference_with(name, loc, false)
+    }
+
+    fn write_reference_with(
+        &self,
+        name: &str,
+        loc: &RbdLocation,
+        layered: bool,
     ) -> Result<(), DataDirError> {
         let dir = self.volumes_dir();
         std::fs::DirBuilder::new()
@@ -177,6 +226,7 @@ impl DataDir {
         let body = serde_json::to_vec_pretty(&Reference {
             kind: REFERENCE_KIND.into(),
             version: 1,
+            layered,
             location: loc.clone(),
         })
         .map_err(|e| DataDirError::Invalid {
@@ -226,7 +276,12 @@ impl DataDir {
         let backend = RbdBackend::open(loc, access).map_err(rbd_err(name))?;
         let h = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
         let key = self.unwrap_key(keys, name, &h)?;
-        Volume::with_key(Box::new(backend), h, &key, read_only).map_err(Self::vol_err(name))
+        let vol =
+            Volume::with_key(Box::new(backend), h, &key, read_only).map_err(Self::vol_err(name))?;
+        if matches!(self.rbd_reference(name)?, Some((_, true))) {
+            return self.attach_parents(keys, name, vol, 0);
+        }
+        Ok(vol)
     }
 
     /// Opens the image holding its exclusive lock, for the operations that change the header
@@ -247,16 +302,7 @@ impl DataDir {
         // Reading the header needs no lock: info works while a gateway serves the volume.
         let backend = RbdBackend::open(loc, Access::ReadShared).map_err(rbd_err(name))?;
         let header = VolumeHeader::read_from(&backend).map_err(Self::vol_err(name))?;
-        let allocated_bytes = backend
-            .allocated_bytes()
-            .map_err(|source| DataDirError::Rbd {
-                name: name.to_string(),
-                source: RbdError::Image {
-                    location: loc.to_string(),
-                    action: "measure the allocation of",
-                    source,
-                },
-            })?;
+        let allocated_bytes = allocated(name, loc, &backend)?;
         Ok(VolumeInfo {
             name: name.to_string(),
             path: self.rbd_reference_path(name)?,
@@ -319,6 +365,24 @@ impl DataDir {
     }
 }
 
+/// Bytes in `backend`'s allocated objects, for `info` and `snapshot list`.
+pub(super) fn allocated(
+    name: &str,
+    loc: &RbdLocation,
+    backend: &RbdBackend,
+) -> Result<u64, DataDirError> {
+    backend
+        .allocated_bytes()
+        .map_err(|source| DataDirError::Rbd {
+            name: name.to_string(),
+            source: RbdError::Image {
+                location: loc.to_string(),
+                action: "measure the allocation of",
+                source,
+            },
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,6 +418,26 @@ mod tests {
             dd.check_free("disk0"),
             Err(DataDirError::AlreadyExists { .. })
         ));
+    }
+
+    /// A clone cryptnbd layers itself is marked; every other reference is written (and read)
+    /// exactly as before the mark existed.
+    #[test]
+    fn layered_references_are_marked_and_plain_ones_unchanged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path());
+        dd.write_reference("plain", &loc()).unwrap();
+        dd.write_reference_with("child", &loc(), true).unwrap();
+        let body = |n: &str| std::fs::read_to_string(dd.rbd_reference_path(n).unwrap()).unwrap();
+        assert!(!body("plain").contains("layered"), "{}", body("plain"));
+        assert!(
+            body("child").contains(r#""layered": true"#),
+            "{}",
+            body("child")
+        );
+        assert_eq!(dd.rbd_reference("plain").unwrap(), Some((loc(), false)));
+        assert_eq!(dd.rbd_reference("child").unwrap(), Some((loc(), true)));
+        assert_eq!(dd.rbd_location("child").unwrap(), Some(loc()));
     }
 
     #[test]

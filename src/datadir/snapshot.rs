@@ -19,7 +19,8 @@
 //!   volumes made from it) depend on it; `volume flatten` ends that dependency.
 //! - A file volume attached by a running server is snapshotted by that server (`snapshot_online`,
 //!   reached through the control socket), with the same file steps; here it is refused with a
-//!   clear error. RBD volumes use RBD's own snapshots and clones instead (`rbd_snapshot`).
+//!   clear error. RBD volumes use RBD's own snapshots and clones instead (`rbd_snapshot`,
+//!   `rbd_clone`), also while served.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -185,6 +186,7 @@ impl DataDir {
         let mut out = Vec::new();
         for name in self.list_volumes().unwrap_or_default() {
             out.extend(self.list_snapshots(&name).into_iter().map(|s| s.0));
+            out.extend(self.rbd_snapshot_names(&name));
         }
         out
     }

@@ -10,47 +10,11 @@ use crate::clients_common;
 use crate::rbd_common;
 
 use std::path::Path;
-use std::process::{Command, Output};
-use std::time::Duration;
 
-use clients_common::{have_tools, run_bounded, DataDir, KEY_ALIAS, MIB};
-use rbd_common::{ceph_conf, create_rbd_volume, rbd, unique_image, ImageGuard, POOL};
-
-/// `cryptnbd --data-dir D ARGS…` with `CRYPTNBD_FAILPOINT=point` (if any); its output.
-fn cryptnbd(d: &DataDir, failpoint: Option<&str>, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cryptnbd"));
-    c.arg("--data-dir")
-        .arg(d.path())
-        .args(args)
-        .env_remove("CRYPTNBD_PASSPHRASE")
-        .env_remove("CRYPTNBD_DATA_DIR")
-        .env_remove("CRYPTNBD_FAILPOINT");
-    if let Some(p) = failpoint {
-        c.env("CRYPTNBD_FAILPOINT", p);
-    }
-    run_bounded(&mut c, Duration::from_secs(180))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// Runs a command that must die at `point` (SIGABRT), like a crash between two steps.
-fn crash_at(d: &DataDir, point: &str, args: &[&str]) {
-    use std::os::unix::process::ExitStatusExt;
-    let o = cryptnbd(d, Some(point), args);
-    assert_eq!(
-        o.status.signal(),
-        Some(libc::SIGABRT),
-        "{args:?} should abort at failpoint {point}: {}",
-        text(&o)
-    );
-    assert!(text(&o).contains(point), "{}", text(&o));
-}
+use clients_common::{have_tools, DataDir, KEY_ALIAS, MIB};
+use rbd_common::{
+    ceph_conf, crash_at, create_rbd_volume, cryptnbd, rbd, text, unique_image, ImageGuard, POOL,
+};
 
 fn image_exists(conf: &Path, image: &str) -> bool {
     rbd(conf, &["info", &format!("{POOL}/{image}")])

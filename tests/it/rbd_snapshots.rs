@@ -11,11 +11,14 @@ use crate::clients_common;
 use crate::rbd_common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use clients_common::{allocated_bytes, have_tools, run_bounded, run_ok, DataDir, KEY_ALIAS, MIB};
-use rbd_common::{ceph_conf, create_rbd_volume, rbd, unique_image, Gateway, ImageGuard, POOL};
+use rbd_common::{
+    ceph_conf, crash_at, create_rbd_volume, cryptnbd, rbd, text, unique_image, Gateway, ImageGuard,
+    POOL,
+};
 
 /// Removes an image's snapshots, then the image, when dropped (declare clones after parents).
 struct SnapGuard(ImageGuard);
@@ -41,29 +44,6 @@ fn guard(conf: &Path, image: &str) -> SnapGuard {
     })
 }
 
-/// `cryptnbd --data-dir D ARGS…` with `CRYPTNBD_FAILPOINT=point` (if any).
-fn cryptnbd(d: &DataDir, failpoint: Option<&str>, args: &[&str]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_cryptnbd"));
-    c.arg("--data-dir")
-        .arg(d.path())
-        .args(args)
-        .env_remove("CRYPTNBD_PASSPHRASE")
-        .env_remove("CRYPTNBD_DATA_DIR")
-        .env_remove("CRYPTNBD_FAILPOINT");
-    if let Some(p) = failpoint {
-        c.env("CRYPTNBD_FAILPOINT", p);
-    }
-    run_bounded(&mut c, Duration::from_secs(300))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 /// A command that must fail with a message containing `want`.
 fn refused(d: &DataDir, args: &[&str], want: &str) {
     let o = cryptnbd(d, None, args);
@@ -71,20 +51,6 @@ fn refused(d: &DataDir, args: &[&str], want: &str) {
     assert!(text(&o).contains(want), "{args:?}: {}", text(&o));
 }
 
-/// Dies at failpoint `point` (SIGABRT), as a kill -9 between two steps would.
-fn crash_at(d: &DataDir, point: &str, args: &[&str]) {
-    use std::os::unix::process::ExitStatusExt;
-    let o = cryptnbd(d, Some(point), args);
-    assert_eq!(
-        o.status.signal(),
-        Some(libc::SIGABRT),
-        "{args:?} should abort at {point}: {}",
-        text(&o)
-    );
-}
-
-/// qemu-io on `uri` with the given commands; a failed verification fails the test (qemu-io
-/// reports "Pattern verification failed" but exits 0, so its output is checked too).
 /// Runs `args` until it succeeds (at most 150 s): after a kill -9 the dead process's watch on
 /// the image lingers until the cluster expires it (30 s by default), and until then its
 /// exclusive lock counts as held by a live client.
@@ -261,15 +227,6 @@ fn rbd_snapshot_clone_flatten_with_qemu_io() {
     let cimage = unique_image("snapclone");
     let _gc = guard(&conf, &cimage);
     let backend = format!("rbd:{POOL}/{cimage}");
-    refused(
-        &d,
-        &[
-            &clone_args("vm@s1", "c1", &backend, confs)[..],
-            &["--key", KEY_ALIAS],
-        ]
-        .concat(),
-        "--key is not supported",
-    );
     d.cli(&clone_args("vm@s1", "c1", &backend, confs));
     let o = rbd(&conf, &["info", &format!("{POOL}/{cimage}")]);
     assert!(
@@ -279,6 +236,26 @@ fn rbd_snapshot_clone_flatten_with_qemu_io() {
     );
     let info = d.volume_info("c1");
     assert_eq!(info["backend"], format!("rbd:{POOL}/{cimage}"));
+    assert_eq!(info["parent"], "vm@s1");
+    assert_ne!(info["volume_id"], d.volume_info("vm")["volume_id"]);
+    // The RBD clone's (shared) data key wrapped under another CMK.
+    d.cli(&["kms", "create-key", "--alias", "other"]);
+    let other = d.cli(&["volume", "rekey", "c1", "--key", "alias/other"]);
+    assert_ne!(
+        d.volume_info("c1")["key_id"],
+        d.volume_info("vm")["key_id"],
+        "{other}"
+    );
+    // An unflattened clone can be deleted; the snapshot then no longer lists it.
+    let c2image = unique_image("snapclone2");
+    let _gc2 = guard(&conf, &c2image);
+    d.cli(&clone_args(
+        "vm@s1",
+        "c2",
+        &format!("rbd:{POOL}/{c2image}"),
+        confs,
+    ));
+    d.cli(&["volume", "delete", "c2", "--yes"]);
 
     let gw = Gateway::start(d.path(), &[]);
     // The head moves on; the snapshot keeps the old data, served read-only beside it.
@@ -343,8 +320,26 @@ fn rbd_snapshot_clone_flatten_with_qemu_io() {
     assert_eq!(list[0]["clones"], serde_json::json!(["c1"]), "{list}");
     refused(&d, &["volume", "snapshot", "delete", "vm@s1"], "c1");
     refused(&d, &["volume", "delete", "vm", "--yes"], "snapshots");
-    let o = cryptnbd(&d, None, &["check", "c1", "vm"]);
+    let o = cryptnbd(&d, None, &["check", "c1", "vm", "vm@s1"]);
     assert!(o.status.success(), "check: {}", text(&o));
+    let o = cryptnbd(&d, None, &["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("check --json");
+    assert!(
+        o.status.success() && report["volumes"] == serde_json::json!(["c1", "vm", "vm@s1"]),
+        "check of everything covers the RBD snapshot: {}",
+        text(&o)
+    );
+    // The parent volume gone from the data directory: check names the missing parent.
+    let reference = d.path().join("volumes/vm.rbd");
+    let aside = d.path().join("vm.rbd.aside");
+    std::fs::rename(&reference, &aside).unwrap();
+    let o = cryptnbd(&d, None, &["check", "c1"]);
+    assert!(
+        !o.status.success() && text(&o).contains("parent layer vm@s1 is missing"),
+        "check: {}",
+        text(&o)
+    );
+    std::fs::rename(&aside, &reference).unwrap();
 
     d.cli(&["volume", "flatten", "c1"]);
     assert!(
@@ -493,6 +488,35 @@ fn rbd_snapshot_clone_flatten_survive_crashes() {
         );
     }
 
+    // A copy onto RBD interrupted half-way: no volume, check --repair removes the image.
+    let rimage = unique_image("crashcopy");
+    let _gr = guard(&conf, &rimage);
+    let rbackend = format!("rbd:{POOL}/{rimage}");
+    crash_at(
+        &d,
+        "copy-half",
+        &[
+            "volume",
+            "copy",
+            "vm@s",
+            "r",
+            "--key",
+            KEY_ALIAS,
+            "--backend",
+            &rbackend,
+            "--ceph-conf",
+            confs,
+        ],
+    );
+    refused(&d, &["volume", "info", "r"], "does not exist");
+    until_ok(&d, &["check", "--repair"]);
+    assert!(
+        !rbd(&conf, &["info", &format!("{POOL}/{rimage}")])
+            .status
+            .success(),
+        "the half-copied image is removed"
+    );
+
     let cimage = unique_image("crashclone");
     let _gc = guard(&conf, &cimage);
     d.cli(&clone_args(
@@ -520,5 +544,136 @@ fn rbd_snapshot_clone_flatten_survive_crashes() {
     let gw = Gateway::start(d.path(), &[]);
     qemu_io(&gw.uri("c"), &[read_p(0x42, 0, 16 * MIB)]);
     gw.stop();
+    d.cli(&["volume", "delete", "c", "--yes"]);
+}
+
+/// `volume clone NAME@SNAP NEW --key CMK` on RBD: a new image with its own DEK under another CMK,
+/// which cryptnbd layers over the snapshot itself (as a file clone): shared data is read with
+/// the snapshot's key (disabling that CMK makes the clone unattachable), the clone's writes,
+/// trims and zeroes never let the snapshot's data show through, deleting the snapshot is
+/// refused while the clone needs it, and flatten ends the dependency.
+#[test]
+fn rbd_clone_under_another_key_is_layered_by_cryptnbd() {
+    let test = "rbd_clone_under_another_key_is_layered_by_cryptnbd";
+    if !have_tools(test, &["qemu-io", "rbd"]) {
+        return;
+    }
+    let Some(conf) = ceph_conf(test) else { return };
+    let confs = conf.to_str().unwrap();
+    let d = DataDir::new();
+    let image = unique_image("keysnap");
+    let _g = create_rbd_volume(&d, &conf, "vm", &image, 16 * MIB, 4096);
+    let _gs = guard(&conf, &image);
+    let gw = Gateway::start(d.path(), &[]);
+    qemu_io(
+        &gw.uri("vm"),
+        &[
+            write_p(0xaa, 0, 8 * MIB),
+            write_p(0x11, 8 * MIB, 8 * MIB),
+            "flush".into(),
+        ],
+    );
+    gw.stop();
+    d.cli(&["volume", "snapshot", "vm@s"]);
+    d.cli(&["kms", "create-key", "--alias", "other"]);
+
+    let cimage = unique_image("keyclone");
+    let _gc = guard(&conf, &cimage);
+    let backend = format!("rbd:{POOL}/{cimage}");
+    let args = [
+        &clone_args("vm@s", "c", &backend, confs)[..],
+        &["--key", "alias/other"],
+    ]
+    .concat();
+    d.cli(&args);
+    let info = d.volume_info("c");
+    assert_eq!(info["parent"], "vm@s");
+    assert_ne!(info["key_id"], d.volume_info("vm")["key_id"]);
+    assert_ne!(d.unwrap_dek("c"), d.unwrap_dek("vm"), "its own data key");
+    let o = rbd(&conf, &["info", &format!("{POOL}/{cimage}")]);
+    assert!(
+        !text(&o).contains("parent:"),
+        "not an RBD clone: {}",
+        text(&o)
+    );
+
+    let gw = Gateway::start(d.path(), &[]);
+    let c = gw.uri("c");
+    qemu_io(
+        &c,
+        &[
+            read_p(0xaa, 0, 8 * MIB),
+            read_p(0x11, 8 * MIB, 8 * MIB),
+            write_p(0xcc, MIB, 64 << 10),
+            // TRIM is advisory in a layered clone (crate::volume::layer): a trimmed sector the
+            // clone wrote keeps the clone's data, never the snapshot's again.
+            write_p(0xdd, 8 * MIB, MIB),
+            format!("discard {} {}", 8 * MIB, 4 * MIB),
+            format!("write -z {} {}", 12 * MIB, 4 * MIB),
+            format!("write -z {} {}", 2 * MIB, 8192),
+            "flush".into(),
+        ],
+    );
+    let expect = [
+        read_p(0xaa, 0, MIB),
+        read_p(0xcc, MIB, 64 << 10),
+        read_p(0xaa, MIB + (64 << 10), MIB - (64 << 10)),
+        read_p(0, 2 * MIB, 8192),
+        read_p(0xaa, 2 * MIB + 8192, 6 * MIB - 8192),
+        read_p(0xdd, 8 * MIB, MIB),
+        read_p(0x11, 9 * MIB, 3 * MIB),
+        read_p(0, 12 * MIB, 4 * MIB),
+    ];
+    qemu_io(&c, &expect);
+    qemu_io(
+        &gw.uri("vm@s"),
+        &[read_p(0xaa, 0, 8 * MIB), read_p(0x11, 8 * MIB, 8 * MIB)],
+    );
+    gw.stop();
+
+    let o = cryptnbd(&d, None, &["check", "c"]);
+    assert!(o.status.success(), "check: {}", text(&o));
+    let list: serde_json::Value =
+        serde_json::from_str(&d.cli(&["volume", "snapshot", "list", "vm", "--json"])).unwrap();
+    assert_eq!(list[0]["clones"], serde_json::json!(["c"]), "{list}");
+    refused(&d, &["volume", "snapshot", "delete", "vm@s"], "\"c\"");
+    // The shared data needs the snapshot's key: with its CMK disabled the clone cannot attach.
+    d.cli(&["kms", "disable-key", KEY_ALIAS]);
+    refused(&d, &["volume", "export", "c", "--to", "/dev/null"], "vm@s");
+    d.cli(&["kms", "enable-key", KEY_ALIAS]);
+
+    // A snapshot of the layered clone, and a clone of that (layered by cryptnbd too, since
+    // librbd does not know the clone's parent): both read through two layers.
+    d.cli(&["volume", "snapshot", "c@x"]);
+    let dimage = unique_image("keyclone2");
+    let _gd = guard(&conf, &dimage);
+    d.cli(&clone_args(
+        "c@x",
+        "d",
+        &format!("rbd:{POOL}/{dimage}"),
+        confs,
+    ));
+    assert_eq!(d.volume_info("d")["parent"], "c@x");
+    refused(&d, &["volume", "snapshot", "delete", "vm@s"], "c@x");
+    let gw = Gateway::start(d.path(), &[]);
+    qemu_io(&gw.uri("c@x"), &expect);
+    qemu_io(&gw.uri("d"), &expect);
+    gw.stop();
+    let o = cryptnbd(&d, None, &["check", "d", "c@x"]);
+    assert!(o.status.success(), "check: {}", text(&o));
+    d.cli(&["volume", "delete", "d", "--yes"]);
+    d.cli(&["volume", "snapshot", "delete", "c@x"]);
+
+    // A flatten killed half-way leaves a consistent clone; running it again finishes.
+    crash_at(&d, "flatten-half", &["volume", "flatten", "c"]);
+    assert_eq!(d.volume_info("c")["parent"], "vm@s");
+    until_ok(&d, &["volume", "flatten", "c"]);
+    assert_eq!(d.volume_info("c")["parent"], serde_json::Value::Null);
+    d.cli(&["volume", "snapshot", "delete", "vm@s"]);
+    d.cli(&["kms", "disable-key", KEY_ALIAS]);
+    let gw = Gateway::start(d.path(), &[]);
+    qemu_io(&gw.uri("c"), &expect);
+    gw.stop();
+    d.cli(&["kms", "enable-key", KEY_ALIAS]);
     d.cli(&["volume", "delete", "c", "--yes"]);
 }

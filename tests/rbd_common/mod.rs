@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::clients_common::{run_bounded, run_ok, wait_bounded, DataDir, KEY_ALIAS};
+use std::process::Output;
 
 pub const POOL: &str = "rbd";
 
@@ -245,4 +246,42 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.signal(libc::SIGTERM);
     }
+}
+
+/// `cryptnbd --data-dir D ARGS…` with `CRYPTNBD_FAILPOINT=point` (if any); its output, whatever
+/// the exit status.
+pub fn cryptnbd(d: &DataDir, failpoint: Option<&str>, args: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_cryptnbd"));
+    c.arg("--data-dir")
+        .arg(d.path())
+        .args(args)
+        .env_remove("CRYPTNBD_PASSPHRASE")
+        .env_remove("CRYPTNBD_DATA_DIR")
+        .env_remove("CRYPTNBD_FAILPOINT");
+    if let Some(p) = failpoint {
+        c.env("CRYPTNBD_FAILPOINT", p);
+    }
+    run_bounded(&mut c, Duration::from_secs(300))
+}
+
+/// Standard output then standard error, as text.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Runs a command that must die at failpoint `point` (SIGABRT), like a crash between two steps.
+pub fn crash_at(d: &DataDir, point: &str, args: &[&str]) {
+    use std::os::unix::process::ExitStatusExt;
+    let o = cryptnbd(d, Some(point), args);
+    assert_eq!(
+        o.status.signal(),
+        Some(libc::SIGABRT),
+        "{args:?} should abort at failpoint {point}: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains(point), "{}", text(&o));
 }
