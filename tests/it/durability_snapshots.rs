@@ -118,7 +118,26 @@ fn snapshot_copy_flatten_and_delete_survive_a_crash_at_each_step() {
     );
     check_clean(d);
     assert!(!ok(d, &["volume", "list", "--json"]).contains("\"w\""));
+    // Undone, not resumed: what it had written is one partial file, reported by `check` and
+    // removed by `check --repair` (or by the next copy or create of that name).
+    let partial = || {
+        std::fs::read_dir(d.join("volumes"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".w.vol."))
+            .count()
+    };
+    assert_eq!(partial(), 1);
+    assert!(ok(d, &["check"]).contains("partial volume"));
+    assert!(ok(d, &["check", "--repair"]).contains("removed"));
+    assert_eq!(partial(), 0);
+    crash_at(
+        d,
+        "copy-half",
+        &["volume", "copy", "v@s1", "w", "--key", "alias/b"],
+    );
     ok(d, &["volume", "copy", "v@s1", "w", "--key", "alias/b"]);
+    assert_eq!(partial(), 0, "the retry removed what the crash left");
     assert_eq!(contents(d, "w"), want);
 
     // Flatten: crash half-way; the clone reads the same, the retry completes.
