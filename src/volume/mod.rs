@@ -5,7 +5,9 @@
 //! and write paths; `allocation` holds trim, write-zeroes, block status and cache.
 //!
 //! A volume may be a child layer over a read-only parent (a snapshot or a clone's origin): its
-//! never-written sectors are read from the parent chain (see `layer`).
+//! never-written sectors are read from the parent chain (see `layer`). An online snapshot puts a
+//! new top layer over an open volume while it is in use (see `stack`): every write, trim and
+//! write-zeroes passes a gate the snapshot closes for the milliseconds it takes.
 //!
 //! It knows nothing of NBD or CMKs: the header carries the key metadata opaquely, and whoever
 //! attaches the volume turns it into an [`XtsKey`] (see `crate::datadir`).
