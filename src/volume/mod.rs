@@ -34,9 +34,10 @@ mod submit;
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
+use crossbeam_utils::sync::ShardedLock;
 
 pub use allocation::Extent;
 pub use error::{Op, VolumeError};
@@ -76,8 +77,9 @@ pub struct Volume {
     /// The first failed sync, sticky: see [`Volume::flush`].
     writeback_error: OnceLock<String>,
     /// Held shared by every write, trim and write-zeroes while it runs, exclusively by an
-    /// online snapshot: draining those in flight and holding new ones (see `stack`).
-    gate: RwLock<()>,
+    /// online snapshot: draining those in flight and holding new ones (see `stack`). Sharded:
+    /// a writer touches its own shard's cache line, not one all connections share.
+    gate: ShardedLock<()>,
 }
 
 // The server shares one `Arc<Volume>` between connections and threads.
