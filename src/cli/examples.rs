@@ -81,6 +81,7 @@ const EXAMPLES: &[(&str, &str)] = &[
     ("ctl detach", "cryptnbd ctl detach vm1   # clients closed, volume flushed, its key dropped"),
     ("ctl attach", "cryptnbd ctl attach vm1"),
     ("ctl reload", "cryptnbd ctl reload   # as SIGHUP: certificates, CRLs and --allow rules"),
+    ("ctl snapshot", "cryptnbd ctl snapshot vm1@monday   # online: writes held for milliseconds"),
     ("ctl top", "cryptnbd ctl top\n  cryptnbd ctl top --iterations 5 --interval 2s"),
 ];
 

@@ -86,7 +86,7 @@ impl DataDir {
         repair: bool,
     ) -> Result<CheckReport, DataDirError> {
         let mut r = CheckReport::default();
-        self.check_files(&mut r);
+        self.check_files(&mut r, repair);
         self.check_intents(repair, &mut r);
         if let Some(ks) = ks {
             match ks.check_integrity() {
@@ -142,7 +142,7 @@ impl DataDir {
         }
     }
 
-    fn check_files(&self, r: &mut CheckReport) {
+    fn check_files(&self, r: &mut CheckReport, repair: bool) {
         let s = "data directory";
         // The files holding secrets are checked one by one below; the directory also guards the
         // Unix socket, so a loose mode is worth a warning.
@@ -166,12 +166,36 @@ impl DataDir {
             for e in entries.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
                 if n.starts_with('.') && n.ends_with(".tmp") {
-                    r.add(s, Severity::Warning, format!(
-                        "{} is a partial volume left by an interrupted create, import, copy, clone or snapshot (removed by the next one of that name, or delete it)",
-                        e.path().display()
-                    ));
+                    r.findings.push(self.partial_file(&e.path(), repair));
                 }
             }
+        }
+    }
+
+    /// A `.NAME.vol.*.tmp` file: a volume being built now (its builder holds it locked), or
+    /// one an interrupted create, import, copy, clone or snapshot left, which `repair` removes
+    /// (the operation was undone: the volume it was building never appeared).
+    fn partial_file(&self, path: &Path, repair: bool) -> Finding {
+        let live = std::fs::File::open(path).is_ok_and(|f| f.try_lock().is_err());
+        let shown = path.display();
+        let (message, repaired) = if live {
+            (
+                format!("{shown} is a volume being built by a running command"),
+                false,
+            )
+        } else if repair && std::fs::remove_file(path).is_ok() {
+            let _ = super::sync_dir(&self.volumes_dir());
+            (format!("removed {shown}, a partial volume left by an interrupted create, import, copy, clone or snapshot"), true)
+        } else {
+            (format!(
+                "{shown} is a partial volume left by an interrupted create, import, copy, clone or snapshot (`cryptnbd check --repair` removes it, as does the next one of that name)"
+            ), false)
+        };
+        Finding {
+            subject: "data directory".into(),
+            severity: Severity::Warning,
+            message,
+            repaired,
         }
     }
 

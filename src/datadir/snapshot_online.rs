@@ -121,17 +121,17 @@ impl DataDir {
         vol: &Volume,
     ) -> Result<OnlineSnapshot, DataDirError> {
         let (name, snap) = split_layer_name(target)?;
+        let refuse = |reason: &str| DataDirError::Invalid {
+            name: target.to_string(),
+            reason: reason.into(),
+        };
         if snap.is_none() {
-            return Err(DataDirError::InvalidName {
-                name: target.to_string(),
-                reason: "name the snapshot as NAME@SNAP",
-            });
+            return Err(refuse("name the snapshot as NAME@SNAP"));
         }
         if self.rbd_location(name)?.is_some() {
-            return Err(DataDirError::Invalid {
-                name: name.to_string(),
-                reason: "online snapshots of RBD volumes are not supported yet".into(),
-            });
+            return Err(refuse(
+                "online snapshots of RBD volumes are not supported yet",
+            ));
         }
         let head_path = self.existing(name)?;
         // Opened before anything changes: after the rename there must be nothing left to fail

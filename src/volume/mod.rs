@@ -5,7 +5,9 @@
 //! and write paths; `allocation` holds trim, write-zeroes, block status and cache.
 //!
 //! A volume may be a child layer over a read-only parent (a snapshot or a clone's origin): its
-//! never-written sectors are read from the parent chain (see `layer`).
+//! never-written sectors are read from the parent chain (see `layer`). An online snapshot puts a
+//! new top layer over an open volume while it is in use (see `stack`): every write, trim and
+//! write-zeroes passes a gate the snapshot closes for the milliseconds it takes.
 //!
 //! It knows nothing of NBD or CMKs: the header carries the key metadata opaquely, and whoever
 //! attaches the volume turns it into an [`XtsKey`] (see `crate::datadir`).
@@ -32,9 +34,10 @@ mod submit;
 
 use std::cell::RefCell;
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::ArcSwap;
+use crossbeam_utils::sync::ShardedLock;
 
 pub use allocation::Extent;
 pub use error::{Op, VolumeError};
@@ -74,8 +77,9 @@ pub struct Volume {
     /// The first failed sync, sticky: see [`Volume::flush`].
     writeback_error: OnceLock<String>,
     /// Held shared by every write, trim and write-zeroes while it runs, exclusively by an
-    /// online snapshot: draining those in flight and holding new ones (see `stack`).
-    gate: RwLock<()>,
+    /// online snapshot: draining those in flight and holding new ones (see `stack`). Sharded:
+    /// a writer touches its own shard's cache line, not one all connections share.
+    gate: ShardedLock<()>,
 }
 
 // The server shares one `Arc<Volume>` between connections and threads.

@@ -12,9 +12,10 @@
 //! layer fields (`layer_id`, `parent`) are those of the layer attached then.
 
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use arc_swap::{ArcSwap, Guard};
+use crossbeam_utils::sync::{ShardedLock, ShardedLockReadGuard, ShardedLockWriteGuard};
 
 use super::{Volume, VolumeError, VolumeHeader, LOCK_STRIPES};
 use crate::backend::Backend;
@@ -40,7 +41,7 @@ impl Deref for BackendRef {
 /// wait (see [`Volume::quiesce`]).
 pub struct Quiesced<'a> {
     vol: &'a Volume,
-    _gate: RwLockWriteGuard<'a, ()>,
+    _gate: ShardedLockWriteGuard<'a, ()>,
 }
 
 impl Volume {
@@ -60,7 +61,7 @@ impl Volume {
             target,
             locks: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             writeback_error: OnceLock::new(),
-            gate: RwLock::new(()),
+            gate: ShardedLock::new(()),
         }
     }
 
@@ -86,7 +87,7 @@ impl Volume {
 
     /// Entered by every write, trim and write-zeroes for its whole duration (once: the lock
     /// is not reentrant while a snapshot waits).
-    pub(super) fn enter(&self) -> RwLockReadGuard<'_, ()> {
+    pub(super) fn enter(&self) -> ShardedLockReadGuard<'_, ()> {
         self.gate.read().unwrap_or_else(|p| p.into_inner())
     }
 

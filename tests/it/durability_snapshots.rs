@@ -4,7 +4,7 @@
 //! each, every volume still reads exactly what it held, `check` finds no problem (a leftover is
 //! at most a warning), and running the command again completes it. The same on the power-loss
 //! file system (tests/lazyfs): each command, finished, survives a torn power loss; interrupted,
-//! it leaves the old state after one.
+//! it leaves the old state after one; an online snapshot, interrupted or finished, likewise.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -118,7 +118,26 @@ fn snapshot_copy_flatten_and_delete_survive_a_crash_at_each_step() {
     );
     check_clean(d);
     assert!(!ok(d, &["volume", "list", "--json"]).contains("\"w\""));
+    // Undone, not resumed: what it had written is one partial file, reported by `check` and
+    // removed by `check --repair` (or by the next copy or create of that name).
+    let partial = || {
+        std::fs::read_dir(d.join("volumes"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".w.vol."))
+            .count()
+    };
+    assert_eq!(partial(), 1);
+    assert!(ok(d, &["check"]).contains("partial volume"));
+    assert!(ok(d, &["check", "--repair"]).contains("removed"));
+    assert_eq!(partial(), 0);
+    crash_at(
+        d,
+        "copy-half",
+        &["volume", "copy", "v@s1", "w", "--key", "alias/b"],
+    );
     ok(d, &["volume", "copy", "v@s1", "w", "--key", "alias/b"]);
+    assert_eq!(partial(), 0, "the retry removed what the crash left");
     assert_eq!(contents(d, "w"), want);
 
     // Flatten: crash half-way; the clone reads the same, the retry completes.
@@ -214,20 +233,27 @@ fn snapshot_copy_flatten_and_delete_survive_power_loss() {
     assert!(ok(d, &["volume", "snapshot", "list", "v"]).contains("no snapshots"));
 }
 
-/// `serve` on `d` that dies at failpoint `point`; returns once its sockets are there.
-fn serve_crashing_at(d: &Path, point: &str) -> std::process::Child {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cryptnbd"))
-        .arg("--data-dir")
+/// `serve` on `d` that dies at failpoint `point` (if any), with its sockets in `socks`;
+/// returns once they are there.
+fn serve_crashing_at(d: &Path, socks: &Path, point: Option<&str>) -> std::process::Child {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_cryptnbd"));
+    c.arg("--data-dir")
         .arg(d)
         .arg("serve")
+        .arg("--socket")
+        .arg(socks.join("nbd.sock"))
+        .arg("--ctl")
+        .arg(socks.join("ctl.sock"))
         .env_remove("CRYPTNBD_PASSPHRASE")
-        .env(FAILPOINT_ENV, point)
+        .env_remove(FAILPOINT_ENV)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    if let Some(p) = point {
+        c.env(FAILPOINT_ENV, p);
+    }
+    let child = c.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !(d.join("nbd.sock").exists() && d.join("ctl.sock").exists()) {
+    while !(socks.join("nbd.sock").exists() && socks.join("ctl.sock").exists()) {
         assert!(Instant::now() < deadline, "serve did not open its sockets");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -245,7 +271,7 @@ fn an_online_snapshot_survives_the_server_killed_at_each_step() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path();
         let mut want = setup(d, d);
-        let mut srv = serve_crashing_at(d, point);
+        let mut srv = serve_crashing_at(d, d, Some(point));
         // A write acknowledged before the snapshot, not flushed: the process dies, the page
         // cache does not.
         let mut c = RawClient::unix(&d.join("nbd.sock"));
@@ -283,4 +309,88 @@ fn an_online_snapshot_survives_the_server_killed_at_each_step() {
         }
         check_clean(d);
     }
+}
+
+fn exited(srv: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = srv.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "serve still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_online_snapshot_survives_power_loss() {
+    let test = "an_online_snapshot_survives_power_loss";
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return skip_environment(test, "no /dev/fuse");
+    }
+    if find_tool("fusermount3").is_none() {
+        report_missing(test, "fusermount3 (Debian package fuse3)");
+        return;
+    }
+    let mnt = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let mounted = match lazyfs::LazyFs::mount(mnt.path()) {
+        Ok(m) => m,
+        Err(e) => return skip_environment(test, &format!("cannot mount FUSE: {e}")),
+    };
+    let fs = &mounted.fs;
+    let mut rng = rand::thread_rng();
+    let d = &mnt.path().join("data");
+    let w = work.path();
+    let mut want = setup(d, w);
+    let ctl = w.join("ctl.sock");
+    let fua = cryptnbd::nbd::consts::CMD_FLAG_FUA;
+
+    // Interrupted (the server dies after linking the snapshot), then the plug pulled: no
+    // snapshot, and every write made durable (FUA) before it is there.
+    let mut srv = serve_crashing_at(d, w, Some("snapshot-linked"));
+    let mut c = RawClient::unix(&w.join("nbd.sock"));
+    c.connect_export("v", true);
+    assert_eq!(c.write(1, 7 << 20, &[0xEE; 65536], fua).error(), 0);
+    want[7 * MIB..7 * MIB + 65536].fill(0xEE);
+    let o = cmd(d)
+        .args(["ctl", "--ctl", ctl.to_str().unwrap(), "snapshot", "v@s1"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    exited(&mut srv);
+    fs.power_loss_torn(&mut rng);
+    assert_eq!(contents_via(d, w, "v"), want, "interrupted: the volume");
+    assert!(ok(d, &["volume", "snapshot", "list", "v"]).contains("no snapshots"));
+    check_clean(d);
+
+    // Completed, then more durable writes, then the plug pulled: the snapshot holds what was
+    // written before it, the volume everything.
+    let _ = std::fs::remove_file(w.join("nbd.sock"));
+    let _ = std::fs::remove_file(&ctl);
+    let mut srv = serve_crashing_at(d, w, None);
+    let mut c = RawClient::unix(&w.join("nbd.sock"));
+    c.connect_export("v", true);
+    let o = cmd(d)
+        .args(["ctl", "--ctl", ctl.to_str().unwrap(), "snapshot", "v@s1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let snap = want.clone();
+    assert_eq!(c.write(2, 6 << 20, &[0xDD; 65536], fua).error(), 0);
+    want[6 * MIB..6 * MIB + 65536].fill(0xDD);
+    let _ = srv.kill();
+    exited(&mut srv);
+    fs.power_loss_torn(&mut rng);
+    assert_eq!(
+        contents_via(d, w, "v@s1"),
+        snap,
+        "the snapshot after a power loss"
+    );
+    assert_eq!(
+        contents_via(d, w, "v"),
+        want,
+        "the volume after a power loss"
+    );
+    check_clean(d);
 }

@@ -213,4 +213,10 @@ fn online_snapshots_hold_exactly_a_prefix_of_the_acknowledged_writes() {
     let o = s.cli(&["ctl", "snapshot", "disk0@s0"]);
     assert!(!o.status.success());
     assert!(text(&o).contains("already exists"), "{}", text(&o));
+    let o = s.cli(&["ctl", "snapshot", "nosuch@s0"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("no export"), "{}", text(&o));
+    let o = s.cli(&["ctl", "snapshot", "disk0"]);
+    assert!(!o.status.success());
+    assert!(text(&o).contains("NAME@SNAP"), "{}", text(&o));
 }
