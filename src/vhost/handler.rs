@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::sync::{Arc, RwLock};
 
-use tracing::warn;
+use tracing::{info, warn};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -402,6 +402,12 @@ impl VhostUserBackendReqHandlerMut for Handler {
             warn!(socket = %self.dev.socket, "refusing the inflight region: {e}");
             invalid()
         })?;
+        info!(
+            socket = %self.dev.socket,
+            queues = msg.num_queues,
+            queue_size = msg.queue_size,
+            "inflight region mapped: requests a previous server left in flight are redone"
+        );
         self.stop_all();
         self.inflight = Some(Arc::new(region));
         self.restart_all()
