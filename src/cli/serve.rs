@@ -574,6 +574,11 @@ fn run_with(
     let vhost = super::vhost::start_all(
         &args.vhost_user_blk,
         &*provider,
+        &cryptnbd::vhost::VhostAccess {
+            peers: peers.clone(),
+            policy: policy.clone(),
+            own_uid: nix::unistd::geteuid().as_raw(),
+        },
         args.socket_mode,
         socket_gid,
     )?;

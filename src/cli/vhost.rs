@@ -11,7 +11,7 @@ use tracing::info;
 
 use cryptnbd::server::peer::set_socket_permissions;
 use cryptnbd::server::ExportProvider;
-use cryptnbd::vhost::{self, VhostBlkExport, VhostBlkServer};
+use cryptnbd::vhost::{self, VhostAccess, VhostBlkExport, VhostBlkServer};
 
 /// Splits `PATH=EXPORT` at its last `=` (a socket path may contain one, an export name not).
 pub fn parse_spec(s: &str) -> Result<(PathBuf, String), String> {
@@ -25,6 +25,7 @@ pub fn parse_spec(s: &str) -> Result<(PathBuf, String), String> {
 pub fn start_all(
     specs: &[(PathBuf, String)],
     provider: &dyn ExportProvider,
+    access: &VhostAccess,
     socket_mode: Option<u32>,
     socket_gid: Option<u32>,
 ) -> anyhow::Result<Vec<VhostBlkServer>> {
@@ -49,6 +50,7 @@ pub fn start_all(
             socket: path.clone(),
             name: name.clone(),
             volume,
+            access: access.clone(),
         })?;
         set_socket_permissions(path, socket_mode, socket_gid)?;
         super::say(&format!(

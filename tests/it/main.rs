@@ -80,6 +80,7 @@ mod server_reload;
 mod server_sticky_writeback;
 mod server_tls;
 mod server_volume;
+mod vhost_access;
 mod vhost_guest;
 mod volume_datadir;
 mod volume_exclusive;
