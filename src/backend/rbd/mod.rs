@@ -34,13 +34,13 @@ mod disabled;
 
 #[cfg(feature = "rbd")]
 pub use backend::{create_image, remove_image, RbdBackend};
-#[cfg(feature = "rbd")]
-pub use rados_obj::{RadosPool, Watch};
 #[cfg(not(feature = "rbd"))]
 pub use disabled::{
     clone_image, create_image, create_snapshot_online, list_snapshots, remove_image,
     remove_snapshot, RbdBackend,
 };
+#[cfg(feature = "rbd")]
+pub use rados_obj::{RadosPool, Watch};
 #[cfg(feature = "rbd")]
 pub use snapshots::{clone_image, create_snapshot_online, list_snapshots, remove_snapshot};
 
