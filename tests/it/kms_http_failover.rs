@@ -171,7 +171,7 @@ fn two_instances(tmp: &Path) -> TwoInstances {
 }
 
 /// `cryptnbd volume create NAME` on the storage host with `--kms-url` for each of `urls`.
-fn create(store: &Path, name: &str, urls: &str, cred: &Path) -> std::process::Output {
+pub(crate) fn create(store: &Path, name: &str, urls: &str, cred: &Path) -> std::process::Output {
     Command::new(BIN)
         .arg("--data-dir")
         .arg(store)
@@ -182,7 +182,7 @@ fn create(store: &Path, name: &str, urls: &str, cred: &Path) -> std::process::Ou
 }
 
 /// Attaches `name` (nbdinfo reads its size through the gateway) and asserts it works.
-fn attaches(sock: &Path, name: &str, serve: &Serve) {
+pub(crate) fn attaches(sock: &Path, name: &str, serve: &Serve) {
     let (ok, out, err) = common::run_bounded(
         Command::new("nbdinfo").arg("--size").arg(uri(sock, name)),
         Duration::from_secs(60),

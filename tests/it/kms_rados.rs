@@ -3,8 +3,8 @@
 //! two writers racing on the same object (every change present); two `kms serve` instances on one
 //! store hammered concurrently by the official SDK (every acknowledged change visible through
 //! both); one instance SIGKILLed mid-change (the store stays consistent, `check` is clean, the other
-//! instance carries on); hvac against the joined instance; export/import between a file store and
-//! RADOS.
+//! instance carries on); hvac against the joined instance; a storage gateway with both instances'
+//! URLs attaching while the first is stopped; export/import between a file store and RADOS.
 #![cfg(feature = "rbd")]
 
 use crate::kms_http_support;
@@ -548,4 +548,48 @@ fn compare_and_swap_on_one_rados_object_retries_the_loser() {
         3,
         "the loser re-applied its change once"
     );
+}
+
+#[test]
+fn a_gateway_attaches_while_one_rados_instance_is_stopped() {
+    use crate::kms_http_failover::{attaches, create};
+    use crate::kms_http_remote::start_serve;
+    if !crate::common::require_tool("/usr/bin/nbdinfo") {
+        return;
+    }
+    let Some(s) = shared("a_gateway_attaches_while_one_rados_instance_is_stopped") else {
+        return;
+    };
+    cli(&s.a, &["kms", "create-key", "--alias", "vols"]);
+    let cred = s.a.parent().unwrap().join("storage.cred");
+    let c = cred.to_str().unwrap();
+    cli(
+        &s.a,
+        &[
+            "kms",
+            "credential",
+            "create",
+            "storage-1",
+            "--project",
+            "p1",
+            "--admin",
+            "--output",
+            c,
+        ],
+    );
+    let (mut a, b) = (KmsServer::start(&s.a, &[]), KmsServer::start(&s.b, &[]));
+    let store = s.a.parent().unwrap().join("storage-host");
+    let ab = format!("{},{}", a.url, b.url);
+    let out = create(&store, "v1", &ab, &cred);
+    assert!(out.status.success(), "{out:?}");
+    // Host A (the instance every client tries first) goes down: attach and create go through B.
+    a.stop();
+    let sock = s.a.parent().unwrap().join("gw.sock");
+    let serve = start_serve(&store, &sock, &ab, &cred);
+    attaches(&sock, "v1", &serve);
+    let out = create(&store, "v2", &ab, &cred);
+    assert!(out.status.success(), "{out:?}");
+    attaches(&sock, "v2", &serve);
+    let log = std::fs::read_to_string(&serve.log).unwrap();
+    assert!(log.contains(&format!("url={}", b.url)), "{log}");
 }
