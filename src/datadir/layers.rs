@@ -17,7 +17,7 @@ use crate::kms::KeyProvider;
 use crate::volume::{ParentRef, Volume, VolumeHeader};
 
 /// Most layers under one volume (a guard against a cycle of hand-edited headers).
-const MAX_DEPTH: usize = 64;
+pub(super) const MAX_DEPTH: usize = 64;
 /// Bytes flattened or copied per step.
 const STEP: u64 = 1 << 20;
 

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use super::create::remove_stale_temporaries;
+use super::layers::MAX_DEPTH;
 use super::rbd_intent::failpoint;
 use super::{io_err, split_layer_name, sync_dir, try_lock, DataDir, DataDirError};
 use crate::backend::{Backend, FileBackend};
@@ -64,6 +65,7 @@ impl DataDir {
             });
         }
         let mut h = VolumeHeader::read_from(head).map_err(Self::vol_err(name))?;
+        self.check_depth(target, &h)?;
         if h.layer_id.is_none() {
             // A v1 volume gets a layer id (and so format v2) before anything can name it.
             h.layer_id = Some(Uuid::new_v4());
@@ -111,6 +113,30 @@ impl DataDir {
             return Err(e);
         }
         Ok(NewHead { file, snapshot: h })
+    }
+
+    /// Refuses a snapshot that would put the head more than [`MAX_DEPTH`] layers above its
+    /// base: attach would refuse the volume afterwards, and every read falls through the chain.
+    fn check_depth(&self, target: &str, head: &VolumeHeader) -> Result<(), DataDirError> {
+        let mut parent = head.parent.clone();
+        let mut depth = 1;
+        while let Some(p) = parent {
+            depth += 1;
+            if depth > MAX_DEPTH {
+                return Err(DataDirError::Invalid {
+                    name: target.to_string(),
+                    reason: format!(
+                        "the volume would have more than {MAX_DEPTH} layers: delete older snapshots first"
+                    ),
+                });
+            }
+            let path = self.layer_path(&p.name)?;
+            parent = FileBackend::open(&path, true)
+                .ok()
+                .and_then(|b| VolumeHeader::read_from(&b).ok())
+                .and_then(|h| h.parent);
+        }
+        Ok(())
     }
 
     /// Takes snapshot `target` (`NAME@SNAP`) of volume NAME while `vol` (NAME, attached

@@ -170,21 +170,34 @@ fn snapshot_copy_flatten_and_delete_survive_a_crash_at_each_step() {
     check_clean(d);
 }
 
-#[test]
-fn snapshot_copy_flatten_and_delete_survive_power_loss() {
-    let test = "snapshot_copy_flatten_and_delete_survive_power_loss";
+/// A power-loss file system (tests/lazyfs) mounted for `test`, and a work directory beside it;
+/// `None` (reported) where FUSE is not available.
+fn power_loss_fs(test: &str) -> Option<(tempfile::TempDir, tempfile::TempDir, lazyfs::Mounted)> {
     if !std::path::Path::new("/dev/fuse").exists() {
-        return skip_environment(test, "no /dev/fuse");
+        skip_environment(test, "no /dev/fuse");
+        return None;
     }
     if find_tool("fusermount3").is_none() {
         report_missing(test, "fusermount3 (Debian package fuse3)");
-        return;
+        return None;
     }
     let mnt = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
-    let mounted = match lazyfs::LazyFs::mount(mnt.path()) {
-        Ok(m) => m,
-        Err(e) => return skip_environment(test, &format!("cannot mount FUSE: {e}")),
+    match lazyfs::LazyFs::mount(mnt.path()) {
+        Ok(m) => Some((mnt, work, m)),
+        Err(e) => {
+            skip_environment(test, &format!("cannot mount FUSE: {e}"));
+            None
+        }
+    }
+}
+
+#[test]
+fn snapshot_copy_flatten_and_delete_survive_power_loss() {
+    let Some((mnt, work, mounted)) =
+        power_loss_fs("snapshot_copy_flatten_and_delete_survive_power_loss")
+    else {
+        return;
     };
     let fs = &mounted.fs;
     let mut rng = rand::thread_rng();
@@ -324,19 +337,8 @@ fn exited(srv: &mut std::process::Child) -> std::process::ExitStatus {
 
 #[test]
 fn an_online_snapshot_survives_power_loss() {
-    let test = "an_online_snapshot_survives_power_loss";
-    if !std::path::Path::new("/dev/fuse").exists() {
-        return skip_environment(test, "no /dev/fuse");
-    }
-    if find_tool("fusermount3").is_none() {
-        report_missing(test, "fusermount3 (Debian package fuse3)");
+    let Some((mnt, work, mounted)) = power_loss_fs("an_online_snapshot_survives_power_loss") else {
         return;
-    }
-    let mnt = tempfile::tempdir().unwrap();
-    let work = tempfile::tempdir().unwrap();
-    let mounted = match lazyfs::LazyFs::mount(mnt.path()) {
-        Ok(m) => m,
-        Err(e) => return skip_environment(test, &format!("cannot mount FUSE: {e}")),
     };
     let fs = &mounted.fs;
     let mut rng = rand::thread_rng();

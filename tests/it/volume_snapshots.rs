@@ -266,3 +266,16 @@ fn check_reports_a_missing_parent_and_an_interrupted_snapshot() {
         r.findings
     );
 }
+
+#[test]
+fn a_snapshot_beyond_the_chain_depth_limit_is_refused() {
+    let f = setup();
+    for i in 0..64 {
+        f.dd.snapshot(&format!("vol@d{i}")).unwrap();
+    }
+    let e = f.dd.snapshot("vol@d64").unwrap_err();
+    assert!(e.to_string().contains("layers"), "{e}");
+    // The volume, 64 layers deep, still attaches and reads through them all.
+    let v = attach(&f.dd, f.keys(), "vol");
+    assert_eq!(read(&v, 0, 4096), vec![0xA1; 4096]);
+}
