@@ -21,6 +21,23 @@ pub(super) const MAX_DEPTH: usize = 64;
 /// Bytes flattened or copied per step.
 const STEP: u64 = 1 << 20;
 
+/// Makes `header` a new layer whose parent is snapshot `source` (header `sh`, layer id
+/// `layer_id`): what a clone's header records of the layer it was made on.
+pub(super) fn link_to_parent(
+    header: &mut VolumeHeader,
+    source: &str,
+    sh: &VolumeHeader,
+    layer_id: Uuid,
+) {
+    header.layer_id = Some(Uuid::new_v4());
+    header.parent = Some(ParentRef {
+        name: source.to_string(),
+        volume_id: sh.volume_id,
+        layer_id,
+        size: sh.size,
+    });
+}
+
 impl DataDir {
     /// Links `vol` (layer `name`, already attached) to its parents, each attached read-only.
     pub(super) fn attach_parents(
@@ -39,29 +56,22 @@ impl DataDir {
                 reason: format!("more than {MAX_DEPTH} layers below it"),
             });
         }
+        let missing = |e| match e {
+            DataDirError::NotFound { path, .. } => DataDirError::MissingParent {
+                name: name.to_string(),
+                parent: p.name.clone(),
+                path,
+            },
+            e => e,
+        };
+        // A snapshot of an RBD volume (which attaches its own parents, if any).
         if let Some((loc, snap)) = self.rbd_snapshot_location(&p.name)? {
-            let pv = match self.attach_rbd_snapshot_at(keys, &p.name, &loc, &snap, depth + 1) {
-                Err(DataDirError::NotFound { path, .. }) => {
-                    return Err(DataDirError::MissingParent {
-                        name: name.to_string(),
-                        parent: p.name.clone(),
-                        path,
-                    })
-                }
-                r => r?,
-            };
+            let pv = self
+                .attach_rbd_snapshot_at(keys, &p.name, &loc, &snap, depth + 1)
+                .map_err(missing)?;
             return vol.with_parent(Arc::new(pv)).map_err(Self::vol_err(name));
         }
-        let parent = match self.open_locked(&p.name, false, false) {
-            Err(DataDirError::NotFound { path, .. }) => {
-                return Err(DataDirError::MissingParent {
-                    name: name.to_string(),
-                    parent: p.name.clone(),
-                    path,
-                })
-            }
-            r => r?,
-        };
+        let parent = self.open_locked(&p.name, false, false).map_err(missing)?;
         let h = VolumeHeader::read_from(&parent).map_err(Self::vol_err(&p.name))?;
         let key = self.unwrap_key(keys, &p.name, &h)?;
         let pv =
@@ -107,13 +117,7 @@ impl DataDir {
         self.volume_path(new)?;
         self.check_free(new)?;
         let (mut header, xts) = self.new_header(keys, new, sh.size, &cmk, opts)?;
-        header.layer_id = Some(Uuid::new_v4());
-        header.parent = Some(ParentRef {
-            name: source.to_string(),
-            volume_id: sh.volume_id,
-            layer_id,
-            size: sh.size,
-        });
+        link_to_parent(&mut header, source, &sh, layer_id);
         let nv = self.build_with(new, &header, &xts)?;
         let header = nv.volume.header().clone();
         nv.publish(self, new)?;

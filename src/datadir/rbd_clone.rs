@@ -22,13 +22,14 @@
 
 use uuid::Uuid;
 
+use super::layers::link_to_parent;
 use super::rbd::{allocated, rbd_err};
 use super::rbd_intent::{failpoint, Op};
 use super::rbd_snapshot::invalid;
 use super::{volume_context, DataDir, DataDirError};
 use crate::backend::rbd::{self as rbd, RbdBackend, RbdLocation};
 use crate::kms::KeyProvider;
-use crate::volume::{ParentRef, VolumeHeader};
+use crate::volume::VolumeHeader;
 
 impl DataDir {
     /// `volume clone NAME@SNAP NEW` of an RBD snapshot: an RBD clone v2 at `dest` (default: the
@@ -74,13 +75,7 @@ impl DataDir {
         header.generation = 0;
         header.volume_id = Uuid::new_v4();
         header.created = VolumeHeader::new(header.volume_id, sh.size, sh.sector_size).created;
-        header.layer_id = Some(Uuid::new_v4());
-        header.parent = Some(ParentRef {
-            name: source.to_string(),
-            volume_id: sh.volume_id,
-            layer_id,
-            size: sh.size,
-        });
+        link_to_parent(&mut header, source, &sh, layer_id);
         // The snapshot's DEK, re-wrapped for the clone's own context (same CMK, newest version).
         let ctx = volume_context(header.volume_id);
         let w = keys
@@ -156,13 +151,7 @@ impl DataDir {
             discard: sh.discard,
         };
         let (mut header, xts) = self.new_header(keys, new, sh.size, key, opts)?;
-        header.layer_id = Some(Uuid::new_v4());
-        header.parent = Some(ParentRef {
-            name: source.to_string(),
-            volume_id: sh.volume_id,
-            layer_id: sh.layer_id.unwrap_or_default(),
-            size: sh.size,
-        });
+        link_to_parent(&mut header, source, sh, sh.layer_id.unwrap_or_default());
         let header = self.create_rbd_from(new, &header, &xts, dloc, true, |_| Ok(()))?;
         tracing::info!(volume = new, source, image = %dloc, key_id = %header.key_id,
             "RBD volume cloned under another key (layered by cryptnbd)");
