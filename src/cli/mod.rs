@@ -14,6 +14,7 @@ mod kms_store;
 pub mod rbd;
 pub mod remote;
 pub mod serve;
+pub mod serve_attach;
 pub mod serve_config;
 pub mod serve_ops;
 pub mod vhost;
