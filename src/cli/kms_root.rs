@@ -13,6 +13,7 @@ use cryptnbd::kms::{InitRoot, KeyStore, KmsError, RadosStore, RootSecret, System
 use serde_json::json;
 use zeroize::Zeroizing;
 
+use super::rbd::CephArgs;
 use super::{print_json, Global};
 
 /// The environment variable holding the key store passphrase.
@@ -84,35 +85,19 @@ pub struct StoreArgs {
     /// the data directory then keeps the root key, the audit log and a marker, store.json).
     #[arg(long, default_value = "dir", value_name = "dir|rados:POOL[/NS]")]
     store: String,
-    /// Ceph config file (default: $CEPH_CONF, then /etc/ceph/ceph.conf). Kept in the marker.
-    #[arg(long, value_name = "FILE", env = "CEPH_CONF")]
-    ceph_conf: Option<PathBuf>,
-    /// Ceph client id, without `client.` (default: admin). Kept in the marker.
-    #[arg(long, value_name = "ID")]
-    ceph_id: Option<String>,
-    /// Ceph keyring (default: the one the config names). Kept in the marker.
-    #[arg(long, value_name = "FILE")]
-    keyring: Option<PathBuf>,
+    #[command(flatten)]
+    ceph: CephArgs,
 }
 
 impl StoreArgs {
     /// The RADOS store asked for, or `None` for the data directory.
     pub fn rados(&self) -> anyhow::Result<Option<RadosStore>> {
         if self.store == "dir" {
-            if self.ceph_id.is_some() || self.keyring.is_some() {
-                bail!("--ceph-id and --keyring only apply to --store rados:POOL[/NAMESPACE]");
-            }
+            self.ceph.refuse_unused("--store rados:POOL[/NAMESPACE]")?;
             return Ok(None);
         }
         let mut r = RadosStore::parse(&self.store).map_err(anyhow::Error::msg)?;
-        // Kept in the marker, which must not depend on the current directory.
-        let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
-        r.ceph_conf = self.ceph_conf.as_ref().map(absolute);
-        r.client_id = self
-            .ceph_id
-            .as_ref()
-            .map(|i| i.strip_prefix("client.").unwrap_or(i).to_string());
-        r.keyring = self.keyring.as_ref().map(absolute);
+        r.ceph = self.ceph.client();
         Ok(Some(r))
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
-use cryptnbd::backend::rbd::{check_rbd_name, RbdLocation, SUPPORTED};
+use cryptnbd::backend::rbd::{check_rbd_name, CephClient, RbdLocation, SUPPORTED};
 
 /// What `--help` says about RBD in this build.
 pub const RBD_SUPPORT: &str = if SUPPORTED {
@@ -25,17 +25,52 @@ pub struct BackendArgs {
     #[arg(long, default_value = "file", value_name = "file|rbd:POOL[/IMAGE]")]
     backend: String,
 
-    /// Ceph config file (default: $CEPH_CONF, then /etc/ceph/ceph.conf). Stored with the volume.
+    #[command(flatten)]
+    ceph: CephArgs,
+}
+
+/// How to reach the Ceph cluster, for RBD volumes and RADOS key stores alike. The values are
+/// recorded (in the volume's reference, in the key store's marker) so later commands and the
+/// server connect the same way.
+#[derive(Args, Debug, Clone, Default)]
+pub struct CephArgs {
+    /// Ceph config file (default: $CEPH_CONF, then /etc/ceph/ceph.conf). Recorded with the volume
+    /// or key store.
     #[arg(long, value_name = "FILE", env = "CEPH_CONF")]
     ceph_conf: Option<PathBuf>,
 
-    /// Ceph client id, without `client.` (default: admin). Stored with the volume.
+    /// Ceph client id, without `client.` (default: admin). Recorded with the volume or key store.
     #[arg(long, value_name = "ID")]
     ceph_id: Option<String>,
 
-    /// Ceph keyring (default: the one the config names). Stored with the volume.
+    /// Ceph keyring (default: the one the config names). Recorded with the volume or key store.
     #[arg(long, value_name = "FILE")]
     keyring: Option<PathBuf>,
+}
+
+impl CephArgs {
+    /// Refuses `--ceph-id`/`--keyring` when nothing uses Ceph (`--ceph-conf` may come from
+    /// `$CEPH_CONF`, so it is not an error); `needs` names the option that would use them.
+    pub fn refuse_unused(&self, needs: &str) -> anyhow::Result<()> {
+        if self.ceph_id.is_some() || self.keyring.is_some() {
+            bail!("--ceph-id and --keyring only apply to {needs}");
+        }
+        Ok(())
+    }
+
+    /// The settings to record: paths made absolute (a recorded path must not depend on the
+    /// current directory), the id without its `client.` prefix.
+    pub fn client(&self) -> CephClient {
+        let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+        CephClient {
+            ceph_conf: self.ceph_conf.as_ref().map(absolute),
+            client_id: self
+                .ceph_id
+                .as_ref()
+                .map(|i| i.strip_prefix("client.").unwrap_or(i).to_string()),
+            keyring: self.keyring.as_ref().map(absolute),
+        }
+    }
 }
 
 impl BackendArgs {
@@ -43,9 +78,7 @@ impl BackendArgs {
     pub fn location(&self, name: &str) -> anyhow::Result<Option<RbdLocation>> {
         let rest = match self.backend.as_str() {
             "file" => {
-                if self.ceph_id.is_some() || self.keyring.is_some() {
-                    bail!("--ceph-id and --keyring only apply to --backend rbd:POOL[/IMAGE]");
-                }
+                self.ceph.refuse_unused("--backend rbd:POOL[/IMAGE]")?;
                 return Ok(None);
             }
             b => match b.strip_prefix("rbd:") {
@@ -62,17 +95,10 @@ impl BackendArgs {
         if !SUPPORTED {
             bail!("{RBD_SUPPORT}");
         }
-        let absolute = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
         Ok(Some(RbdLocation {
             pool: pool.to_string(),
             image: image.to_string(),
-            // Stored in the reference, which must not depend on the current directory.
-            ceph_conf: self.ceph_conf.as_ref().map(absolute),
-            client_id: self
-                .ceph_id
-                .as_ref()
-                .map(|i| i.strip_prefix("client.").unwrap_or(i).to_string()),
-            keyring: self.keyring.as_ref().map(absolute),
+            ceph: self.ceph.client(),
         }))
     }
 }
@@ -84,9 +110,11 @@ mod tests {
     fn args(backend: &str) -> BackendArgs {
         BackendArgs {
             backend: backend.into(),
-            ceph_conf: Some("c.conf".into()),
-            ceph_id: Some("client.gw".into()),
-            keyring: None,
+            ceph: CephArgs {
+                ceph_conf: Some("c.conf".into()),
+                ceph_id: Some("client.gw".into()),
+                keyring: None,
+            },
         }
     }
 
@@ -95,8 +123,8 @@ mod tests {
         if SUPPORTED {
             let l = args("rbd:pool1").location("vm1").unwrap().unwrap();
             assert_eq!((l.pool.as_str(), l.image.as_str()), ("pool1", "vm1"));
-            assert_eq!(l.client_id.as_deref(), Some("gw"));
-            assert!(l.ceph_conf.unwrap().is_absolute());
+            assert_eq!(l.ceph.client_id.as_deref(), Some("gw"));
+            assert!(l.ceph.ceph_conf.unwrap().is_absolute());
             let l = args("rbd:p/img").location("vm1").unwrap().unwrap();
             assert_eq!(l.image, "img");
         } else {
@@ -107,7 +135,7 @@ mod tests {
             "ceph options without rbd"
         );
         let mut f = args("file");
-        f.ceph_id = None;
+        f.ceph.ceph_id = None;
         assert!(f.location("vm1").unwrap().is_none());
         for bad in ["nfs:x", "rbd:", "rbd:p/a@snap", "rbd:p/"] {
             assert!(args(bad).location("vm1").is_err(), "{bad}");

@@ -391,9 +391,11 @@ mod tests {
         RbdLocation {
             pool: "rbd".into(),
             image: "vm1".into(),
-            ceph_conf: Some("/etc/ceph/ceph.conf".into()),
-            client_id: Some("gw".into()),
-            keyring: None,
+            ceph: crate::backend::rbd::CephClient {
+                ceph_conf: Some("/etc/ceph/ceph.conf".into()),
+                client_id: Some("gw".into()),
+                keyring: None,
+            },
         }
     }
 

@@ -5,13 +5,14 @@
 //! the store is and how to reach the cluster (as for RBD volumes: config file, client id,
 //! keyring) — never a secret; the root of trust (`root.key` or the passphrase) stays on each host.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::objects::{FileObjects, ObjectStore};
 use super::KmsError;
+use crate::backend::rbd::CephClient;
 
 pub const MARKER_FILE: &str = "store.json";
 const MARKER_FORMAT: &str = "cryptnbd-store-location";
@@ -26,13 +27,9 @@ pub struct RadosStore {
     /// The RADOS namespace (empty: the default one).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub namespace: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ceph_conf: Option<PathBuf>,
-    /// The cephx user without `client.`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub keyring: Option<PathBuf>,
+    /// How to reach the cluster, as for RBD volumes (flattened: the marker's format is unchanged).
+    #[serde(flatten)]
+    pub ceph: CephClient,
 }
 
 impl std::fmt::Display for RadosStore {
@@ -61,9 +58,7 @@ impl RadosStore {
         Ok(RadosStore {
             pool: pool.into(),
             namespace: namespace.into(),
-            ceph_conf: None,
-            client_id: None,
-            keyring: None,
+            ceph: CephClient::default(),
         })
     }
 }
@@ -207,8 +202,11 @@ mod tests {
         std::fs::copy(golden, dir.path().join(MARKER_FILE)).unwrap();
         let r = read_marker(dir.path()).unwrap().unwrap();
         assert_eq!(r.to_string(), "rados:kms/prod");
-        assert_eq!(r.client_id.as_deref(), Some("kms"));
-        assert_eq!(r.keyring, Some("/etc/ceph/ceph.client.kms.keyring".into()));
+        assert_eq!(r.ceph.client_id.as_deref(), Some("kms"));
+        assert_eq!(
+            r.ceph.keyring,
+            Some("/etc/ceph/ceph.client.kms.keyring".into())
+        );
         let again = tempfile::tempdir().unwrap();
         write_marker(again.path(), &r).unwrap();
         assert_eq!(

@@ -72,9 +72,9 @@ pub struct RadosObjects {
 impl RadosObjects {
     pub fn connect(store: &RadosStore) -> Result<RadosObjects, KmsError> {
         let pool = RadosPool::connect(
-            store.ceph_conf.as_deref(),
-            store.client_id.as_deref(),
-            store.keyring.as_deref(),
+            store.ceph.ceph_conf.as_deref(),
+            store.ceph.client_id.as_deref(),
+            store.ceph.keyring.as_deref(),
             &store.pool,
             &store.namespace,
         )

@@ -504,10 +504,8 @@ fn compare_and_swap_on_one_rados_object_retries_the_loser() {
         return;
     };
     let spec = cryptnbd::kms::RadosStore::parse(&s.spec).unwrap();
-    let store = cryptnbd::kms::RadosStore {
-        ceph_conf: Some(s.conf.clone()),
-        ..spec
-    };
+    let mut store = spec;
+    store.ceph.ceph_conf = Some(s.conf.clone());
     let barrier = Arc::new(std::sync::Barrier::new(2));
     let calls = Arc::new(AtomicU32::new(0));
     let writers: Vec<_> = ["gw-a", "gw-b"]

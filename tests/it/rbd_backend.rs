@@ -22,9 +22,10 @@ fn location(test: &str) -> Option<RbdLocation> {
     Some(RbdLocation {
         pool: POOL.into(),
         image: unique_image("backend"),
-        ceph_conf: Some(conf),
-        client_id: None,
-        keyring: None,
+        ceph: cryptnbd::backend::rbd::CephClient {
+            ceph_conf: Some(conf),
+            ..Default::default()
+        },
     })
 }
 

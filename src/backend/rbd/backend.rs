@@ -38,17 +38,17 @@ impl std::fmt::Debug for RbdBackend {
 
 pub(super) fn connect(loc: &RbdLocation) -> Result<Arc<IoCtx>, RbdError> {
     let opts = ConnectOptions {
-        conf: loc.ceph_conf.as_deref(),
-        client_id: loc.client_id.as_deref(),
-        keyring: loc.keyring.as_deref(),
+        conf: loc.ceph.ceph_conf.as_deref(),
+        client_id: loc.ceph.client_id.as_deref(),
+        keyring: loc.ceph.keyring.as_deref(),
     };
     let cluster = Cluster::connect(&opts).map_err(|source| RbdError::Connect {
         location: loc.to_string(),
-        conf: loc.ceph_conf.as_ref().map_or_else(
+        conf: loc.ceph.ceph_conf.as_ref().map_or_else(
             || "from $CEPH_CONF or /etc/ceph/ceph.conf".into(),
             |p| p.display().to_string(),
         ),
-        id: loc.client_id.clone().unwrap_or_else(|| "admin".into()),
+        id: loc.ceph.client_id.clone().unwrap_or_else(|| "admin".into()),
         source,
     })?;
     cluster.ioctx(&loc.pool).map_err(|source| RbdError::Pool {

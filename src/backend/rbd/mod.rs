@@ -54,6 +54,16 @@ pub const SUPPORTED: bool = cfg!(feature = "rbd");
 pub struct RbdLocation {
     pub pool: String,
     pub image: String,
+    /// Recorded beside the pool and image (flattened: the reference's format is unchanged).
+    #[serde(flatten)]
+    pub ceph: CephClient,
+}
+
+/// How a Ceph client reaches its cluster, recorded with every RBD volume reference and in a RADOS
+/// key store's marker. Unset fields mean what they mean to the Ceph tools: the config from
+/// `$CEPH_CONF` or `/etc/ceph/ceph.conf`, the id `admin`, the keyring named in the config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CephClient {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ceph_conf: Option<PathBuf>,
     /// The cephx user without the `client.` prefix, as `rbd --id` takes it.
@@ -185,9 +195,7 @@ mod tests {
         let l = RbdLocation {
             pool: "rbd".into(),
             image: "vm1".into(),
-            ceph_conf: None,
-            client_id: None,
-            keyring: None,
+            ceph: CephClient::default(),
         };
         assert_eq!(l.to_string(), "rbd:rbd/vm1");
         let j = serde_json::to_string(&l).unwrap();
