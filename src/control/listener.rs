@@ -43,6 +43,32 @@ impl Drop for ControlGuard {
     }
 }
 
+/// Binds `path` so that it never exists with a wider mode than 0600: the socket is bound under a
+/// short temporary name in the same directory, made owner-only, then renamed into place (a
+/// bound socket keeps listening across a rename). Where even the temporary name cannot be bound
+/// (a path near the 108-byte limit), binds in place and narrows the mode right after.
+fn bind_owner_only(path: &Path) -> io::Result<UnixListener> {
+    let owner_only = || std::fs::Permissions::from_mode(0o600);
+    let temp = path.with_file_name(format!(".ctl.{}.tmp", std::process::id()));
+    let _ = std::fs::remove_file(&temp);
+    match UnixListener::bind(&temp) {
+        Ok(listener) => {
+            let placed = std::fs::set_permissions(&temp, owner_only())
+                .and_then(|()| std::fs::rename(&temp, path));
+            if let Err(e) = placed {
+                let _ = std::fs::remove_file(&temp);
+                return Err(e);
+            }
+            Ok(listener)
+        }
+        Err(_) => {
+            let listener = UnixListener::bind(path)?;
+            std::fs::set_permissions(path, owner_only())?;
+            Ok(listener)
+        }
+    }
+}
+
 impl ControlListener {
     /// Binds `path` (replacing a stale socket nobody listens on) and makes it owner-only.
     pub fn bind(path: &Path) -> io::Result<Self> {
@@ -58,8 +84,7 @@ impl ControlListener {
                 std::fs::remove_file(path)?;
             }
         }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let listener = bind_owner_only(path)?;
         Ok(Self {
             listener,
             path: path.to_path_buf(),
